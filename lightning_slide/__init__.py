@@ -1,1 +1,13 @@
-"""lightning-slide: fine-tune language models far larger than GPU memory on one GPU (SlideFormer)."""
+"""lightning-slide: fine-tune language models far larger than GPU memory on one GPU (SlideFormer).
+
+Importing the package registers ``Trainer(strategy="slideformer")``.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_slide.precision import SlidePrecision
+from lightning_slide.strategy import SlideFormerStrategy
+
+SlideFormerStrategy.register_strategies(StrategyRegistry)
+
+__all__ = ["SlideFormerStrategy", "SlidePrecision"]

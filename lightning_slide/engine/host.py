@@ -1,0 +1,88 @@
+"""Host-side state of one unit (a decoder layer, or the resident parts): fp32 masters and gradient accumulators.
+
+Each unit keeps its parameters in one flat fp32 buffer, trainable parameters first, so that a whole unit moves
+to or from the compute device as one contiguous copy and its gradients form one contiguous buffer. The module's
+``nn.Parameter`` objects stay the same Python objects throughout; only their ``.data`` is pointed either at their
+master view (at rest) or at a compute-device slot (while the unit is in the window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MASTER_DTYPE = torch.float32
+
+
+@dataclass
+class Entry:
+    """One parameter's place in its unit: ``flat[offset : offset + numel].view(shape)``."""
+
+    name: str
+    param: nn.Parameter
+    offset: int
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset : self.offset + self.numel].view(self.shape)
+
+
+class HostUnit:
+    """fp32 master weights and the fp32 gradient accumulator of one unit, in host memory.
+
+    Args:
+        name: label used in messages (``"layer 3"``, ``"resident"``).
+        params: ``(qualified name, parameter)`` pairs, each parameter once.
+        pin: allocate page-locked memory (only useful when the compute device is a GPU).
+
+    Construction moves each parameter's values into the flat master buffer and points the parameter at its view,
+    so host memory holds one copy (plus at most one parameter in flight).
+    """
+
+    def __init__(self, name: str, params: list[tuple[str, nn.Parameter]], *, pin: bool = False) -> None:
+        self.name = name
+        ordered = [np for np in params if np[1].requires_grad] + [np for np in params if not np[1].requires_grad]
+        self.entries: list[Entry] = []
+        offset = 0
+        for pname, p in ordered:
+            self.entries.append(Entry(pname, p, offset, p.shape))
+            offset += p.numel()
+        self.numel = offset
+        self.trainable = [e for e in self.entries if e.param.requires_grad]
+        self.trainable_numel = sum(e.numel for e in self.trainable)
+
+        self.master = torch.empty(self.numel, dtype=MASTER_DTYPE, pin_memory=pin)
+        for e in self.entries:
+            view = e.view(self.master)
+            view.copy_(e.param.detach())
+            e.param.data = view
+        self.grad = torch.zeros(self.trainable_numel, dtype=MASTER_DTYPE, pin_memory=pin)
+        # True when `grad` holds nothing yet for the current optimizer step: the next download copies, not adds.
+        self.grad_empty = True
+
+    def master_view(self, entry: Entry) -> torch.Tensor:
+        return entry.view(self.master)
+
+    def grad_view(self, entry: Entry) -> torch.Tensor:
+        return entry.view(self.grad)
+
+    def park(self) -> None:
+        """Point every parameter back at its master (host, fp32)."""
+        for e in self.entries:
+            e.param.data = e.view(self.master)
+            e.param.grad = None
+
+    def accumulate(self, device_grads: torch.Tensor) -> None:
+        """Add one micro-batch's gradients (flat, any dtype/device, trainable prefix) into the fp32 accumulator."""
+        source = device_grads[: self.trainable_numel]
+        if self.grad_empty:
+            self.grad.copy_(source)
+            self.grad_empty = False
+        else:
+            self.grad.add_(source.to(self.grad.device, MASTER_DTYPE))

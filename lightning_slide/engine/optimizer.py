@@ -1,0 +1,210 @@
+"""The host optimizer: the user's optimizer rebuilt over the fp32 masters, run unit by unit on a host thread.
+
+``UnitOptimizer`` is the user's AdamW/Adam over one unit's master views, using torch's fused CPU kernel.
+``UpdateWorker`` runs unit updates in submission order on a background thread; the compute side waits only for
+the unit it is about to load, so an update of layer ``i`` overlaps whatever runs before layer ``i`` is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_slide.engine.host import HostUnit
+
+SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
+# Per-group settings read from the user's param groups at every update (LR schedulers change them between steps).
+HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+
+
+def check_optimizer(optimizer: Optimizer) -> None:
+    """Raise a clear error unless ``optimizer`` is one the host can run exactly."""
+    if type(optimizer) not in SUPPORTED_OPTIMIZERS:
+        names = ", ".join(f"torch.optim.{cls.__name__}" for cls in SUPPORTED_OPTIMIZERS)
+        raise ValueError(
+            f"slideformer runs the optimizer on the host and supports {names}; configure_optimizers returned "
+            f"{type(optimizer).__module__}.{type(optimizer).__name__}. Return one of the supported optimizers."
+        )
+    for group in optimizer.param_groups:
+        for flag in ("differentiable", "capturable"):
+            if group.get(flag):
+                raise ValueError(f"slideformer does not support {type(optimizer).__name__}({flag}=True); set it to False.")
+
+
+def hyperparameters(param_groups: list[dict]) -> list[dict]:
+    """A snapshot of each group's settings, taken when a step is submitted (updates may run after the scheduler)."""
+    return [{k: group[k] for k in HYPERPARAMETERS if k in group} for group in param_groups]
+
+
+class UnitOptimizer:
+    """The user's optimizer over one unit's trainable fp32 masters, grouped like the user's param groups.
+
+    Args:
+        unit: the unit's host state.
+        optimizer: the user's optimizer (its class and param groups are reproduced; it is never stepped).
+        group_of: ``id(parameter) -> index`` of its group in ``optimizer.param_groups``; parameters missing from
+            it are trained by nobody (plain torch would not update them either).
+    """
+
+    def __init__(self, unit: HostUnit, optimizer: Optimizer, group_of: dict[int, int]) -> None:
+        self.unit = unit
+        members: dict[int, list[torch.Tensor]] = {}
+        self.masters: dict[int, torch.Tensor] = {}  # id(parameter) -> the master view this optimizer steps
+        self.grads: list[torch.Tensor] = []  # gradient views of optimized parameters, for clipping
+        for entry in unit.trainable:
+            group = group_of.get(id(entry.param))
+            if group is None:
+                continue
+            master = unit.master_view(entry)
+            master.grad = unit.grad_view(entry)
+            members.setdefault(group, []).append(master)
+            self.masters[id(entry.param)] = master
+            self.grads.append(master.grad)
+        self.group_indices = sorted(members)
+        self.inner: Optimizer | None = None
+        if members:
+            snapshot = hyperparameters(optimizer.param_groups)
+            groups = [{"params": members[g], **snapshot[g]} for g in self.group_indices]
+            self.inner = type(optimizer)(groups, fused=True)
+
+    def step(self, hyper: list[dict], clip_coefficient: torch.Tensor | None, clip_value: float | None) -> None:
+        if self.inner is None:
+            return
+        if clip_coefficient is not None:
+            for grad in self.grads:
+                grad.mul_(clip_coefficient)
+        if clip_value is not None:
+            for grad in self.grads:
+                grad.clamp_(-clip_value, clip_value)
+        for inner_group, g in zip(self.inner.param_groups, self.group_indices):
+            inner_group.update(hyper[g])
+        self.inner.step()
+
+    def state_of(self, param: torch.nn.Parameter) -> dict | None:
+        master = self.masters.get(id(param))
+        return None if master is None or self.inner is None else self.inner.state.get(master)
+
+    def load_state_of(self, param: torch.nn.Parameter, state: dict) -> None:
+        master = self.masters[id(param)]
+        assert self.inner is not None
+        self.inner.state[master] = {
+            k: (v.detach().to(dtype=torch.float32, device="cpu").clone() if torch.is_tensor(v) else v)
+            for k, v in state.items()
+        }
+
+
+class UpdateWorker:
+    """Runs host updates on one background thread, in submission order.
+
+    ``wait(key)`` blocks until the update submitted under ``key`` is done and re-raises its exception, if any.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-update")
+        self._pending: dict[Hashable, Future] = {}
+
+    def submit(self, key: Hashable, fn: Callable[[], None]) -> None:
+        if key in self._pending:
+            self.wait(key)
+        self._pending[key] = self._pool.submit(fn)
+
+    def wait(self, key: Hashable) -> None:
+        future = self._pending.pop(key, None)
+        if future is not None:
+            future.result()
+
+    def wait_all(self) -> None:
+        for key in list(self._pending):
+            self.wait(key)
+
+    def close(self, *, drain: bool = True) -> None:
+        """Stop the thread. Safe to call twice.
+
+        Args:
+            drain: finish every pending update and re-raise the first failure (the normal end of training);
+                ``False`` drops updates not yet started and ignores failures (after an exception elsewhere).
+        """
+        try:
+            if drain:
+                self.wait_all()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
+
+
+class HostOptimizer(Optimizer):
+    """The optimizer Lightning steps: the user's param groups, updated on the host by the sliding engine.
+
+    ``param_groups`` are the very dicts of the user's optimizer, so LR schedulers built on it keep working and
+    every update reads the current ``lr``. ``step(closure)`` runs the closure (forward and backward of the last
+    micro-batch) and submits the host updates; ``zero_grad`` starts a new accumulation. ``state_dict`` has the
+    layout of the user's optimizer (param indices, per-parameter state) so it loads back into either.
+    """
+
+    def __init__(self, optimizer: Optimizer, engine) -> None:
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.user_optimizer = optimizer
+        self.engine = engine
+        engine.attach_optimizer(optimizer)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], object] | None = None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.engine.step(self.param_groups)
+        # LR schedulers watch the user's optimizer for a step before theirs; this is that step.
+        self.user_optimizer._opt_called = True  # type: ignore[attr-defined]
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.engine.zero_grad()
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        self.engine.clip_grad_norm(max_norm)
+
+    def clip_grad_value(self, clip_value: float) -> None:
+        self.engine.clip_grad_value(clip_value)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "engine"):
+            raise RuntimeError("slideformer cannot add parameter groups after setup; add them in configure_optimizers")
+        super().add_param_group(param_group)
+
+    def _params(self):
+        index = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                yield index, param
+                index += 1
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        state = {}
+        for index, param in self._params():
+            found = self.engine.optimizer_state(param)
+            if found is not None:
+                state[index] = found
+        groups = []
+        start = 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + count))})
+            start += count
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+            len(g["params"]) != len(mine["params"]) for g, mine in zip(groups, self.param_groups)
+        ):
+            raise ValueError("optimizer state does not match the optimizer's parameter groups")
+        for saved, mine in zip(groups, self.param_groups):
+            mine.update({k: v for k, v in saved.items() if k != "params"})
+        states = state_dict["state"]
+        for index, param in self._params():
+            if index in states:
+                self.engine.load_optimizer_state(param, states[index])

@@ -1,0 +1,186 @@
+"""SlideFormerStrategy: the Lightning glue around the sliding engine."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.init import _EmptyInit
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.plugins.precision import HalfPrecision, Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_slide.engine.engine import SlidingEngine
+from lightning_slide.engine.optimizer import HostOptimizer
+from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
+
+
+class SlideFormerStrategy(SingleDeviceStrategy):
+    """Full-parameter fine-tuning with only a window of decoder layers on the GPU (SlideFormer).
+
+    fp32 master weights and the optimizer live in host memory; the decoder layers slide through ``window``
+    pre-allocated slots on the compute device, each recomputed in backward so that only layer-boundary activations
+    are kept. Training equals training without the strategy, up to floating-point rounding.
+
+    Use ``Trainer(strategy="slideformer")`` (after ``import lightning_slide``) or pass an instance to set options.
+    The compute device is the Trainer's device (the current CUDA device, or the CPU).
+
+    Args:
+        window: decoder layers held on the compute device at once. Default ``2``. Larger windows prefetch deeper;
+            values above the number of layers mean "all layers".
+        blocks: dotted path, inside the LightningModule, of the ``nn.ModuleList`` of decoder layers (e.g.
+            ``"model.model.layers"``). Default ``None``: found automatically for Llama, Qwen2, Qwen3, Mistral, Gemma
+            and any model whose blocks sit in one list of identical blocks.
+
+    Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
+    Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
+    ``accumulate_grad_batches`` and ``gradient_clip_val`` (norm or value) behave as without the strategy.
+    """
+
+    strategy_name = "slideformer"
+
+    def __init__(self, window: int = 2, blocks: str | None = None) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
+        if blocks is not None and not isinstance(blocks, str):
+            raise ValueError(f"SlideFormerStrategy(blocks=...) must be a dotted module path or None, got {blocks!r}")
+        super().__init__(device="cpu")
+        self.window = window
+        self.blocks = blocks
+        self.parallel_devices: list[torch.device] | None = None  # set by Lightning from Trainer(devices=...)
+        self.engine: SlidingEngine | None = None
+
+    # ------------------------------------------------------------ device and precision
+    @property
+    def root_device(self) -> torch.device:
+        if self.parallel_devices:
+            return torch.device(self.parallel_devices[0])
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else SlidePrecision()
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        if plugin is not None and not isinstance(plugin, SlidePrecision):
+            name = getattr(plugin, "precision", type(plugin).__name__)
+            if type(plugin) not in (Precision, HalfPrecision) or name not in SUPPORTED_PRECISIONS:
+                raise ValueError(
+                    f"The slideformer strategy supports precision {' or '.join(map(repr, SUPPORTED_PRECISIONS))}, "
+                    f"got {name!r}. Use Trainer(precision='bf16-true') (bf16 compute, fp32 masters) or '32-true'."
+                )
+            plugin = SlidePrecision(name)
+        self._precision_plugin = plugin
+
+    def setup_environment(self) -> None:
+        if self.parallel_devices and len(self.parallel_devices) > 1:
+            raise ValueError(
+                f"slideformer trains on one device; got devices={len(self.parallel_devices)}. Use Trainer(devices=1)."
+            )
+        super().setup_environment()
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # Models are built on the host in fp32 (they become the masters): never on the GPU.
+        with _EmptyInit(enabled=bool(empty_init)), torch.device("cpu"):
+            yield
+
+    # ------------------------------------------------------------ setup and teardown
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        assert isinstance(module, LightningModule)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and not module.automatic_optimization:
+            raise ValueError("slideformer supports automatic optimization only; set self.automatic_optimization = True")
+        optimizers, schedulers = [], []
+        if fitting:
+            # Before the engine moves parameters: configure_optimizers sees ordinary parameters.
+            optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+            if len(optimizers) != 1:
+                raise ValueError(f"slideformer supports exactly one optimizer, configure_optimizers returned {len(optimizers)}")
+        self.engine = SlidingEngine(
+            module,
+            window=self.window,
+            device=self.root_device,
+            compute_dtype=self.precision_plugin.compute_dtype,
+            blocks_path=self.blocks,
+        )
+        rank_zero_info(
+            f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
+            f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters on the host"
+        )
+        if fitting:
+            self.optimizers = [HostOptimizer(optimizers[0], self.engine)]
+            self.lr_scheduler_configs = schedulers
+        self.model = module
+
+    def model_to_device(self) -> None:
+        pass  # the engine places the resident parts and slides the layers
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self.engine is not None:
+            self.engine.close(drain=False)
+
+    def teardown(self) -> None:
+        try:
+            if self.engine is not None:
+                self.engine.close()
+        finally:
+            self.engine = None
+            super().teardown()
+
+    # ------------------------------------------------------------ the step
+    def _forward(self, hook: str, *args: Any, **kwargs: Any) -> Any:
+        assert self.engine is not None
+        self.engine.prepare_forward()
+        return getattr(super(), hook)(*args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward("training_step", *args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward("validation_step", *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward("test_step", *args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward("predict_step", *args, **kwargs)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        assert self.engine is not None
+        self.engine.begin_backward()
+        try:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        finally:
+            self.engine.end_backward()
+
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # masters and host optimizer exist only after setup
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.engine is None:
+            return super().lightning_module_state_dict()
+        return self.engine.state_dict()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="sliding-window full fine-tuning (SlideFormer)", override=True
+        )

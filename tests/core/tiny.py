@@ -1,0 +1,99 @@
+"""Tiny Hugging Face causal LMs built from code, and a LightningModule that trains one like a user would."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen3Config
+
+VOCAB = 96
+SEQ = 16
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "qwen3": lambda: Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "gemma_tied": lambda: GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
+    ),
+    "mistral": lambda: MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=8, tie_word_embeddings=False,
+    ),
+}
+
+
+def initial_state(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family]())
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class TinyLM(L.LightningModule):
+    """A user's module: an HF causal LM, AdamW with weight-decay groups and a linear warm-up scheduler."""
+
+    def __init__(self, family: str, state: dict, *, optimizer: str = "adamw", lr: float = 3e-3, warmup: int = 4,
+                 freeze: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.model = AutoModelForCausalLM.from_config(CONFIGS[family]())
+        self.model.load_state_dict(state)
+        for name, param in self.model.named_parameters():
+            if any(f in name for f in freeze):
+                param.requires_grad_(False)
+        self.optimizer_name, self.lr, self.warmup = optimizer, lr, warmup
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.losses.append(loss.detach().float().item())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.log("val_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name or "embed" in name else decay).append(param)
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}.get(self.optimizer_name)
+        optimizer = cls(groups, lr=self.lr, betas=(0.9, 0.95)) if cls else self.optimizer_name(groups)
+        warmup = self.warmup
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def batches(count: int, batch_size: int = 2, seed: int = 1) -> DataLoader:
+    # Arithmetic progressions mod VOCAB: learnable within a few steps, so a test can see training happen.
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (count * batch_size, 1), generator=generator)
+    stride = torch.randint(1, 4, (count * batch_size, 1), generator=generator)
+    ids = (start + stride * torch.arange(SEQ)) % VOCAB
+    return DataLoader(TensorDataset(ids), batch_size=batch_size, shuffle=False)
+
+
+def trainer(strategy, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, precision="32-true", max_steps=10, accumulate_grad_batches=2,
+        gradient_clip_val=0.5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return L.Trainer(strategy=strategy, **options)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
