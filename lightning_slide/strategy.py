@@ -105,9 +105,8 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         optimizers, schedulers = [], []
         if fitting:
             # Before the engine moves parameters: configure_optimizers sees ordinary parameters.
+            # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
-            if len(optimizers) != 1:
-                raise ValueError(f"slideformer supports exactly one optimizer, configure_optimizers returned {len(optimizers)}")
         self.engine = SlidingEngine(
             module,
             window=self.window,

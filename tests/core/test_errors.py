@@ -1,0 +1,85 @@
+"""Bad input gets a clear error that names what to change, before anything large is allocated."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import lightning_slide
+from tests.core.tiny import TinyLM, batches, initial_state, trainer
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "16-true", "64-true"])
+def test_unsupported_precision(precision):
+    with pytest.raises(ValueError, match="supports precision 'bf16-true' or '32-true'"):
+        trainer("slideformer", precision=precision)
+
+
+@pytest.mark.parametrize("window", [0, -1, 1.5, "2", True])
+def test_bad_window(window):
+    with pytest.raises(ValueError, match="window"):
+        lightning_slide.SlideFormerStrategy(window=window)
+
+
+class NoBlocks(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0].float()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters())
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="Cannot find the decoder layers of NoBlocks.*blocks="):
+        trainer("slideformer").fit(NoBlocks(), batches(2))
+
+
+def test_blocks_path_that_is_not_a_block_list():
+    module = TinyLM("llama", initial_state("llama"))
+    with pytest.raises(ValueError, match="blocks='model.model.norm' must name an nn.ModuleList"):
+        trainer(lightning_slide.SlideFormerStrategy(blocks="model.model.norm")).fit(module, batches(2))
+    with pytest.raises(ValueError, match="does not name a submodule"):
+        trainer(lightning_slide.SlideFormerStrategy(blocks="model.nothing")).fit(module, batches(2))
+
+
+def test_explicit_blocks_path_trains():
+    module = TinyLM("llama", initial_state("llama"))
+    trainer(lightning_slide.SlideFormerStrategy(blocks="model.model.layers"), max_steps=1).fit(module, batches(2))
+
+
+def test_unsupported_optimizer():
+    module = TinyLM("llama", initial_state("llama"), optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1))
+    with pytest.raises(ValueError, match="supports torch.optim.AdamW, torch.optim.Adam.*SGD"):
+        trainer("slideformer").fit(module, batches(2))
+
+
+def test_manual_optimization():
+    module = TinyLM("llama", initial_state("llama"))
+    module.automatic_optimization = False
+    with pytest.raises(ValueError, match="automatic optimization"):
+        trainer("slideformer", gradient_clip_val=None).fit(module, batches(2))
+
+
+def test_several_devices():
+    with pytest.raises(ValueError, match="one device"):
+        trainer("slideformer", devices=2).fit(TinyLM("llama", initial_state("llama")), batches(2))
+
+
+def test_failed_fit_leaves_the_model_usable():
+    module = TinyLM("llama", initial_state("llama"))
+
+    def explode(batch, batch_idx):
+        raise RuntimeError("boom")
+
+    module.training_step = explode
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer("slideformer").fit(module, batches(2))
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in module.parameters())
+    assert "forward" not in module.model.model.layers[0].__dict__  # the window's wrapper is gone
+    assert not [t for t in __import__("threading").enumerate() if t.name.startswith("slide-update")]

@@ -1,0 +1,180 @@
+"""Every training feature the strategy claims, each checked against plain Lightning training."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lightning_slide
+from tests.core.test_parity import assert_same_training
+from tests.core.tiny import TinyLM, batches, initial_state, relative_error, trainer
+
+
+def fit_both(family="llama", window=2, loader=None, module_options=None, **trainer_options):
+    modules = []
+    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=window)):
+        torch.manual_seed(123)
+        module = TinyLM(family, initial_state(family), **(module_options or {}))
+        trainer(strategy, **trainer_options).fit(module, loader or batches(20))
+        modules.append(module)
+    return modules[1], modules[0]
+
+
+def test_adam_with_l2_weight_decay():
+    assert_same_training(*fit_both(module_options={"optimizer": "adam"}))
+
+
+def test_mistral_family():
+    assert_same_training(*fit_both("mistral", window=1))
+
+
+def test_frozen_parameters_stay_frozen():
+    ours, plain = fit_both(window=1, module_options={"freeze": ("layers.1.", "embed_tokens")})
+    assert_same_training(ours, plain)
+    start = initial_state("llama")
+    for name, param in ours.model.named_parameters():
+        if "layers.1." in name or "embed_tokens" in name:
+            assert torch.equal(param.detach(), start[name]), name
+
+
+def test_clipping_by_value():
+    assert_same_training(*fit_both(gradient_clip_val=0.002, gradient_clip_algorithm="value"))
+
+
+def test_no_clipping_no_accumulation():
+    assert_same_training(*fit_both(gradient_clip_val=None, accumulate_grad_batches=1))
+
+
+def test_accumulation_window_cut_by_epoch_end():
+    # 5 batches per epoch with accumulation 2: plain Lightning steps on the epoch's last, lone micro-batch too.
+    ours, plain = fit_both(loader=batches(5), max_steps=-1, max_epochs=3, accumulate_grad_batches=2)
+    assert len(plain.losses) == 15
+    assert_same_training(ours, plain)
+
+
+def test_validation_test_and_predict_are_windowed_and_equal():
+    results = []
+    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1)):
+        torch.manual_seed(123)
+        module = TinyLM("qwen3", initial_state("qwen3"))
+        run = trainer(strategy, val_check_interval=4, check_val_every_n_epoch=None)
+        run.fit(module, batches(20), batches(3, seed=7))
+        fit_val = run.callback_metrics["val_loss"].item()
+        validated = run.validate(module, batches(3, seed=8), verbose=False)[0]["val_loss"]
+        module.test_step = module.validation_step
+        tested = run.test(module, batches(3, seed=9), verbose=False)[0]["val_loss"]
+        module.predict_step = lambda batch, *_: module.model(input_ids=batch[0]).logits
+        predicted = torch.cat(run.predict(module, batches(2, seed=10)))
+        results.append((module, fit_val, validated, tested, predicted))
+    (ours, *our_values, our_logits), (plain, *plain_values, plain_logits) = results
+    assert_same_training(ours, plain)
+    for a, b in zip(our_values, plain_values):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    assert relative_error(our_logits, plain_logits) <= 1e-5
+
+
+def test_second_fit_continues_from_trained_weights():
+    modules = []
+    for strategy in ("auto", "slideformer"):
+        torch.manual_seed(123)
+        module = TinyLM("llama", initial_state("llama"))
+        trainer(strategy, max_steps=4).fit(module, batches(8))
+        trainer(strategy, max_steps=4).fit(module, batches(8, seed=3))
+        modules.append(module)
+    assert_same_training(*modules)
+
+
+def test_at_most_window_layers_on_the_compute_device():
+    window = 2
+    strategy = lightning_slide.SlideFormerStrategy(window=window)
+    module = TinyLM("llama", initial_state("llama"))
+    seen = {"checks": 0, "max_loaded": 0}
+
+    def in_slot(tensor, slots):
+        return any(s.data_ptr() <= tensor.data_ptr() < s.data_ptr() + s.numel() * s.element_size() for s in slots)
+
+    def check(layer_index):
+        def hook(submodule, args):
+            slots = strategy.engine.window.weights
+            layers = module.model.model.layers
+            loaded = [i for i, layer in enumerate(layers) if in_slot(next(layer.parameters()), slots)]
+            assert layer_index in loaded, "a layer computed with weights outside the window"
+            assert len(loaded) <= window, f"layers {loaded} on the device with window {window}"
+            seen["checks"] += 1
+            seen["max_loaded"] = max(seen["max_loaded"], len(loaded))
+
+        return hook
+
+    for index, layer in enumerate(module.model.model.layers):
+        for submodule in list(layer.modules())[1:]:  # inside the layer: fires in forward and in the recompute
+            submodule.register_forward_pre_hook(check(index))
+    trainer(strategy, max_steps=3).fit(module, batches(6))
+    assert seen["checks"] > 0 and seen["max_loaded"] == window
+    # At rest every parameter is back on its fp32 host master.
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in module.parameters())
+
+
+def test_bf16_true_trains_with_fp32_masters():
+    torch.manual_seed(123)
+    module = TinyLM("llama", initial_state("llama"))
+    run = trainer("slideformer", precision="bf16-true", max_steps=10)
+    run.fit(module, batches(20))
+    reference = TinyLM("llama", initial_state("llama"))
+    trainer("auto", max_steps=10).fit(reference, batches(20))
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert sum(module.losses[-4:]) < sum(module.losses[:4])
+    for a, b in zip(module.losses, reference.losses):
+        assert abs(a - b) <= 0.05 * abs(b)
+
+
+def test_save_pretrained_after_fit(tmp_path):
+    module = TinyLM("gemma_tied", initial_state("gemma_tied"))
+    trainer(lightning_slide.SlideFormerStrategy(window=1), max_steps=3).fit(module, batches(6))
+    module.model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(module.model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(loaded.state_dict()["model.embed_tokens.weight"], initial_state("gemma_tied")["model.embed_tokens.weight"])
+
+
+def test_checkpoint_state_holds_masters(tmp_path):
+    module = TinyLM("llama", initial_state("llama"))
+    run = trainer(lightning_slide.SlideFormerStrategy(window=1), max_steps=3)
+    run.fit(module, batches(6))
+    run.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    for name, param in module.named_parameters():
+        assert torch.equal(saved["state_dict"][name], param.detach()), name
+    assert saved["optimizer_states"][0]["state"], "optimizer state missing"
+
+
+def test_optimizer_state_dict_round_trip():
+    module = TinyLM("llama", initial_state("llama"))
+    strategy = lightning_slide.SlideFormerStrategy(window=1)
+    run = trainer(strategy, max_steps=2)
+    captured = {}
+
+    class Capture(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            state = optimizer.state_dict()
+            captured["state"] = state
+            zeroed = {
+                "state": {i: {k: torch.zeros_like(v) for k, v in s.items()} for i, s in state["state"].items()},
+                "param_groups": state["param_groups"],
+            }
+            optimizer.load_state_dict(zeroed)
+            captured["zeroed"] = optimizer.state_dict()
+            optimizer.load_state_dict(state)
+            captured["restored"] = optimizer.state_dict()
+
+    run.callbacks.append(Capture())
+    run.fit(module, batches(4))
+    count = sum(len(g["params"]) for g in captured["state"]["param_groups"])
+    assert sorted(captured["state"]["state"]) == list(range(count))
+    for index, state in captured["state"]["state"].items():
+        assert not captured["zeroed"]["state"][index]["exp_avg"].any()
+        for key, value in state.items():
+            assert torch.equal(captured["restored"]["state"][index][key], value)
