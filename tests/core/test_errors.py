@@ -63,7 +63,7 @@ def test_manual_optimization():
     module = TinyLM("llama", initial_state("llama"))
     module.automatic_optimization = False
     with pytest.raises(ValueError, match="automatic optimization"):
-        trainer("slideformer", gradient_clip_val=None).fit(module, batches(2))
+        trainer("slideformer", gradient_clip_val=None, accumulate_grad_batches=1).fit(module, batches(2))
 
 
 def test_several_devices():
