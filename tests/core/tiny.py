@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen3Config
 
+# The suite runs on the CPU (CI); SLIDE_TEST_ACCELERATOR=gpu runs the same tests on a GPU with real CUDA copies.
+ACCELERATOR = os.environ.get("SLIDE_TEST_ACCELERATOR", "cpu")
 VOCAB = 96
 SEQ = 16
 
@@ -87,7 +91,7 @@ def batches(count: int, batch_size: int = 2, seed: int = 1) -> DataLoader:
 
 def trainer(strategy, **kwargs) -> L.Trainer:
     options = dict(
-        accelerator="cpu", devices=1, precision="32-true", max_steps=10, accumulate_grad_batches=2,
+        accelerator=ACCELERATOR, devices=1, precision="32-true", max_steps=10, accumulate_grad_batches=2,
         gradient_clip_val=0.5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
     )

@@ -1,0 +1,88 @@
+"""Peak GPU memory and step time of slideformer windows against all-on-GPU Lightning training (one GPU).
+
+usage: python benchmarks/window_memory.py [--shape llama3_2_1b] [--batch 4] [--seq 1024] [--steps 5]
+Prints a markdown table. Random-init model from a config, random tokens; bf16 compute for every system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import lightning_slide
+
+SHAPES = {
+    "llama3_2_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama3_2_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+class LM(L.LightningModule):
+    def __init__(self, config):
+        super().__init__()
+        self.model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        self.step_times: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        torch.cuda.synchronize()
+        self.step_times.append(time.perf_counter() - self._t0)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-5)
+
+
+def run(name, strategy, config, args):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    module = LM(config)
+    params = sum(p.numel() for p in module.parameters())
+    ids = torch.randint(0, config.vocab_size, (args.batch * (args.steps + 2), args.seq))
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="gpu", devices=1, precision="bf16-true", max_steps=args.steps + 2,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    try:
+        trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=args.batch))
+    except torch.OutOfMemoryError:
+        return f"| {name} | out of GPU memory | | | |"
+    step = sorted(module.step_times[2:])[len(module.step_times[2:]) // 2]
+    tokens = args.batch * args.seq
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return f"| {name} | {step:.3f} | {tokens / step:,.0f} | {6 * params * tokens / step / 1e12:.1f} | {peak:.2f} |"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama3_2_1b", choices=SHAPES)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--windows", default="1,2,4")
+    args = parser.parse_args()
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=args.seq)
+    print(f"{args.shape}, batch {args.batch} x {args.seq}, bf16, {torch.cuda.get_device_name()}")
+    print("| system | s/step (median) | tokens/s | TFLOP/s (6·N·tokens) | peak GPU GiB |")
+    print("|---|---|---|---|---|")
+    print(run("all-on-GPU Lightning (bf16-true params, GPU AdamW)", "auto", config, args), flush=True)
+    for window in map(int, args.windows.split(",")):
+        print(run(f"slideformer window={window}", lightning_slide.SlideFormerStrategy(window=window), config, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
