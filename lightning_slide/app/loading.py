@@ -1,0 +1,103 @@
+"""Load a Hugging Face causal LM into host memory, one safetensors shard at a time.
+
+The model is built on the meta device (no memory), then every shard is read tensor by tensor, converted to fp32 on
+the CPU and *assigned* into the model (``load_state_dict(assign=True)``): the loaded tensors become the parameters,
+so host memory peaks at one fp32 model plus one shard, never two copies of the model, and nothing touches the GPU.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from lightning_slide.app.errors import ModelDirError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors shards of a model directory (``model.safetensors`` or the shards an index lists).
+
+    Raises ``ModelDirError`` naming what is missing: the directory, ``config.json``, the weights, a shard, the tokenizer.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"model directory {str(path)!r} does not exist (set model.path to a local Hugging Face "
+                            "model directory: config.json, *.safetensors, tokenizer files)")
+    if not (path / "config.json").is_file():
+        raise ModelDirError(f"model directory {str(path)!r} has no config.json")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelDirError(f"model directory {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if (path / INDEX).is_file():
+        shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise ModelDirError(f"model directory {str(path)!r}: {INDEX} lists shards that are missing: "
+                                f"{', '.join(missing)}")
+        return [path / name for name in shards]
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if found:  # unindexed shards (some exporters write them): load them all
+        return [path / name for name in found]
+    other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+    hint = f" (found {', '.join(other)}; convert them to safetensors)" if other else ""
+    raise ModelDirError(f"model directory {str(path)!r} has no safetensors weights ({SINGLE} or {INDEX}){hint}")
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config, after checking that the directory holds config, weights and tokenizer."""
+    weight_files(path)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def build_causal_lm(config: PretrainedConfig, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A randomly initialized fp32 model on the CPU (the demo model, or any shape to train from scratch)."""
+    with torch.device("cpu"):  # explicit: the caller may run under a Lightning init context that targets the GPU
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model of a local Hugging Face directory with fp32 weights on the CPU, loaded shard by shard.
+
+    Args:
+        path: directory with ``config.json``, ``model.safetensors`` or an index and its shards, and a tokenizer.
+        trust_remote_code: allow the directory's own modeling code (off by default: it runs arbitrary code).
+    """
+    shards = weight_files(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    expected = set(model.state_dict())
+    loaded: set[str] = set()
+    for shard in shards:
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            # Converting tensor by tensor keeps at most one shard (in fp32) besides the model.
+            tensors = {key: f.get_tensor(key).to(torch.float32) for key in f.keys()}
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise ModelDirError(f"{shard}: tensors {unexpected[:5]} are not parameters of {type(model).__name__} "
+                                "(a different architecture, or a checkpoint layout this loader does not convert)")
+        model.load_state_dict(tensors, strict=False, assign=True)
+        loaded |= tensors.keys()
+        del tensors
+    model.tie_weights()  # re-point tied heads (e.g. lm_head -> embed_tokens) at the assigned tensors
+    _materialize_buffers(model)
+    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise ModelDirError(f"model directory {str(path)!r}: the weights lack {still_meta[:5]} "
+                            f"({len(still_meta)} tensors in all)")
+    return model
+
+
+def _materialize_buffers(model: torch.nn.Module) -> None:
+    """Recompute buffers that are not in checkpoints (rotary ``inv_freq``) on the CPU: they were born on meta."""
+    for module in model.modules():
+        if any(buf.is_meta and name in module._non_persistent_buffers_set
+               for name, buf in module.named_buffers(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)  # the model's own init recomputes them, as from_pretrained does

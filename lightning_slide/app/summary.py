@@ -1,0 +1,71 @@
+"""What a run did, in a few lines: losses before and after, trained tokens per second, peak memory of each tier."""
+
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+_LAST = 10  # the final train loss is the mean of this many last steps: one batch is too noisy
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def peak_memory(output_dir: str | Path | None = None) -> dict[str, int | None]:
+    """Peak bytes per tier: ``gpu`` (allocated by torch, ``None`` without CUDA), ``host`` (peak resident set of this
+    process) and ``disk`` (what the run wrote under ``output_dir``)."""
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    disk = sum(f.stat().st_size for f in Path(output_dir).rglob("*") if f.is_file()) if output_dir else None
+    return {"gpu": gpu, "host": host, "disk": disk}
+
+
+class RunSummary(L.Callback):
+    """Counts real (non-padding) tokens, training time and train losses during ``fit``; :meth:`report` formats them.
+
+    Training time runs from each batch's start to its end (data loading, validation and checkpointing excluded), so
+    tokens per second measure the training steps themselves.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.steps = 0
+        self.seconds = 0.0
+        self.losses: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))  # syncs with the device, so the time below includes the step's work
+        self.seconds += time.perf_counter() - self._start
+        self.tokens += int(batch["attention_mask"].sum())
+        self.steps += 1
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def report(self, val_before: float | None, val_after: float | None, output_dir: str | Path | None) -> list[str]:
+        """Lines for the end of a run."""
+        lines = []
+        if self.losses:
+            last = self.losses[-_LAST:]
+            lines.append(f"train loss: {self.losses[0]:.3f} (first batch) -> {sum(last) / len(last):.3f} "
+                         f"(mean of the last {len(last)})")
+        if val_before is not None and val_after is not None:
+            lines.append(f"val loss:   {val_before:.3f} (before training) -> {val_after:.3f} (after)")
+        lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s ({self.tokens:,} real tokens in "
+                     f"{self.steps} batches, {self.seconds:.1f} s of training steps; padding not counted)")
+        peak = peak_memory(output_dir)
+        gpu = "no CUDA" if peak["gpu"] is None else _gib(peak["gpu"])
+        disk = "" if peak["disk"] is None else f", disk {_gib(peak['disk'])} (run outputs)"
+        lines.append(f"peak memory: GPU {gpu}, host {_gib(peak['host'])} (peak RSS){disk}")
+        return lines

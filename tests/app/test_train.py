@@ -1,0 +1,69 @@
+"""The app end to end in-process (Hydra compose API): training, overrides, export, and errors before heavy work."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_slide.app.errors import DataError, ModelDirError, SlideAppError
+from lightning_slide.app.train import train
+
+from .conftest import FAST, compose_cfg, write_jsonl
+
+
+def _exported_equals_trained(result):
+    trained = result["module"].model.state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(result["hf_dir"]).state_dict()
+    assert trained.keys() == exported.keys()
+    for name, tensor in trained.items():
+        assert torch.equal(tensor.cpu(), exported[name]), name
+
+
+def test_demo_trains_and_exports(tmp_path):
+    result = train(compose_cfg(*FAST, "strategy.window=3", "trainer.max_steps=6", "data.batch_size=8",
+                               "model.lr=3e-3", "model.config.hidden_size=64", output_dir=tmp_path))
+    trainer, module = result["trainer"], result["module"]
+    assert trainer.global_step == 6 and trainer.strategy.window == 3  # overrides took effect
+    assert next(iter(result["datamodule"].train_dataloader()))["input_ids"].shape[0] == 8
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 3e-3
+    assert module.model.config.hidden_size == 64  
+    assert result["val_loss_after"] < result["val_loss_before"]
+    assert result["summary"].tokens > 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    _exported_equals_trained(result)
+    model = AutoModelForCausalLM.from_pretrained(result["hf_dir"])
+    ids = module.tokenizer("Where is", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+
+
+def test_finetunes_a_model_directory(tiny_model_dir, text_jsonl, tmp_path):
+    result = train(compose_cfg(*FAST, "model=causal_lm", f"model.path={tiny_model_dir}", "model.lr=1e-3",
+                               "model.warmup_steps=0", "data=jsonl", f"data.path={text_jsonl}", "data.max_length=32",
+                               "data.pack=true", "data.val_size=4", "export.dtype=float32", output_dir=tmp_path))
+    assert result["trainer"].global_step == 4
+    assert result["val_loss_after"] < result["val_loss_before"]
+    _exported_equals_trained(result)
+    # without export.dtype the export keeps the checkpoint's dtype (bf16 here)
+    assert result["module"].checkpoint_dtype == torch.bfloat16
+
+
+def test_required_path_is_named(tmp_path):
+    with pytest.raises(SlideAppError, match=r"model.path=/path/to/model"):
+        train(compose_cfg("model=qwen3_0_6b", output_dir=tmp_path))
+
+
+def test_wrong_model_directory_for_the_shape(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelDirError, match=r"hidden_size=64 \(expected 4096\)"):
+        train(compose_cfg("model=llama3_8b", f"model.path={tiny_model_dir}", output_dir=tmp_path))
+    with pytest.raises(ModelDirError, match="does not exist"):
+        train(compose_cfg("model=causal_lm", f"model.path={tmp_path / 'nowhere'}", output_dir=tmp_path))
+
+
+def test_data_errors_come_before_training(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, "{not json"])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        train(compose_cfg(*FAST, "data=jsonl", f"data.path={bad}", output_dir=tmp_path))
+    with pytest.raises(DataError, match=r"demo.jsonl:\d+: the example has \d+ tokens, longer than data.max_length=4"):
+        train(compose_cfg(*FAST, "data.max_length=4", output_dir=tmp_path))
+    with pytest.raises(DataError, match=r"data.max_length=512 is longer than the model's context of 256 tokens"):
+        train(compose_cfg(*FAST, "data.max_length=512", output_dir=tmp_path))
+    assert not (tmp_path / "checkpoints").exists()  # nothing ran
