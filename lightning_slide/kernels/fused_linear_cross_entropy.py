@@ -16,8 +16,9 @@ import triton.language as tl
 from ._common import next_pow2, tanh, triton_ok
 
 REDUCTIONS = ("mean", "sum")
-# Logits elements held at once; 2**29 is one [4096, 128k] chunk, 1 GiB in bf16.
-_CHUNK_ELEMENTS = 2**29
+# Launch parameters (tuned on an H200, see BENCHMARKS.md): logits elements held at once (2**29 is one
+# [4096, 128k] chunk, 1 GiB in bf16), vocabulary block of the row kernel, and its warps.
+TUNING = {"chunk_elements": 2**29, "block_v": 4096, "num_warps": 8}
 
 
 @triton.jit
@@ -72,27 +73,38 @@ def _ce_rows(
             tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
-_fp32_out_mm_works: bool | None = None  # whether torch.addmm(..., out_dtype=float32) runs here; learnt on first use
+_fp32_out_mm_works: bool | None = None  # whether addmm(..., out_dtype=float32, out=acc) is right here; probed once
+
+
+def _fp32_out_mm_ok(device: torch.device) -> bool:
+    """Whether cuBLAS can add a bf16 x bf16 product straight into an fp32 matrix (torch >= 2.8 on CUDA).
+
+    Checked once per process on a 16 x 16 problem: the only host synchronisation in this module.
+    """
+    global _fp32_out_mm_works
+    if _fp32_out_mm_works is None:
+        try:
+            a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+            acc = torch.ones(16, 16, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _fp32_out_mm_works = bool((acc == 17).all())
+        except (RuntimeError, TypeError):
+            _fp32_out_mm_works = False
+    return _fp32_out_mm_works
 
 
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` fp32 whatever the dtype of ``a``, ``b`` (bf16 GEMM, fp32 accumulation)."""
-    global _fp32_out_mm_works
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-        return
-    if a.is_cuda and _fp32_out_mm_works is not False:
-        try:  # cuBLAS can write a bf16 x bf16 product straight into an fp32 C (torch >= 2.8)
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _fp32_out_mm_works = True
-            return
-        except (RuntimeError, TypeError):
-            _fp32_out_mm_works = False
-    acc.add_(torch.mm(a, b))
+    elif a.is_cuda and _fp32_out_mm_ok(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # round the chunk's product once, accumulate in fp32
+        acc.add_(torch.mm(a, b))
 
 
 def _default_chunk(n_tokens: int, vocab: int) -> int:
-    chunk = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    chunk = max(1, TUNING["chunk_elements"] // max(vocab, 1))
     if chunk >= 256:
         chunk -= chunk % 256  # whole GEMM tiles
     return max(1, min(n_tokens, chunk))
@@ -100,10 +112,11 @@ def _default_chunk(n_tokens: int, vocab: int) -> int:
 
 def _launch_rows(z, labels, loss_rows, scale, ignore_index, softcap, grad):
     V = z.shape[1]
-    block = min(next_pow2(V), 4096)
+    block = min(next_pow2(V), TUNING["block_v"])
+    warps = TUNING["num_warps"] if block >= 2048 else 4
     _ce_rows[(z.shape[0],)](
         z, z.stride(0), labels, loss_rows, scale, V, ignore_index, float(softcap or 1.0),
-        SOFTCAP=softcap is not None, GRAD=grad, BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+        SOFTCAP=softcap is not None, GRAD=grad, BLOCK_V=block, num_warps=warps,
     )
 
 

@@ -13,6 +13,10 @@ import triton.language as tl
 
 from ._common import next_pow2, program_count, triton_ok, warps_for
 
+# Launch parameters (tuned on an H200, see BENCHMARKS.md): warps per row program (None: by row length), and
+# backward programs per multiprocessor.
+TUNING = {"num_warps": None, "bwd_programs_per_sm": 4}
+
 
 @triton.jit
 def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, H, eps, offset, BLOCK_H: tl.constexpr):
@@ -69,7 +73,7 @@ class _RMSNorm(torch.autograd.Function):
         block = next_pow2(H)
         if N > 0:
             _rmsnorm_fwd[(N,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), H, eps, offset,
-                               BLOCK_H=block, num_warps=warps_for(block))
+                               BLOCK_H=block, num_warps=TUNING["num_warps"] or warps_for(block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset = offset
         return y.view(x.shape)
@@ -80,12 +84,13 @@ class _RMSNorm(torch.autograd.Function):
         N, H = x2.shape
         dy2 = _rows(dy, H)
         dx = torch.empty_like(x2)
-        programs = max(1, min(N, 4 * program_count(x2.device)))
+        programs = max(1, min(N, TUNING["bwd_programs_per_sm"] * program_count(x2.device)))
         dw_part = torch.empty((programs, H), dtype=torch.float32, device=x2.device)
         block = next_pow2(H)
         if N > 0:
             _rmsnorm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
-                                      dx.stride(0), N, H, ctx.offset, BLOCK_H=block, num_warps=warps_for(block))
+                                      dx.stride(0), N, H, ctx.offset, BLOCK_H=block,
+                                      num_warps=TUNING["num_warps"] or warps_for(block))
         else:
             dw_part.zero_()
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None

@@ -11,7 +11,8 @@ import triton.language as tl
 from ._common import tanh, triton_ok
 
 ACTIVATIONS = ("silu", "gelu_tanh")
-_BLOCK = 2048
+# Launch parameters (tuned on an H200, see BENCHMARKS.md): elements per program and warps per program.
+TUNING = {"block": 2048, "num_warps": 8}
 # Globals read inside @triton.jit must be constexpr.
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_C = tl.constexpr(0.044715)
@@ -54,8 +55,10 @@ def _glu_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, GELU: tl.constexpr, BLOCK:
     tl.store(du_ptr + offs, (dy * act).to(du_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(n: int):
-    return (triton.cdiv(n, _BLOCK),)
+def _launch(kernel, n: int, *args, gelu: bool):
+    if n:
+        block = TUNING["block"]
+        kernel[(triton.cdiv(n, block),)](*args, n, GELU=gelu, BLOCK=block, num_warps=TUNING["num_warps"])
 
 
 class _GLU(torch.autograd.Function):
@@ -63,8 +66,7 @@ class _GLU(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
         gate, up = gate.contiguous(), up.contiguous()
         y = torch.empty_like(gate)
-        if gate.numel():
-            _glu_fwd[_grid(gate.numel())](gate, up, y, gate.numel(), GELU=gelu, BLOCK=_BLOCK, num_warps=8)
+        _launch(_glu_fwd, gate.numel(), gate, up, y, gelu=gelu)
         ctx.save_for_backward(gate, up)
         ctx.gelu = gelu
         return y
@@ -74,8 +76,7 @@ class _GLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dy = dy.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
-        if gate.numel():
-            _glu_bwd[_grid(gate.numel())](dy, gate, up, dg, du, gate.numel(), GELU=ctx.gelu, BLOCK=_BLOCK, num_warps=8)
+        _launch(_glu_bwd, gate.numel(), dy, gate, up, dg, du, gelu=ctx.gelu)
         return dg, du, None
 
 
