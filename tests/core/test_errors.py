@@ -68,7 +68,7 @@ def test_manual_optimization():
 
 def test_several_devices():
     with pytest.raises(ValueError, match="one device"):
-        trainer("slideformer", devices=2).fit(TinyLM("llama", initial_state("llama")), batches(2))
+        trainer("slideformer", accelerator="cpu", devices=2).fit(TinyLM("llama", initial_state("llama")), batches(2))
 
 
 def test_failed_fit_leaves_the_model_usable():
