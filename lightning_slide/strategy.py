@@ -119,7 +119,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters on the host"
         )
         if fitting:
-            self.optimizers = [HostOptimizer(optimizers[0], self.engine)]
+            self.optimizers = [HostOptimizer.replacing(optimizers[0], self.engine, [c.scheduler for c in schedulers])]
             self.lr_scheduler_configs = schedulers
         self.model = module
 

@@ -150,6 +150,16 @@ class HostOptimizer(Optimizer):
         self.engine = engine
         engine.attach_optimizer(optimizer)
 
+    @classmethod
+    def replacing(cls, optimizer: Optimizer, engine, schedulers: list = ()) -> HostOptimizer:
+        """A host optimizer standing in for ``optimizer``, named after its class (loggers show "lr-AdamW"), with
+        ``schedulers`` re-pointed at it so that Lightning sees one optimizer with its schedulers."""
+        named = type(type(optimizer).__name__, (cls,), {"__module__": cls.__module__})
+        host = named(optimizer, engine)
+        for scheduler in schedulers:
+            scheduler.optimizer = host
+        return host
+
     @torch.no_grad()
     def step(self, closure: Callable[[], object] | None = None):  # type: ignore[override]
         loss = None
@@ -157,9 +167,12 @@ class HostOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.engine.step(self.param_groups)
-        # LR schedulers watch the user's optimizer for a step before theirs; this is that step.
-        self.user_optimizer._opt_called = True  # type: ignore[attr-defined]
+        self._opt_called = True  # what torch's LR schedulers look for to know a step came before theirs
         return loss
+
+    # torch's LR schedulers warn unless the optimizer's step carries this mark (they set it on the optimizers they
+    # are built with; this optimizer replaces one of those).
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.engine.zero_grad()

@@ -178,3 +178,20 @@ def test_optimizer_state_dict_round_trip():
         assert not captured["zeroed"]["state"][index]["exp_avg"].any()
         for key, value in state.items():
             assert torch.equal(captured["restored"]["state"][index][key], value)
+
+
+def test_lr_monitor_sees_one_optimizer_named_like_the_users(tmp_path):
+    import warnings
+
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = TinyLM("llama", initial_state("llama"))
+    run = trainer("slideformer", max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1,
+                  callbacks=[LearningRateMonitor("step")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(module, batches(8))
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    header = next((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()).strip().split(",")
+    assert sorted(h for h in header if h.startswith("lr-")) == ["lr-AdamW/pg1", "lr-AdamW/pg2"]
