@@ -28,17 +28,6 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def warps_for(block: int) -> int:
-    """Warps for a program that streams `block` elements of a row: enough threads to keep loads wide."""
-    if block >= 16384:
-        return 16
-    if block >= 4096:
-        return 8
-    if block >= 1024:
-        return 4
-    return 2
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

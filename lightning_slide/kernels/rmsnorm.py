@@ -11,11 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, program_count, triton_ok, warps_for
+from ._common import next_pow2, program_count, triton_ok
 
-# Launch parameters (tuned on an H200, see BENCHMARKS.md): warps per row program (None: by row length), and
-# backward programs per multiprocessor.
-TUNING = {"num_warps": None, "bwd_programs_per_sm": 4}
+# Launch parameters, tuned on an H200 at H=4096 (BENCHMARKS.md): warps per row program (None: one per 1024
+# elements of the row, i.e. 32 per thread, clamped to 1..16) and backward programs per multiprocessor.
+TUNING = {"num_warps": None, "bwd_programs_per_sm": 2}
+
+
+def _warps(block: int) -> int:
+    return TUNING["num_warps"] or max(1, min(16, block // 1024))
 
 
 @triton.jit
@@ -73,7 +77,7 @@ class _RMSNorm(torch.autograd.Function):
         block = next_pow2(H)
         if N > 0:
             _rmsnorm_fwd[(N,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), H, eps, offset,
-                               BLOCK_H=block, num_warps=TUNING["num_warps"] or warps_for(block))
+                               BLOCK_H=block, num_warps=_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset = offset
         return y.view(x.shape)
@@ -90,7 +94,7 @@ class _RMSNorm(torch.autograd.Function):
         if N > 0:
             _rmsnorm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
                                       dx.stride(0), N, H, ctx.offset, BLOCK_H=block,
-                                      num_warps=TUNING["num_warps"] or warps_for(block))
+                                      num_warps=_warps(block))
         else:
             dw_part.zero_()
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
