@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
+from lightning_slide.kernels import KERNEL_NAMES, apply_kernels
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
 
 
@@ -36,6 +37,10 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         blocks: dotted path, inside the LightningModule, of the ``nn.ModuleList`` of decoder layers (e.g.
             ``"model.model.layers"``). Default ``None``: found automatically for Llama, Qwen2, Qwen3, Mistral, Gemma
             and any model whose blocks sit in one list of identical blocks.
+        kernels: Triton kernels swapped into Hugging Face Llama/Qwen2/Qwen3/Mistral/Gemma models at setup:
+            ``"all"``, ``"none"`` (default) or a list of ``"rmsnorm"``, ``"rope"``, ``"swiglu"``,
+            ``"fused_linear_cross_entropy"``. With the fused loss, a model called with ``labels`` returns the loss
+            and ``logits=None`` (the B×T×V logits never exist). Other models are left untouched, with a warning.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
     Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
@@ -44,14 +49,21 @@ class SlideFormerStrategy(SingleDeviceStrategy):
 
     strategy_name = "slideformer"
 
-    def __init__(self, window: int = 2, blocks: str | None = None) -> None:
+    def __init__(self, window: int = 2, blocks: str | None = None, kernels: str | list[str] = "none") -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
         if blocks is not None and not isinstance(blocks, str):
             raise ValueError(f"SlideFormerStrategy(blocks=...) must be a dotted module path or None, got {blocks!r}")
+        names = [kernels] if isinstance(kernels, str) else list(kernels)
+        unknown = [n for n in names if n not in (*KERNEL_NAMES, "all", "none")]
+        if unknown:
+            raise ValueError(
+                f"SlideFormerStrategy(kernels=...) got unknown {unknown}; use 'all', 'none' or a list of {list(KERNEL_NAMES)}"
+            )
         super().__init__(device="cpu")
         self.window = window
         self.blocks = blocks
+        self.kernels = kernels
         self.parallel_devices: list[torch.device] | None = None  # set by Lightning from Trainer(devices=...)
         self.engine: SlidingEngine | None = None
 
@@ -107,6 +119,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             # Before the engine moves parameters: configure_optimizers sees ordinary parameters.
             # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+        applied = apply_kernels(module, self.kernels)
         self.engine = SlidingEngine(
             module,
             window=self.window,
@@ -116,7 +129,8 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
-            f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters on the host"
+            f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters on the host, "
+            f"kernels: {', '.join(applied) or 'none'}"
         )
         if fitting:
             self.optimizers = [HostOptimizer.replacing(optimizers[0], self.engine, [c.scheduler for c in schedulers])]
@@ -158,7 +172,13 @@ class SlideFormerStrategy(SingleDeviceStrategy):
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         assert self.engine is not None
-        self.engine.begin_backward()
+        trainer = self.lightning_module.trainer
+        clip = trainer.gradient_clip_val
+        self.engine.begin_backward(
+            last_micro_batch=trainer.training and not trainer.fit_loop._should_accumulate(),
+            clipping=clip is not None and clip > 0,
+            param_groups=self.optimizers[0].param_groups if self.optimizers else None,
+        )
         try:
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         finally:

@@ -1,17 +1,21 @@
 """The sliding engine: one training step's data flow, in one place.
 
-forward    layer i:  load i (and prefetch the next layers) into window slots -> compute i under non-reentrant
+forward    layer i:  upload i (and prefetch the next layers whose updates are done) into window slots on the
+                     upload stream -> compute waits for the upload -> compute i under non-reentrant
                      checkpointing, so only the layer's input is kept
-backward   layer i:  autograd recomputes i: load i (and prefetch the layers below) -> attach zeroed slot grads
-                     -> autograd fills them -> when the last parameter's gradient lands, add them into the layer's
-                     fp32 host accumulator and let the slot go
-step                 global norm over the host gradients (when clipping) -> submit host updates in forward order
-                     (resident parts, layer 0, 1, ...) to the update worker
-next forward         loading layer i waits only for layer i's update
+backward   layer i:  autograd recomputes i: upload i (and prefetch the layers below) -> attach zeroed slot grads
+                     -> autograd fills them -> when the last parameter's gradient lands, the download stream
+                     copies them into the layer's fp32 host accumulator (cast on the device; a host thread adds
+                     when accumulating) and the slot is free for the next layer
+update               without clipping, on the last micro-batch: each layer's host update is queued as soon as its
+                     gradients are downloaded, overlapping the rest of the backward;
+                     with clipping: after backward, the global norm, then the updates in forward order
+next forward         uploading layer i waits only for layer i's update
 
 The resident parts (embeddings, final norm, output head) keep one compute copy on the device for the whole step.
-This module never imports Lightning: the strategy drives it through ``prepare_forward``, ``begin_backward``,
-``end_backward``, ``step``, ``zero_grad``, ``state_dict`` and ``close``.
+On the CPU the same bookkeeping runs with synchronous copies (tests). This module never imports Lightning: the
+strategy drives it through ``prepare_forward``, ``begin_backward``, ``end_backward``, ``step``, ``zero_grad``,
+``state_dict`` and ``close``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ from torch.optim import Optimizer
 from torch.utils.checkpoint import checkpoint
 
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.host import HostUnit
+from lightning_slide.engine.host import MASTER_DTYPE, HostUnit
 from lightning_slide.engine.optimizer import UnitOptimizer, UpdateWorker, check_optimizer, hyperparameters
+from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
 
 RESIDENT = "resident"
 # Key-value caches written in forward would be written again by the recompute in backward.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# Device staging through which copies that change dtype travel (elements of fp32; 128 MiB).
+_STAGING_NUMEL = 32 * 2**20
 
 
 class SlidingEngine:
@@ -44,7 +51,8 @@ class SlidingEngine:
         compute_dtype: dtype of the weights used for compute (``torch.bfloat16`` or ``torch.float32``).
         blocks_path: dotted path of the decoder layer list inside ``root``; ``None`` searches for it.
 
-    Construction moves every parameter into fp32 host masters (one copy) and the resident parts onto the device.
+    Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
+    and the resident parts onto the device.
     """
 
     def __init__(
@@ -61,13 +69,24 @@ class SlidingEngine:
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.blocks_path = parts.blocks_path
-        pin = self.device.type == "cuda"
-        self.layers = [HostUnit(f"layer {i}", parts.block_parameters(i), pin=pin) for i in range(len(parts.blocks))]
-        self.resident = HostUnit(RESIDENT, parts.resident, pin=pin)
+        self.streams = Streams(self.device)
+        self.pin = self.streams.cuda
+        self.layers = [HostUnit(f"layer {i}", parts.block_parameters(i), pin=self.pin) for i in range(len(parts.blocks))]
+        self.resident = HostUnit(RESIDENT, parts.resident, pin=self.pin)
         self._check_unshared()
 
+        cast = self.streams.cuda and compute_dtype != MASTER_DTYPE
+        largest = max(u.numel for u in [self.resident, *self.layers])
+        staging = min(largest, _STAGING_NUMEL)
+        self.upload_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
+        self.download_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
+        self._host_staging: dict[Any, torch.Tensor] = {}  # pinned fp32, for gradients added into an accumulator
+
         self.worker = UpdateWorker()
-        self.window = Window(self.layers, min(window, len(self.layers)), self.device, compute_dtype, self.worker.wait)
+        self.window = Window(
+            self.layers, min(window, len(self.layers)), self.device, compute_dtype, self.streams,
+            self.upload_staging, before_load=self._wait_update, may_load=self._update_done,
+        )
         self.resident_weights = torch.empty(self.resident.numel, dtype=compute_dtype, device=self.device)
         self.resident_grads = torch.empty(self.resident.trainable_numel, dtype=compute_dtype, device=self.device)
         self._resident_loaded = False
@@ -76,6 +95,8 @@ class SlidingEngine:
         self._clip_value: float | None = None
 
         self._backward = False
+        self._streaming: list[dict] | None = None  # hyperparameters while updates stream out of this backward
+        self._streamed = False
         self._pending: dict[int, int] = {}  # layer -> parameter gradients still to land in this backward
         for module in root.modules():
             for name, buffer in module._buffers.items():
@@ -106,16 +127,19 @@ class SlidingEngine:
     def depth(self) -> int:
         return self.window.depth
 
+    def _units(self) -> dict[Any, HostUnit]:
+        """Every unit by key, in the order the next forward needs them."""
+        return {RESIDENT: self.resident, **dict(enumerate(self.layers))}
+
     # ---------------------------------------------------------------- optimizer
     def attach_optimizer(self, optimizer: Optimizer) -> None:
         """Rebuild ``optimizer`` over the host masters, one fused optimizer per unit."""
         check_optimizer(optimizer)
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        units = {RESIDENT: self.resident, **dict(enumerate(self.layers))}
-        known = {id(e.param) for u in units.values() for e in u.entries}
+        known = {id(e.param) for u in self._units().values() for e in u.entries}
         if any(pid not in known for pid in group_of):
             raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
-        self._optimizers = {key: UnitOptimizer(unit, optimizer, group_of) for key, unit in units.items()}
+        self._optimizers = {key: UnitOptimizer(unit, optimizer, group_of) for key, unit in self._units().items()}
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Clip the global gradient norm to ``max_norm`` at the next step (exactly as ``clip_grad_norm_``)."""
@@ -126,37 +150,72 @@ class SlidingEngine:
         self._clip_value = float(clip_value)
 
     def zero_grad(self) -> None:
-        """Start a new accumulation: the next micro-batch's gradients overwrite the host accumulators."""
-        for unit in [self.resident, *self.layers]:
-            unit.grad_empty = True
+        """Start a new accumulation: the next micro-batch's gradients overwrite the host accumulators.
+
+        A unit whose update is still queued is left alone: that update empties it when it has consumed it.
+        """
+        for key, unit in self._units().items():
+            if self.worker.done(key):
+                unit.grad_empty = True
 
     def step(self, param_groups: list[dict]) -> None:
-        """Submit the host update of every unit, in the order the next forward needs them."""
-        hyper = hyperparameters(param_groups)
-        coefficient = self._clip_coefficient()
-        clip_value, self._clip_norm, self._clip_value = self._clip_value, None, None
+        """Queue the host update of every unit not already updated by this step's backward."""
+        clip_norm, clip_value = self._clip_norm, self._clip_value
+        self._clip_norm = self._clip_value = None
         # Slots hold copies of the weights being updated: drop them (the next forward reloads from the masters).
         self.window.clear()
         self._resident_loaded = False
-        for key, optimizer in self._optimizers.items():
+        if self._streamed:
+            self._streamed = False
+            if clip_norm is not None or clip_value is not None:
+                raise RuntimeError(
+                    "gradients were clipped after the updates had started. slideformer clips exactly when it knows "
+                    "before backward that clipping will happen: set Trainer(gradient_clip_val=...)."
+                )
+            return
+        hyper = hyperparameters(param_groups)
+        # Decided here, on the training thread: a unit takes part if gradients reached it since the last step.
+        keys = [key for key, unit in self._units().items() if not unit.grad_empty]
+        coefficient: dict[str, torch.Tensor | None] = {}
+        if clip_norm is not None:
+            units = [self._units()[key] for key in keys]
+            self.worker.submit("norm", functools.partial(self._clip_coefficient, clip_norm, units, coefficient))
+        for key in keys:
+            self._submit_update(key, hyper, coefficient, clip_value)
+
+    def _submit_update(self, key, hyper: list[dict], coefficient: dict | None = None, clip_value=None) -> None:
+        optimizer = self._optimizers.get(key)
+        if optimizer is not None:
+            # `coefficient` is filled in by the norm task queued before: pass the same dict, even while empty.
+            coefficient = {} if coefficient is None else coefficient
             self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value))
 
-    def _clip_coefficient(self) -> torch.Tensor | None:
-        if self._clip_norm is None:
-            return None
-        grads = [g for key, opt in self._optimizers.items() if not opt.unit.grad_empty for g in opt.grads]
-        if not grads:
-            return None
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
-        total = torch.linalg.vector_norm(norms)
-        return torch.clamp(self._clip_norm / (total + 1e-6), max=1.0)
+    def _clip_coefficient(self, max_norm: float, units: list[HostUnit], out: dict) -> None:
+        """Worker task: the clipping coefficient of ``clip_grad_norm_`` over every optimized gradient of ``units``."""
+        grads = []
+        for unit in units:
+            Streams.host_wait(unit.grad_event)
+            grads.extend(self._optimizers[self._key_of(unit)].grads)
+        if grads:
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            out["value"] = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+    def _key_of(self, unit: HostUnit):
+        return RESIDENT if unit is self.resident else self.layers.index(unit)
 
     @staticmethod
-    def _update(optimizer: UnitOptimizer, hyper, coefficient, clip_value) -> None:
-        if optimizer.unit.grad_empty:  # no gradient reached this unit since the last step
-            return
-        optimizer.step(hyper, coefficient, clip_value)
-        optimizer.unit.grad_empty = True
+    def _update(optimizer: UnitOptimizer, hyper, coefficient: dict, clip_value) -> None:
+        """Worker task: one unit's update from its accumulated gradients, which it then marks consumed."""
+        unit = optimizer.unit
+        Streams.host_wait(unit.grad_event)
+        optimizer.step(hyper, coefficient.get("value"), clip_value)
+        unit.grad_empty = True
+
+    def _wait_update(self, key) -> None:
+        self.worker.wait(key)
+
+    def _update_done(self, key) -> bool:
+        return self.worker.done(key)
 
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
@@ -164,7 +223,12 @@ class SlidingEngine:
         if self._resident_loaded:
             return
         self.worker.wait(RESIDENT)
-        self.resident_weights.copy_(self.resident.master)
+        in_use = self.streams.record()  # whatever compute still reads the old copy
+        with self.streams.on(self.streams.upload):
+            self.streams.wait(in_use)
+            copy_cast(self.resident_weights, self.resident.master, self.upload_staging)
+            ready = self.streams.record()
+        self.streams.wait(ready)
         for entry in self.resident.entries:
             entry.param.data = entry.view(self.resident_weights)
         self._resident_loaded = True
@@ -190,9 +254,17 @@ class SlidingEngine:
         return forward(*args, **kwargs)
 
     # ---------------------------------------------------------------- backward
-    def begin_backward(self) -> None:
-        """Call right before ``loss.backward()``."""
+    def begin_backward(self, *, last_micro_batch: bool = False, clipping: bool = True, param_groups=None) -> None:
+        """Call right before ``loss.backward()``.
+
+        Args:
+            last_micro_batch: this backward completes the gradients of an optimizer step.
+            clipping: the step will clip gradients (updates must then wait for the global norm).
+            param_groups: the optimizer's groups, read now when updates stream out of this backward.
+        """
         self._backward = True
+        stream = last_micro_batch and not clipping and param_groups is not None and bool(self._optimizers)
+        self._streaming = hyperparameters(param_groups) if stream else None
         if self.resident.trainable_numel:
             self.resident_grads.zero_()
             for entry in self.resident.trainable:
@@ -204,9 +276,13 @@ class SlidingEngine:
         for index in list(self._pending):
             self._finish_layer_grads(index)
         if self.resident.trainable_numel:
-            self.resident.accumulate(self.resident_grads)
+            self._download(self.resident, self.resident_grads, RESIDENT)
             for entry in self.resident.trainable:
                 entry.param.grad = None
+            if self._streaming is not None:
+                self._submit_update(RESIDENT, self._streaming)
+        self._streamed = self._streaming is not None
+        self._streaming = None
 
     def _on_grad(self, index: int, param: torch.Tensor) -> None:
         left = self._pending.get(index)
@@ -221,19 +297,52 @@ class SlidingEngine:
             self._pending[index] = left - 1
 
     def _finish_layer_grads(self, index: int) -> None:
-        """Move layer ``index``'s gradients into its host accumulator (no-op if they are not pending)."""
+        """Send layer ``index``'s gradients to its host accumulator (no-op if they are not pending)."""
         if self._pending.pop(index, None) is None:
             return
         unit = self.layers[index]
-        unit.accumulate(self.window.grads_of(index))
+        slot = self.window.slot_of[index]
+        self.window.grads_copied(index, self._download(unit, self.window.grads_of(index), id(slot)))
         for entry in unit.trainable:
             entry.param.grad = None
+        if self._streaming is not None:
+            self._submit_update(index, self._streaming)
+
+    def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
+        """Copy ``device_grads`` into ``unit``'s fp32 accumulator; returns the event after which the device buffer
+        may be reused. The first micro-batch lands directly in the accumulator; later ones land in a page-locked
+        staging buffer that the worker adds in."""
+        produced = self.streams.record()
+        with self.streams.on(self.streams.download):
+            self.streams.wait(produced)
+            if unit.grad_empty:
+                copy_cast(unit.grad, device_grads, self.download_staging)
+                unit.grad_empty = False
+                unit.grad_event = self.streams.record()
+                return unit.grad_event
+            self.worker.wait(("add", staging_key))  # the staging buffer's previous contents were added
+            staging = self._staging(staging_key, device_grads.numel())
+            copy_cast(staging, device_grads, self.download_staging)
+            copied = self.streams.record()
+        self.worker.submit(("add", staging_key), functools.partial(self._add, unit, staging, copied))
+        return copied
+
+    def _staging(self, key, numel: int) -> torch.Tensor:
+        buffer = self._host_staging.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._host_staging[key] = torch.empty(numel, dtype=MASTER_DTYPE, pin_memory=self.pin)
+        return buffer[:numel]
+
+    @staticmethod
+    def _add(unit: HostUnit, staging: torch.Tensor, copied) -> None:
+        Streams.host_wait(copied)
+        unit.grad.add_(staging)
 
     # ---------------------------------------------------------------- state and lifetime
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The root's state dict with every parameter given by its fp32 master (host memory, no copies)."""
         self.worker.wait_all()
-        masters = {id(e.param): e.view(u.master) for u in [self.resident, *self.layers] for e in u.entries}
+        masters = {id(e.param): e.view(u.master) for u in self._units().values() for e in u.entries}
         state = self.root.state_dict()
         for name, param in self.root.named_parameters(remove_duplicate=False):
             if name in state and id(param) in masters:
@@ -280,3 +389,7 @@ class SlidingEngine:
         self.window.clear()
         self.resident.park()
         self._resident_loaded = False
+        if self.streams.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+            self.streams.upload.synchronize()
+            self.streams.download.synchronize()

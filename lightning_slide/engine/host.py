@@ -63,8 +63,10 @@ class HostUnit:
             view.copy_(e.param.detach())
             e.param.data = view
         self.grad = torch.zeros(self.trainable_numel, dtype=MASTER_DTYPE, pin_memory=pin)
-        # True when `grad` holds nothing yet for the current optimizer step: the next download copies, not adds.
+        # True when `grad` holds nothing yet for the current optimizer step: the next download overwrites it.
         self.grad_empty = True
+        # Device event after which `grad` holds the last download (None on the CPU, or when nothing is in flight).
+        self.grad_event = None
 
     def master_view(self, entry: Entry) -> torch.Tensor:
         return entry.view(self.master)
@@ -77,12 +79,3 @@ class HostUnit:
         for e in self.entries:
             e.param.data = e.view(self.master)
             e.param.grad = None
-
-    def accumulate(self, device_grads: torch.Tensor) -> None:
-        """Add one micro-batch's gradients (flat, any dtype/device, trainable prefix) into the fp32 accumulator."""
-        source = device_grads[: self.trainable_numel]
-        if self.grad_empty:
-            self.grad.copy_(source)
-            self.grad_empty = False
-        else:
-            self.grad.add_(source.to(self.grad.device, MASTER_DTYPE))

@@ -111,6 +111,11 @@ class UpdateWorker:
             self.wait(key)
         self._pending[key] = self._pool.submit(fn)
 
+    def done(self, key: Hashable) -> bool:
+        """Whether nothing submitted under ``key`` is still to run (a failure counts as not done: wait raises it)."""
+        future = self._pending.get(key)
+        return future is None or (future.done() and future.exception() is None)
+
     def wait(self, key: Hashable) -> None:
         future = self._pending.pop(key, None)
         if future is not None:

@@ -2,17 +2,33 @@
 
 Each slot is one pre-allocated flat weight buffer (compute dtype) and one flat gradient buffer, sized for the
 largest layer and reused for every layer that passes through. A layer is *loaded* while its parameters point into
-a slot; at most ``depth`` layers are loaded at any moment. Loading copies the layer's fp32 masters into the slot
-(casting to the compute dtype); evicting points the parameters back at their masters, which costs nothing.
+a slot; at most ``depth`` layers are loaded at any moment. Loading copies the layer's fp32 masters into the slot on
+the upload stream (cast on the device); evicting points the parameters back at their masters, which costs nothing.
+
+Events keep the streams honest: an upload into a slot waits until compute is done with its previous occupant
+(``free``); compute waits until the upload has landed (``ready``); zeroing a slot's gradients for a new occupant
+waits until the previous occupant's gradients have left the device (``grads_free``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
 from lightning_slide.engine.host import HostUnit
+from lightning_slide.engine.streams import Streams, copy_cast
+
+
+@dataclass
+class Slot:
+    weights: torch.Tensor
+    grads: torch.Tensor
+    occupant: int | None = None
+    ready: object = None  # upload of the occupant landed
+    free: object = None  # compute finished with the previous occupant
+    grads_free: object = None  # the previous occupant's gradients were copied out
 
 
 class Window:
@@ -23,7 +39,10 @@ class Window:
         depth: number of slots (layers on the compute device at once), 1 to ``len(layers)``.
         device: the compute device.
         dtype: the compute dtype of the slots.
-        before_load: called with a layer index before its masters are read (waits for a pending update).
+        streams: the device's upload and download streams.
+        upload_staging: device buffer (fp32) through which uploads are cast; ``None`` when no cast is needed.
+        before_load: called with a layer index before its masters are read (waits for its pending update).
+        may_load: says whether a layer can be prefetched now without blocking (its update is done).
     """
 
     def __init__(
@@ -32,72 +51,94 @@ class Window:
         depth: int,
         device: torch.device,
         dtype: torch.dtype,
+        streams: Streams,
+        upload_staging: torch.Tensor | None,
         before_load: Callable[[int], None],
+        may_load: Callable[[int], bool],
     ) -> None:
         if not 1 <= depth <= len(layers):
             raise ValueError(f"window depth must be between 1 and {len(layers)} (the number of layers), got {depth}")
         self.layers = layers
         self.depth = depth
+        self.streams = streams
+        self.upload_staging = upload_staging
         self.before_load = before_load
+        self.may_load = may_load
         weight_numel = max(u.numel for u in layers)
         grad_numel = max(u.trainable_numel for u in layers)
-        self.weights = [torch.empty(weight_numel, dtype=dtype, device=device) for _ in range(depth)]
-        self.grads = [torch.empty(grad_numel, dtype=dtype, device=device) for _ in range(depth)]
-        self.occupant: list[int | None] = [None] * depth
-        self.slot_of: dict[int, int] = {}
+        self.slots = [
+            Slot(torch.empty(weight_numel, dtype=dtype, device=device), torch.empty(grad_numel, dtype=dtype, device=device))
+            for _ in range(depth)
+        ]
+        self.slot_of: dict[int, Slot] = {}
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        return [slot.weights for slot in self.slots]
 
     def loaded(self) -> list[int]:
         return sorted(self.slot_of)
 
     def ensure(self, wanted: Iterable[int], evict: Callable[[int], None]) -> None:
-        """Load every layer in ``wanted`` (in order), reusing slots of loaded layers that are not wanted.
+        """Load ``wanted[0]`` (blocking on its update if needed) and prefetch the rest of ``wanted`` whose updates
+        are done, reusing slots of loaded layers that are not wanted; then make compute wait for ``wanted[0]``.
 
-        ``evict(i)`` is called for each layer that gives up its slot, before its slot is overwritten.
+        ``evict(i)`` is called for each layer that gives up its slot, before the slot is reused.
         """
         wanted = [i for i in wanted if 0 <= i < len(self.layers)][: self.depth]
         keep = set(wanted)
-        for i in wanted:
-            if i in self.slot_of:
+        for position, index in enumerate(wanted):
+            if index in self.slot_of:
                 continue
-            slot = self._free_slot(keep, evict)
-            self._load(i, slot)
+            if position > 0 and not self.may_load(index):
+                break  # prefetch stays in order: the next layer first
+            self._load(index, self._free_slot(keep, evict))
+        self.streams.wait(self.slot_of[wanted[0]].ready)
 
-    def _free_slot(self, keep: set[int], evict: Callable[[int], None]) -> int:
-        for slot, occupant in enumerate(self.occupant):
-            if occupant is None:
+    def _free_slot(self, keep: set[int], evict: Callable[[int], None]) -> Slot:
+        for slot in self.slots:
+            if slot.occupant is None:
                 return slot
-        for slot, occupant in enumerate(self.occupant):
-            if occupant not in keep:
-                evict(occupant)
-                self.release(occupant)
+        for slot in self.slots:
+            if slot.occupant not in keep:
+                evict(slot.occupant)
+                self.release(slot.occupant)
                 return slot
         raise RuntimeError("no window slot can be freed")  # unreachable: len(keep) <= depth
 
-    def _load(self, index: int, slot: int) -> None:
+    def _load(self, index: int, slot: Slot) -> None:
         self.before_load(index)
         unit = self.layers[index]
-        weights = self.weights[slot]
-        weights[: unit.numel].copy_(unit.master)
+        with self.streams.on(self.streams.upload):
+            self.streams.wait(slot.free)
+            copy_cast(slot.weights[: unit.numel], unit.master, self.upload_staging)
+            slot.ready = self.streams.record()
         for e in unit.entries:
-            e.param.data = e.view(weights)
-        self.occupant[slot] = index
+            e.param.data = e.view(slot.weights)
+        slot.occupant = index
         self.slot_of[index] = slot
 
     def attach_grads(self, index: int) -> None:
         """Give the loaded layer's trainable parameters zeroed gradient views of its slot, for autograd to fill."""
         unit = self.layers[index]
-        grads = self.grads[self.slot_of[index]]
-        grads[: unit.trainable_numel].zero_()
+        slot = self.slot_of[index]
+        self.streams.wait(slot.grads_free)
+        slot.grads[: unit.trainable_numel].zero_()
         for e in unit.trainable:
-            e.param.grad = e.view(grads)
+            e.param.grad = e.view(slot.grads)
 
     def grads_of(self, index: int) -> torch.Tensor:
-        return self.grads[self.slot_of[index]][: self.layers[index].trainable_numel]
+        return self.slot_of[index].grads[: self.layers[index].trainable_numel]
+
+    def grads_copied(self, index: int, event) -> None:
+        """Record that the gradients of loaded layer ``index`` leave the device when ``event`` happens."""
+        self.slot_of[index].grads_free = event
 
     def release(self, index: int) -> None:
-        """Point the layer back at its masters and free its slot."""
+        """Point the layer back at its masters and free its slot once compute has finished with it."""
         slot = self.slot_of.pop(index)
-        self.occupant[slot] = None
+        slot.free = self.streams.record()
+        slot.occupant = None
         self.layers[index].park()
 
     def clear(self) -> None:

@@ -195,3 +195,39 @@ def test_lr_monitor_sees_one_optimizer_named_like_the_users(tmp_path):
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
     header = next((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()).strip().split(",")
     assert sorted(h for h in header if h.startswith("lr-")) == ["lr-AdamW/pg1", "lr-AdamW/pg2"]
+
+
+def test_accumulation_without_clipping_streams_updates_from_backward():
+    assert_same_training(*fit_both(window=1, gradient_clip_val=None, accumulate_grad_batches=3, max_steps=6))
+
+
+def test_clipping_requested_after_streamed_updates_is_refused():
+    module = TinyLM("llama", initial_state("llama"))
+    # A user hook that clips although Trainer(gradient_clip_val=None) said it would not.
+    module.configure_gradient_clipping = lambda optimizer, gradient_clip_val=None, gradient_clip_algorithm=None: (
+        module.clip_gradients(optimizer, 0.5, "norm")
+    )
+    with pytest.raises(RuntimeError, match="gradient_clip_val"):
+        trainer("slideformer", gradient_clip_val=None, accumulate_grad_batches=1).fit(module, batches(2))
+
+
+def test_kernels_all_matches_kernels_none():
+    window = 2
+    results = []
+    for kernels in ("none", "all"):
+        torch.manual_seed(123)
+        module = TinyLM("qwen3", initial_state("qwen3"))
+        trainer(lightning_slide.SlideFormerStrategy(window=window, kernels=kernels), max_steps=3).fit(module, batches(6))
+        results.append(module)
+    plain, fused = results
+    for a, b in zip(fused.losses, plain.losses):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    theirs = dict(plain.named_parameters())
+    for name, param in fused.named_parameters():
+        assert relative_error(param.detach(), theirs[name].detach()) <= 1e-4, name
+    assert "forward" in fused.model.model.norm.__dict__  # the kernels really were swapped in
+
+
+def test_unknown_kernel_name():
+    with pytest.raises(ValueError, match="unknown.*rmsnorm"):
+        lightning_slide.SlideFormerStrategy(kernels=["flash"])
