@@ -1,6 +1,6 @@
 """Peak GPU memory and step time of slideformer windows against all-on-GPU Lightning training (one GPU).
 
-usage: python benchmarks/window_memory.py [--shape llama3_2_1b] [--batch 4] [--seq 1024] [--steps 5]
+usage: python benchmarks/window_memory.py [--shape llama3_2_1b] [--batch 4] [--seq 1024] [--steps 5] [--kernels all]
 Prints a markdown table. Random-init model from a config, random tokens; bf16 compute for every system.
 """
 
@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lightning_slide
+from lightning_slide.kernels import apply_kernels
 
 SHAPES = {
     "llama3_2_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -25,9 +26,10 @@ SHAPES = {
 
 
 class LM(L.LightningModule):
-    def __init__(self, config):
+    def __init__(self, config, kernels):
         super().__init__()
-        self.model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        apply_kernels(self.model, kernels)  # the same kernels for every system
         self.step_times: list[float] = []
 
     def training_step(self, batch, batch_idx):
@@ -50,7 +52,7 @@ def run(name, strategy, config, args):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    module = LM(config)
+    module = LM(config, args.kernels)
     params = sum(p.numel() for p in module.parameters())
     ids = torch.randint(0, config.vocab_size, (args.batch * (args.steps + 2), args.seq))
     trainer = L.Trainer(
@@ -74,12 +76,15 @@ def main():
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--windows", default="1,2,4")
+    parser.add_argument("--kernels", default="all")
+    parser.add_argument("--no-reference", action="store_true", help="skip all-on-GPU training")
     args = parser.parse_args()
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=args.seq)
-    print(f"{args.shape}, batch {args.batch} x {args.seq}, bf16, {torch.cuda.get_device_name()}")
+    print(f"{args.shape}, batch {args.batch} x {args.seq}, bf16, kernels={args.kernels}, {torch.cuda.get_device_name()}")
     print("| system | s/step (median) | tokens/s | TFLOP/s (6·N·tokens) | peak GPU GiB |")
     print("|---|---|---|---|---|")
-    print(run("all-on-GPU Lightning (bf16-true params, GPU AdamW)", "auto", config, args), flush=True)
+    if not args.no_reference:
+        print(run("all-on-GPU Lightning (bf16-true params, GPU AdamW)", "auto", config, args), flush=True)
     for window in map(int, args.windows.split(",")):
         print(run(f"slideformer window={window}", lightning_slide.SlideFormerStrategy(window=window), config, args), flush=True)
 
