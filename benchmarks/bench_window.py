@@ -1,6 +1,6 @@
 """Peak GPU memory and step time of slideformer windows against all-on-GPU Lightning training (one GPU).
 
-usage: python benchmarks/window_memory.py [--shape llama3_2_1b] [--batch 4] [--seq 1024] [--steps 5] [--kernels all]
+usage: python benchmarks/bench_window.py [--shape llama3_2_1b] [--batch 4] [--seq 1024] [--steps 5] [--kernels all]
 Prints a markdown table. Random-init model from a config, random tokens; bf16 compute for every system.
 """
 

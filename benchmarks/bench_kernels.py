@@ -2,7 +2,7 @@
 Liger-Kernel (when importable), as a markdown table: median time (triton.testing.do_bench), peak extra memory, and
 the gradients' error relative to an fp32 computation on the same inputs.
 
-    python benchmarks/kernels.py [--tokens 32768] [--tune]
+    python benchmarks/bench_kernels.py [--tokens 32768] [--tune]
 
 ``--tune`` first times a few launch configurations of our kernels (printed) and keeps the fastest for the table.
 """
