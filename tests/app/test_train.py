@@ -19,7 +19,8 @@ def _exported_equals_trained(result):
 
 
 def test_demo_trains_and_exports(tmp_path):
-    result = train(compose_cfg(*FAST, "strategy.window=3", "trainer.max_steps=6", "data.batch_size=8",
+    result = train(compose_cfg(*FAST, "strategy.window=3", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                               "data.batch_size=8",
                                "model.lr=3e-3", "model.config.hidden_size=64", output_dir=tmp_path))
     trainer, module = result["trainer"], result["module"]
     assert trainer.global_step == 6 and trainer.strategy.window == 3  # overrides took effect
@@ -67,3 +68,13 @@ def test_data_errors_come_before_training(tmp_path):
     with pytest.raises(DataError, match=r"data.max_length=512 is longer than the model's context of 256 tokens"):
         train(compose_cfg(*FAST, "data.max_length=512", output_dir=tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
+
+
+def test_kernels_option_reaches_the_model(tmp_path):
+    # Small, as the kernels run in Triton's interpreter on a CPU
+    result = train(compose_cfg(*FAST, "kernels=all", "trainer.max_steps=1", "trainer.limit_val_batches=1",
+                               "model.config.hidden_size=32", "model.config.num_hidden_layers=1", "data.batch_size=2",
+                               "data.val_size=2", "export.enabled=false", "sample_tokens=0", output_dir=tmp_path))
+    batch = next(iter(result["datamodule"].val_dataloader()))
+    out = result["module"](batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    assert out.logits is None and torch.isfinite(out.loss)  # the fused loss never builds the logits
