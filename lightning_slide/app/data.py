@@ -92,7 +92,7 @@ class JSONLDataModule(L.LightningDataModule):
             max_length = min(DEFAULT_MAX_LENGTH, context_length or DEFAULT_MAX_LENGTH)
         elif context_length is not None and max_length > context_length:
             raise DataError(f"data.max_length={max_length} is longer than the model's context of {context_length} "
-                            f"tokens (max_position_embeddings in its config.json): set data.max_length<={context_length}")
+                            f"tokens (its max_position_embeddings): set data.max_length<={context_length}")
         if val_size < 0:
             raise DataError(f"data.val_size must be >= 0, got {val_size}")
         self.path, self.val_path, self.val_size = path, val_path, val_size

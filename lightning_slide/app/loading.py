@@ -22,7 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 def weight_files(path: str | Path) -> list[Path]:
     """The safetensors shards of a model directory (``model.safetensors`` or the shards an index lists).
 
-    Raises ``ModelDirError`` naming what is missing: the directory, ``config.json``, the weights, a shard, the tokenizer.
+    Raises ``ModelDirError`` naming what is missing: the directory, ``config.json``, weights, a shard, the tokenizer.
     """
     path = Path(path)
     if not path.is_dir():

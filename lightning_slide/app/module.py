@@ -18,7 +18,7 @@ from lightning_slide.app.loading import build_causal_lm, load_causal_lm, load_co
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> float:
-    """LR multiplier at optimizer step ``step``: linear warm-up to 1, then constant or cosine down to ``min_lr_ratio``."""
+    """LR multiplier at optimizer step ``step``: linear warm-up to 1, then constant or cosine to ``min_lr_ratio``."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps  # the first update already moves: no wasted step at lr = 0
     if decay == "constant" or total_steps <= warmup_steps:

@@ -82,26 +82,37 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], max_ne
     return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train as ``cfg`` says. Returns the module, data module, Trainer, validation losses before and after, and output paths."""
+def setup(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer, RunSummary]:
+    """Build the run's objects, cheapest checks first: options, model files, data (nothing heavy is loaded here:
+    the weights load in ``configure_model``, inside ``fit``)."""
     check_required(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    kernels = OmegaConf.to_object(cfg.kernels.names) if OmegaConf.is_list(cfg.kernels.names) else cfg.kernels.names
-    module = build(cfg.model, kernels=kernels, _convert_="all")  # reads config and tokenizer, no weights
-    datamodule = build(cfg.data, tokenizer=module.tokenizer, context_length=module.context_length,
-                             _convert_="all")
-    datamodule.setup("fit")  # reads, checks and tokenizes the data before any weights load
-
-    output_dir = Path(cfg.output_dir)
+    names = cfg.kernels.names
+    module = build(cfg.model, kernels=OmegaConf.to_object(names) if OmegaConf.is_list(names) else names,
+                   _convert_="all")
+    datamodule = build(cfg.data, tokenizer=module.tokenizer, context_length=module.context_length, _convert_="all")
+    datamodule.setup("fit")  # reads, checks and tokenizes the whole data set
     summary = RunSummary()
     strategy = build(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
-    trainer: L.Trainer = build(cfg.trainer, strategy=strategy, logger=_build_all(cfg.logger) or False,
-                               callbacks=[*_build_all(cfg.callbacks), summary])
+    trainer = build(cfg.trainer, strategy=strategy, logger=_build_all(cfg.logger) or False,
+                    callbacks=[*_build_all(cfg.callbacks), summary])
+    return module, datamodule, trainer, summary
 
-    validate = bool(datamodule.val_set) and trainer.limit_val_batches != 0
-    before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"] if validate else None
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train as ``cfg`` says, export, and log a summary. Returns the module, data module, Trainer, summary, the
+    validation losses before and after training, and the Hugging Face export directory."""
+    module, datamodule, trainer, summary = setup(cfg)
+    output_dir = Path(cfg.output_dir)
+
+    def val_loss(ckpt_path: str | None = None) -> float | None:
+        if not datamodule.val_set or trainer.limit_val_batches == 0:
+            return None
+        return trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]["val/loss"]
+
+    before = val_loss(cfg.ckpt_path)  # when resuming, "before" is the checkpoint's loss
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"] if validate else None
+    after = val_loss()
 
     hf_dir = None
     if cfg.export.enabled:
@@ -113,12 +124,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.sample_tokens > 0 and n_params <= SAMPLE_MAX_PARAMS and datamodule.val_set:
         prompt_ids, reference = datamodule.sample_prompt()
         completion = sample(module.model, module.tokenizer, prompt_ids, cfg.sample_tokens)
-        lines += [f"sample:     {module.tokenizer.decode(prompt_ids, skip_special_tokens=True)!r} -> {completion!r}",
-                  f"            (reference: {reference!r})"]
+        prompt = module.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        lines += [f"sample:     {prompt!r} -> {completion!r}", f"            (reference: {reference!r})"]
     lines.append(f"outputs:    {output_dir}" + (f" (Hugging Face model: {hf_dir})" if hf_dir else ""))
     log.info("\n".join(lines))
-    return {"module": module, "datamodule": datamodule, "trainer": trainer, "val_loss_before": before, "val_loss_after": after,
-            "hf_dir": hf_dir, "summary": summary}
+    return {"module": module, "datamodule": datamodule, "trainer": trainer, "summary": summary,
+            "val_loss_before": before, "val_loss_after": after, "hf_dir": hf_dir}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")

@@ -47,9 +47,19 @@ def test_finetunes_a_model_directory(tiny_model_dir, text_jsonl, tmp_path):
     assert result["module"].checkpoint_dtype == torch.bfloat16
 
 
-def test_required_path_is_named(tmp_path):
+def test_resume_from_checkpoint(tmp_path):
+    first = train(compose_cfg(*FAST, "model.config.hidden_size=64", "sample_tokens=0", output_dir=tmp_path / "a"))
+    resumed = train(compose_cfg(*FAST, "model.config.hidden_size=64", "sample_tokens=0", "trainer.max_steps=6",
+                                f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}", output_dir=tmp_path / "b"))
+    assert resumed["trainer"].global_step == 6
+    assert resumed["val_loss_before"] == pytest.approx(first["val_loss_after"], rel=1e-4)
+
+
+def test_required_paths_are_named(tmp_path):
     with pytest.raises(SlideAppError, match=r"model.path=/path/to/model"):
         train(compose_cfg("model=qwen3_0_6b", output_dir=tmp_path))
+    with pytest.raises(SlideAppError, match=r"data.path=train.jsonl"):
+        train(compose_cfg("data=jsonl", output_dir=tmp_path))
 
 
 def test_wrong_model_directory_for_the_shape(tiny_model_dir, tmp_path):
