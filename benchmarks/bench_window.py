@@ -31,6 +31,7 @@ class LM(L.LightningModule):
         self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         apply_kernels(self.model, kernels)  # the same kernels for every system
         self.step_times: list[float] = []
+        self.engine_stats: list[dict] = []
 
     def training_step(self, batch, batch_idx):
         (ids,) = batch
@@ -39,10 +40,16 @@ class LM(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         torch.cuda.synchronize()
         self._t0 = time.perf_counter()
+        self._s0 = self._engine_stats()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         torch.cuda.synchronize()
         self.step_times.append(time.perf_counter() - self._t0)
+        self.engine_stats.append({k: v - self._s0.get(k, 0.0) for k, v in self._engine_stats().items()})
+
+    def _engine_stats(self):
+        engine = getattr(self.trainer.strategy, "engine", None)
+        return engine.stats() if engine is not None else {}
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-5)
@@ -62,11 +69,13 @@ def run(name, strategy, config, args):
     try:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=args.batch))
     except torch.OutOfMemoryError:
-        return f"| {name} | out of GPU memory | | | |"
+        return f"| {name} | out of GPU memory | | | | |"
     step = sorted(module.step_times[2:])[len(module.step_times[2:]) // 2]
     tokens = args.batch * args.seq
     peak = torch.cuda.max_memory_allocated() / 2**30
-    return f"| {name} | {step:.3f} | {tokens / step:,.0f} | {6 * params * tokens / step / 1e12:.1f} | {peak:.2f} |"
+    timed = module.engine_stats[2:]
+    host = " / ".join(f"{sum(s[k] for s in timed) / len(timed):.3f}" for k in ("host_busy", "compute_blocked")) if timed and timed[0] else "-"
+    return f"| {name} | {step:.3f} | {tokens / step:,.0f} | {6 * params * tokens / step / 1e12:.1f} | {peak:.2f} | {host} |"
 
 
 def main():
@@ -81,8 +90,8 @@ def main():
     args = parser.parse_args()
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=args.seq)
     print(f"{args.shape}, batch {args.batch} x {args.seq}, bf16, kernels={args.kernels}, {torch.cuda.get_device_name()}")
-    print("| system | s/step (median) | tokens/s | TFLOP/s (6·N·tokens) | peak GPU GiB |")
-    print("|---|---|---|---|---|")
+    print("| system | s/step (median) | tokens/s | TFLOP/s (6·N·tokens) | peak GPU GiB | host busy / compute blocked, s/step |")
+    print("|---|---|---|---|---|---|")
     if not args.no_reference:
         print(run("all-on-GPU Lightning (bf16-true params, GPU AdamW)", "auto", config, args), flush=True)
     for window in map(int, args.windows.split(",")):

@@ -339,6 +339,11 @@ class SlidingEngine:
         unit.grad.add_(staging)
 
     # ---------------------------------------------------------------- state and lifetime
+    def stats(self) -> dict[str, float]:
+        """Cumulative timings since construction, in seconds: ``host_busy`` (the update thread running updates and
+        gradient additions) and ``compute_blocked`` (the training thread waiting for an update it needs)."""
+        return {"host_busy": self.worker.busy_seconds, "compute_blocked": self.worker.blocked_seconds}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The root's state dict with every parameter given by its fp32 master (host memory, no copies)."""
         self.worker.wait_all()

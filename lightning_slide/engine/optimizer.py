@@ -7,6 +7,7 @@ the unit it is about to load, so an update of layer ``i`` overlaps whatever runs
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -105,11 +106,20 @@ class UpdateWorker:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-update")
         self._pending: dict[Hashable, Future] = {}
+        self.busy_seconds = 0.0  # time the thread spent running tasks
+        self.blocked_seconds = 0.0  # time callers of wait() spent blocked
 
     def submit(self, key: Hashable, fn: Callable[[], None]) -> None:
         if key in self._pending:
             self.wait(key)
-        self._pending[key] = self._pool.submit(fn)
+        self._pending[key] = self._pool.submit(self._timed, fn)
+
+    def _timed(self, fn: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        try:
+            fn()
+        finally:
+            self.busy_seconds += time.perf_counter() - start
 
     def done(self, key: Hashable) -> bool:
         """Whether nothing submitted under ``key`` is still to run (a failure counts as not done: wait raises it)."""
@@ -118,8 +128,14 @@ class UpdateWorker:
 
     def wait(self, key: Hashable) -> None:
         future = self._pending.pop(key, None)
-        if future is not None:
+        if future is None:
+            return
+        start = None if future.done() else time.perf_counter()
+        try:
             future.result()
+        finally:
+            if start is not None:
+                self.blocked_seconds += time.perf_counter() - start
 
     def wait_all(self) -> None:
         for key in list(self._pending):

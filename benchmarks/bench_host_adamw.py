@@ -1,0 +1,46 @@
+"""Host AdamW rate (G params/s) of torch's fused CPU kernel, from the main thread and from a worker thread.
+
+usage: python benchmarks/bench_host_adamw.py [--numel 110e6] [--threads 4,8,16]
+The host optimizer is the step's binding term for large models; this says what the machine gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+def rate(numel: int, pin: bool, repeats: int = 5) -> float:
+    param = torch.zeros(numel, pin_memory=pin and torch.cuda.is_available())
+    param.grad = torch.randn(numel)
+    optimizer = torch.optim.AdamW([param], lr=1e-4, fused=True)
+    optimizer.step()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        optimizer.step()
+    return numel * repeats / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--numel", type=float, default=110e6)
+    parser.add_argument("--threads", default="4,8,16")
+    args = parser.parse_args()
+    numel = int(args.numel)
+    print(f"fused AdamW over {numel / 1e6:.0f}M fp32 params; torch {torch.__version__}, default threads {torch.get_num_threads()}")
+    print("| threads | main thread | worker thread | worker, pinned |")
+    print("|---|---|---|---|")
+    with ThreadPoolExecutor(1) as pool:
+        for threads in map(int, args.threads.split(",")):
+            torch.set_num_threads(threads)
+            main_rate = rate(numel, False)
+            worker_rate = pool.submit(lambda: (torch.set_num_threads(threads), rate(numel, False))[1]).result()
+            pinned_rate = pool.submit(lambda: (torch.set_num_threads(threads), rate(numel, True))[1]).result()
+            print(f"| {threads} | {main_rate:.2f} | {worker_rate:.2f} | {pinned_rate:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
