@@ -41,6 +41,12 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             ``"all"``, ``"none"`` (default) or a list of ``"rmsnorm"``, ``"rope"``, ``"swiglu"``,
             ``"fused_linear_cross_entropy"``. With the fused loss, a model called with ``labels`` returns the loss
             and ``logits=None`` (the B×T×V logits never exist). Other models are left untouched, with a warning.
+        resident_optimizer: where the parameters outside the decoder layers (embeddings, final norm, output head)
+            are updated. ``"device"``: on the GPU, with their fp32 masters and Adam state there (16 bytes per
+            resident parameter of GPU memory); their gradients arrive last and their weights are needed first, so
+            this removes a host update from between two steps. ``"host"``: with the layers, on the host.
+            ``"auto"`` (default): ``"device"`` on a GPU when that memory is at most a quarter of the GPU's,
+            otherwise ``"host"``.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
     Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
@@ -49,7 +55,13 @@ class SlideFormerStrategy(SingleDeviceStrategy):
 
     strategy_name = "slideformer"
 
-    def __init__(self, window: int = 2, blocks: str | None = None, kernels: str | list[str] = "none") -> None:
+    def __init__(
+        self,
+        window: int = 2,
+        blocks: str | None = None,
+        kernels: str | list[str] = "none",
+        resident_optimizer: str = "auto",
+    ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
         if blocks is not None and not isinstance(blocks, str):
@@ -60,7 +72,12 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             raise ValueError(
                 f"SlideFormerStrategy(kernels=...) got unknown {unknown}; use 'all', 'none' or a list of {list(KERNEL_NAMES)}"
             )
+        if resident_optimizer not in ("auto", "device", "host"):
+            raise ValueError(
+                f"SlideFormerStrategy(resident_optimizer=...) must be 'auto', 'device' or 'host', got {resident_optimizer!r}"
+            )
         super().__init__(device="cpu")
+        self.resident_optimizer = resident_optimizer
         self.window = window
         self.blocks = blocks
         self.kernels = kernels
@@ -126,6 +143,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             device=self.root_device,
             compute_dtype=self.precision_plugin.compute_dtype,
             blocks_path=self.blocks,
+            resident_on_device=self._resident_on_device(module),
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
@@ -136,6 +154,21 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             self.optimizers = [HostOptimizer.replacing(optimizers[0], self.engine, [c.scheduler for c in schedulers])]
             self.lr_scheduler_configs = schedulers
         self.model = module
+
+    def _resident_on_device(self, module: LightningModule) -> bool:
+        if self.resident_optimizer != "auto":
+            return self.resident_optimizer == "device"
+        device = self.root_device
+        if device.type != "cuda":
+            return False
+        blocks = self.engine_blocks_numel(module)
+        resident = sum(p.numel() for p in module.parameters()) - blocks
+        return 16 * resident <= torch.cuda.get_device_properties(device).total_memory / 4
+
+    def engine_blocks_numel(self, module: LightningModule) -> int:
+        from lightning_slide.engine.blocks import find_parts
+
+        return sum(p.numel() for p in find_parts(module, self.blocks).blocks.parameters())
 
     def model_to_device(self) -> None:
         pass  # the engine places the resident parts and slides the layers

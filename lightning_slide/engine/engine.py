@@ -50,6 +50,10 @@ class SlidingEngine:
         device: the compute device (a CUDA device, or the CPU for tests).
         compute_dtype: dtype of the weights used for compute (``torch.bfloat16`` or ``torch.float32``).
         blocks_path: dotted path of the decoder layer list inside ``root``; ``None`` searches for it.
+        resident_on_device: keep the resident parts' fp32 masters, gradients and optimizer state on the compute
+            device and update them there. Their gradients arrive last in backward and their weights are needed
+            first in the next forward, so a host update of them stalls the next step; costs 14 bytes per resident
+            parameter of device memory. Default ``False``.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -63,6 +67,7 @@ class SlidingEngine:
         device: torch.device,
         compute_dtype: torch.dtype,
         blocks_path: str | None = None,
+        resident_on_device: bool = False,
     ) -> None:
         parts = find_parts(root, blocks_path)
         self.root = root
@@ -90,6 +95,10 @@ class SlidingEngine:
         self.resident_weights = torch.empty(self.resident.numel, dtype=compute_dtype, device=self.device)
         self.resident_grads = torch.empty(self.resident.trainable_numel, dtype=compute_dtype, device=self.device)
         self._resident_loaded = False
+        self.resident_on_device = resident_on_device
+        self._resident_master: torch.Tensor | None = None  # fp32, on the device, when updated there
+        self._resident_grad: torch.Tensor | None = None
+        self._resident_deferred: tuple | None = None  # a device update waiting for the clipping coefficient
         self._optimizers: dict[Any, UnitOptimizer] = {}
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
@@ -140,6 +149,16 @@ class SlidingEngine:
         if any(pid not in known for pid in group_of):
             raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
         self._optimizers = {key: UnitOptimizer(unit, optimizer, group_of) for key, unit in self._units().items()}
+        if self.resident_on_device and self.resident.trainable_numel:
+            self.worker.wait(RESIDENT)
+            self._resident_master = self.resident.master.to(self.device, copy=True)
+            self._resident_grad = torch.zeros(self.resident.trainable_numel, dtype=MASTER_DTYPE, device=self.device)
+            self._optimizers[RESIDENT] = UnitOptimizer(
+                self.resident, optimizer, group_of, master=self._resident_master, grad=self._resident_grad
+            )
+
+    def _resident_updates_on_device(self) -> bool:
+        return self._resident_master is not None
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Clip the global gradient norm to ``max_norm`` at the next step (exactly as ``clip_grad_norm_``)."""
@@ -177,11 +196,37 @@ class SlidingEngine:
         # Decided here, on the training thread: a unit takes part if gradients reached it since the last step.
         keys = [key for key, unit in self._units().items() if not unit.grad_empty]
         coefficient: dict[str, torch.Tensor | None] = {}
+        on_device = self._resident_updates_on_device() and RESIDENT in keys
+        if on_device:
+            keys.remove(RESIDENT)
         if clip_norm is not None:
             units = [self._units()[key] for key in keys]
-            self.worker.submit("norm", functools.partial(self._clip_coefficient, clip_norm, units, coefficient))
+            device_norms = self._device_norms() if on_device else None
+            self.worker.submit(
+                "norm", functools.partial(self._clip_coefficient, clip_norm, units, device_norms, coefficient)
+            )
+        if on_device:
+            if clip_norm is None:
+                self._update_resident_on_device(hyper, None, clip_value)
+            else:  # needs the global norm: done before the next forward (prepare_forward)
+                self._resident_deferred = (hyper, coefficient, clip_value)
         for key in keys:
             self._submit_update(key, hyper, coefficient, clip_value)
+
+    def _device_norms(self):
+        """Per-parameter gradient norms of the device-updated resident parts, on their way to the host."""
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in self._optimizers[RESIDENT].grads])
+        host = torch.empty(norms.shape, dtype=norms.dtype, pin_memory=self.pin)
+        host.copy_(norms, non_blocking=True)
+        return host, self.streams.record()
+
+    def _update_resident_on_device(self, hyper, coefficient, clip_value) -> None:
+        """Update the resident parts on the compute device and refresh their compute copy there."""
+        if coefficient is not None:
+            coefficient = coefficient.to(self.device)
+        self._optimizers[RESIDENT].step(hyper, coefficient, clip_value)
+        self.resident.grad_empty = True
+        self.resident_weights.copy_(self._resident_master)
 
     def _submit_update(self, key, hyper: list[dict], coefficient: dict | None = None, clip_value=None) -> None:
         optimizer = self._optimizers.get(key)
@@ -190,14 +235,18 @@ class SlidingEngine:
             coefficient = {} if coefficient is None else coefficient
             self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value))
 
-    def _clip_coefficient(self, max_norm: float, units: list[HostUnit], out: dict) -> None:
-        """Worker task: the clipping coefficient of ``clip_grad_norm_`` over every optimized gradient of ``units``."""
-        grads = []
+    def _clip_coefficient(self, max_norm: float, units: list[HostUnit], device_norms, out: dict) -> None:
+        """Worker task: the clipping coefficient of ``clip_grad_norm_`` over every optimized gradient of ``units``
+        and the per-parameter norms ``device_norms`` (``(host tensor, event)``) of gradients kept on the device."""
+        norms = []
         for unit in units:
             Streams.host_wait(unit.grad_event)
-            grads.extend(self._optimizers[self._key_of(unit)].grads)
-        if grads:
-            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            norms.extend(torch.linalg.vector_norm(g) for g in self._optimizers[self._key_of(unit)].grads)
+        if device_norms is not None:
+            Streams.host_wait(device_norms[1])
+            norms.extend(device_norms[0].unbind())
+        if norms:
+            total = torch.linalg.vector_norm(torch.stack(norms))
             out["value"] = torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
     def _key_of(self, unit: HostUnit):
@@ -220,7 +269,8 @@ class SlidingEngine:
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
         """Make the resident parts' compute copy current; call before every forward."""
-        if self._resident_loaded:
+        self._apply_deferred_resident_update()
+        if self._resident_loaded or self._resident_updates_on_device():
             return
         self.worker.wait(RESIDENT)
         in_use = self.streams.record()  # whatever compute still reads the old copy
@@ -232,6 +282,13 @@ class SlidingEngine:
         for entry in self.resident.entries:
             entry.param.data = entry.view(self.resident_weights)
         self._resident_loaded = True
+
+    def _apply_deferred_resident_update(self) -> None:
+        if self._resident_deferred is not None:
+            hyper, coefficient, clip_value = self._resident_deferred
+            self._resident_deferred = None
+            self.worker.wait("norm")
+            self._update_resident_on_device(hyper, coefficient.get("value"), clip_value)
 
     def _forward_layer(self, index: int, forward, *args, **kwargs):
         if not torch.is_grad_enabled():
@@ -276,11 +333,21 @@ class SlidingEngine:
         for index in list(self._pending):
             self._finish_layer_grads(index)
         if self.resident.trainable_numel:
-            self._download(self.resident, self.resident_grads, RESIDENT)
+            if self._resident_updates_on_device():
+                if self.resident.grad_empty:
+                    self._resident_grad.copy_(self.resident_grads)
+                else:
+                    self._resident_grad.add_(self.resident_grads)
+                self.resident.grad_empty = False
+            else:
+                self._download(self.resident, self.resident_grads, RESIDENT)
             for entry in self.resident.trainable:
                 entry.param.grad = None
             if self._streaming is not None:
-                self._submit_update(RESIDENT, self._streaming)
+                if self._resident_updates_on_device():
+                    self._update_resident_on_device(self._streaming, None, None)
+                else:
+                    self._submit_update(RESIDENT, self._streaming)
         self._streamed = self._streaming is not None
         self._streaming = None
 
@@ -344,9 +411,16 @@ class SlidingEngine:
         gradient additions) and ``compute_blocked`` (the training thread waiting for an update it needs)."""
         return {"host_busy": self.worker.busy_seconds, "compute_blocked": self.worker.blocked_seconds}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The root's state dict with every parameter given by its fp32 master (host memory, no copies)."""
+    def _sync_masters(self) -> None:
+        """Finish queued updates and bring device-updated masters back to the host."""
+        self._apply_deferred_resident_update()
         self.worker.wait_all()
+        if self._resident_updates_on_device():
+            self.resident.master.copy_(self._resident_master)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The root's state dict with every parameter given by its fp32 master (host memory)."""
+        self._sync_masters()
         masters = {id(e.param): e.view(u.master) for u in self._units().values() for e in u.entries}
         state = self.root.state_dict()
         for name, param in self.root.named_parameters(remove_duplicate=False):
@@ -355,11 +429,12 @@ class SlidingEngine:
         return state
 
     def optimizer_state(self, param: nn.Parameter) -> dict | None:
-        self.worker.wait_all()
+        """The optimizer state of ``param`` (host tensors)."""
+        self._sync_masters()
         for optimizer in self._optimizers.values():
             state = optimizer.state_of(param)
             if state is not None:
-                return state
+                return {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
         return None
 
     def load_optimizer_state(self, param: nn.Parameter, state: dict) -> None:
@@ -378,8 +453,15 @@ class SlidingEngine:
                 them (the run is already failing).
         """
         try:
+            if drain:
+                self._sync_masters()
             self.worker.close(drain=drain)
         finally:
+            if not drain and self._resident_updates_on_device():
+                try:  # the run failed: still hand back the latest resident weights if the device allows
+                    self.resident.master.copy_(self._resident_master)
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    pass
             self._release()
 
     def _release(self) -> None:

@@ -48,10 +48,21 @@ class UnitOptimizer:
         optimizer: the user's optimizer (its class and param groups are reproduced; it is never stepped).
         group_of: ``id(parameter) -> index`` of its group in ``optimizer.param_groups``; parameters missing from
             it are trained by nobody (plain torch would not update them either).
+        master, grad: the flat fp32 buffers to step, laid out like the unit; default: the unit's host masters and
+            gradient accumulator. Device buffers run torch's fused kernel on the device instead.
     """
 
-    def __init__(self, unit: HostUnit, optimizer: Optimizer, group_of: dict[int, int]) -> None:
+    def __init__(
+        self,
+        unit: HostUnit,
+        optimizer: Optimizer,
+        group_of: dict[int, int],
+        master: torch.Tensor | None = None,
+        grad: torch.Tensor | None = None,
+    ) -> None:
         self.unit = unit
+        master_flat = unit.master if master is None else master
+        grad_flat = unit.grad if grad is None else grad
         members: dict[int, list[torch.Tensor]] = {}
         self.masters: dict[int, torch.Tensor] = {}  # id(parameter) -> the master view this optimizer steps
         self.grads: list[torch.Tensor] = []  # gradient views of optimized parameters, for clipping
@@ -59,8 +70,8 @@ class UnitOptimizer:
             group = group_of.get(id(entry.param))
             if group is None:
                 continue
-            master = unit.master_view(entry)
-            master.grad = unit.grad_view(entry)
+            master = entry.view(master_flat)
+            master.grad = entry.view(grad_flat)
             members.setdefault(group, []).append(master)
             self.masters[id(entry.param)] = master
             self.grads.append(master.grad)
@@ -92,7 +103,7 @@ class UnitOptimizer:
         master = self.masters[id(param)]
         assert self.inner is not None
         self.inner.state[master] = {
-            k: (v.detach().to(dtype=torch.float32, device="cpu").clone() if torch.is_tensor(v) else v)
+            k: (v.detach().to(dtype=torch.float32, device=master.device).clone() if torch.is_tensor(v) else v)
             for k, v in state.items()
         }
 

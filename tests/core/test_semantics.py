@@ -231,3 +231,21 @@ def test_kernels_all_matches_kernels_none():
 def test_unknown_kernel_name():
     with pytest.raises(ValueError, match="unknown.*rmsnorm"):
         lightning_slide.SlideFormerStrategy(kernels=["flash"])
+
+
+@pytest.mark.parametrize("clip", [0.5, None])
+def test_resident_parts_updated_on_the_compute_device(clip):
+    # The tied embedding is the resident part here; with clipping its update waits for the global norm.
+    modules = []
+    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1, resident_optimizer="device")):
+        torch.manual_seed(123)
+        module = TinyLM("gemma_tied", initial_state("gemma_tied"))
+        trainer(strategy, gradient_clip_val=clip).fit(module, batches(20))
+        modules.append(module)
+    plain, ours = modules
+    assert_same_training(ours, plain)
+
+
+def test_resident_optimizer_choice_is_validated():
+    with pytest.raises(ValueError, match="resident_optimizer"):
+        lightning_slide.SlideFormerStrategy(resident_optimizer="gpu")
