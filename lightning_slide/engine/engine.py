@@ -107,10 +107,8 @@ class SlidingEngine:
         self._streaming: list[dict] | None = None  # hyperparameters while updates stream out of this backward
         self._streamed = False
         self._pending: dict[int, int] = {}  # layer -> parameter gradients still to land in this backward
-        for module in root.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = buffer.to(self.device)
+        # Buffers and other non-parameter state (e.g. torchmetrics states) go to the device; parameters stay.
+        root._apply(lambda t: t if isinstance(t, nn.Parameter) else t.to(self.device))
         self._wrapped = list(parts.blocks)
         for index, block in enumerate(parts.blocks):
             block.forward = functools.partial(self._forward_layer, index, block.forward)
