@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
-from lightning_slide.kernels import KERNEL_NAMES, apply_kernels
+from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
 
 
@@ -136,7 +136,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             # Before the engine moves parameters: configure_optimizers sees ordinary parameters.
             # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
-        applied = apply_kernels(module, self.kernels)
+        apply_kernels(module, self.kernels)
         self.engine = SlidingEngine(
             module,
             window=self.window,
@@ -148,7 +148,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
             f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters on the host, "
-            f"kernels: {', '.join(applied) or 'none'}"
+            f"kernels: {', '.join(active_kernels(module)) or 'none'}"
         )
         if fitting:
             self.optimizers = [HostOptimizer.replacing(optimizers[0], self.engine, [c.scheduler for c in schedulers])]

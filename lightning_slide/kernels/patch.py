@@ -257,3 +257,10 @@ def apply_kernels(model: nn.Module, kernels: str | Iterable[str] = "all") -> lis
         warnings.warn(f"apply_kernels: {found} in {type(model).__name__} left untouched; supported families: "
                       f"{sorted(_FAMILIES)}", stacklevel=2)
     return [n for n in KERNEL_NAMES if n in applied]
+
+
+def active_kernels(model: nn.Module) -> list[str]:
+    """The kernel names, in :data:`KERNEL_NAMES` order, active on at least one module inside ``model`` (whoever
+    applied them)."""
+    active = set().union(*(module.__dict__.get(_MARK, ()) for module in model.modules()))
+    return [n for n in KERNEL_NAMES if n in active]

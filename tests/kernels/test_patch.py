@@ -196,3 +196,16 @@ def test_unknown_model_is_left_untouched_with_a_warning():
     with pytest.warns(UserWarning, match="GPT2LMHeadModel"):
         assert apply_kernels(Holder(gpt2)) == []
     assert not any("forward" in m.__dict__ for m in gpt2.modules())
+
+
+def test_active_kernels_reports_what_is_swapped_in():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lightning_slide.kernels import active_kernels, apply_kernels
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    assert active_kernels(model) == []
+    apply_kernels(model, ["swiglu", "rmsnorm"])
+    assert active_kernels(model) == ["rmsnorm", "swiglu"]
