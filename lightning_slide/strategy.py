@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
+from lightning_slide.engine.plan import parse_bytes
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
 
@@ -45,8 +46,12 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             are updated. ``"device"``: on the GPU, with their fp32 masters and Adam state there (16 bytes per
             resident parameter of GPU memory); their gradients arrive last and their weights are needed first, so
             this removes a host update from between two steps. ``"host"``: with the layers, on the host.
-            ``"auto"`` (default): ``"device"`` on a GPU when that memory is at most a quarter of the GPU's,
-            otherwise ``"host"``.
+            ``"auto"`` (default): ``"device"`` on a GPU when that memory is at most a quarter of the GPU's (or of
+            ``gpu_memory_limit``), otherwise ``"host"``.
+        gpu_memory_limit: the most device memory this process may use, e.g. ``"24GiB"`` (also ``"22.5GB"`` or
+            bytes): the GPU is capped to it (to emulate a smaller card or share one), and the window's buffers are
+            checked against it before anything is allocated, with an error that gives the numbers. Default
+            ``None``: the whole GPU.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
     Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
@@ -61,6 +66,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         blocks: str | None = None,
         kernels: str | list[str] = "none",
         resident_optimizer: str = "auto",
+        gpu_memory_limit: str | int | None = None,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
@@ -76,6 +82,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             raise ValueError(
                 f"SlideFormerStrategy(resident_optimizer=...) must be 'auto', 'device' or 'host', got {resident_optimizer!r}"
             )
+        self.gpu_memory_limit = None if gpu_memory_limit is None else parse_bytes(gpu_memory_limit)
         super().__init__(device="cpu")
         self.resident_optimizer = resident_optimizer
         self.window = window
@@ -144,6 +151,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             compute_dtype=self.precision_plugin.compute_dtype,
             blocks_path=self.blocks,
             resident_on_device=self._resident_on_device(module),
+            memory_limit=self.gpu_memory_limit,
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
@@ -163,7 +171,8 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             return False
         blocks = self.engine_blocks_numel(module)
         resident = sum(p.numel() for p in module.parameters()) - blocks
-        return 16 * resident <= torch.cuda.get_device_properties(device).total_memory / 4
+        memory = self.gpu_memory_limit or torch.cuda.get_device_properties(device).total_memory
+        return 16 * resident <= memory / 4
 
     def engine_blocks_numel(self, module: LightningModule) -> int:
         from lightning_slide.engine.blocks import find_parts

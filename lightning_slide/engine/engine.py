@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.host import MASTER_DTYPE, HostUnit
 from lightning_slide.engine.optimizer import UnitOptimizer, UpdateWorker, check_optimizer, hyperparameters
+from lightning_slide.engine.plan import check_fits, window_bytes
 from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
 
@@ -54,6 +55,8 @@ class SlidingEngine:
             device and update them there. Their gradients arrive last in backward and their weights are needed
             first in the next forward, so a host update of them stalls the next step; costs 14 bytes per resident
             parameter of device memory. Default ``False``.
+        memory_limit: bytes of device memory the process may use (a GPU is capped to it); the window's buffers
+            are checked against it before anything is allocated. Default ``None``: no cap, no check.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -68,10 +71,26 @@ class SlidingEngine:
         compute_dtype: torch.dtype,
         blocks_path: str | None = None,
         resident_on_device: bool = False,
+        memory_limit: int | None = None,
     ) -> None:
         parts = find_parts(root, blocks_path)
         self.root = root
         self.device = torch.device(device)
+        cast = self.device.type == "cuda" and compute_dtype != MASTER_DTYPE
+        depth = min(window, len(parts.blocks))
+        self.device_plan = window_bytes(
+            parts, depth, compute_dtype, resident_on_device=resident_on_device, staging_numel=_STAGING_NUMEL, cast=cast
+        )
+        if memory_limit is not None:
+            check_fits(self.device_plan, memory_limit, window)
+            if self.device.type == "cuda":
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                if memory_limit > total:
+                    raise ValueError(
+                        f"gpu_memory_limit is {memory_limit / 2**30:.2f} GiB but {self.device} has "
+                        f"{total / 2**30:.2f} GiB; lower it or leave it unset"
+                    )
+                torch.cuda.set_per_process_memory_fraction(memory_limit / total, self.device)
         self.compute_dtype = compute_dtype
         self.blocks_path = parts.blocks_path
         self.streams = Streams(self.device)
@@ -80,7 +99,6 @@ class SlidingEngine:
         self.resident = HostUnit(RESIDENT, parts.resident, pin=self.pin)
         self._check_unshared()
 
-        cast = self.streams.cuda and compute_dtype != MASTER_DTYPE
         largest = max(u.numel for u in [self.resident, *self.layers])
         staging = min(largest, _STAGING_NUMEL)
         self.upload_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
@@ -89,7 +107,7 @@ class SlidingEngine:
 
         self.worker = UpdateWorker()
         self.window = Window(
-            self.layers, min(window, len(self.layers)), self.device, compute_dtype, self.streams,
+            self.layers, depth, self.device, compute_dtype, self.streams,
             self.upload_staging, before_load=self._wait_update, may_load=self._update_done,
         )
         self.resident_weights = torch.empty(self.resident.numel, dtype=compute_dtype, device=self.device)

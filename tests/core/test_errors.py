@@ -83,3 +83,28 @@ def test_failed_fit_leaves_the_model_usable():
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in module.parameters())
     assert "forward" not in module.model.model.layers[0].__dict__  # the window's wrapper is gone
     assert not [t for t in __import__("threading").enumerate() if t.name.startswith("slide-update")]
+
+
+@pytest.mark.parametrize("text, size", [("24GiB", 24 * 2**30), ("22.5 GB", 22_500_000_000), (1024, 1024), ("1.5KiB", 1536)])
+def test_memory_sizes(text, size):
+    assert lightning_slide.SlideFormerStrategy(gpu_memory_limit=text).gpu_memory_limit == size
+
+
+@pytest.mark.parametrize("text", ["24 gigs", "-1GiB", "", True])
+def test_bad_memory_size(text):
+    with pytest.raises(ValueError, match="memory size"):
+        lightning_slide.SlideFormerStrategy(gpu_memory_limit=text)
+
+
+def test_window_that_cannot_fit_the_memory_limit():
+    module = TinyLM("llama", initial_state("llama"))
+    strategy = lightning_slide.SlideFormerStrategy(window=4, gpu_memory_limit="100KiB")
+    with pytest.raises(ValueError, match=r"(?s)needs \d+\.\d\d KiB .*100\.00 KiB allowed.*window slots.*Lower the window \(now 4\)"):
+        trainer(strategy).fit(module, batches(2))
+    assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+def test_memory_limit_that_fits_trains():
+    trainer(lightning_slide.SlideFormerStrategy(window=2, gpu_memory_limit="1GiB"), max_steps=1).fit(
+        TinyLM("llama", initial_state("llama")), batches(2)
+    )
