@@ -444,6 +444,35 @@ class SlidingEngine:
                 state[name] = masters[id(param)]
         return state
 
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy ``state`` (names as in ``root.state_dict()``) into the fp32 masters and the root's buffers.
+
+        Every compute copy is dropped and reloaded from the masters before it is used again.
+        """
+        self._sync_masters()
+        masters = {id(e.param): e.view(u.master) for u in self._units().values() for e in u.entries}
+        expected = set(self.root.state_dict())
+        if strict and set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, param in self.root.named_parameters(remove_duplicate=False):
+            if name in state:
+                masters[id(param)].copy_(state[name])
+        for name, buffer in self.root.named_buffers():
+            if name in state:
+                buffer.copy_(state[name])
+        self.window.clear()
+        self._resident_loaded = False
+        if self._resident_updates_on_device():
+            self._resident_master.copy_(self.resident.master)
+            self.resident_weights.copy_(self._resident_master)
+        else:
+            self.prepare_forward()
+
+    def units(self) -> dict[Any, HostUnit]:
+        """The host state of every unit: ``"resident"`` and each layer index, in forward order."""
+        return self._units()
+
     def optimizer_state(self, param: nn.Parameter) -> dict | None:
         """The optimizer state of ``param`` (host tensors)."""
         self._sync_masters()

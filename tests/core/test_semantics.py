@@ -249,3 +249,19 @@ def test_resident_parts_updated_on_the_compute_device(clip):
 def test_resident_optimizer_choice_is_validated():
     with pytest.raises(ValueError, match="resident_optimizer"):
         lightning_slide.SlideFormerStrategy(resident_optimizer="gpu")
+
+
+@pytest.mark.parametrize("resident_optimizer", ["host", "device"])
+def test_engine_load_state_dict_replaces_the_masters(resident_optimizer):
+    module = TinyLM("gemma_tied", initial_state("gemma_tied"))
+
+    class Reload(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:  # after the first optimizer step: put the initial weights back
+                trainer.strategy.engine.load_state_dict({f"model.{k}": v for k, v in initial_state("gemma_tied").items()})
+
+    strategy = lightning_slide.SlideFormerStrategy(window=1, resident_optimizer=resident_optimizer)
+    trainer(strategy, max_steps=2, callbacks=[Reload()]).fit(module, batches(4))
+    ids = list(batches(4))[2][0]
+    expected = TinyLM("gemma_tied", initial_state("gemma_tied")).model(input_ids=ids, labels=ids).loss.item()
+    assert abs(module.losses[2] - expected) <= 1e-5 * expected
