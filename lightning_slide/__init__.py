@@ -5,9 +5,10 @@ Importing the package registers ``Trainer(strategy="slideformer")``.
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_slide.monitor import SlideMonitor
 from lightning_slide.precision import SlidePrecision
 from lightning_slide.strategy import SlideFormerStrategy
 
 SlideFormerStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["SlideFormerStrategy", "SlidePrecision"]
+__all__ = ["SlideFormerStrategy", "SlideMonitor", "SlidePrecision"]

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
 from lightning_slide.engine.plan import parse_bytes
+from lightning_slide.monitor import SlideMonitor
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
 
@@ -52,6 +53,9 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             bytes): the GPU is capped to it (to emulate a smaller card or share one), and the window's buffers are
             checked against it before anything is allocated, with an error that gives the numbers. Default
             ``None``: the whole GPU.
+        monitor: add a :class:`~lightning_slide.SlideMonitor` to the Trainer (unless it has one), which logs
+            tokens/s, TFLOP/s, peak GPU and host memory and how busy host and GPU were at every optimizer step.
+            Default ``True``.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
     Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
@@ -67,6 +71,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         kernels: str | list[str] = "none",
         resident_optimizer: str = "auto",
         gpu_memory_limit: str | int | None = None,
+        monitor: bool = True,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
@@ -83,6 +88,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
                 f"SlideFormerStrategy(resident_optimizer=...) must be 'auto', 'device' or 'host', got {resident_optimizer!r}"
             )
         self.gpu_memory_limit = None if gpu_memory_limit is None else parse_bytes(gpu_memory_limit)
+        self.monitor = monitor
         super().__init__(device="cpu")
         self.resident_optimizer = resident_optimizer
         self.window = window
@@ -158,6 +164,8 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters on the host, "
             f"kernels: {', '.join(active_kernels(module)) or 'none'}"
         )
+        if fitting and self.monitor and not any(isinstance(c, SlideMonitor) for c in trainer.callbacks):
+            trainer.callbacks.append(SlideMonitor())
         if fitting:
             self.optimizers = [HostOptimizer.replacing(optimizers[0], self.engine, [c.scheduler for c in schedulers])]
             self.lr_scheduler_configs = schedulers

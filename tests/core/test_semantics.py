@@ -265,3 +265,18 @@ def test_engine_load_state_dict_replaces_the_masters(resident_optimizer):
     ids = list(batches(4))[2][0]
     expected = TinyLM("gemma_tied", initial_state("gemma_tied")).model(input_ids=ids, labels=ids).loss.item()
     assert abs(module.losses[2] - expected) <= 1e-5 * expected
+
+
+def test_monitor_logs_the_strategy_metrics(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = TinyLM("llama", initial_state("llama"))
+    run = trainer("slideformer", max_steps=3, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    run.fit(module, batches(6))
+    lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    for name in ("tokens_per_sec", "tflops", "peak_host_gib", "host_busy_share", "compute_blocked_share"):
+        assert f"slide/{name}" in header, name
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    tokens = [float(r["slide/tokens_per_sec"]) for r in rows if r["slide/tokens_per_sec"]]
+    assert len(tokens) == 3 and all(t > 0 for t in tokens)  # one row per optimizer step (accumulation 2)
