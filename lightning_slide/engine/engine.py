@@ -20,6 +20,7 @@ strategy drives it through ``prepare_forward``, ``begin_backward``, ``end_backwa
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch.optim import Optimizer
 from torch.utils.checkpoint import checkpoint
 
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.host import MASTER_DTYPE, HostUnit
+from lightning_slide.engine.host import MASTER_DTYPE, GradientPool, HostUnit
 from lightning_slide.engine.optimizer import UnitOptimizer, UpdateWorker, check_optimizer, hyperparameters
 from lightning_slide.engine.plan import check_fits, window_bytes
 from lightning_slide.engine.streams import Streams, copy_cast
@@ -40,6 +41,9 @@ RESIDENT = "resident"
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Device staging through which copies that change dtype travel (elements of fp32; 128 MiB).
 _STAGING_NUMEL = 32 * 2**20
+# While updates stream out of a backward, at most window + this many layers hold a host gradient buffer: the
+# backward waits for the host rather than let gradients pile up in host memory.
+_GRADS_AHEAD = 2
 
 
 class SlidingEngine:
@@ -95,7 +99,10 @@ class SlidingEngine:
         self.blocks_path = parts.blocks_path
         self.streams = Streams(self.device)
         self.pin = self.streams.cuda
-        self.layers = [HostUnit(f"layer {i}", parts.block_parameters(i), pin=self.pin) for i in range(len(parts.blocks))]
+        self.layers = [
+            HostUnit(f"layer {i}", parts.block_parameters(i), pin=self.pin, own_grad=False)
+            for i in range(len(parts.blocks))
+        ]
         self.resident = HostUnit(RESIDENT, parts.resident, pin=self.pin)
         self._check_unshared()
 
@@ -104,6 +111,8 @@ class SlidingEngine:
         self.upload_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self.download_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self._host_staging: dict[Any, torch.Tensor] = {}  # pinned fp32, for gradients added into an accumulator
+        self.grad_pool = GradientPool(max(u.trainable_numel for u in self.layers), pin=self.pin)
+        self._lent: collections.deque = collections.deque()  # layers holding a pool buffer, oldest first
 
         self.worker = UpdateWorker()
         self.window = Window(
@@ -192,6 +201,7 @@ class SlidingEngine:
         for key, unit in self._units().items():
             if self.worker.done(key):
                 unit.grad_empty = True
+                self._give_back(unit)
 
     def step(self, param_groups: list[dict]) -> None:
         """Queue the host update of every unit not already updated by this step's backward."""
@@ -231,7 +241,7 @@ class SlidingEngine:
 
     def _device_norms(self):
         """Per-parameter gradient norms of the device-updated resident parts, on their way to the host."""
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in self._optimizers[RESIDENT].grads])
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in self._optimizers[RESIDENT].bind()])
         host = torch.empty(norms.shape, dtype=norms.dtype, pin_memory=self.pin)
         host.copy_(norms, non_blocking=True)
         return host, self.streams.record()
@@ -257,7 +267,7 @@ class SlidingEngine:
         norms = []
         for unit in units:
             Streams.host_wait(unit.grad_event)
-            norms.extend(torch.linalg.vector_norm(g) for g in self._optimizers[self._key_of(unit)].grads)
+            norms.extend(torch.linalg.vector_norm(g) for g in self._optimizers[self._key_of(unit)].bind())
         if device_norms is not None:
             Streams.host_wait(device_norms[1])
             norms.extend(device_norms[0].unbind())
@@ -268,13 +278,27 @@ class SlidingEngine:
     def _key_of(self, unit: HostUnit):
         return RESIDENT if unit is self.resident else self.layers.index(unit)
 
-    @staticmethod
-    def _update(optimizer: UnitOptimizer, hyper, coefficient: dict, clip_value) -> None:
+    def _update(self, optimizer: UnitOptimizer, hyper, coefficient: dict, clip_value) -> None:
         """Worker task: one unit's update from its accumulated gradients, which it then marks consumed."""
         unit = optimizer.unit
         Streams.host_wait(unit.grad_event)
         optimizer.step(hyper, coefficient.get("value"), clip_value)
         unit.grad_empty = True
+        self._give_back(unit)
+
+    def _give_back(self, unit: HostUnit) -> None:
+        """Return a layer's lent gradient buffer to the pool (the resident parts own theirs)."""
+        if unit is not self.resident and unit.grad is not None:
+            buffer, unit.grad = unit.grad, None
+            self.grad_pool.give(buffer)
+
+    def _lend(self, index: int) -> torch.Tensor:
+        """A gradient buffer for layer ``index``; while updates stream, first wait until few enough are lent."""
+        while self._lent and (self.worker.done(self._lent[0]) or self._streaming is not None
+                              and len(self._lent) >= self.depth + _GRADS_AHEAD):
+            self.worker.wait(self._lent.popleft())
+        self._lent.append(index)
+        return self.grad_pool.take()[: self.layers[index].trainable_numel]
 
     def _wait_update(self, key) -> None:
         self.worker.wait(key)
@@ -399,6 +423,8 @@ class SlidingEngine:
         with self.streams.on(self.streams.download):
             self.streams.wait(produced)
             if unit.grad_empty:
+                if unit.grad is None:
+                    unit.grad = self._lend(self.layers.index(unit))
                 copy_cast(unit.grad, device_grads, self.download_staging)
                 unit.grad_empty = False
                 unit.grad_event = self.streams.record()

@@ -8,6 +8,7 @@ master view (at rest) or at a compute-device slot (while the unit is in the wind
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +41,16 @@ class HostUnit:
         name: label used in messages (``"layer 3"``, ``"resident"``).
         params: ``(qualified name, parameter)`` pairs, each parameter once.
         pin: allocate page-locked memory (only useful when the compute device is a GPU).
+        own_grad: allocate the gradient accumulator now and keep it; ``False``: the engine lends one from a
+            :class:`GradientPool` while the unit has gradients (layers), so idle layers cost no gradient memory.
 
     Construction moves each parameter's values into the flat master buffer and points the parameter at its view,
     so host memory holds one copy (plus at most one parameter in flight).
     """
 
-    def __init__(self, name: str, params: list[tuple[str, nn.Parameter]], *, pin: bool = False) -> None:
+    def __init__(
+        self, name: str, params: list[tuple[str, nn.Parameter]], *, pin: bool = False, own_grad: bool = True
+    ) -> None:
         self.name = name
         ordered = [np for np in params if np[1].requires_grad] + [np for np in params if not np[1].requires_grad]
         self.entries: list[Entry] = []
@@ -62,7 +67,7 @@ class HostUnit:
             view = e.view(self.master)
             view.copy_(e.param.detach())
             e.param.data = view
-        self.grad = torch.zeros(self.trainable_numel, dtype=MASTER_DTYPE, pin_memory=pin)
+        self.grad = torch.zeros(self.trainable_numel, dtype=MASTER_DTYPE, pin_memory=pin) if own_grad else None
         # True when `grad` holds nothing yet for the current optimizer step: the next download overwrites it.
         self.grad_empty = True
         # Device event after which `grad` holds the last download (None on the CPU, or when nothing is in flight).
@@ -71,11 +76,32 @@ class HostUnit:
     def master_view(self, entry: Entry) -> torch.Tensor:
         return entry.view(self.master)
 
-    def grad_view(self, entry: Entry) -> torch.Tensor:
-        return entry.view(self.grad)
-
     def park(self) -> None:
         """Point every parameter back at its master (host, fp32)."""
         for e in self.entries:
             e.param.data = e.view(self.master)
             e.param.grad = None
+
+
+class GradientPool:
+    """Reusable flat fp32 gradient buffers (page-locked on a GPU machine) of ``numel`` elements, lent to layers
+    between the download of their gradients and their update, then given back for the next layer. Thread-safe:
+    buffers are taken on the training thread and given back by the update thread."""
+
+    def __init__(self, numel: int, *, pin: bool) -> None:
+        self.numel = numel
+        self.pin = pin
+        self.allocated = 0  # buffers created so far: the pool's high-water mark
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> torch.Tensor:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self.allocated += 1
+        return torch.empty(self.numel, dtype=MASTER_DTYPE, pin_memory=self.pin)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buffer)

@@ -61,20 +61,19 @@ class UnitOptimizer:
         grad: torch.Tensor | None = None,
     ) -> None:
         self.unit = unit
+        self._grad = grad  # None: the unit's (lent) host accumulator, looked up at every update
         master_flat = unit.master if master is None else master
-        grad_flat = unit.grad if grad is None else grad
         members: dict[int, list[torch.Tensor]] = {}
         self.masters: dict[int, torch.Tensor] = {}  # id(parameter) -> the master view this optimizer steps
-        self.grads: list[torch.Tensor] = []  # gradient views of optimized parameters, for clipping
+        self._entries = []  # (entry, master view) of optimized parameters
         for entry in unit.trainable:
             group = group_of.get(id(entry.param))
             if group is None:
                 continue
             master = entry.view(master_flat)
-            master.grad = entry.view(grad_flat)
             members.setdefault(group, []).append(master)
             self.masters[id(entry.param)] = master
-            self.grads.append(master.grad)
+            self._entries.append((entry, master))
         self.group_indices = sorted(members)
         self.inner: Optimizer | None = None
         if members:
@@ -82,18 +81,30 @@ class UnitOptimizer:
             groups = [{"params": members[g], **snapshot[g]} for g in self.group_indices]
             self.inner = type(optimizer)(groups, fused=True)
 
+    def bind(self) -> list[torch.Tensor]:
+        """Point each optimized master's ``.grad`` at its view of the current accumulator; returns those views."""
+        flat = self.unit.grad if self._grad is None else self._grad
+        grads = []
+        for entry, master in self._entries:
+            master.grad = entry.view(flat)
+            grads.append(master.grad)
+        return grads
+
     def step(self, hyper: list[dict], clip_coefficient: torch.Tensor | None, clip_value: float | None) -> None:
         if self.inner is None:
             return
+        grads = self.bind()
         if clip_coefficient is not None:
-            for grad in self.grads:
+            for grad in grads:
                 grad.mul_(clip_coefficient)
         if clip_value is not None:
-            for grad in self.grads:
+            for grad in grads:
                 grad.clamp_(-clip_value, clip_value)
         for inner_group, g in zip(self.inner.param_groups, self.group_indices):
             inner_group.update(hyper[g])
         self.inner.step()
+        for _, master in self._entries:
+            master.grad = None  # the accumulator may be lent to another layer next
 
     def state_of(self, param: torch.nn.Parameter) -> dict | None:
         master = self.masters.get(id(param))

@@ -280,3 +280,30 @@ def test_monitor_logs_the_strategy_metrics(tmp_path):
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     tokens = [float(r["slide/tokens_per_sec"]) for r in rows if r["slide/tokens_per_sec"]]
     assert len(tokens) == 3 and all(t > 0 for t in tokens)  # one row per optimizer step (accumulation 2)
+
+
+def test_streamed_updates_bound_the_host_gradient_buffers():
+    import time
+
+    module = TinyLM("llama", initial_state("llama"))  # 4 layers
+    strategy = lightning_slide.SlideFormerStrategy(window=1)
+    seen = {}
+
+    class SlowHost(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            engine = trainer.strategy.engine
+            update = engine._update
+
+            def slow_update(*args):  # a host far slower than the backward: gradients would pile up
+                time.sleep(0.05)
+                update(*args)
+
+            engine._update = slow_update
+
+        def on_train_end(self, trainer, pl_module):
+            seen["allocated"] = trainer.strategy.engine.grad_pool.allocated
+
+    trainer(strategy, max_steps=3, gradient_clip_val=None, accumulate_grad_batches=1, callbacks=[SlowHost()]).fit(
+        module, batches(3)
+    )
+    assert seen["allocated"] <= 1 + 2 < len(module.model.model.layers)
