@@ -29,6 +29,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.checkpoint import checkpoint
 
+from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.host import MASTER_DTYPE, GradientPool, HostUnit
 from lightning_slide.engine.optimizer import UnitOptimizer, UpdateWorker, check_optimizer, hyperparameters
@@ -61,6 +62,8 @@ class SlidingEngine:
             parameter of device memory. Default ``False``.
         memory_limit: bytes of device memory the process may use (a GPU is capped to it); the window's buffers
             are checked against it before anything is allocated. Default ``None``: no cap, no check.
+        offload_activations: keep each layer's input (the only activation a checkpointed layer keeps) in host
+            memory between forward and backward. Default ``False``.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -76,6 +79,7 @@ class SlidingEngine:
         blocks_path: str | None = None,
         resident_on_device: bool = False,
         memory_limit: int | None = None,
+        offload_activations: bool = False,
     ) -> None:
         parts = find_parts(root, blocks_path)
         self.root = root
@@ -114,6 +118,7 @@ class SlidingEngine:
         self.grad_pool = GradientPool(max(u.trainable_numel for u in self.layers), pin=self.pin)
         self._lent: collections.deque = collections.deque()  # layers holding a pool buffer, oldest first
 
+        self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
         self.worker = UpdateWorker()
         self.window = Window(
             self.layers, depth, self.device, compute_dtype, self.streams,
@@ -338,6 +343,9 @@ class SlidingEngine:
                 kwargs[name] = None
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
+        if self.activations is not None:
+            with self.activations.hooks():  # sees the layer inputs the checkpoint saves
+                return checkpoint(self._run_layer, index, forward, *args, use_reentrant=False, **kwargs)
         return checkpoint(self._run_layer, index, forward, *args, use_reentrant=False, **kwargs)
 
     def _run_layer(self, index: int, forward, *args, **kwargs):
