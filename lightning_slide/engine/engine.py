@@ -38,6 +38,20 @@ from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
 
 RESIDENT = "resident"
+
+
+def _check_unshared(parts) -> None:
+    """Each decoder layer must own its parameters: a parameter in two units would have two masters."""
+    seen: dict[int, str] = {}
+    units = {RESIDENT: parts.resident, **{f"layer {i}": parts.block_parameters(i) for i in range(len(parts.blocks))}}
+    for unit, params in units.items():
+        for name, param in params:
+            if seen.get(id(param), unit) != unit:
+                raise ValueError(
+                    f"parameter {name} is shared between {seen[id(param)]} and {unit}; slideformer needs each "
+                    "decoder layer to own its parameters"
+                )
+            seen[id(param)] = unit
 # Key-value caches written in forward would be written again by the recompute in backward.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Device staging through which copies that change dtype travel (elements of fp32; 128 MiB).
@@ -58,7 +72,7 @@ class SlidingEngine:
         blocks_path: dotted path of the decoder layer list inside ``root``; ``None`` searches for it.
         resident_on_device: keep the resident parts' fp32 masters, gradients and optimizer state on the compute
             device and update them there. Their gradients arrive last in backward and their weights are needed
-            first in the next forward, so a host update of them stalls the next step; costs 14 bytes per resident
+            first in the next forward, so a host update of them stalls the next step; costs 16 bytes per resident
             parameter of device memory. Default ``False``.
         memory_limit: bytes of device memory the process may use (a GPU is capped to it); the window's buffers
             are checked against it before anything is allocated. Default ``None``: no cap, no check.
@@ -99,6 +113,7 @@ class SlidingEngine:
                         f"{total / 2**30:.2f} GiB; lower it or leave it unset"
                     )
                 torch.cuda.set_per_process_memory_fraction(memory_limit / total, self.device)
+        _check_unshared(parts)
         self.compute_dtype = compute_dtype
         self.blocks_path = parts.blocks_path
         self.streams = Streams(self.device)
@@ -108,7 +123,6 @@ class SlidingEngine:
             for i in range(len(parts.blocks))
         ]
         self.resident = HostUnit(RESIDENT, parts.resident, pin=self.pin)
-        self._check_unshared()
 
         largest = max(u.numel for u in [self.resident, *self.layers])
         staging = min(largest, _STAGING_NUMEL)
@@ -122,7 +136,7 @@ class SlidingEngine:
         self.worker = UpdateWorker()
         self.window = Window(
             self.layers, depth, self.device, compute_dtype, self.streams,
-            self.upload_staging, before_load=self._wait_update, may_load=self._update_done,
+            self.upload_staging, before_load=self.worker.wait, may_load=self.worker.done,
         )
         self.resident_weights = torch.empty(self.resident.numel, dtype=compute_dtype, device=self.device)
         self.resident_grads = torch.empty(self.resident.trainable_numel, dtype=compute_dtype, device=self.device)
@@ -139,8 +153,15 @@ class SlidingEngine:
         self._streaming: list[dict] | None = None  # hyperparameters while updates stream out of this backward
         self._streamed = False
         self._pending: dict[int, int] = {}  # layer -> parameter gradients still to land in this backward
-        # Buffers and other non-parameter state (e.g. torchmetrics states) go to the device; parameters stay.
-        root._apply(lambda t: t if isinstance(t, nn.Parameter) else t.to(self.device))
+        self._wrapped: list[nn.Module] = []
+        self._hooks: list = []
+        try:
+            # Buffers and other non-parameter state (e.g. torchmetrics states) go to the device; parameters stay.
+            root._apply(lambda t: t if isinstance(t, nn.Parameter) else t.to(self.device))
+            self.prepare_forward()
+        except BaseException:
+            self.close(drain=False)
+            raise
         self._wrapped = list(parts.blocks)
         for index, block in enumerate(parts.blocks):
             block.forward = functools.partial(self._forward_layer, index, block.forward)
@@ -149,18 +170,6 @@ class SlidingEngine:
             for index, unit in enumerate(self.layers)
             for entry in unit.trainable
         ]
-        self.prepare_forward()
-
-    def _check_unshared(self) -> None:
-        seen: dict[int, str] = {}
-        for unit in [self.resident, *self.layers]:
-            for entry in unit.entries:
-                if id(entry.param) in seen and seen[id(entry.param)] != unit.name:
-                    raise ValueError(
-                        f"parameter {entry.name} is shared between {seen[id(entry.param)]} and {unit.name}; "
-                        "slideformer needs each decoder layer to own its parameters"
-                    )
-                seen[id(entry.param)] = unit.name
 
     @property
     def depth(self) -> int:
@@ -304,12 +313,6 @@ class SlidingEngine:
             self.worker.wait(self._lent.popleft())
         self._lent.append(index)
         return self.grad_pool.take()[: self.layers[index].trainable_numel]
-
-    def _wait_update(self, key) -> None:
-        self.worker.wait(key)
-
-    def _update_done(self, key) -> bool:
-        return self.worker.done(key)
 
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
