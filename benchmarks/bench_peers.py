@@ -1,0 +1,164 @@
+"""slideformer against the offloading peers a user would pick, side by side in one invocation (one GPU).
+
+usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4] [--seq 1024]
+                                        [--systems all_on_gpu,fsdp_offload,deepspeed_offload,slideformer]
+                                        [--cap 24GiB] [--steps 3] [--window 2]
+
+Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
+one) and prints one JSON line; the parent prints a markdown table with tokens/s, TFLOP/s (6·N·tokens), peak GPU
+memory, peak host RSS, the ratio to all-on-GPU and the fraction of the per-step lower bound
+max(GPU compute, 4N bytes / H2D, 2N bytes / D2H, N / host AdamW) reached (bandwidths from BENCHMARKING.md;
+GPU compute is taken as the all-on-GPU step time of the same run when it ran).
+Same model, batch, sequence length, kernels ("all") and per-layer activation checkpointing for every system; the
+offloading systems run under the GPU memory cap, all-on-GPU uncapped (the ceiling). DeepSpeed is optional: without
+it installed that row says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SHAPES = {  # Llama-family shapes, random init (nothing is downloaded)
+    "llama3_2_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama3_2_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+H2D_BYTES_PER_S = 55e9
+D2H_BYTES_PER_S = 55e9
+HOST_ADAMW_PARAMS_PER_S = 3.6e9
+
+
+def child(system: str, shape: str, batch: int, args) -> dict:
+    """Train one system for warm-up + timed steps; returns its measurements."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    import lightning_slide
+    from lightning_slide.engine.plan import parse_bytes
+    from lightning_slide.kernels import apply_kernels
+
+    cap = parse_bytes(args.cap)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=args.seq)
+
+    class LM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            apply_kernels(self.model, "all")
+            if system != "slideformer":  # slideformer recomputes every layer by construction
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.times: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0], use_cache=False).loss
+
+        def on_train_batch_start(self, batch, batch_idx):
+            torch.cuda.synchronize()
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._start)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-5)
+
+    if system in ("fsdp_offload", "deepspeed_offload"):
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    if system == "all_on_gpu":
+        strategy, precision = "auto", "bf16-true"
+    elif system == "fsdp_offload":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = FSDPStrategy(cpu_offload=True, auto_wrap_policy={LlamaDecoderLayer})
+        precision = "bf16-true"
+    elif system == "deepspeed_offload":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            return {"error": "deepspeed not installed"}
+        strategy, precision = "deepspeed_stage_3_offload", "bf16-true"
+    else:
+        strategy = lightning_slide.SlideFormerStrategy(window=args.window, gpu_memory_limit=args.cap, monitor=False)
+        precision = "bf16-true"
+
+    torch.manual_seed(0)
+    module = LM()
+    params = sum(p.numel() for p in module.parameters())
+    ids = torch.randint(0, config.vocab_size, (batch * (args.steps + 2), args.seq))
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="gpu", devices=1, precision=precision, max_steps=args.steps + 2,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    try:
+        trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=batch))
+    except torch.OutOfMemoryError:
+        return {"error": "out of GPU memory", "params": params}
+    timed = sorted(module.times[2:])
+    return {
+        "params": params,
+        "step_s": timed[len(timed) // 2],
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4")
+    parser.add_argument("--systems", default="all_on_gpu,fsdp_offload,deepspeed_offload,slideformer")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--window", type=int, default=2)
+    parser.add_argument("--cap", default="24GiB")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        system, shape, batch = args.child.split(":")
+        print("RESULT " + json.dumps(child(system, shape, int(batch), args)), flush=True)
+        return
+
+    print(f"seq {args.seq}, cap {args.cap} for offloading systems, kernels=all, per-layer checkpointing everywhere")
+    print("| shape | batch | system | s/step | tokens/s | TFLOP/s | peak GPU GiB | peak host GiB | × all-on-GPU | of bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for item in args.shapes.split(","):
+        shape, batch = item.split(":")
+        ceiling = None
+        for system in args.systems.split(","):
+            command = [sys.executable, __file__, "--child", f"{system}:{shape}:{batch}", "--seq", str(args.seq),
+                       "--steps", str(args.steps), "--window", str(args.window), "--cap", args.cap]
+            try:
+                out = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout).stdout
+                lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+                result = json.loads(lines[-1][7:]) if lines else {"error": "crashed (killed for host memory?)"}
+            except subprocess.TimeoutExpired:
+                result = {"error": f"over {args.timeout} s"}
+            row = f"| {shape} | {batch} | {system} |"
+            if "error" in result:
+                print(f"{row} {result['error']} | | | | | | |", flush=True)
+                continue
+            tokens = int(batch) * args.seq
+            step, n = result["step_s"], result["params"]
+            if system == "all_on_gpu":
+                ceiling = step
+            bound = max(ceiling or 0.0, 4 * n / H2D_BYTES_PER_S, 2 * n / D2H_BYTES_PER_S, n / HOST_ADAMW_PARAMS_PER_S)
+            ratio = f"{ceiling / step:.2f}" if ceiling else "–"
+            print(f"{row} {step:.3f} | {tokens / step:,.0f} | {6 * n * tokens / step / 1e12:.1f} | "
+                  f"{result['peak_gpu_gib']:.2f} | {result['peak_host_gib']:.1f} | {ratio} | {bound / step:.0%} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
