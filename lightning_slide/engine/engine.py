@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,8 +32,15 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
+from lightning_slide.engine.disk import StateStore, check_disk_space
 from lightning_slide.engine.host import MASTER_DTYPE, GradientPool, HostUnit
-from lightning_slide.engine.optimizer import UnitOptimizer, UpdateWorker, check_optimizer, hyperparameters
+from lightning_slide.engine.optimizer import (
+    UnitOptimizer,
+    UpdateWorker,
+    check_optimizer,
+    hyperparameters,
+    state_names,
+)
 from lightning_slide.engine.plan import check_fits, window_bytes
 from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
@@ -78,6 +86,8 @@ class SlidingEngine:
             are checked against it before anything is allocated. Default ``None``: no cap, no check.
         offload_activations: keep each layer's input (the only activation a checkpointed layer keeps) in host
             memory between forward and backward. Default ``False``.
+        offload_dir: a directory for the disk tier: the optimizer state (Adam moments) of every host-updated unit
+            lives in files there, read ahead of each update and written behind it. Default ``None``: host memory.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -94,6 +104,7 @@ class SlidingEngine:
         resident_on_device: bool = False,
         memory_limit: int | None = None,
         offload_activations: bool = False,
+        offload_dir: str | None = None,
     ) -> None:
         parts = find_parts(root, blocks_path)
         self.root = root
@@ -146,6 +157,8 @@ class SlidingEngine:
         self._resident_grad: torch.Tensor | None = None
         self._resident_deferred: tuple | None = None  # a device update waiting for the clipping coefficient
         self._optimizers: dict[Any, UnitOptimizer] = {}
+        self.offload_dir = offload_dir
+        self.state_store: StateStore | None = None
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
 
@@ -187,14 +200,27 @@ class SlidingEngine:
         known = {id(e.param) for u in self._units().values() for e in u.entries}
         if any(pid not in known for pid in group_of):
             raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
-        self._optimizers = {key: UnitOptimizer(unit, optimizer, group_of) for key, unit in self._units().items()}
-        if self.resident_on_device and self.resident.trainable_numel:
-            self.worker.wait(RESIDENT)
-            self._resident_master = self.resident.master.to(self.device, copy=True)
-            self._resident_grad = torch.zeros(self.resident.trainable_numel, dtype=MASTER_DTYPE, device=self.device)
-            self._optimizers[RESIDENT] = UnitOptimizer(
-                self.resident, optimizer, group_of, master=self._resident_master, grad=self._resident_grad
-            )
+        units = self._units()
+        on_device = self.resident_on_device and self.resident.trainable_numel > 0
+        on_disk = [key for key, unit in units.items() if unit.trainable_numel and not (key == RESIDENT and on_device)]
+        if self.offload_dir is not None:
+            numel = {key: units[key].trainable_numel for key in on_disk}
+            names = state_names(optimizer)
+            Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
+            check_disk_space(self.offload_dir, 4 * len(names) * sum(numel.values()))
+            self.state_store = StateStore(self.offload_dir, names, numel, in_flight=self.depth + _GRADS_AHEAD)
+        self._optimizers = {}
+        for key, unit in units.items():
+            if key == RESIDENT and on_device:
+                self.worker.wait(RESIDENT)
+                self._resident_master = self.resident.master.to(self.device, copy=True)
+                self._resident_grad = torch.zeros(unit.trainable_numel, dtype=MASTER_DTYPE, device=self.device)
+                self._optimizers[key] = UnitOptimizer(
+                    unit, optimizer, group_of, master=self._resident_master, grad=self._resident_grad
+                )
+            else:
+                in_memory = self.state_store is None or key not in on_disk
+                self._optimizers[key] = UnitOptimizer(unit, optimizer, group_of, state_in_memory=in_memory)
 
     def _resident_updates_on_device(self) -> bool:
         return self._resident_master is not None
@@ -273,7 +299,13 @@ class SlidingEngine:
         if optimizer is not None:
             # `coefficient` is filled in by the norm task queued before: pass the same dict, even while empty.
             coefficient = {} if coefficient is None else coefficient
-            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value))
+            state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
+            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value, state))
+
+    def _read_state(self, key, optimizer: UnitOptimizer):
+        if optimizer.state is not None or optimizer.inner is None or self.state_store is None:
+            return None
+        return self.state_store.read(key)
 
     def _clip_coefficient(self, max_norm: float, units: list[HostUnit], device_norms, out: dict) -> None:
         """Worker task: the clipping coefficient of ``clip_grad_norm_`` over every optimized gradient of ``units``
@@ -292,11 +324,20 @@ class SlidingEngine:
     def _key_of(self, unit: HostUnit):
         return RESIDENT if unit is self.resident else self.layers.index(unit)
 
-    def _update(self, optimizer: UnitOptimizer, hyper, coefficient: dict, clip_value) -> None:
-        """Worker task: one unit's update from its accumulated gradients, which it then marks consumed."""
+    def _update(self, optimizer: UnitOptimizer, hyper, coefficient: dict, clip_value, reading=None) -> None:
+        """Worker task: one unit's update from its accumulated gradients, which it then marks consumed.
+        ``reading``: the disk tier's read of the unit's optimizer state (written back after the update)."""
         unit = optimizer.unit
-        Streams.host_wait(unit.grad_event)
-        optimizer.step(hyper, coefficient.get("value"), clip_value)
+        state = None if reading is None else reading.result()
+        try:
+            Streams.host_wait(unit.grad_event)
+            optimizer.step(hyper, coefficient.get("value"), clip_value, state)
+        except BaseException:
+            if state is not None:
+                self.state_store.release(self._key_of(unit))
+            raise
+        if state is not None:
+            self.state_store.write(self._key_of(unit), state)
         unit.grad_empty = True
         self._give_back(unit)
 
@@ -468,6 +509,8 @@ class SlidingEngine:
         """Finish queued updates and bring device-updated masters back to the host."""
         self._apply_deferred_resident_update()
         self.worker.wait_all()
+        if self.state_store is not None:
+            self.state_store.flush()
         if self._resident_updates_on_device():
             self.resident.master.copy_(self._resident_master)
 
@@ -510,20 +553,31 @@ class SlidingEngine:
         """The host state of every unit: ``"resident"`` and each layer index, in forward order."""
         return self._units()
 
+    def _stored_state(self, key, optimizer: UnitOptimizer) -> dict[str, torch.Tensor] | None:
+        """A unit's optimizer state arrays read from the disk tier (``None`` when they are in memory)."""
+        if optimizer.state is not None or optimizer.inner is None or self.state_store is None:
+            return None
+        state = self.state_store.read(key).result()
+        self.state_store.release(key)  # read for inspection: nothing is held
+        return state
+
     def optimizer_state(self, param: nn.Parameter) -> dict | None:
         """The optimizer state of ``param`` (host tensors)."""
         self._sync_masters()
-        for optimizer in self._optimizers.values():
-            state = optimizer.state_of(param)
-            if state is not None:
+        for key, optimizer in self._optimizers.items():
+            if id(param) in optimizer.masters:
+                state = optimizer.state_of(param, self._stored_state(key, optimizer))
                 return {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
         return None
 
     def load_optimizer_state(self, param: nn.Parameter, state: dict) -> None:
-        self.worker.wait_all()
-        for optimizer in self._optimizers.values():
+        self._sync_masters()
+        for key, optimizer in self._optimizers.items():
             if id(param) in optimizer.masters:
-                optimizer.load_state_of(param, state)
+                stored = self._stored_state(key, optimizer)
+                optimizer.load_state_of(param, state, stored)
+                if stored is not None:
+                    self.state_store.put(key, stored)
                 return
         raise KeyError("parameter is not optimized by the host optimizer")
 
@@ -536,9 +590,11 @@ class SlidingEngine:
         """
         try:
             if drain:
-                self._sync_masters()
-            self.worker.close(drain=drain)
+                self._sync_masters()  # re-raises an update's failure
         finally:
+            self.worker.close(drain=False)
+            if self.state_store is not None:
+                self.state_store.close()
             if not drain and self._resident_updates_on_device():
                 try:  # the run failed: still hand back the latest resident weights if the device allows
                     self.resident.master.copy_(self._resident_master)

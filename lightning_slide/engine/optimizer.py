@@ -40,8 +40,17 @@ def hyperparameters(param_groups: list[dict]) -> list[dict]:
     return [{k: group[k] for k in HYPERPARAMETERS if k in group} for group in param_groups]
 
 
+def state_names(optimizer: Optimizer) -> tuple[str, ...]:
+    """The per-parameter state arrays ``optimizer`` keeps besides its step count."""
+    amsgrad = any(group.get("amsgrad") for group in optimizer.param_groups)
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+
 class UnitOptimizer:
     """The user's optimizer over one unit's trainable fp32 masters, grouped like the user's param groups.
+
+    Its state lives in flat fp32 arrays laid out like the unit's trainable parameters (one per state name), which
+    torch's optimizer sees as per-parameter views; they stay in memory, or come from the disk tier for each step.
 
     Args:
         unit: the unit's host state.
@@ -50,6 +59,7 @@ class UnitOptimizer:
             it are trained by nobody (plain torch would not update them either).
         master, grad: the flat fp32 buffers to step, laid out like the unit; default: the unit's host masters and
             gradient accumulator. Device buffers run torch's fused kernel on the device instead.
+        state_in_memory: allocate the state arrays now and keep them; ``False``: each ``step`` is handed them.
     """
 
     def __init__(
@@ -59,6 +69,7 @@ class UnitOptimizer:
         group_of: dict[int, int],
         master: torch.Tensor | None = None,
         grad: torch.Tensor | None = None,
+        state_in_memory: bool = True,
     ) -> None:
         self.unit = unit
         self._grad = grad  # None: the unit's (lent) host accumulator, looked up at every update
@@ -75,11 +86,32 @@ class UnitOptimizer:
             self.masters[id(entry.param)] = master
             self._entries.append((entry, master))
         self.group_indices = sorted(members)
+        self.state_names = state_names(optimizer)
         self.inner: Optimizer | None = None
+        self.state: dict[str, torch.Tensor] | None = None
         if members:
             snapshot = hyperparameters(optimizer.param_groups)
             groups = [{"params": members[g], **snapshot[g]} for g in self.group_indices]
             self.inner = type(optimizer)(groups, fused=True)
+            for _, master in self._entries:  # the step count stays in memory whatever holds the moments
+                self.inner.state[master] = {"step": torch.zeros((), dtype=torch.float32, device=master.device)}
+            if state_in_memory:
+                self.state = self.empty_state(master_flat.device)
+                self._attach(self.state)
+
+    def empty_state(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return {name: torch.zeros(self.unit.trainable_numel, dtype=torch.float32, device=device) for name in self.state_names}
+
+    def _attach(self, state: dict[str, torch.Tensor]) -> None:
+        """Point torch's per-parameter state at views of the flat arrays ``state``."""
+        for entry, master in self._entries:
+            per_param = self.inner.state[master]
+            per_param.update({name: entry.view(state[name]) for name in self.state_names})
+
+    def _detach(self) -> None:
+        for _, master in self._entries:
+            step = self.inner.state[master]["step"]
+            self.inner.state[master] = {"step": step}
 
     def bind(self) -> list[torch.Tensor]:
         """Point each optimized master's ``.grad`` at its view of the current accumulator; returns those views."""
@@ -90,7 +122,14 @@ class UnitOptimizer:
             grads.append(master.grad)
         return grads
 
-    def step(self, hyper: list[dict], clip_coefficient: torch.Tensor | None, clip_value: float | None) -> None:
+    def step(
+        self,
+        hyper: list[dict],
+        clip_coefficient: torch.Tensor | None,
+        clip_value: float | None,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """One update of the unit; ``state``: the moments, when they are not kept in memory."""
         if self.inner is None:
             return
         grads = self.bind()
@@ -102,21 +141,33 @@ class UnitOptimizer:
                 grad.clamp_(-clip_value, clip_value)
         for inner_group, g in zip(self.inner.param_groups, self.group_indices):
             inner_group.update(hyper[g])
-        self.inner.step()
-        for _, master in self._entries:
-            master.grad = None  # the accumulator may be lent to another layer next
+        if state is not None:
+            self._attach(state)
+        try:
+            self.inner.step()
+        finally:
+            if state is not None:
+                self._detach()
+            for _, master in self._entries:
+                master.grad = None  # the accumulator may be lent to another layer next
 
-    def state_of(self, param: torch.nn.Parameter) -> dict | None:
+    def state_of(self, param: torch.nn.Parameter, state: dict[str, torch.Tensor] | None = None) -> dict | None:
+        """``param``'s state as torch's optimizer keeps it (views); ``state``: the flat arrays, if not in memory."""
         master = self.masters.get(id(param))
-        return None if master is None or self.inner is None else self.inner.state.get(master)
+        if master is None or self.inner is None:
+            return None
+        flat = self.state if state is None else state
+        entry = next(e for e, m in self._entries if m is master)
+        return {"step": self.inner.state[master]["step"], **{n: entry.view(flat[n]) for n in self.state_names}}
 
-    def load_state_of(self, param: torch.nn.Parameter, state: dict) -> None:
-        master = self.masters[id(param)]
-        assert self.inner is not None
-        self.inner.state[master] = {
-            k: (v.detach().to(dtype=torch.float32, device=master.device).clone() if torch.is_tensor(v) else v)
-            for k, v in state.items()
-        }
+    def load_state_of(self, param: torch.nn.Parameter, saved: dict, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy ``saved`` (torch's per-parameter layout) into ``param``'s state."""
+        current = self.state_of(param, state)
+        if current is None:
+            raise KeyError("parameter is not optimized here")
+        for name, value in saved.items():
+            if name in current:
+                current[name].copy_(torch.as_tensor(value, dtype=torch.float32))
 
 
 class UpdateWorker:
