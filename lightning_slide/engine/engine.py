@@ -183,6 +183,14 @@ class SlidingEngine:
             for index, unit in enumerate(self.layers)
             for entry in unit.trainable
         ]
+        # Any forward that touches a resident part (the embedding first) brings the resident copy up to date, also
+        # when user code calls the model outside a step (a callback that generates, say).
+        resident = {id(e.param) for e in self.resident.entries}
+        self._hooks += [
+            module.register_forward_pre_hook(lambda *_: self.prepare_forward())
+            for module in root.modules()
+            if any(id(p) in resident for p in module.parameters(recurse=False))
+        ]
 
     @property
     def depth(self) -> int:

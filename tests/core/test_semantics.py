@@ -297,3 +297,25 @@ def test_streamed_updates_bound_the_host_gradient_buffers():
     )
     assert seen["allocated"] <= 1 + 2 < len(module.model.model.layers)
 
+
+
+def test_model_called_outside_a_step_sees_the_updated_weights():
+    probe = list(batches(1, seed=5))[0][0]
+
+    class Probe(L.Callback):
+        def __init__(self):
+            self.outputs = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx % 2 == 1:  # right after an optimizer step, outside any training step
+                with torch.no_grad():
+                    self.outputs.append(pl_module.model(input_ids=probe.to(pl_module.device)).logits.cpu())
+
+    seen = []
+    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1, resident_optimizer="host")):
+        torch.manual_seed(123)
+        module, callback = TinyLM("gemma_tied", initial_state("gemma_tied")), Probe()
+        trainer(strategy, max_steps=3, callbacks=[callback]).fit(module, batches(6))
+        seen.append(callback.outputs)
+    for ours, plain in zip(seen[1], seen[0]):
+        assert relative_error(ours, plain) <= 1e-5
