@@ -13,7 +13,7 @@ import torch
 
 import lightning_slide  # noqa: F401  (registers strategy="slideformer")
 from lightning_slide.app.data import JSONLDataModule
-from lightning_slide.app.export import export_hf
+from lightning_slide.checkpoint import export_hf
 from lightning_slide.app.module import CausalLMModule
 
 if __name__ == "__main__":

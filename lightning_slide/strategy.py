@@ -248,6 +248,124 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             return super().lightning_module_state_dict()
         return self.engine.state_dict()
 
+    # ------------------------------------------------------------ checkpoint files (format: lightning_slide/checkpoint.py)
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` as a directory at ``filepath``: per-layer safetensors files of the fp32 masters and
+        the optimizer state, and Lightning's metadata with no tensor pickled; layer by layer, atomically."""
+        from lightning_slide import checkpoint as slide_checkpoint
+
+        if storage_options is not None:
+            raise TypeError(
+                "slideformer writes directory checkpoints and takes no storage_options; call "
+                "trainer.save_checkpoint(path) without them"
+            )
+        if not self.is_global_zero:
+            return
+        module = self.lightning_module
+        params = None
+        if checkpoint.get("optimizer_states"):
+            names = self._first_names(module)
+            params = [names[id(p)] for group in self.optimizers[0].param_groups for p in group["params"]]
+        slide_checkpoint.save(
+            filepath,
+            checkpoint,
+            unit_of=self._checkpoint_units(module),
+            optimizer_params=params,
+            hf=slide_checkpoint.hf_info(module),
+            info={"compute_dtype": str(self.precision_plugin.compute_dtype).removeprefix("torch.")},
+        )
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The host optimizer's ``state_dict`` (torch's layout) with each parameter's state read from the engine only
+        when accessed: saving writes it one layer at a time, so it is never gathered (with the disk tier too)."""
+        from lightning_slide import checkpoint as slide_checkpoint
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
+        if not isinstance(optimizer, HostOptimizer):
+            return super().optimizer_state(optimizer)
+        params, groups = [], []
+        for group in optimizer.param_groups:
+            indices = list(range(len(params), len(params) + len(group["params"])))
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+            params.extend(group["params"])
+        return {"state": slide_checkpoint.LazyOptimizerState(params, optimizer.engine.optimizer_state),
+                "param_groups": groups}
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A checkpoint directory (masters read lazily in ``load_model_state_dict``), or a single-file checkpoint
+        saved by Lightning without this strategy."""
+        from pathlib import Path
+
+        from lightning_slide import checkpoint as slide_checkpoint
+
+        if Path(checkpoint_path).is_dir():
+            return slide_checkpoint.load(checkpoint_path, weights_only=weights_only)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Copy the checkpoint's weights into the fp32 masters (one tensor at a time) and, when fitting, restore the
+        host optimizer's state and param groups (Lightning does not: ``lightning_restore_optimizer`` is False)."""
+        if self.engine is None:
+            return super().load_model_state_dict(checkpoint, strict=strict)
+        self.engine.load_state_dict(checkpoint["state_dict"], strict=strict)
+        if self.optimizers and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            self._restore_optimizer(checkpoint)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove a checkpoint directory (or file, or link)."""
+        from lightning_slide import checkpoint as slide_checkpoint
+
+        if self.is_global_zero:
+            slide_checkpoint.remove(filepath)
+
+    def _restore_optimizer(self, checkpoint: Any) -> None:
+        from lightning_slide import checkpoint as slide_checkpoint
+
+        optimizer = self.optimizers[0]
+        reader = checkpoint.get(slide_checkpoint.READER_KEY)
+        if reader is None:  # a single-file checkpoint: the optimizer's own state_dict layout
+            if checkpoint.get("optimizer_states"):
+                optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+            return
+        if not reader.has_optimizer:
+            return  # weights only: Lightning refuses to resume training from it right after this
+        module = self.lightning_module
+        names = self._first_names(module)
+        saved = reader.meta_optimizer()["param_groups"]
+        mine = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        if [sorted(g["params"]) for g in saved] != [sorted(g) for g in mine]:
+            raise ValueError(
+                f"checkpoint {str(reader.path)!r} holds an optimizer whose parameter groups differ from what "
+                "configure_optimizers returns now (the same groups with the same parameters are needed to resume); "
+                "load the weights only (LightningModule.load_state_dict) or restore the original configure_optimizers"
+            )
+        for group, state in zip(optimizer.param_groups, saved):
+            group.update({k: v for k, v in state.items() if k != "params"})
+        params = dict(module.named_parameters())
+        for name, state in reader.optimizer_states():
+            if name not in params:
+                raise KeyError(f"checkpoint {str(reader.path)!r} has optimizer state for unknown parameter {name!r}")
+            self.engine.load_optimizer_state(params[name], state)
+
+    @staticmethod
+    def _first_names(module: torch.nn.Module) -> dict[int, str]:
+        """``id(parameter) -> name``, the first name of each parameter (tied parameters have several)."""
+        return {id(p): n for n, p in module.named_parameters()}
+
+    def _checkpoint_units(self, module: torch.nn.Module) -> dict[str, str]:
+        """Parameter name -> ``"resident"`` or the layer index (as a string): how a checkpoint's files are split."""
+        from lightning_slide.checkpoint import RESIDENT
+        from lightning_slide.engine.blocks import find_parts
+
+        if self.engine is not None:
+            units = {id(e.param): str(key) for key, unit in self.engine.units().items() for e in unit.entries}
+        else:  # after teardown: the same split, found again
+            parts = find_parts(module, self.blocks)
+            units = {id(p): str(i) for i in range(len(parts.blocks)) for _, p in parts.block_parameters(i)}
+        return {n: units.get(id(p), RESIDENT) for n, p in module.named_parameters(remove_duplicate=False)}
+
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(

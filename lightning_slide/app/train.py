@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_slide.app.errors import SlideAppError
-from lightning_slide.app.export import export_hf
+from lightning_slide.checkpoint import export_hf
 from lightning_slide.app.summary import RunSummary
 
 log = logging.getLogger(__name__)

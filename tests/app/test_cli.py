@@ -25,7 +25,7 @@ def test_cli_end_to_end(tmp_path):
     ids = model.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0]
     assert len(ids) == prompt["input_ids"].shape[1] + 8
     assert tokenizer.decode(ids, skip_special_tokens=True).startswith("Where is")
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt" / "index.json").is_file()  # a directory checkpoint
     assert (tmp_path / "run" / "train.log").is_file()
 
 

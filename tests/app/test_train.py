@@ -29,7 +29,7 @@ def test_demo_trains_and_exports(tmp_path):
     assert module.model.config.hidden_size == 64  
     assert result["val_loss_after"] < result["val_loss_before"]
     assert result["summary"].tokens > 0
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt" / "index.json").is_file()  # a directory checkpoint
     _exported_equals_trained(result)
     model = AutoModelForCausalLM.from_pretrained(result["hf_dir"])
     ids = module.tokenizer("Where is", return_tensors="pt")["input_ids"]
