@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,3 +96,32 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, uninterrupted):
     resume_and_compare(tmp_path, uninterrupted, from_step=k)
     assert not partial.exists(), "the next save to last.ckpt should have cleaned the interrupted one"
     assert global_step(last) == STEPS
+
+
+@pytest.mark.parametrize(
+    "family, options, save_last",
+    [("gemma_tied", {"window": 2, "resident_optimizer": "device"}, True),  # tied embedding, updated on the device
+     ("qwen3", {"window": 1}, "link")],  # last.ckpt as a link to the newest top-k directory
+)
+def test_resume_in_process_is_exact(tmp_path, family, options, save_last):
+    import lightning_slide
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.core.tiny import TinyLM, batches, initial_state, trainer
+
+    def run(steps, module, ckpt_path=None):
+        saver = ModelCheckpoint(dirpath=tmp_path, save_last=save_last, save_top_k=1, every_n_train_steps=1)
+        trainer(lightning_slide.SlideFormerStrategy(**options), max_steps=steps, max_epochs=-1,
+                enable_checkpointing=True, callbacks=[saver]).fit(module, batches(2), ckpt_path=ckpt_path)
+        return module
+
+    first = run(3, TinyLM(family, initial_state(family)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=2-step=3.ckpt", "last.ckpt"]
+    resumed = run(STEPS, TinyLM(family, initial_state(family)), ckpt_path="last")
+    shutil.rmtree(tmp_path)
+    tmp_path.mkdir()
+    uninterrupted = run(STEPS, TinyLM(family, initial_state(family)))
+    assert first.losses == uninterrupted.losses[:6] and resumed.losses == uninterrupted.losses[6:]
+    theirs = dict(uninterrupted.named_parameters())
+    for name, param in resumed.named_parameters():
+        assert torch.equal(param, theirs[name]), name
