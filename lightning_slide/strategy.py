@@ -56,6 +56,13 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         monitor: add a :class:`~lightning_slide.SlideMonitor` to the Trainer (unless it has one), which logs
             tokens/s, TFLOP/s, peak GPU and host memory and how busy host and GPU were at every optimizer step.
             Default ``True``.
+        offload_activations: keep each decoder layer's input — the one activation a recomputed layer keeps from
+            forward to backward — in page-locked host memory instead of on the GPU, so long sequences fit (one
+            B×T×H tensor per layer moves each way per step). Default ``False``.
+        offload_dir: a directory for the disk tier: the Adam moments (8 bytes per parameter) of every
+            host-updated unit live in files there, read ahead of each layer's update and written behind it, so host
+            memory holds the fp32 masters plus a few layers' state. The free space is checked before training.
+            Default ``None``: the optimizer state stays in host memory.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
     Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
@@ -72,6 +79,8 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         resident_optimizer: str = "auto",
         gpu_memory_limit: str | int | None = None,
         monitor: bool = True,
+        offload_activations: bool = False,
+        offload_dir: str | None = None,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
@@ -89,6 +98,8 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             )
         self.gpu_memory_limit = None if gpu_memory_limit is None else parse_bytes(gpu_memory_limit)
         self.monitor = monitor
+        self.offload_activations = offload_activations
+        self.offload_dir = None if offload_dir is None else str(offload_dir)
         super().__init__(device="cpu")
         self.resident_optimizer = resident_optimizer
         self.window = window
@@ -158,6 +169,8 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             blocks_path=self.blocks,
             resident_on_device=self._resident_on_device(module),
             memory_limit=self.gpu_memory_limit,
+            offload_activations=self.offload_activations,
+            offload_dir=self.offload_dir,
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "

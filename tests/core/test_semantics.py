@@ -319,3 +319,24 @@ def test_model_called_outside_a_step_sees_the_updated_weights():
         seen.append(callback.outputs)
     for ours, plain in zip(seen[1], seen[0]):
         assert relative_error(ours, plain) <= 1e-5
+
+
+def test_offloaded_activations_train_the_same():
+    offloaded = {}
+
+    class Count(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            engine = getattr(trainer.strategy, "engine", None)
+            if engine is not None:
+                offloaded["bytes"] = engine.activations.offloaded_bytes
+
+    modules = []
+    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1, offload_activations=True)):
+        torch.manual_seed(123)
+        module = TinyLM("llama", initial_state("llama"))
+        trainer(strategy, callbacks=[Count()]).fit(module, batches(20))
+        modules.append(module)
+    plain, ours = modules
+    assert_same_training(ours, plain)
+    # one B x T x H input per layer per micro-batch: 20 micro-batches x 4 layers x 2 x 16 x 32 fp32 values
+    assert offloaded["bytes"] == 20 * 4 * 2 * 16 * 32 * 4
