@@ -57,7 +57,12 @@ class StateStore:
         return self.directory / f"{'resident' if key == 'resident' else f'layer{key:05d}'}.{name}.bin"
 
     def read(self, key: Hashable) -> Future:
-        """Start loading ``key``'s state; the future gives ``{name: flat fp32 tensor}`` (zeros before any write)."""
+        """Start loading ``key``'s state; the future gives ``{name: flat fp32 tensor}`` (zeros before any write).
+        After ``close`` (e.g. a checkpoint saved after training) it reads at once, on the calling thread."""
+        if self._closed.is_set():
+            done: Future = Future()
+            done.set_result(self._load(key))
+            return done
         return self._reader.submit(self._read, key)
 
     def _read(self, key: Hashable) -> dict[str, torch.Tensor]:
@@ -65,15 +70,18 @@ class StateStore:
             if self._closed.is_set():
                 raise RuntimeError("the disk tier was closed")
         try:
-            pending = self._writes.get(key)
-            if pending is not None:
-                pending.result()  # the previous update's state must be on disk before it is read again
-            if key not in self._on_disk:
-                return {name: torch.zeros(self.numel[key], dtype=torch.float32) for name in self.names}
-            return {name: torch.from_numpy(np.fromfile(self.path(key, name), dtype=np.float32)) for name in self.names}
+            return self._load(key)
         except BaseException:
             self._slots.release()
             raise
+
+    def _load(self, key: Hashable) -> dict[str, torch.Tensor]:
+        pending = self._writes.get(key)
+        if pending is not None:
+            pending.result()  # the previous update's state must be on disk before it is read again
+        if key not in self._on_disk:
+            return {name: torch.zeros(self.numel[key], dtype=torch.float32) for name in self.names}
+        return {name: torch.from_numpy(np.fromfile(self.path(key, name), dtype=np.float32)) for name in self.names}
 
     def write(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
         """Write ``key``'s state back, then free its place (call once for every read)."""

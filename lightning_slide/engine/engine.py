@@ -159,6 +159,7 @@ class SlidingEngine:
         self._optimizers: dict[Any, UnitOptimizer] = {}
         self.offload_dir = offload_dir
         self.state_store: StateStore | None = None
+        self._state_cache: tuple | None = None  # (unit key, state arrays, changed) read outside an update
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
 
@@ -313,6 +314,7 @@ class SlidingEngine:
     def _read_state(self, key, optimizer: UnitOptimizer):
         if optimizer.state is not None or optimizer.inner is None or self.state_store is None:
             return None
+        self._flush_state_cache()  # a checkpoint's changes first; the update then reads the files
         return self.state_store.read(key)
 
     def _clip_coefficient(self, max_norm: float, units: list[HostUnit], device_norms, out: dict) -> None:
@@ -562,12 +564,26 @@ class SlidingEngine:
         return self._units()
 
     def _stored_state(self, key, optimizer: UnitOptimizer) -> dict[str, torch.Tensor] | None:
-        """A unit's optimizer state arrays read from the disk tier (``None`` when they are in memory)."""
+        """A unit's optimizer state arrays read from the disk tier (``None`` when they are in memory).
+
+        The last unit read stays cached, so that a checkpoint reading or writing a unit parameter by parameter
+        touches its files once; changes made through it reach the disk before that unit's next update."""
         if optimizer.state is not None or optimizer.inner is None or self.state_store is None:
             return None
+        if self._state_cache is not None and self._state_cache[0] == key:
+            return self._state_cache[1]
+        self._flush_state_cache()
         state = self.state_store.read(key).result()
-        self.state_store.release(key)  # read for inspection: nothing is held
+        self.state_store.release(key)  # read for inspection: no place is held
+        self._state_cache = (key, state, False)
         return state
+
+    def _flush_state_cache(self) -> None:
+        if self._state_cache is not None:
+            key, state, dirty = self._state_cache
+            self._state_cache = None
+            if dirty:
+                self.state_store.put(key, state)
 
     def optimizer_state(self, param: nn.Parameter) -> dict | None:
         """The optimizer state of ``param`` (host tensors)."""
@@ -585,7 +601,7 @@ class SlidingEngine:
                 stored = self._stored_state(key, optimizer)
                 optimizer.load_state_of(param, state, stored)
                 if stored is not None:
-                    self.state_store.put(key, stored)
+                    self._state_cache = (key, stored, True)
                 return
         raise KeyError("parameter is not optimized by the host optimizer")
 
@@ -599,6 +615,8 @@ class SlidingEngine:
         try:
             if drain:
                 self._sync_masters()  # re-raises an update's failure
+                if self.state_store is not None:
+                    self._flush_state_cache()
         finally:
             self.worker.close(drain=False)
             if self.state_store is not None:

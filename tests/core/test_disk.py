@@ -51,3 +51,25 @@ def test_not_enough_disk_space_is_refused_up_front(tmp_path):
     check_disk_space(tmp_path, needed=1)  # the real free space of this disk
     with pytest.raises(ValueError, match="needs"):
         check_disk_space(tmp_path, needed=2**62)
+
+
+def test_checkpoint_and_exact_resume_with_the_disk_tier(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(steps, name, state, ckpt_path=None):
+        torch.manual_seed(123)
+        module = TinyLM("llama", initial_state("llama"))
+        saver = ModelCheckpoint(dirpath=tmp_path / name, save_last=True, every_n_train_steps=1)
+        strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path / state))
+        trainer(strategy, max_steps=steps, max_epochs=-1, enable_checkpointing=True, callbacks=[saver]).fit(
+            module, batches(2), ckpt_path=ckpt_path
+        )
+        return module
+
+    straight = run(5, "straight", "state-straight")
+    run(3, "first", "state-first")
+    resumed = run(5, "first", "state-resumed", ckpt_path="last")  # the optimizer state must come from the checkpoint
+    assert resumed.losses == straight.losses[6:]
+    theirs = dict(straight.named_parameters())
+    for name, param in resumed.named_parameters():
+        assert torch.equal(param, theirs[name]), name
