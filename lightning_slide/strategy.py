@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,11 +16,13 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_slide import checkpoint as slide_checkpoint
+from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
 from lightning_slide.engine.plan import parse_bytes
-from lightning_slide.monitor import SlideMonitor
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
+from lightning_slide.monitor import SlideMonitor
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
 
 
@@ -190,15 +193,9 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         device = self.root_device
         if device.type != "cuda":
             return False
-        blocks = self.engine_blocks_numel(module)
-        resident = sum(p.numel() for p in module.parameters()) - blocks
+        resident = sum(p.numel() for _, p in find_parts(module, self.blocks).resident)
         memory = self.gpu_memory_limit or torch.cuda.get_device_properties(device).total_memory
         return 16 * resident <= memory / 4
-
-    def engine_blocks_numel(self, module: LightningModule) -> int:
-        from lightning_slide.engine.blocks import find_parts
-
-        return sum(p.numel() for p in find_parts(module, self.blocks).blocks.parameters())
 
     def model_to_device(self) -> None:
         pass  # the engine places the resident parts and slides the layers
@@ -267,8 +264,6 @@ class SlideFormerStrategy(SingleDeviceStrategy):
     ) -> None:
         """Write ``checkpoint`` as a directory at ``filepath``: per-layer safetensors files of the fp32 masters and
         the optimizer state, and Lightning's metadata with no tensor pickled; layer by layer, atomically."""
-        from lightning_slide import checkpoint as slide_checkpoint
-
         if storage_options is not None:
             raise TypeError(
                 "slideformer writes directory checkpoints and takes no storage_options; call "
@@ -293,8 +288,6 @@ class SlideFormerStrategy(SingleDeviceStrategy):
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The host optimizer's ``state_dict`` (torch's layout) with each parameter's state read from the engine only
         when accessed: saving writes it one layer at a time, so it is never gathered (with the disk tier too)."""
-        from lightning_slide import checkpoint as slide_checkpoint
-
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
         if not isinstance(optimizer, HostOptimizer):
             return super().optimizer_state(optimizer)
@@ -309,10 +302,6 @@ class SlideFormerStrategy(SingleDeviceStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """A checkpoint directory (masters read lazily in ``load_model_state_dict``), or a single-file checkpoint
         saved by Lightning without this strategy."""
-        from pathlib import Path
-
-        from lightning_slide import checkpoint as slide_checkpoint
-
         if Path(checkpoint_path).is_dir():
             return slide_checkpoint.load(checkpoint_path, weights_only=weights_only)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
@@ -328,14 +317,10 @@ class SlideFormerStrategy(SingleDeviceStrategy):
 
     def remove_checkpoint(self, filepath: Any) -> None:
         """Remove a checkpoint directory (or file, or link)."""
-        from lightning_slide import checkpoint as slide_checkpoint
-
         if self.is_global_zero:
             slide_checkpoint.remove(filepath)
 
     def _restore_optimizer(self, checkpoint: Any) -> None:
-        from lightning_slide import checkpoint as slide_checkpoint
-
         optimizer = self.optimizers[0]
         reader = checkpoint.get(slide_checkpoint.READER_KEY)
         if reader is None:  # a single-file checkpoint: the optimizer's own state_dict layout
@@ -369,15 +354,14 @@ class SlideFormerStrategy(SingleDeviceStrategy):
 
     def _checkpoint_units(self, module: torch.nn.Module) -> dict[str, str]:
         """Parameter name -> ``"resident"`` or the layer index (as a string): how a checkpoint's files are split."""
-        from lightning_slide.checkpoint import RESIDENT
-        from lightning_slide.engine.blocks import find_parts
-
         if self.engine is not None:
             units = {id(e.param): str(key) for key, unit in self.engine.units().items() for e in unit.entries}
         else:  # after teardown: the same split, found again
             parts = find_parts(module, self.blocks)
             units = {id(p): str(i) for i in range(len(parts.blocks)) for _, p in parts.block_parameters(i)}
-        return {n: units.get(id(p), RESIDENT) for n, p in module.named_parameters(remove_duplicate=False)}
+        return {
+            n: units.get(id(p), slide_checkpoint.RESIDENT) for n, p in module.named_parameters(remove_duplicate=False)
+        }
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
