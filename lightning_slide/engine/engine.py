@@ -398,13 +398,15 @@ class SlidingEngine:
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         if self.activations is not None:
-            with self.activations.hooks():  # sees the layer inputs the checkpoint saves
+            with self.activations.hooks(index):  # sees the layer inputs the checkpoint saves
                 return checkpoint(self._run_layer, index, forward, *args, use_reentrant=False, **kwargs)
         return checkpoint(self._run_layer, index, forward, *args, use_reentrant=False, **kwargs)
 
     def _run_layer(self, index: int, forward, *args, **kwargs):
         if self._backward:  # autograd is recomputing this layer for its backward
             self.window.ensure(range(index, index - self.depth, -1), evict=self._finish_layer_grads)
+            if self.activations is not None:
+                self.activations.prefetch(index - 1)
             if self.layers[index].trainable:
                 self.window.attach_grads(index)
                 self._pending[index] = len(self.layers[index].trainable)

@@ -329,6 +329,7 @@ def test_offloaded_activations_train_the_same():
             engine = getattr(trainer.strategy, "engine", None)
             if engine is not None:
                 offloaded["bytes"] = engine.activations.offloaded_bytes
+                offloaded["prefetched"] = engine.activations.prefetched
 
     modules = []
     for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1, offload_activations=True)):
@@ -340,3 +341,5 @@ def test_offloaded_activations_train_the_same():
     assert_same_training(ours, plain)
     # one B x T x H input per layer per micro-batch: 20 micro-batches x 4 layers x 2 x 16 x 32 fp32 values
     assert offloaded["bytes"] == 20 * 4 * 2 * 16 * 32 * 4
+    # in backward every layer but the top one found its input already brought back by the layer above
+    assert offloaded["prefetched"] == 20 * 3
