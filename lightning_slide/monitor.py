@@ -34,7 +34,8 @@ class SlideMonitor(L.Callback):
     - ``host_busy_share``: share of the step the host update thread was running;
     - ``compute_blocked_share``: share of the step the training thread waited for a host update;
     - ``gpu_busy_share``: 1 - ``compute_blocked_share``, an estimate of the share of the step the GPU had work
-      queued (the GPU can only run dry while the training thread is blocked).
+      queued (the GPU can only run dry while the training thread is blocked);
+    - ``skipped_steps``: optimizer steps skipped so far for a NaN/Inf loss or gradient (``nonfinite="skip"``).
 
     Added by ``SlideFormerStrategy(monitor=True)`` (the default) unless the Trainer already has one.
     """
@@ -73,6 +74,7 @@ class SlideMonitor(L.Callback):
             metrics["slide/host_busy_share"] = min(1.0, (stats["host_busy"] - self._stats0["host_busy"]) / seconds)
             metrics["slide/compute_blocked_share"] = blocked
             metrics["slide/gpu_busy_share"] = 1.0 - blocked
+            metrics["slide/skipped_steps"] = stats["skipped_steps"]
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self._tokens, self._seconds, self._stats0 = 0, 0.0, None
 

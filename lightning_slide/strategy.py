@@ -66,6 +66,10 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             host-updated unit live in files there, read ahead of each layer's update and written behind it, so host
             memory holds the fp32 masters plus a few layers' state. The free space is checked before training.
             Default ``None``: the optimizer state stays in host memory.
+        nonfinite: what a NaN or Inf loss (checked every micro-batch) or global gradient norm (checked when
+            clipping by norm) does: ``"error"`` (default) stops training with a ``FloatingPointError`` that says
+            where; ``"skip"`` skips that optimizer step (its gradients are dropped, the weights and optimizer
+            state are untouched) and counts it in ``slide/skipped_steps``.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
     Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
@@ -84,6 +88,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         monitor: bool = True,
         offload_activations: bool = False,
         offload_dir: str | None = None,
+        nonfinite: str = "error",
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
@@ -103,6 +108,9 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         self.monitor = monitor
         self.offload_activations = offload_activations
         self.offload_dir = None if offload_dir is None else str(offload_dir)
+        if nonfinite not in ("error", "skip"):
+            raise ValueError(f"SlideFormerStrategy(nonfinite=...) must be 'error' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         super().__init__(device="cpu")
         self.resident_optimizer = resident_optimizer
         self.window = window
@@ -174,6 +182,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             memory_limit=self.gpu_memory_limit,
             offload_activations=self.offload_activations,
             offload_dir=self.offload_dir,
+            nonfinite=self.nonfinite,
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
@@ -233,6 +242,15 @@ class SlideFormerStrategy(SingleDeviceStrategy):
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         assert self.engine is not None
         trainer = self.lightning_module.trainer
+        if not torch.isfinite(closure_loss.detach()).all():  # one small device sync per micro-batch
+            if self.nonfinite == "error":
+                raise FloatingPointError(
+                    f"the loss is {closure_loss.item()} at global step {trainer.global_step} (batch "
+                    f"{trainer.fit_loop.epoch_loop.batch_idx}). Check the data and the learning rate, or pass "
+                    "SlideFormerStrategy(nonfinite='skip') to skip such steps"
+                )
+            self.engine.skip_step()  # no backward: this optimizer step is dropped
+            return closure_loss
         clip = trainer.gradient_clip_val
         self.engine.begin_backward(
             last_micro_batch=trainer.training and not trainer.fit_loop._should_accumulate(),

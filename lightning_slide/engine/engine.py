@@ -88,6 +88,8 @@ class SlidingEngine:
             memory between forward and backward. Default ``False``.
         offload_dir: a directory for the disk tier: the optimizer state (Adam moments) of every host-updated unit
             lives in files there, read ahead of each update and written behind it. Default ``None``: host memory.
+        nonfinite: what a NaN/Inf global gradient norm does (seen when clipping by norm): ``"error"`` (default)
+            stops training with a ``FloatingPointError``; ``"skip"`` skips that optimizer step (``skipped_steps``).
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -105,6 +107,7 @@ class SlidingEngine:
         memory_limit: int | None = None,
         offload_activations: bool = False,
         offload_dir: str | None = None,
+        nonfinite: str = "error",
     ) -> None:
         parts = find_parts(root, blocks_path)
         self.root = root
@@ -162,6 +165,9 @@ class SlidingEngine:
         self._state_cache: tuple | None = None  # (unit key, state arrays, changed) read outside an update
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient
+        self._skip_step = False
 
         self._backward = False
         self._streaming: list[dict] | None = None  # hyperparameters while updates stream out of this backward
@@ -252,6 +258,10 @@ class SlidingEngine:
                 unit.grad_empty = True
                 self._give_back(unit)
 
+    def skip_step(self) -> None:
+        """Skip the current optimizer step: its gradients are dropped when ``step`` comes (a NaN/Inf loss)."""
+        self._skip_step = True
+
     def step(self, param_groups: list[dict]) -> None:
         """Queue the host update of every unit not already updated by this step's backward."""
         clip_norm, clip_value = self._clip_norm, self._clip_value
@@ -259,6 +269,11 @@ class SlidingEngine:
         # Slots hold copies of the weights being updated: drop them (the next forward reloads from the masters).
         self.window.clear()
         self._resident_loaded = False
+        if self._skip_step:
+            self._skip_step = False
+            self.skipped_steps += 1
+            self.zero_grad()
+            return
         if self._streamed:
             self._streamed = False
             if clip_norm is not None or clip_value is not None:
@@ -329,6 +344,16 @@ class SlidingEngine:
             norms.extend(device_norms[0].unbind())
         if norms:
             total = torch.linalg.vector_norm(torch.stack(norms))
+            if not torch.isfinite(total):
+                if self.nonfinite == "skip":
+                    out["skip"] = True
+                    self.skipped_steps += 1
+                else:
+                    out["error"] = FloatingPointError(
+                        f"the global gradient norm is {total.item()}: a NaN/Inf gradient. Lower the learning rate, "
+                        "check the data, or pass SlideFormerStrategy(nonfinite='skip') to skip such steps"
+                    )
+                return
             out["value"] = torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
     def _key_of(self, unit: HostUnit):
@@ -340,8 +365,11 @@ class SlidingEngine:
         unit = optimizer.unit
         state = None if reading is None else reading.result()
         try:
+            if "error" in coefficient:
+                raise coefficient["error"]
             Streams.host_wait(unit.grad_event)
-            optimizer.step(hyper, coefficient.get("value"), clip_value, state)
+            if not coefficient.get("skip"):
+                optimizer.step(hyper, coefficient.get("value"), clip_value, state)
         except BaseException:
             if state is not None:
                 self.state_store.release(self._key_of(unit))
@@ -387,6 +415,11 @@ class SlidingEngine:
             hyper, coefficient, clip_value = self._resident_deferred
             self._resident_deferred = None
             self.worker.wait("norm")
+            if "error" in coefficient:
+                raise coefficient["error"]
+            if coefficient.get("skip"):
+                self.resident.grad_empty = True
+                return
             self._update_resident_on_device(hyper, coefficient.get("value"), clip_value)
 
     def _forward_layer(self, index: int, forward, *args, **kwargs):
@@ -513,9 +546,14 @@ class SlidingEngine:
 
     # ---------------------------------------------------------------- state and lifetime
     def stats(self) -> dict[str, float]:
-        """Cumulative timings since construction, in seconds: ``host_busy`` (the update thread running updates and
-        gradient additions) and ``compute_blocked`` (the training thread waiting for an update it needs)."""
-        return {"host_busy": self.worker.busy_seconds, "compute_blocked": self.worker.blocked_seconds}
+        """Cumulative figures since construction: ``host_busy`` (seconds the update thread ran updates and gradient
+        additions), ``compute_blocked`` (seconds the training thread waited for an update it needs) and
+        ``skipped_steps`` (optimizer steps skipped for a NaN/Inf loss or gradient)."""
+        return {
+            "host_busy": self.worker.busy_seconds,
+            "compute_blocked": self.worker.blocked_seconds,
+            "skipped_steps": float(self.skipped_steps),
+        }
 
     def _sync_masters(self) -> None:
         """Finish queued updates and bring device-updated masters back to the host."""
