@@ -73,9 +73,6 @@ class HostUnit:
         # Device event after which `grad` holds the last download (None on the CPU, or when nothing is in flight).
         self.grad_event = None
 
-    def master_view(self, entry: Entry) -> torch.Tensor:
-        return entry.view(self.master)
-
     def park(self) -> None:
         """Point every parameter back at its master (host, fp32)."""
         for e in self.entries:

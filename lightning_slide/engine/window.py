@@ -76,9 +76,6 @@ class Window:
     def weights(self) -> list[torch.Tensor]:
         return [slot.weights for slot in self.slots]
 
-    def loaded(self) -> list[int]:
-        return sorted(self.slot_of)
-
     def ensure(self, wanted: Iterable[int], evict: Callable[[int], None]) -> None:
         """Load ``wanted[0]`` (blocking on its update if needed) and prefetch the rest of ``wanted`` whose updates
         are done, reusing slots of loaded layers that are not wanted; then make compute wait for ``wanted[0]``.
