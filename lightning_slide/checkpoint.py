@@ -252,42 +252,49 @@ class LazyOptimizerState(Mapping):
         return len(self.params)
 
 
-def _take_tensors(obj: Any, out: dict[str, torch.Tensor]) -> Any:
-    """``obj`` with every tensor inside plain dicts, lists and tuples replaced by a reference into ``out``."""
-    if torch.is_tensor(obj):
-        key = f"t{len(out)}"
-        out[key] = obj.detach().cpu().contiguous().clone()
-        return {_TENSOR_REF: key}
+def _rebuild(obj: Any, leaf) -> Any:
+    """``obj`` rebuilt through plain dicts, lists and (named) tuples; ``leaf(x)`` returns the replacement of ``x``,
+    or ``_KEEP_WALKING`` to descend into it (or keep it as is)."""
+    replaced = leaf(obj)
+    if replaced is not _KEEP_WALKING:
+        return replaced
     if isinstance(obj, dict):
-        items = {k: _take_tensors(v, out) for k, v in obj.items()}
+        items = {k: _rebuild(v, leaf) for k, v in obj.items()}
         try:
             return type(obj)(items)
         except TypeError:
             return items
     if isinstance(obj, (list, tuple)):
-        items = [_take_tensors(v, out) for v in obj]
-        if hasattr(obj, "_fields"):  # a namedtuple
-            return type(obj)(*items)
-        return type(obj)(items)
+        items = [_rebuild(v, leaf) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuples take fields
     return obj
+
+
+_KEEP_WALKING = object()
+
+
+def _take_tensors(obj: Any, out: dict[str, torch.Tensor]) -> Any:
+    """``obj`` with every tensor inside plain dicts, lists and tuples replaced by a reference into ``out``."""
+
+    def take(x):
+        if not torch.is_tensor(x):
+            return _KEEP_WALKING
+        key = f"t{len(out)}"
+        out[key] = x.detach().cpu().contiguous().clone()
+        return {_TENSOR_REF: key}
+
+    return _rebuild(obj, take)
 
 
 def _put_tensors(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     """Inverse of ``_take_tensors``."""
-    if isinstance(obj, dict):
-        if set(obj) == {_TENSOR_REF}:
-            return tensors[obj[_TENSOR_REF]]
-        items = {k: _put_tensors(v, tensors) for k, v in obj.items()}
-        try:
-            return type(obj)(items)
-        except TypeError:
-            return items
-    if isinstance(obj, (list, tuple)):
-        items = [_put_tensors(v, tensors) for v in obj]
-        if hasattr(obj, "_fields"):
-            return type(obj)(*items)
-        return type(obj)(items)
-    return obj
+
+    def put(x):
+        if isinstance(x, dict) and set(x) == {_TENSOR_REF}:
+            return tensors[x[_TENSOR_REF]]
+        return _KEEP_WALKING
+
+    return _rebuild(obj, put)
 
 
 def _fsync(path: Path) -> None:
