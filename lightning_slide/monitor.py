@@ -27,7 +27,8 @@ def count_tokens(batch: Any) -> int:
 class SlideMonitor(L.Callback):
     """Logs, per optimizer step (accumulated micro-batches together), under ``slide/``:
 
-    - ``tokens_per_sec``: real tokens (``attention_mask`` sum when the batch has one) per second of training step;
+    - ``tokens_per_sec``: real tokens (``attention_mask`` sum when the batch has one) per second, from the start of
+      an optimizer step's first micro-batch to the end of its last (the device is synchronised there, once a step);
     - ``tflops``: 6 · parameters · tokens / step seconds / 1e12 (the usual dense-transformer estimate);
     - ``peak_gpu_gib``: peak GPU memory allocated by torch (GiB; absent on the CPU);
     - ``peak_host_gib``: peak resident host memory of the process (GiB);
@@ -42,25 +43,23 @@ class SlideMonitor(L.Callback):
 
     def __init__(self) -> None:
         self._tokens = 0
-        self._seconds = 0.0
         self._stats0: dict[str, float] | None = None
-        self._start = 0.0
+        self._start: float | None = None  # when the optimizer step's first micro-batch began
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._start = time.perf_counter()
-        if self._stats0 is None:
+        if self._start is None:
+            self._start = time.perf_counter()
             self._stats0 = self._engine_stats(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
-        self._seconds += time.perf_counter() - self._start
         self._tokens += count_tokens(batch)
         if trainer.fit_loop._should_accumulate():
-            return  # an optimizer step spans the whole accumulation window
+            return  # an optimizer step spans the whole accumulation window: no device sync in between
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)  # once per optimizer step, to time it
+        seconds = max(time.perf_counter() - self._start, 1e-9)
         stats = self._engine_stats(trainer)
-        seconds = max(self._seconds, 1e-9)
         params = sum(p.numel() for p in module.parameters())
         metrics = {
             "slide/tokens_per_sec": self._tokens / seconds,
@@ -76,7 +75,7 @@ class SlideMonitor(L.Callback):
             metrics["slide/gpu_busy_share"] = 1.0 - blocked
             metrics["slide/skipped_steps"] = stats["skipped_steps"]
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self._tokens, self._seconds, self._stats0 = 0, 0.0, None
+        self._tokens, self._stats0, self._start = 0, None, None
 
     @staticmethod
     def _engine_stats(trainer: L.Trainer) -> dict[str, float]:
