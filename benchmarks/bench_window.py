@@ -1,6 +1,7 @@
 """Peak GPU memory and step time of slideformer windows against all-on-GPU Lightning training (one GPU).
 
 usage: python benchmarks/bench_window.py [--shape llama3_2_1b] [--batch 4] [--seq 1024] [--steps 5] [--kernels all]
+                                        [--windows 1,2,4] [--host-weights fp32,compute]
 Prints a markdown table. Random-init model from a config, random tokens; bf16 compute for every system.
 """
 
@@ -86,6 +87,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--windows", default="1,2,4")
     parser.add_argument("--kernels", default="all")
+    parser.add_argument("--host-weights", default="fp32",
+                        help="comma-separated SlideFormerStrategy(host_weights=...) values to run for each window: "
+                        "fp32 (upload fp32 masters, cast on the GPU), compute (upload a bf16 host copy)")
     parser.add_argument("--no-reference", action="store_true", help="skip all-on-GPU training")
     args = parser.parse_args()
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=args.seq)
@@ -95,7 +99,9 @@ def main():
     if not args.no_reference:
         print(run("all-on-GPU Lightning (bf16-true params, GPU AdamW)", "auto", config, args), flush=True)
     for window in map(int, args.windows.split(",")):
-        print(run(f"slideformer window={window}", lightning_slide.SlideFormerStrategy(window=window), config, args), flush=True)
+        for host_weights in args.host_weights.split(","):
+            strategy = lightning_slide.SlideFormerStrategy(window=window, host_weights=host_weights)
+            print(run(f"slideformer window={window} host_weights={host_weights}", strategy, config, args), flush=True)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             clipping by norm) does: ``"error"`` (default) stops training with a ``FloatingPointError`` that says
             where; ``"skip"`` skips that optimizer step (its gradients are dropped, the weights and optimizer
             state are untouched) and counts it in ``slide/skipped_steps``.
+        host_weights: what each decoder layer's upload reads. ``"fp32"``: the fp32 masters, cast to bf16 on the GPU
+            (4 bytes per parameter cross PCIe). ``"compute"``: a page-locked bf16 copy of every layer kept in host
+            memory and refreshed by the host optimizer after each update, uploaded as it is (2 bytes per parameter
+            cross PCIe; 2 bytes per parameter more host memory and a host cast per update). Same training either
+            way. ``"auto"`` (default): ``"fp32"``.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
     Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
@@ -89,6 +94,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         offload_activations: bool = False,
         offload_dir: str | None = None,
         nonfinite: str = "error",
+        host_weights: str = "auto",
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
@@ -111,6 +117,11 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"SlideFormerStrategy(nonfinite=...) must be 'error' or 'skip', got {nonfinite!r}")
         self.nonfinite = nonfinite
+        if host_weights not in ("auto", "fp32", "compute"):
+            raise ValueError(
+                f"SlideFormerStrategy(host_weights=...) must be 'auto', 'fp32' or 'compute', got {host_weights!r}"
+            )
+        self.host_weights = host_weights
         super().__init__(device="cpu")
         self.resident_optimizer = resident_optimizer
         self.window = window
@@ -183,6 +194,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             offload_activations=self.offload_activations,
             offload_dir=self.offload_dir,
             nonfinite=self.nonfinite,
+            host_weights="fp32" if self.host_weights == "auto" else self.host_weights,
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "

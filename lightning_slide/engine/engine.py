@@ -67,6 +67,8 @@ _STAGING_NUMEL = 32 * 2**20
 # While updates stream out of a backward, at most window + this many layers hold a host gradient buffer: the
 # backward waits for the host rather than let gradients pile up in host memory.
 _GRADS_AHEAD = 2
+# What decoder-layer uploads read: the fp32 masters (cast on the device) or a host copy in the compute dtype.
+HOST_WEIGHTS = ("fp32", "compute")
 
 
 class SlidingEngine:
@@ -90,6 +92,13 @@ class SlidingEngine:
             lives in files there, read ahead of each update and written behind it. Default ``None``: host memory.
         nonfinite: what a NaN/Inf global gradient norm does (seen when clipping by norm): ``"error"`` (default)
             stops training with a ``FloatingPointError``; ``"skip"`` skips that optimizer step (``skipped_steps``).
+        host_weights: what a decoder layer's upload reads. ``"fp32"`` (default): the fp32 masters, cast to the
+            compute dtype on the device through a staging buffer (4 bytes per parameter over PCIe). ``"compute"``:
+            a page-locked copy of every layer's weights in the compute dtype, kept by the host optimizer (each
+            update refreshes it), uploaded as it is (2 bytes per parameter with bf16; costs 2 bytes per parameter
+            of host memory and a host cast per update). Same values either way (the host cast rounds as the
+            device's). With fp32 compute the masters are the compute copy. The resident parts always upload
+            their fp32 masters (once per step).
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -108,7 +117,10 @@ class SlidingEngine:
         offload_activations: bool = False,
         offload_dir: str | None = None,
         nonfinite: str = "error",
+        host_weights: str = "fp32",
     ) -> None:
+        if host_weights not in HOST_WEIGHTS:
+            raise ValueError(f"host_weights must be one of {HOST_WEIGHTS}, got {host_weights!r}")
         parts = find_parts(root, blocks_path)
         self.root = root
         self.device = torch.device(device)
@@ -132,8 +144,13 @@ class SlidingEngine:
         self.blocks_path = parts.blocks_path
         self.streams = Streams(self.device)
         self.pin = self.streams.cuda
+        compute_copy = host_weights == "compute" and compute_dtype != MASTER_DTYPE
+        self.host_weights = host_weights
         self.layers = [
-            HostUnit(f"layer {i}", parts.block_parameters(i), pin=self.pin, own_grad=False)
+            HostUnit(
+                f"layer {i}", parts.block_parameters(i), pin=self.pin, own_grad=False,
+                weights_dtype=compute_dtype if compute_copy else None,
+            )
             for i in range(len(parts.blocks))
         ]
         self.resident = HostUnit(RESIDENT, parts.resident, pin=self.pin)
@@ -370,6 +387,7 @@ class SlidingEngine:
             Streams.host_wait(unit.grad_event)
             if not coefficient.get("skip"):
                 optimizer.step(hyper, coefficient.get("value"), clip_value, state)
+                unit.refresh_weights()  # before the next upload of the unit, which waits for this task
         except BaseException:
             if state is not None:
                 self.state_store.release(self._key_of(unit))
@@ -591,6 +609,8 @@ class SlidingEngine:
         for name, buffer in self.root.named_buffers():
             if name in state:
                 buffer.copy_(state[name])
+        for unit in self.layers:
+            unit.refresh_weights()
         self.window.clear()
         self._resident_loaded = False
         if self._resident_updates_on_device():

@@ -4,6 +4,10 @@ Each unit keeps its parameters in one flat fp32 buffer, trainable parameters fir
 to or from the compute device as one contiguous copy and its gradients form one contiguous buffer. The module's
 ``nn.Parameter`` objects stay the same Python objects throughout; only their ``.data`` is pointed either at their
 master view (at rest) or at a compute-device slot (while the unit is in the window).
+
+A unit may also keep a *compute copy*: its weights in the compute dtype (bf16), page-locked, laid out like the
+masters. Uploads then copy it as it is (2 bytes per parameter over PCIe instead of 4, no cast on the device) and
+the host optimizer refreshes it after each update of the masters (``refresh_weights``).
 """
 
 from __future__ import annotations
@@ -43,13 +47,21 @@ class HostUnit:
         pin: allocate page-locked memory (only useful when the compute device is a GPU).
         own_grad: allocate the gradient accumulator now and keep it; ``False``: the engine lends one from a
             :class:`GradientPool` while the unit has gradients (layers), so idle layers cost no gradient memory.
+        weights_dtype: keep a compute copy of the weights in this dtype (``weights``), the source of uploads;
+            ``None``: uploads read the fp32 masters.
 
     Construction moves each parameter's values into the flat master buffer and points the parameter at its view,
     so host memory holds one copy (plus at most one parameter in flight).
     """
 
     def __init__(
-        self, name: str, params: list[tuple[str, nn.Parameter]], *, pin: bool = False, own_grad: bool = True
+        self,
+        name: str,
+        params: list[tuple[str, nn.Parameter]],
+        *,
+        pin: bool = False,
+        own_grad: bool = True,
+        weights_dtype: torch.dtype | None = None,
     ) -> None:
         self.name = name
         ordered = [np for np in params if np[1].requires_grad] + [np for np in params if not np[1].requires_grad]
@@ -67,11 +79,26 @@ class HostUnit:
             view = e.view(self.master)
             view.copy_(e.param.detach())
             e.param.data = view
+        self.weights: torch.Tensor | None = None  # the compute copy, when kept
+        if weights_dtype is not None:
+            self.weights = torch.empty(self.numel, dtype=weights_dtype, pin_memory=pin)
+            self.refresh_weights()
         self.grad = torch.zeros(self.trainable_numel, dtype=MASTER_DTYPE, pin_memory=pin) if own_grad else None
         # True when `grad` holds nothing yet for the current optimizer step: the next download overwrites it.
         self.grad_empty = True
         # Device event after which `grad` holds the last download (None on the CPU, or when nothing is in flight).
         self.grad_event = None
+
+    @property
+    def upload_source(self) -> torch.Tensor:
+        """What an upload of the unit copies: the compute copy when there is one, else the fp32 masters."""
+        return self.master if self.weights is None else self.weights
+
+    def refresh_weights(self, master: torch.Tensor | None = None) -> None:
+        """Bring the compute copy up to date with ``master`` (default: the unit's masters); no-op without one.
+        The cast rounds as the device's cast would (round to nearest even), so uploads carry the same values."""
+        if self.weights is not None:
+            self.weights.copy_(self.master if master is None else master)
 
     def park(self) -> None:
         """Point every parameter back at its master (host, fp32)."""

@@ -3,7 +3,7 @@
 Each slot is one pre-allocated flat weight buffer (compute dtype) and one flat gradient buffer, sized for the
 largest layer and reused for every layer that passes through. A layer is *loaded* while its parameters point into
 a slot; at most ``depth`` layers are loaded at any moment. Loading copies the layer's fp32 masters into the slot on
-the upload stream (cast on the device); evicting points the parameters back at their masters, which costs nothing.
+the upload stream (cast on the device), or its compute copy as it is when the host keeps one; evicting points the parameters back at their masters, which costs nothing.
 
 Events keep the streams honest: an upload into a slot waits until compute is done with its previous occupant
 (``free``); compute waits until the upload has landed (``ready``); zeroing a slot's gradients for a new occupant
@@ -108,7 +108,7 @@ class Window:
         unit = self.layers[index]
         with self.streams.on(self.streams.upload):
             self.streams.wait(slot.free)
-            copy_cast(slot.weights[: unit.numel], unit.master, self.upload_staging)
+            copy_cast(slot.weights[: unit.numel], unit.upload_source, self.upload_staging)
             slot.ready = self.streams.record()
         for e in unit.entries:
             e.param.data = e.view(slot.weights)
