@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SHAPES = {  # Llama-family shapes, random init (nothing is downloaded)
     "llama3_2_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -54,7 +56,11 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     class LM(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            # Random init runs on the GPU (seconds instead of minutes for billions of parameters on the host), then
+            # the model starts on the host like a user's model would; the same seed gives every system one model.
+            with torch.device("cuda"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            self.model = model.to("cpu")
             apply_kernels(self.model, "all")
             if system != "slideformer":  # slideformer recomputes every layer by construction
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -72,8 +78,14 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             self.times.append(time.perf_counter() - self._start)
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-5)
+            return optimizer_class(self.parameters(), lr=1e-5)
 
+    optimizer_class = torch.optim.AdamW
+    torch.manual_seed(0)
+    module = LM()
+    params = sum(p.numel() for p in module.parameters())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     if system in ("fsdp_offload", "deepspeed_offload"):
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     if system == "all_on_gpu":
@@ -88,14 +100,21 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             import deepspeed  # noqa: F401
         except ImportError:
             return {"error": "deepspeed not installed"}
-        strategy, precision = "deepspeed_stage_3_offload", "bf16-true"
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy, precision = DeepSpeedStrategy(stage=3, offload_optimizer=True, offload_parameters=True), "bf16-true"
+        try:  # DeepSpeed's own host Adam (its C++ op is compiled on first use), as its docs recommend for offload
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])
+            optimizer_class = DeepSpeedCPUAdam
+        except Exception as error:  # noqa: BLE001 - no compiler/CUDA headers there: torch's AdamW, said in the row
+            print(f"DeepSpeedCPUAdam unavailable ({type(error).__name__}: {error}); torch AdamW instead", flush=True)
+            strategy.config["zero_force_ds_cpu_optimizer"] = False
     else:
         strategy = lightning_slide.SlideFormerStrategy(window=args.window, gpu_memory_limit=args.cap, monitor=False)
         precision = "bf16-true"
 
-    torch.manual_seed(0)
-    module = LM()
-    params = sum(p.numel() for p in module.parameters())
     ids = torch.randint(0, config.vocab_size, (batch * (args.steps + 2), args.seq))
     trainer = L.Trainer(
         strategy=strategy, accelerator="gpu", devices=1, precision=precision, max_steps=args.steps + 2,
@@ -105,12 +124,15 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=batch))
     except torch.OutOfMemoryError:
         return {"error": "out of GPU memory", "params": params}
+    except Exception as error:  # noqa: BLE001 - a peer that fails is a row of the table, not the end of the run
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}", "params": params}
     timed = sorted(module.times[2:])
     return {
         "params": params,
         "step_s": timed[len(timed) // 2],
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+        "optimizer": optimizer_class.__name__,
     }
 
 
@@ -140,12 +162,16 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", f"{system}:{shape}:{batch}", "--seq", str(args.seq),
                        "--steps", str(args.steps), "--window", str(args.window), "--cap", args.cap]
             try:
-                out = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout).stdout
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                out, log = done.stdout, done.stdout + done.stderr
                 lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-                result = json.loads(lines[-1][7:]) if lines else {"error": "crashed (killed for host memory?)"}
-            except subprocess.TimeoutExpired:
-                result = {"error": f"over {args.timeout} s"}
-            row = f"| {shape} | {batch} | {system} |"
+                result = json.loads(lines[-1][7:]) if lines else {"error": f"crashed, exit {done.returncode}"}
+            except subprocess.TimeoutExpired as timeout:
+                result, log = {"error": f"over {args.timeout} s"}, str(timeout.stdout or "") + str(timeout.stderr or "")
+            if os.environ.get("OUT"):  # each child's full output, for the record
+                Path(os.environ["OUT"], f"peers-{system}-{shape}-{batch}.log").write_text(log)
+            label = f"{system} ({result['optimizer']})" if system == "deepspeed_offload" and "optimizer" in result else system
+            row = f"| {shape} | {batch} | {label} |"
             if "error" in result:
                 print(f"{row} {result['error']} | | | | | | |", flush=True)
                 continue

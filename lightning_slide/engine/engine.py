@@ -8,7 +8,8 @@ backward   layer i:  autograd recomputes i: upload i (and prefetch the layers be
                      copies them into the layer's fp32 host accumulator (cast on the device; a host thread adds
                      when accumulating) and the slot is free for the next layer
 update               without clipping, on the last micro-batch: each layer's host update is queued as soon as its
-                     gradients are downloaded, overlapping the rest of the backward;
+                     gradients are downloaded, overlapping the rest of the backward; when the backward ends, the
+                     updates not yet started are reordered first layer first, the order the next forward needs;
                      with clipping: after backward, the global norm, then the updates in forward order
 next forward         uploading layer i waits only for layer i's update
 
@@ -503,6 +504,8 @@ class SlidingEngine:
                     self._update_resident_on_device(self._streaming, None, None)
                 else:
                     self._submit_update(RESIDENT, self._streaming)
+        if self._streaming is not None:  # what the host has not started yet, it does in the next forward's order
+            self.worker.prefer(list(self._units()))
         self._streamed = self._streaming is not None
         self._streaming = None
 

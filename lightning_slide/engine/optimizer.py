@@ -1,15 +1,19 @@
 """The host optimizer: the user's optimizer rebuilt over the fp32 masters, run unit by unit on a host thread.
 
 ``UnitOptimizer`` is the user's AdamW/Adam over one unit's master views, using torch's fused CPU kernel.
-``UpdateWorker`` runs unit updates in submission order on a background thread; the compute side waits only for
-the unit it is about to load, so an update of layer ``i`` overlaps whatever runs before layer ``i`` is needed.
+``UpdateWorker`` runs unit updates on a background thread, in submission order or in the next forward's; the
+compute side waits only for the unit it is about to load, so an update of layer ``i`` overlaps whatever runs before
+layer ``i`` is needed.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 from torch.optim import Optimizer
@@ -171,28 +175,69 @@ class UnitOptimizer:
 
 
 class UpdateWorker:
-    """Runs host updates on one background thread, in submission order.
+    """Runs host tasks on one background thread, in submission order unless told otherwise by ``prefer``.
 
-    ``wait(key)`` blocks until the update submitted under ``key`` is done and re-raises its exception, if any.
+    ``wait(key)`` blocks until the task submitted under ``key`` is done and re-raises its exception, if any.
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-update")
+        self._queue: list[tuple[int, Hashable, Callable[[], None], Future]] = []  # a heap, by rank
+        self._ranks = itertools.count()
+        self._ready = threading.Condition()
+        self._closed = False
         self._pending: dict[Hashable, Future] = {}
         self.busy_seconds = 0.0  # time the thread spent running tasks
         self.blocked_seconds = 0.0  # time callers of wait() spent blocked
+        self._thread = threading.Thread(target=self._run, name="slide-update", daemon=True)
+        self._thread.start()
 
     def submit(self, key: Hashable, fn: Callable[[], None]) -> None:
         if key in self._pending:
             self.wait(key)
-        self._pending[key] = self._pool.submit(self._timed, fn)
+        future: Future = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the update worker is closed")
+            heapq.heappush(self._queue, (next(self._ranks), key, fn, future))
+            self._ready.notify()
+        self._pending[key] = future
 
-    def _timed(self, fn: Callable[[], None]) -> None:
-        start = time.perf_counter()
-        try:
-            fn()
-        finally:
-            self.busy_seconds += time.perf_counter() - start
+    def prefer(self, keys: list[Hashable]) -> None:
+        """Run the queued tasks named in ``keys`` in that order, after the other tasks queued now.
+
+        Updates are queued in backward order (last layer first) but the next forward needs them first layer first:
+        reordering what is still queued when a backward ends lets that forward start as soon as its first layer is
+        updated, while the host goes on with the rest. Tasks queued before stay ahead (a gradient addition must
+        precede its unit's update)."""
+        with self._ready:
+            wanted = set(keys)
+            waiting = {entry[1]: entry for entry in self._queue if entry[1] in wanted}
+            if not waiting:
+                return
+            others = [entry for entry in self._queue if entry[1] not in waiting]
+            ranked = [(next(self._ranks), *waiting[key][1:]) for key in keys if key in waiting]
+            self._queue = others + ranked
+            heapq.heapify(self._queue)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                _, _, fn, future = heapq.heappop(self._queue)
+            if not future.set_running_or_notify_cancel():
+                continue
+            start = time.perf_counter()
+            try:
+                fn()
+            except BaseException as error:  # noqa: BLE001 - handed to whoever waits for this task
+                future.set_exception(error)
+            else:
+                future.set_result(None)
+            finally:
+                self.busy_seconds += time.perf_counter() - start
 
     def done(self, key: Hashable) -> bool:
         """Whether nothing submitted under ``key`` is still to run (a failure counts as not done: wait raises it)."""
@@ -218,14 +263,20 @@ class UpdateWorker:
         """Stop the thread. Safe to call twice.
 
         Args:
-            drain: finish every pending update and re-raise the first failure (the normal end of training);
-                ``False`` drops updates not yet started and ignores failures (after an exception elsewhere).
+            drain: finish every pending task and re-raise the first failure (the normal end of training);
+                ``False`` drops tasks not yet started and ignores failures (after an exception elsewhere).
         """
         try:
             if drain:
                 self.wait_all()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            with self._ready:
+                self._closed = True
+                for *_, future in self._queue:
+                    future.cancel()
+                self._queue.clear()
+                self._ready.notify()
+            self._thread.join()
             self._pending.clear()
 
 

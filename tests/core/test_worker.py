@@ -1,0 +1,42 @@
+"""The host update worker: order of tasks, failures, and its thread's lifetime."""
+
+import threading
+
+import pytest
+
+from lightning_slide.engine.optimizer import UpdateWorker
+
+
+def test_prefer_runs_queued_updates_in_the_given_order_after_earlier_tasks():
+    worker = UpdateWorker()
+    gate, ran = threading.Event(), []
+    worker.submit("gate", gate.wait)  # holds the thread while the queue is built
+    worker.submit(("add", 3), lambda: ran.append("add 3"))
+    for layer in (3, 2, 1, 0):  # queued in backward order
+        worker.submit(layer, lambda layer=layer: ran.append(layer))
+    worker.prefer(["resident", 0, 1, 2, 3])
+    worker.submit("later", lambda: ran.append("later"))
+    gate.set()
+    worker.wait_all()
+    assert ran == ["add 3", 0, 1, 2, 3, "later"]
+    worker.close()
+
+
+def test_failure_reaches_the_waiter_and_close_stops_the_thread():
+    worker = UpdateWorker()
+
+    def fail():
+        raise ValueError("boom")
+
+    worker.submit("bad", fail)
+    with pytest.raises(ValueError, match="boom"):
+        worker.wait("bad")
+    gate = threading.Event()
+    worker.submit("slow", gate.wait)
+    ran = []
+    worker.submit("dropped", lambda: ran.append("dropped"))
+    threading.Timer(0.2, gate.set).start()  # the running task ends while close waits for it
+    worker.close(drain=False)
+    assert ran == []
+    assert not any(t.name == "slide-update" for t in threading.enumerate())
+    worker.close()  # twice is fine
