@@ -2,6 +2,8 @@
 
 usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4] [--seq 1024]
                                         [--systems all_on_gpu,fsdp_offload,deepspeed_offload,slideformer]
+                                        (slideformer options: slideformer+bf16 = host_weights="compute",
+                                         slideformer+acts = offload_activations=True, or both)
                                         [--cap 24GiB] [--steps 3] [--window 2]
 
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
@@ -62,9 +64,10 @@ def child(system: str, shape: str, batch: int, args) -> dict:
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             self.model = model.to("cpu")
             apply_kernels(self.model, "all")
-            if system != "slideformer":  # slideformer recomputes every layer by construction
+            if not system.startswith("slideformer"):  # slideformer recomputes every layer by construction
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.times: list[float] = []
+            self.engine_stats: list[dict] = []
 
         def training_step(self, batch, batch_idx):
             return self.model(input_ids=batch[0], labels=batch[0], use_cache=False).loss
@@ -76,6 +79,9 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         def on_train_batch_end(self, outputs, batch, batch_idx):
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._start)
+            engine = getattr(self.trainer.strategy, "engine", None)
+            if engine is not None:  # slideformer: cumulative host-busy / compute-blocked seconds
+                self.engine_stats.append(engine.stats())
 
         def configure_optimizers(self):
             return optimizer_class(self.parameters(), lr=1e-5)
@@ -111,8 +117,12 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         except Exception as error:  # noqa: BLE001 - no compiler/CUDA headers there: torch's AdamW, said in the row
             print(f"DeepSpeedCPUAdam unavailable ({type(error).__name__}: {error}); torch AdamW instead", flush=True)
             strategy.config["zero_force_ds_cpu_optimizer"] = False
-    else:
-        strategy = lightning_slide.SlideFormerStrategy(window=args.window, gpu_memory_limit=args.cap, monitor=False)
+    else:  # "slideformer", with options: "+bf16" host_weights="compute", "+acts" offload_activations=True
+        options = system.split("+")[1:]
+        strategy = lightning_slide.SlideFormerStrategy(
+            window=args.window, gpu_memory_limit=args.cap, monitor=False,
+            host_weights="compute" if "bf16" in options else "fp32", offload_activations="acts" in options,
+        )
         precision = "bf16-true"
 
     ids = torch.randint(0, config.vocab_size, (batch * (args.steps + 2), args.seq))
@@ -133,7 +143,16 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "optimizer": optimizer_class.__name__,
+        **engine_seconds_per_step(module.engine_stats, skip=2),
     }
+
+
+def engine_seconds_per_step(stats: list[dict], skip: int) -> dict:
+    """Mean host-busy and compute-blocked seconds per timed step, from cumulative engine stats."""
+    if len(stats) <= skip:
+        return {}
+    steps = len(stats) - skip
+    return {k: (stats[-1][k] - stats[skip - 1][k]) / steps for k in ("host_busy", "compute_blocked")}
 
 
 def main() -> None:
@@ -169,7 +188,7 @@ def main() -> None:
             except subprocess.TimeoutExpired as timeout:
                 result, log = {"error": f"over {args.timeout} s"}, str(timeout.stdout or "") + str(timeout.stderr or "")
             if os.environ.get("OUT"):  # each child's full output, for the record
-                Path(os.environ["OUT"], f"peers-{system}-{shape}-{batch}.log").write_text(log)
+                Path(os.environ["OUT"], f"peers-{system.replace('+', '_')}-{shape}-{batch}-{args.seq}.log").write_text(log)
             label = f"{system} ({result['optimizer']})" if system == "deepspeed_offload" and "optimizer" in result else system
             row = f"| {shape} | {batch} | {label} |"
             if "error" in result:
@@ -181,6 +200,8 @@ def main() -> None:
                 ceiling = step
             bound = max(ceiling or 0.0, 4 * n / H2D_BYTES_PER_S, 2 * n / D2H_BYTES_PER_S, n / HOST_ADAMW_PARAMS_PER_S)
             ratio = f"{ceiling / step:.2f}" if ceiling else "–"
+            if "host_busy" in result:
+                row += f" (host busy {result['host_busy']:.2f} s, blocked {result['compute_blocked']:.2f} s)"
             print(f"{row} {step:.3f} | {tokens / step:,.0f} | {6 * n * tokens / step / 1e12:.1f} | "
                   f"{result['peak_gpu_gib']:.2f} | {result['peak_host_gib']:.1f} | {ratio} | {bound / step:.0%} |",
                   flush=True)
