@@ -42,7 +42,7 @@ from lightning_slide.engine.optimizer import (
     hyperparameters,
     state_names,
 )
-from lightning_slide.engine.plan import check_fits, window_bytes
+from lightning_slide.engine.plan import GRADS_AHEAD, STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes
 from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
 
@@ -64,10 +64,10 @@ def _check_unshared(parts) -> None:
 # Key-value caches written in forward would be written again by the recompute in backward.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Device staging through which copies that change dtype travel (elements of fp32; 128 MiB).
-_STAGING_NUMEL = 32 * 2**20
+_STAGING_NUMEL = STAGING_NUMEL
 # While updates stream out of a backward, at most window + this many layers hold a host gradient buffer: the
 # backward waits for the host rather than let gradients pile up in host memory.
-_GRADS_AHEAD = 2
+_GRADS_AHEAD = GRADS_AHEAD
 # What decoder-layer uploads read: the fp32 masters (cast on the device) or a host copy in the compute dtype.
 HOST_WEIGHTS = ("fp32", "compute")
 
@@ -127,11 +127,14 @@ class SlidingEngine:
         self.device = torch.device(device)
         cast = self.device.type == "cuda" and compute_dtype != MASTER_DTYPE
         depth = min(window, len(parts.blocks))
-        self.device_plan = window_bytes(
-            parts, depth, compute_dtype, resident_on_device=resident_on_device, staging_numel=_STAGING_NUMEL, cast=cast
+        # The planner's fixed device buffers (lightning_slide/engine/plan.py): what the lines below allocate.
+        self.device_plan = device_bytes(
+            ModelShape.of(root, parts.blocks_path),
+            Settings(window=depth, compute_dtype=compute_dtype, device=self.device.type,
+                     resident_on_device=resident_on_device),
         )
         if memory_limit is not None:
-            check_fits(self.device_plan, memory_limit, window)
+            check_device(self.device_plan, memory_limit, window)
             if self.device.type == "cuda":
                 total = torch.cuda.get_device_properties(self.device).total_memory
                 if memory_limit > total:

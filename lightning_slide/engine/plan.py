@@ -1,19 +1,44 @@
-"""What the window costs on the compute device, known before anything is allocated.
+"""The planner: GPU memory, host memory, disk and step time of a slideformer run, known before anything is allocated.
 
-The full planner (activations, host memory, disk, step time) is a later addition; this module already answers the
-question that must be asked first: do the window's fixed buffers fit in the device memory the user allows?
+One memory model serves three callers: the engine (its fixed device buffers against ``gpu_memory_limit``), the
+strategy (the whole plan at setup, the activations at the first batch) and ``slide-plan`` (a table, before a run).
+Every figure is derived from the engine's actual allocations (see each item's comment) and, for activations, from
+the tensors autograd saves in one decoder layer (counted with ``saved_tensors_hooks`` on the CPU for Llama, Qwen3
+and Mistral layers; ``tests/core/test_plan.py`` recounts them).
+
+Units: bytes for memory, seconds for time, bytes/s and params/s for rates. ``e`` below is the compute dtype's
+element size (2 for bf16, 4 for fp32); ``tokens`` = batch × sequence length of one micro-batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from lightning_slide.engine.blocks import ModelParts
+from lightning_slide.engine.blocks import find_parts
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+# Device staging through which copies that change dtype travel (elements of fp32; 128 MiB each way).
+STAGING_NUMEL = 32 * 2**20
+# While updates stream out of a backward, at most window + this many layers hold a host gradient buffer.
+GRADS_AHEAD = 2
+# Host memory of the process before any model: Python, torch, Lightning, transformers (and the CUDA context on a
+# GPU machine). Rough; calibrated by benchmarks/bench_plan.py.
+RUNTIME_HOST_BYTES = {"cuda": 3 * 2**30, "cpu": 1 * 2**30}
+# The fused cross-entropy's chunk of logits (elements), as in lightning_slide/kernels/fused_linear_cross_entropy.py.
+FUSED_CE_CHUNK_ELEMENTS = 2**29
+# Suggestions leave this share of the GPU for the allocator's fragmentation and whatever the model adds.
+SUGGEST_MARGIN = 0.9
+FUSED_CE = "fused_linear_cross_entropy"
 
 
 def parse_bytes(value: str | int | float) -> int:
@@ -23,7 +48,7 @@ def parse_bytes(value: str | int | float) -> int:
     if isinstance(value, (int, float)):
         number, unit = float(value), ""
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _UNITS:
             raise ValueError(f"not a memory size: {value!r}; write e.g. '24GiB', '22.5GB' or a number of bytes")
         number, unit = float(match.group(1)), match.group(2).lower()
@@ -31,33 +56,6 @@ def parse_bytes(value: str | int | float) -> int:
     if size <= 0:
         raise ValueError(f"a memory size must be positive, got {value!r}")
     return size
-
-
-def window_bytes(
-    parts: ModelParts,
-    depth: int,
-    compute_dtype: torch.dtype,
-    *,
-    resident_on_device: bool,
-    staging_numel: int,
-    cast: bool,
-) -> dict[str, int]:
-    """Bytes of every buffer the engine allocates on the compute device, by name (activations not included)."""
-    element = torch.empty((), dtype=compute_dtype).element_size()
-    layer = max(sum(p.numel() for p in block.parameters()) for block in parts.blocks)
-    layer_trainable = max(sum(p.numel() for p in block.parameters() if p.requires_grad) for block in parts.blocks)
-    resident = sum(p.numel() for _, p in parts.resident)
-    resident_trainable = sum(p.numel() for _, p in parts.resident if p.requires_grad)
-    plan = {
-        "window slots (weights + gradients)": depth * (layer + layer_trainable) * element,
-        "resident weights + gradients": (resident + resident_trainable) * element,
-    }
-    if resident_on_device:
-        plan["resident fp32 masters, gradients, Adam moments"] = 4 * resident + 12 * resident_trainable
-    if cast:
-        largest = max(layer, resident)
-        plan["copy staging (fp32, upload + download)"] = 2 * 4 * min(largest, staging_numel)
-    return plan
 
 
 def human(size: float) -> str:
@@ -68,13 +66,515 @@ def human(size: float) -> str:
     return f"{int(size)} B"
 
 
-def check_fits(plan: dict[str, int], limit: int, window: int) -> None:
-    """Raise a clear error, with the numbers and what to change, when ``plan`` exceeds ``limit`` bytes."""
-    total = sum(plan.values())
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know of a model: parameter counts of its units and its layer dimensions.
+
+    ``layer_params``/``layer_trainable`` are those of the largest decoder layer (the window's slots are sized for
+    it). The dimensions (``hidden`` ...) are ``None`` when no Hugging Face-style config was found: activations are
+    then not planned.
+    """
+
+    layers: int
+    layer_params: int
+    layer_trainable: int
+    resident_params: int
+    resident_trainable: int
+    hidden: int | None = None
+    intermediate: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab: int | None = None
+    qk_norm: bool = False  # Qwen3-style RMSNorm of queries and keys per head
+    attention: str = "sdpa"  # the model's attention implementation ("eager" keeps the T×T probabilities)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.resident_params
+
+    @property
+    def has_dims(self) -> bool:
+        return None not in (self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim, self.vocab)
+
+    @classmethod
+    def of(cls, root: nn.Module, blocks_path: str | None = None) -> ModelShape:
+        """The shape of ``root`` (a LightningModule, a causal LM, or one built on the meta device: only shapes are
+        read). Dimensions come from the first submodule with a ``config`` that has ``hidden_size``."""
+        parts = find_parts(root, blocks_path)
+        sizes = [(sum(p.numel() for p in b.parameters()), sum(p.numel() for p in b.parameters() if p.requires_grad))
+                 for b in parts.blocks]
+        dims: dict = {}
+        config = next((m.config for m in root.modules() if hasattr(getattr(m, "config", None), "hidden_size")), None)
+        if config is not None:
+            text = getattr(config, "get_text_config", lambda: config)()
+            hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+            head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+            dims = dict(
+                hidden=hidden, intermediate=getattr(text, "intermediate_size", None), heads=heads,
+                kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                vocab=getattr(text, "vocab_size", None),
+                attention=str(getattr(config, "_attn_implementation", None) or "sdpa"),
+            )
+        qk_norm = any(name.endswith("q_norm") for name, _ in parts.blocks[0].named_modules())
+        return cls(
+            layers=len(parts.blocks), layer_params=max(s[0] for s in sizes), layer_trainable=max(s[1] for s in sizes),
+            resident_params=sum(p.numel() for _, p in parts.resident),
+            resident_trainable=sum(p.numel() for _, p in parts.resident if p.requires_grad),
+            qk_norm=qk_norm, **dims,
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's choices. ``batch``/``seq`` ``None``: activations not planned (only the fixed buffers)."""
+
+    window: int = 2
+    batch: int | None = None
+    seq: int | None = None
+    compute_dtype: torch.dtype = torch.bfloat16
+    device: str = "cuda"  # "cuda", or "cpu" (tests: the compute buffers then live in host memory)
+    resident_on_device: bool = False
+    offload_activations: bool = False
+    offload_dir: str | None = None
+    kernels: tuple[str, ...] = ()
+    clipping: bool = True  # gradient_clip_val set: every layer keeps its fp32 gradients until the global norm
+    accumulate: int = 1  # accumulate_grad_batches
+
+    def depth(self, shape: ModelShape) -> int:
+        return max(1, min(self.window, shape.layers))
+
+    @property
+    def element(self) -> int:
+        return torch.empty((), dtype=self.compute_dtype).element_size()
+
+    @property
+    def cast(self) -> bool:
+        """Copies go through fp32 device staging (a GPU computing in a dtype other than the masters')."""
+        return self.device == "cuda" and self.compute_dtype != torch.float32
+
+
+def host_available() -> int:
+    """Host memory available to a new allocation now (``MemAvailable`` of ``/proc/meminfo``; elsewhere the
+    physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Machine:
+    """Memory sizes and rates of the machine. Memory ``None``: unknown, not checked.
+
+    The rate defaults describe a PCIe 4.0 ×16 workstation GPU with a many-core host; give measured figures (or
+    ``measure()`` them) for a real plan.
+    """
+
+    gpu_memory: int | None = None  # bytes the process may use on the GPU (gpu_memory_limit or the card's memory)
+    host_memory: int | None = None  # bytes of host memory available (MemAvailable)
+    disk_free: int | None = None  # bytes free under offload_dir
+    h2d_bytes_per_s: float = 20e9
+    d2h_bytes_per_s: float = 20e9
+    disk_read_bytes_per_s: float = 2e9
+    disk_write_bytes_per_s: float = 1e9
+    host_adamw_params_per_s: float = 1e9
+    gpu_flops: float = 150e12  # sustained bf16 matmul FLOP/s
+
+    @classmethod
+    def detect(cls, *, gpu_memory_limit: int | None = None, offload_dir: str | None = None, **rates) -> Machine:
+        """Memory sizes of this machine: ``gpu_memory_limit`` or the current GPU's memory (``None`` without a GPU),
+        ``MemAvailable``, free space under ``offload_dir`` (or its nearest existing parent). ``rates``: any rate
+        field to set."""
+        gpu = gpu_memory_limit
+        if gpu is None and torch.cuda.is_available():
+            gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        disk = None
+        if offload_dir is not None:
+            path = Path(offload_dir).absolute()
+            while not path.exists():
+                path = path.parent
+            disk = shutil.disk_usage(path).free
+        return cls(gpu_memory=gpu, host_memory=host_available(), disk_free=disk, **rates)
+
+    def measure(self, offload_dir: str | None = None, seconds: float = 0.2) -> Machine:
+        """Measure the rates this machine can: host AdamW always; H2D, D2H and matmul FLOP/s with a GPU; disk read
+        and write under ``offload_dir`` (one 256 MiB file, removed). Returns a copy with the measured figures."""
+        from lightning_slide.engine.measure import measure_rates  # only when asked: it allocates and times
+
+        return dataclasses.replace(self, **measure_rates(offload_dir, seconds))
+
+
+# ------------------------------------------------------------------------------------------------ memory model
+def layer_saved_bytes_per_token(shape: ModelShape, element: int, kernels: tuple[str, ...] = ()) -> float:
+    """Bytes autograd saves per token in one decoder layer's forward (what its recompute holds for its backward).
+
+    Counted for Hugging Face Llama/Mistral/Qwen3 layers with torch ops (``e`` = element size; H hidden, q = heads ×
+    head_dim, kv = kv heads × head_dim, I intermediate):
+      RMSNorm (input norm): an fp32 copy of the input when computing in bf16 (4H; none in fp32, where the input is the
+      layer input already kept), the normalized input cast back (eH) and its product with the weight (eH);
+      post-attention norm: the same plus, in fp32, the residual sum itself (4H in all, as the fp32 copy in bf16);
+      attention (sdpa, flash/efficient): q, k, v and the output (2e·q + 2e·kv) and an fp32 log-sum-exp per head;
+      Qwen3's q/k norms: (4 + e) per element of q and k plus fp32 rsqrt per head;
+      SwiGLU MLP: gate, up, SiLU(gate) and the product (4e·I).
+    With the package's Triton kernels: ``rmsnorm`` keeps the input and the output (eH each, no fp32 copy),
+    ``swiglu`` keeps gate and up and its output (3e·I). Eager attention adds the probabilities (fp32 softmax and
+    its cast: (4 + e)·heads·T per token; added by the caller, which knows T).
+    """
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    upcast = 4 if element < 4 else 0
+    if "rmsnorm" in kernels:
+        norms = element * h + 2 * element * h
+    else:
+        norms = (upcast + 2 * element) * h + (4 + 2 * element) * h
+    attention = 2 * element * q + 2 * element * kv + 4 * shape.heads
+    if shape.qk_norm:
+        attention += (4 + element) * (q + kv) + 4 * (shape.heads + shape.kv_heads)
+    mlp = (3 if "swiglu" in kernels else 4) * element * i
+    return norms + attention + mlp + 8
+
+
+def layer_backward_extra_bytes_per_token(shape: ModelShape, element: int) -> float:
+    """Bytes per token a layer's backward holds besides its saved tensors, at its peak (the MLP's backward):
+    the incoming gradient and the input gradient being built (2·eH), and gradients of gate, up and their product
+    alive together (3·eI). An estimate from the order of the backward ops; calibrated by bench_plan.py."""
+    return 2 * element * shape.hidden + 3 * element * shape.intermediate
+
+
+def loss_head_bytes(shape: ModelShape, tokens: int, element: int, fused: bool) -> dict[str, int]:
+    """Peak bytes of the output head and the loss for ``tokens`` tokens.
+
+    Without the fused kernel (Hugging Face's loss): the logits (e·V per token) are upcast to fp32 (4V, when e < 4),
+    log-softmax keeps its fp32 output (4V), and backward builds its fp32 gradient and the input gradient (4V + 4V)
+    and casts it (eV): 12V + eV per token at the peak (12V in fp32).
+    With ``fused_linear_cross_entropy``: one chunk of logits (at most 2^29 elements, e each), dL/dhidden (eH per
+    token), the fp32 dL/dweight accumulator (4·V·H) and, in backward, its cast (e·V·H).
+    """
+    v, h = shape.vocab, shape.hidden
+    if not fused:
+        return {"loss head: logits, fp32 log-softmax and its gradient": tokens * v * (12 + (element if element < 4 else 0))}
+    chunk = min(tokens, max(1, FUSED_CE_CHUNK_ELEMENTS // v))
+    return {
+        "loss head (fused): logits chunk, dL/dhidden": chunk * v * element + tokens * h * element,
+        "loss head (fused): fp32 dL/dweight + its cast": v * h * (4 + element),
+    }
+
+
+def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
+    """Bytes on the compute device, by item: the fixed buffers the engine allocates (always) and the activations
+    (when ``s.batch`` and ``s.seq`` are known and the model's dimensions are)."""
+    e = s.element
+    depth = s.depth(shape)
+    items = {
+        # Window: `depth` slots of one flat weight buffer and one flat gradient buffer (window.py).
+        "window slots (weights + gradients)": depth * (shape.layer_params + shape.layer_trainable) * e,
+        # Resident parts' compute copy and gradients (engine: resident_weights, resident_grads).
+        "resident weights + gradients": (shape.resident_params + shape.resident_trainable) * e,
+    }
+    if s.resident_on_device:  # fp32 master + gradient + Adam moments on the device (attach_optimizer)
+        items["resident fp32 masters, gradients, Adam moments"] = 4 * shape.resident_params + 12 * shape.resident_trainable
+    if s.cast:  # upload_staging and download_staging
+        largest = max(shape.layer_params, shape.resident_params)
+        items["copy staging (fp32, upload + download)"] = 2 * 4 * min(largest, STAGING_NUMEL)
+    if s.batch is None or s.seq is None or not shape.has_dims:
+        return items
+    tokens = s.batch * s.seq
+    boundary = tokens * shape.hidden * e  # one layer's input, as checkpointing keeps it
+    if s.offload_activations:  # one being copied out / back, one in use
+        items["layer inputs in flight (offloaded)"] = 2 * boundary
+    else:
+        items["layer inputs (one per layer)"] = shape.layers * boundary
+    # The final norm keeps what the post-attention norm does; the head's input is its output.
+    upcast = 4 if e < 4 else 0
+    final = (2 * e if "rmsnorm" in s.kernels else upcast + 2 * e) * shape.hidden * tokens
+    items["final norm"] = final
+    items["4-D attention mask (padded batches)"] = s.batch * s.seq * s.seq
+    recompute = layer_saved_bytes_per_token(shape, e, s.kernels) * tokens
+    if shape.attention == "eager":
+        recompute += (4 + e) * shape.heads * s.seq * tokens
+    recompute += layer_backward_extra_bytes_per_token(shape, e) * tokens
+    head = loss_head_bytes(shape, tokens, e, FUSED_CE in s.kernels)
+    # The loss head's peak (before the layers' backward) and one layer's recompute + backward do not overlap.
+    if sum(head.values()) >= recompute:
+        items.update(head)
+    else:
+        items["one layer's recompute + backward"] = int(recompute)
+    return {k: int(v) for k, v in items.items()}
+
+
+def _host_updated_trainable(shape: ModelShape, s: Settings) -> int:
+    return shape.layers * shape.layer_trainable + (0 if s.resident_on_device else shape.resident_trainable)
+
+
+def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
+    """Bytes of host memory, by item (page-locked on a GPU machine where marked)."""
+    depth = s.depth(shape)
+    pinned = " (page-locked)" if s.device == "cuda" else ""
+    items = {
+        "runtime (Python, torch, CUDA context)": RUNTIME_HOST_BYTES.get(s.device, RUNTIME_HOST_BYTES["cpu"]),
+        # HostUnit.master of every unit (host.py).
+        "fp32 masters" + pinned: 4 * shape.params,
+    }
+    host_updated = _host_updated_trainable(shape, s)
+    if s.offload_dir is None:  # UnitOptimizer.state: exp_avg, exp_avg_sq (fp32) per host-updated unit
+        items["Adam moments (fp32)"] = 8 * host_updated
+    else:  # StateStore: at most window + 2 units' state read in
+        largest = max(shape.layer_trainable, 0 if s.resident_on_device else shape.resident_trainable)
+        items["Adam moments in flight (disk tier)"] = 8 * (depth + GRADS_AHEAD) * largest
+    # GradientPool: with clipping or accumulation every layer keeps its fp32 gradients until the step; otherwise
+    # updates stream out of the backward and at most window + 2 buffers are lent.
+    holders = shape.layers if s.clipping or s.accumulate > 1 else min(shape.layers, depth + GRADS_AHEAD)
+    items["layer gradient buffers (fp32)" + pinned] = 4 * holders * shape.layer_trainable
+    items["resident gradient accumulator (fp32)" + pinned] = 4 * shape.resident_trainable  # HostUnit(own_grad)
+    if s.accumulate > 1:  # engine._staging: one per window slot (and the resident parts when updated on the host)
+        resident = 0 if s.resident_on_device else shape.resident_trainable
+        items["accumulation staging (fp32)" + pinned] = 4 * (depth * shape.layer_trainable + resident)
+    if s.offload_activations and s.batch is not None and s.seq is not None and shape.hidden is not None:
+        items["offloaded layer inputs" + pinned] = shape.layers * s.batch * s.seq * shape.hidden * s.element
+    if s.device != "cuda":  # the compute device is the CPU: its buffers are host memory too
+        items["compute-device buffers (the device is the CPU)"] = sum(device_bytes(shape, s).values())
+    return items
+
+
+def disk_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
+    """Bytes in ``offload_dir``: the Adam moments of every host-updated unit (disk.py's files)."""
+    if s.offload_dir is None:
+        return {}
+    return {"Adam moments (fp32 files)": 8 * _host_updated_trainable(shape, s)}
+
+
+def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
+    """Seconds per optimizer step of each resource, alone: the step takes at least the largest.
+
+    GPU compute: 8·N·tokens FLOPs per micro-batch (forward 2, backward 4, recompute 2; N = the layers' and the
+    head's parameters). H2D: every layer's fp32 masters twice per micro-batch (forward and recompute; 4 B/param),
+    the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: fp32
+    gradients (4 B/param, cast on the device) per micro-batch, offloaded layer inputs going out. Host AdamW: every
+    host-updated parameter once per step. Disk: the Adam moments read and written once per step.
+    """
+    a = s.accumulate
+    tokens = (s.batch or 0) * (s.seq or 0)
+    layer_params = shape.layers * shape.layer_params
+    head = shape.vocab * shape.hidden if shape.has_dims else shape.resident_params
+    resident_host = 0 if s.resident_on_device else 1
+    offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
+    times = {
+        "GPU compute (8·N·tokens)": a * 8 * (layer_params + head) * tokens / m.gpu_flops,
+        "H2D weights (fp32, forward + recompute)": (a * (2 * 4 * layer_params + offloaded)
+                                                     + resident_host * 4 * shape.resident_params) / m.h2d_bytes_per_s,
+        "D2H gradients (fp32)": a * (4 * shape.layers * shape.layer_trainable + offloaded
+                                     + resident_host * 4 * shape.resident_trainable) / m.d2h_bytes_per_s,
+        "host AdamW": _host_updated_trainable(shape, s) / m.host_adamw_params_per_s,
+    }
+    if s.offload_dir is not None:
+        moments = 8 * _host_updated_trainable(shape, s)
+        times["disk read (Adam moments)"] = moments / m.disk_read_bytes_per_s
+        times["disk write (Adam moments)"] = moments / m.disk_write_bytes_per_s
+    if not tokens:
+        del times["GPU compute (8·N·tokens)"]
+    return times
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+class PlanError(ValueError):
+    """A plan that cannot fit the machine; the message gives the numbers and what to change."""
+
+
+@dataclass
+class Plan:
+    """Predicted memory (bytes, by item) and step time (seconds per optimizer step, by resource) of one run."""
+
+    shape: ModelShape
+    settings: Settings
+    machine: Machine
+    gpu: dict[str, int]
+    host: dict[str, int]
+    disk: dict[str, int]
+    time: dict[str, float]
+    suggested_batch: int | None = None  # largest batch (at this window) that fits; None: not searched / none fits
+    suggested_window: int | None = None  # largest window (at this batch) that fits
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def disk_total(self) -> int:
+        return sum(self.disk.values())
+
+    @property
+    def step_seconds(self) -> float:
+        return max(self.time.values()) if self.time else 0.0
+
+    @property
+    def binding(self) -> str | None:
+        """The resource that bounds the step time."""
+        return max(self.time, key=self.time.get) if self.time else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        s = self.settings
+        if not s.batch or not s.seq or not self.step_seconds:
+            return None
+        return s.accumulate * s.batch * s.seq / self.step_seconds
+
+    def problems(self) -> list[str]:
+        """Each memory tier that does not fit, as one line with the numbers."""
+        m, out = self.machine, []
+        gpu_limit = m.gpu_memory if self.settings.device == "cuda" or m.gpu_memory is not None else None
+        for name, total, limit in (("GPU", self.gpu_total, gpu_limit), ("host", self.host_total, m.host_memory),
+                                   ("disk", self.disk_total, m.disk_free)):
+            if limit is not None and total > limit:
+                out.append(f"{name}: needs {human(total)}, more than the {human(limit)} available")
+        return out
+
+    def advice(self) -> list[str]:
+        """What to change, for the tiers that do not fit."""
+        s, tips = self.settings, []
+        problems = " ".join(self.problems())
+        if "GPU" in problems:
+            if s.batch is not None:
+                tips.append(f"lower the batch size (now {s.batch}"
+                            + (f"; at most {self.suggested_batch} fits)" if self.suggested_batch else ")"))
+            tips.append(f"lower the window (now {s.window})")
+            if s.resident_on_device:
+                tips.append("set resident_optimizer='host'")
+            if not s.offload_activations and s.batch is not None:
+                tips.append("set offload_activations=True")
+            if FUSED_CE not in s.kernels and any(k.startswith("loss head") for k in self.gpu):
+                tips.append("use kernels='all' (the fused cross-entropy never builds the logits)")
+            tips.append("raise gpu_memory_limit or use a larger GPU")
+        if "host" in problems:
+            if s.offload_dir is None:
+                tips.append("set offload_dir (the Adam moments go to disk: 8 bytes/parameter less)")
+            if s.offload_activations:
+                tips.append("set offload_activations=False or lower the batch size")
+            tips.append("free host memory or use a machine with more")
+        if "disk" in problems:
+            tips.append("free disk space, choose another offload_dir, or set offload_dir=None")
+        return tips
+
+    def check(self) -> None:
+        """Raise :class:`PlanError` with the numbers and what to change when a tier does not fit."""
+        problems = self.problems()
+        if problems:
+            raise PlanError(
+                "slideformer cannot fit this run: " + "; ".join(problems) + ".\n" + self.table()
+                + "\nTo fit: " + "; ".join(self.advice()) + "."
+            )
+
+    def table(self) -> str:
+        """The plan as a readable table: every item with bytes and human units, the totals against the machine,
+        the step-time terms and the one that binds, and the suggestions."""
+        s = self.settings
+        rows = [f"{'item':<58} {'bytes':>16}  {'':>10}"]
+
+        def block(title: str, items: dict[str, int], limit: int | None) -> None:
+            rows.append(f"-- {title}")
+            rows.extend(f"  {k:<56} {v:>16,}  {human(v):>10}" for k, v in items.items())
+            total = sum(items.values())
+            against = f"  (of {human(limit)}: {'fits' if total <= limit else 'DOES NOT FIT'})" if limit else ""
+            rows.append(f"  {'total':<56} {total:>16,}  {human(total):>10}{against}")
+
+        block("GPU (peak)", self.gpu, self.machine.gpu_memory)
+        block("host (peak)", self.host, self.machine.host_memory)
+        if self.disk:
+            block("disk (offload_dir)", self.disk, self.machine.disk_free)
+        rows.append("-- step time lower bound (per optimizer step; each resource alone)")
+        rows.extend(f"  {k:<56} {_seconds(v):>16}" + ("  <- binds" if k == self.binding else "")
+                    for k, v in self.time.items())
+        if self.tokens_per_second:
+            rows.append(f"  {'step bound':<56} {_seconds(self.step_seconds):>16}  "
+                        f"({self.tokens_per_second:,.0f} tokens/s at most)")
+        if self.suggested_batch is not None or self.suggested_window is not None:
+            rows.append("-- suggestions")
+            if self.suggested_batch is not None:
+                rows.append(f"  largest batch at window {s.window}, seq {s.seq}: {self.suggested_batch}")
+            if self.suggested_window is not None:
+                rows.append(f"  largest window at batch {s.batch}: {self.suggested_window}")
+        rows.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        """Everything as plain Python (JSON-ready)."""
+        return {
+            "shape": dataclasses.asdict(self.shape),
+            "settings": {**dataclasses.asdict(self.settings), "compute_dtype": str(self.settings.compute_dtype)},
+            "machine": dataclasses.asdict(self.machine),
+            "gpu": self.gpu, "host": self.host, "disk": self.disk, "time": self.time,
+            "gpu_total": self.gpu_total, "host_total": self.host_total, "disk_total": self.disk_total,
+            "step_seconds": self.step_seconds, "binding": self.binding, "tokens_per_second": self.tokens_per_second,
+            "suggested_batch": self.suggested_batch, "suggested_window": self.suggested_window,
+            "problems": self.problems(), "notes": self.notes,
+        }
+
+
+def _fits(shape: ModelShape, s: Settings, m: Machine, margin: float) -> bool:
+    gpu_ok = m.gpu_memory is None or sum(device_bytes(shape, s).values()) <= margin * m.gpu_memory
+    host_ok = m.host_memory is None or sum(host_bytes(shape, s).values()) <= m.host_memory
+    return gpu_ok and host_ok
+
+
+def largest_batch(shape: ModelShape, s: Settings, m: Machine, margin: float = SUGGEST_MARGIN,
+                  most: int = 2**16) -> int | None:
+    """The largest batch size (at ``s.seq`` and ``s.window``) whose GPU peak is at most ``margin`` of the GPU and
+    whose host peak fits; ``None`` when not even 1 fits (or ``s.seq`` is unknown)."""
+    if s.seq is None or not shape.has_dims or not _fits(shape, dataclasses.replace(s, batch=1), m, margin):
+        return None
+    low, high = 1, most  # memory grows with the batch: bisect
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _fits(shape, dataclasses.replace(s, batch=mid), m, margin):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def largest_window(shape: ModelShape, s: Settings, m: Machine, margin: float = SUGGEST_MARGIN) -> int | None:
+    """The largest window (at ``s.batch``) that fits as :func:`largest_batch` says; ``None`` when not even 1 does."""
+    fitting = [w for w in range(1, shape.layers + 1) if _fits(shape, dataclasses.replace(s, window=w), m, margin)]
+    return fitting[-1] if fitting else None
+
+
+def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = None, *, suggest: bool = True) -> Plan:
+    """The plan of a run: memory by tier and item, step-time terms, and (``suggest``) the largest batch and window
+    that fit ``machine`` (sizes ``None`` are not checked)."""
+    machine = machine or Machine()
+    plan = Plan(shape, settings, machine, device_bytes(shape, settings), host_bytes(shape, settings),
+                disk_bytes(shape, settings), step_times(shape, settings, machine))
+    if not shape.has_dims:
+        plan.notes.append("no model config with hidden_size etc. was found: activations are not planned")
+    elif settings.batch is None or settings.seq is None:
+        plan.notes.append("batch and sequence length unknown: activations are not planned")
+    if suggest:
+        plan.suggested_batch = largest_batch(shape, settings, machine)
+        plan.suggested_window = largest_window(shape, settings, machine)
+    return plan
+
+
+def check_device(items: dict[str, int], limit: int, window: int) -> None:
+    """Raise :class:`PlanError` when the device buffers ``items`` exceed ``limit`` bytes (the engine's own check of
+    its fixed buffers, before it allocates them)."""
+    total = sum(items.values())
     if total <= limit:
         return
-    lines = "\n".join(f"  {name}: {human(size)}" for name, size in plan.items())
-    raise ValueError(
+    lines = "\n".join(f"  {name}: {human(size)}" for name, size in items.items())
+    raise PlanError(
         f"slideformer needs {human(total)} of device memory before any activation, more than the "
         f"{human(limit)} allowed:\n{lines}\nLower the window (now {window}), set resident_optimizer='host', "
         "or raise gpu_memory_limit."

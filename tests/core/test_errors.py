@@ -99,7 +99,7 @@ def test_bad_memory_size(text):
 def test_window_that_cannot_fit_the_memory_limit():
     module = TinyLM("llama", initial_state("llama"))
     strategy = lightning_slide.SlideFormerStrategy(window=4, gpu_memory_limit="100KiB")
-    with pytest.raises(ValueError, match=r"(?s)needs \d+\.\d\d KiB .*100\.00 KiB allowed.*window slots.*Lower the window \(now 4\)"):
+    with pytest.raises(ValueError, match=r"(?s)GPU: needs \d+\.\d\d KiB, more than the 100\.00 KiB available.*window slots.*lower the window \(now 4\)"):
         trainer(strategy).fit(module, batches(2))
     assert all(p.device.type == "cpu" for p in module.parameters())
 
