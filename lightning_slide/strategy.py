@@ -23,6 +23,7 @@ from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
 from lightning_slide.engine.plan import (
     Machine, ModelShape, Plan, Settings, device_bytes, human, largest_batch, make_plan, parse_bytes,
+    resident_on_device_auto,
 )
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
 from lightning_slide.monitor import SlideMonitor
@@ -294,7 +295,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             return False
         resident = sum(p.numel() for _, p in find_parts(module, self.blocks).resident)
         memory = self.gpu_memory_limit or torch.cuda.get_device_properties(device).total_memory
-        return 16 * resident <= memory / 4
+        return resident_on_device_auto(resident, memory)
 
     def model_to_device(self) -> None:
         pass  # the engine places the resident parts and slides the layers

@@ -159,6 +159,12 @@ class Settings:
         return self.device == "cuda" and self.compute_dtype != torch.float32
 
 
+def resident_on_device_auto(resident_params: int, gpu_memory: int | None) -> bool:
+    """``resident_optimizer="auto"``: update the resident parts on the GPU when their fp32 master, gradient and Adam
+    moments (16 bytes per parameter) take at most a quarter of ``gpu_memory`` (``None``: no GPU, so never)."""
+    return gpu_memory is not None and 16 * resident_params <= gpu_memory / 4
+
+
 def host_available() -> int:
     """Host memory available to a new allocation now (``MemAvailable`` of ``/proc/meminfo``; elsewhere the
     physical memory)."""
@@ -403,6 +409,7 @@ class Plan:
     suggested_batch: int | None = None  # largest batch (at this window) that fits; None: not searched / none fits
     suggested_window: int | None = None  # largest window (at this batch) that fits
     notes: list[str] = field(default_factory=list)
+    searched: bool = False  # the suggestions were searched for
 
     @property
     def gpu_total(self) -> int:
@@ -500,12 +507,11 @@ class Plan:
         if self.tokens_per_second:
             rows.append(f"  {'step bound':<56} {_seconds(self.step_seconds):>16}  "
                         f"({self.tokens_per_second:,.0f} tokens/s at most)")
-        if self.suggested_batch is not None or self.suggested_window is not None:
-            rows.append("-- suggestions")
-            if self.suggested_batch is not None:
-                rows.append(f"  largest batch at window {s.window}, seq {s.seq}: {self.suggested_batch}")
-            if self.suggested_window is not None:
-                rows.append(f"  largest window at batch {s.batch}: {self.suggested_window}")
+        if self.searched:
+            rows.append(f"-- suggestions (GPU peak at most {SUGGEST_MARGIN:.0%} of the GPU, host within its memory)")
+            if s.seq is not None and self.machine.gpu_memory is not None:
+                rows.append(f"  largest batch at window {s.window}, seq {s.seq}: {self.suggested_batch or 'none fits'}")
+            rows.append(f"  largest window at batch {s.batch}: {self.suggested_window or 'none fits'}")
         rows.extend(f"note: {n}" for n in self.notes)
         return "\n".join(rows)
 
@@ -533,7 +539,9 @@ def largest_batch(shape: ModelShape, s: Settings, m: Machine, margin: float = SU
                   most: int = 2**16) -> int | None:
     """The largest batch size (at ``s.seq`` and ``s.window``) whose GPU peak is at most ``margin`` of the GPU and
     whose host peak fits; ``None`` when not even 1 fits (or ``s.seq`` is unknown)."""
-    if s.seq is None or not shape.has_dims or not _fits(shape, dataclasses.replace(s, batch=1), m, margin):
+    if m.gpu_memory is None or s.seq is None or not shape.has_dims:
+        return None
+    if not _fits(shape, dataclasses.replace(s, batch=1), m, margin):
         return None
     low, high = 1, most  # memory grows with the batch: bisect
     while low < high:
@@ -564,6 +572,7 @@ def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = N
     if suggest:
         plan.suggested_batch = largest_batch(shape, settings, machine)
         plan.suggested_window = largest_window(shape, settings, machine)
+        plan.searched = True
     return plan
 
 

@@ -1,0 +1,174 @@
+"""``slide-plan``: what a ``slide-train`` run will need (GPU memory, host memory, disk, step time), before running it.
+
+It takes the same Hydra config and overrides as ``slide-train`` (plus the ``plan.*`` options of ``conf/train.yaml``),
+reads only the model's ``config.json`` (no weights: the model is built on the meta device to count parameters), and
+prints the planner's table (:mod:`lightning_slide.engine.plan`). Exit status: 0 when the run fits, 1 when it does not
+(the message says what to change), 2 for a bad option.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from lightning_slide.app.data import DEFAULT_MAX_LENGTH
+from lightning_slide.app.errors import ModelDirError, SlideAppError
+from lightning_slide.app.train import CONF
+from lightning_slide.engine.plan import (
+    Machine,
+    ModelShape,
+    Plan,
+    Settings,
+    make_plan,
+    parse_bytes,
+    resident_on_device_auto,
+)
+from lightning_slide.kernels import KERNEL_NAMES
+
+USAGE = """usage: slide-plan [group=option ...] [key=value ...]
+
+The same overrides as slide-train (model=..., model.path=..., data.batch_size=..., data.max_length=...,
+strategy.window=..., strategy.gpu_memory_limit=..., kernels=all, trainer.accumulate_grad_batches=...), plus:
+  plan.batch, plan.seq          batch size and sequence length (default: data.batch_size, data.max_length)
+  plan.gpu_memory               GPU memory to plan for, e.g. 24GiB (default: strategy.gpu_memory_limit, else this GPU)
+  plan.host_memory              host memory to plan for (default: MemAvailable of this machine)
+  plan.measure=true             measure host AdamW, H2D/D2H, GPU FLOP/s and the disk here instead of the defaults
+  plan.h2d, plan.d2h, plan.disk_read, plan.disk_write (bytes/s), plan.adamw (params/s), plan.tflops (TFLOP/s)
+  plan.json=FILE                also write the plan as JSON
+Only the model's config.json is read (model.path may hold nothing else). Exit status 1: the run does not fit."""
+
+_RATES = {"h2d": "h2d_bytes_per_s", "d2h": "d2h_bytes_per_s", "disk_read": "disk_read_bytes_per_s",
+          "disk_write": "disk_write_bytes_per_s", "adamw": "host_adamw_params_per_s"}
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The app's config for these command-line overrides (as ``slide-train`` composes it)."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def model_config(node: DictConfig) -> Any:
+    """The Hugging Face config of ``cfg.model``: ``config.json`` of ``model.path`` or ``model.config``'s fields."""
+    trust = bool(node.get("trust_remote_code", False))
+    if node.get("path") is not None:
+        path = Path(node.path)
+        if not (path / "config.json").is_file():
+            raise ModelDirError(f"model.path {str(path)!r} has no config.json (slide-plan needs only that file)")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    elif node.get("config") is not None:
+        fields = OmegaConf.to_container(node.config, resolve=True)
+        if "vocab_size" not in fields and node.get("tokenizer"):
+            fields["vocab_size"] = len(AutoTokenizer.from_pretrained(node.tokenizer, trust_remote_code=trust))
+        config = AutoConfig.for_model(**fields)
+    else:
+        raise SlideAppError("missing required options: the model directory: model.path=/path/to/model "
+                            "(only its config.json is read)")
+    wrong = {k: v for k, v in (node.get("expect") or {}).items() if getattr(config, k, None) != v}
+    if wrong:
+        raise ModelDirError(f"model.path {str(node.path)!r} is not the model this config describes (expected "
+                            f"{dict(wrong)}); pick the matching model=..., or model=causal_lm")
+    return config
+
+
+def meta_root(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model on the meta device, inside a module at ``.model`` as in ``CausalLMModule`` (so that
+    ``strategy.blocks`` paths mean the same); no memory is allocated."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    root = torch.nn.Module()
+    root.model = model
+    return root
+
+
+def plan_from_config(cfg: DictConfig) -> Plan:
+    """The plan of the run ``cfg`` describes (the app's composed config)."""
+    strategy = cfg.strategy
+    if strategy.get("_target_") != "lightning_slide.SlideFormerStrategy":
+        raise SlideAppError("slide-plan plans the slideformer strategy; drop strategy=... or use strategy=slideformer")
+    config = model_config(cfg.model)
+    shape = ModelShape.of(meta_root(config, bool(cfg.model.get("trust_remote_code", False))), strategy.blocks)
+    options = cfg.get("plan") or {}
+    limit = options.get("gpu_memory") or strategy.gpu_memory_limit
+    machine = Machine.detect(gpu_memory_limit=None if limit is None else parse_bytes(limit),
+                             offload_dir=strategy.offload_dir)
+    if options.get("host_memory") is not None:
+        machine.host_memory = parse_bytes(options.host_memory)
+    if options.get("measure"):
+        machine = machine.measure(strategy.offload_dir)
+    for key, field in _RATES.items():
+        if options.get(key) is not None:
+            setattr(machine, field, float(options[key]))
+    if options.get("tflops") is not None:
+        machine.gpu_flops = float(options.tflops) * 1e12
+
+    names = cfg.kernels.names
+    names = [names] if isinstance(names, str) else list(names)
+    kernels = KERNEL_NAMES if "all" in names else tuple(n for n in names if n != "none")
+    context = getattr(config, "max_position_embeddings", None)
+    seq = options.get("seq") or cfg.data.get("max_length") or min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
+    resident = {"device": True, "host": False}.get(strategy.resident_optimizer)
+    if resident is None:  # "auto", as the strategy decides it
+        resident = resident_on_device_auto(shape.resident_params, machine.gpu_memory)
+    precision = str(cfg.trainer.get("precision"))
+    clip = cfg.trainer.get("gradient_clip_val")
+    settings = Settings(
+        window=int(strategy.window), batch=int(options.get("batch") or cfg.data.batch_size), seq=int(seq),
+        compute_dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32,
+        device="cpu" if cfg.trainer.get("accelerator") == "cpu" else "cuda", resident_on_device=resident,
+        offload_activations=bool(strategy.offload_activations), offload_dir=strategy.offload_dir,
+        kernels=tuple(kernels), clipping=clip is not None and clip > 0,
+        accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
+    )
+    plan = make_plan(shape, settings, machine)
+    if machine.gpu_memory is None:
+        plan.notes.append("no GPU here and no plan.gpu_memory / strategy.gpu_memory_limit: the GPU is not checked")
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: ``slide-plan [overrides]``; prints the plan, returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        cfg = compose_config(argv)
+        plan = plan_from_config(cfg)
+    except ConfigCompositionException as e:
+        print(f"slide-plan: error: {e}", file=sys.stderr)
+        return 2
+    except SlideAppError as e:
+        print(f"slide-plan: error: {e}", file=sys.stderr)
+        return 2
+    s = plan.settings
+    print(f"slide-plan: {plan.shape.params / 1e9:.2f}B parameters, {plan.shape.layers} layers; batch {s.batch} x "
+          f"seq {s.seq}, window {s.window}, {str(s.compute_dtype).removeprefix('torch.')}, "
+          f"accumulate {s.accumulate}, clipping {'on' if s.clipping else 'off'}, kernels "
+          f"{', '.join(s.kernels) or 'none'}, resident optimizer on the {'GPU' if s.resident_on_device else 'host'}"
+          f"{', offload_activations' if s.offload_activations else ''}"
+          f"{f', offload_dir {s.offload_dir}' if s.offload_dir else ''}")
+    print(plan.table())
+    target = (cfg.get("plan") or {}).get("json")
+    if target:
+        Path(target).write_text(json.dumps(plan.to_dict(), indent=2, default=str))
+    problems = plan.problems()
+    if problems:
+        print("slide-plan: does not fit: " + "; ".join(problems) + ".\nTo fit: " + "; ".join(plan.advice()) + ".")
+        return 1
+    return 0
+
+
+def console() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

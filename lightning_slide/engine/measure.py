@@ -1,0 +1,68 @@
+"""Measured rates of this machine for the planner: host AdamW, and with a GPU the copy bandwidths and matmul FLOP/s,
+and with a directory the disk's read and write bandwidths. Each measurement takes a fraction of a second."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rate(work, amount: float, seconds: float, sync=lambda: None) -> float:
+    """``amount`` per second of ``work()``, repeated for about ``seconds`` after one warm-up call."""
+    work()
+    sync()
+    runs, start = 0, time.perf_counter()
+    while True:
+        work()
+        runs += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return amount * runs / elapsed
+
+
+def host_adamw_rate(seconds: float = 0.2, numel: int = 2**22) -> float:
+    """Parameters per second of torch's fused AdamW on the host (fp32), as the engine runs it."""
+    param = torch.zeros(numel, dtype=torch.float32)
+    param.grad = torch.ones(numel, dtype=torch.float32)
+    optimizer = torch.optim.AdamW([param], lr=1e-3, fused=True)
+    return _rate(optimizer.step, numel, seconds)
+
+
+def measure_rates(directory: str | None = None, seconds: float = 0.2) -> dict[str, float]:
+    """The rate fields of :class:`~lightning_slide.engine.plan.Machine` this machine can measure."""
+    rates = {"host_adamw_params_per_s": host_adamw_rate(seconds)}
+    if torch.cuda.is_available():
+        sync = torch.cuda.synchronize
+        numel = 2**26  # 256 MiB of fp32
+        host = torch.empty(numel, dtype=torch.float32, pin_memory=True)
+        device = torch.empty(numel, dtype=torch.float32, device="cuda")
+        rates["h2d_bytes_per_s"] = _rate(lambda: device.copy_(host, non_blocking=True), 4 * numel, seconds, sync)
+        rates["d2h_bytes_per_s"] = _rate(lambda: host.copy_(device, non_blocking=True), 4 * numel, seconds, sync)
+        del host, device
+        n = 8192
+        a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        rates["gpu_flops"] = _rate(lambda: a @ b, 2 * n**3, seconds, sync)
+    if directory is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        data = torch.zeros(2**26, dtype=torch.float32).numpy()
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".bench", delete=False) as f:
+            name = f.name
+        try:
+            def write():
+                with open(name, "wb") as out:
+                    data.tofile(out)
+                    out.flush()
+                    os.fsync(out.fileno())
+
+            rates["disk_write_bytes_per_s"] = _rate(write, data.nbytes, seconds)
+            # Reads may come from the page cache: an upper bound for a file written just before.
+            rates["disk_read_bytes_per_s"] = _rate(lambda: Path(name).read_bytes(), data.nbytes, seconds)
+        finally:
+            os.unlink(name)
+    return rates
