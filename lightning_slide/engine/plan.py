@@ -333,9 +333,9 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     host_updated = _host_updated_trainable(shape, s)
     if s.offload_dir is None:  # UnitOptimizer.state: exp_avg, exp_avg_sq (fp32) per host-updated unit
         items["Adam moments (fp32)"] = 8 * host_updated
-    else:  # StateStore: at most window + 2 units' state read in
-        largest = max(shape.layer_trainable, 0 if s.resident_on_device else shape.resident_trainable)
-        items["Adam moments in flight (disk tier)"] = 8 * (depth + GRADS_AHEAD) * largest
+    else:  # StateStore: at most window + 2 units' state read in (the largest units, at worst)
+        units = [shape.layer_trainable] * shape.layers + ([] if s.resident_on_device else [shape.resident_trainable])
+        items["Adam moments in flight (disk tier)"] = 8 * sum(sorted(units)[-(depth + GRADS_AHEAD):])
     # GradientPool: with clipping or accumulation every layer keeps its fp32 gradients until the step; otherwise
     # updates stream out of the backward and at most window + 2 buffers are lent.
     holders = shape.layers if s.clipping or s.accumulate > 1 else min(shape.layers, depth + GRADS_AHEAD)

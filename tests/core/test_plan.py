@@ -1,0 +1,188 @@
+"""The planner (lightning_slide/engine/plan.py) against what the engine really allocates and what autograd really
+saves, its refusals, and its suggestions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
+
+import lightning_slide
+from lightning_slide.engine import plan as planner
+from lightning_slide.engine.plan import (
+    Machine,
+    ModelShape,
+    PlanError,
+    Settings,
+    device_bytes,
+    largest_batch,
+    largest_window,
+    layer_saved_bytes_per_token,
+    make_plan,
+)
+
+from .tiny import TinyLM, batches, initial_state, trainer
+
+LAYER_CONFIGS = {
+    "llama": lambda: LlamaConfig(hidden_size=128, intermediate_size=352, num_attention_heads=8, num_key_value_heads=2,
+                                 num_hidden_layers=1, vocab_size=64),
+    "qwen3": lambda: Qwen3Config(hidden_size=128, intermediate_size=352, num_attention_heads=8, num_key_value_heads=2,
+                                 head_dim=32, num_hidden_layers=1, vocab_size=64),
+    "mistral": lambda: MistralConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                                     num_key_value_heads=4, num_hidden_layers=1, vocab_size=64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("family", sorted(LAYER_CONFIGS))
+def test_layer_saved_bytes_match_autograd(family, dtype):
+    """Count the bytes autograd saves in one decoder layer's forward (what its recompute holds) on the CPU."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LAYER_CONFIGS[family](), dtype=dtype, attn_implementation="sdpa")
+    batch, seq = 2, 24
+    x = torch.randn(batch, seq, model.config.hidden_size, dtype=dtype, requires_grad=True)
+    cos, sin = model.model.rotary_emb(x, torch.arange(seq)[None].expand(batch, seq))
+    skip = {t.untyped_storage().data_ptr() for t in (x, cos, sin, *model.parameters())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in skip:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, position_embeddings=(cos, sin), attention_mask=None)
+    shape = ModelShape.of(model)
+    predicted = layer_saved_bytes_per_token(shape, torch.empty((), dtype=dtype).element_size()) * batch * seq
+    assert sum(saved.values()) == pytest.approx(predicted, rel=0.01)
+
+
+class _Snapshot(L.Callback):
+    """What the engine holds at the end of training (before teardown releases it)."""
+
+    def on_train_end(self, trainer, module):
+        engine = trainer.strategy.engine
+        units = engine.units()
+        states = [t for o in engine._optimizers.values() if o.state is not None for t in o.state.values()]
+        self.host = {
+            "masters": sum(u.master.numel() * 4 for u in units.values()),
+            "moments": sum(t.numel() * t.element_size() for t in states),
+            "pool": 4 * engine.grad_pool.allocated * engine.grad_pool.numel,
+            "resident grad": engine.resident.grad.numel() * 4,
+            "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
+        }
+        self.device = {
+            "slots": sum(s.weights.nbytes + s.grads.nbytes for s in engine.window.slots),
+            "resident": engine.resident_weights.nbytes + engine.resident_grads.nbytes,
+        }
+        self.plan = trainer.strategy.plan
+        self.depth = engine.depth
+
+
+def _item(items, prefix):
+    return next(v for k, v in items.items() if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("clip,accumulate", [(0.5, 2), (None, 1)])
+def test_plan_matches_the_engines_allocations(clip, accumulate):
+    snap = _Snapshot()
+    strategy = lightning_slide.SlideFormerStrategy(window=2)
+    trainer(strategy, max_steps=3, gradient_clip_val=clip, accumulate_grad_batches=accumulate,
+            callbacks=[snap]).fit(TinyLM("llama", initial_state("llama")), batches(8))
+    plan = snap.plan
+    assert plan.settings.batch == 2 and plan.settings.seq == 16  # redone at the first batch
+    host = plan.host
+    assert snap.host["masters"] == _item(host, "fp32 masters")
+    assert snap.host["moments"] == _item(host, "Adam moments")
+    assert snap.host["resident grad"] == _item(host, "resident gradient accumulator")
+    if clip is not None:  # every layer keeps its gradients until the global norm
+        assert snap.host["pool"] == _item(host, "layer gradient buffers")
+        assert snap.host["staging"] == _item(host, "accumulation staging")
+    else:  # updates stream: at most window + 2 buffers
+        assert 0 < snap.host["pool"] <= _item(host, "layer gradient buffers")
+        assert _item(host, "layer gradient buffers") == 4 * (snap.depth + 2) * plan.shape.layer_trainable
+        assert not any(k.startswith("accumulation staging") for k in host)
+    assert snap.device["slots"] == plan.gpu["window slots (weights + gradients)"]
+    assert snap.device["resident"] == plan.gpu["resident weights + gradients"]
+
+
+def _llama8b_shape() -> ModelShape:
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    with torch.device("meta"):
+        return ModelShape.of(AutoModelForCausalLM.from_config(config))
+
+
+def test_plan_numbers_of_a_known_shape():
+    shape = _llama8b_shape()
+    assert shape.layers == 32 and shape.layer_params == 218_112_000 and shape.resident_params == 2 * 128256 * 4096 + 4096
+    plan = make_plan(shape, Settings(window=2, batch=4, seq=1024, kernels=("fused_linear_cross_entropy",)),
+                     Machine(gpu_memory=24 * 2**30, host_memory=256 * 2**30))
+    assert plan.gpu["window slots (weights + gradients)"] == 2 * 2 * 2 * shape.layer_params
+    assert plan.gpu["layer inputs (one per layer)"] == 32 * 4 * 1024 * 4096 * 2
+    assert _item(plan.host, "fp32 masters") == 4 * shape.params
+    assert _item(plan.host, "Adam moments") == 8 * shape.params  # everything updated on the host
+    # Step terms: compute 8·N·tokens, weights up twice in fp32, gradients down in fp32, AdamW once.
+    m = plan.machine
+    assert plan.time["H2D weights (fp32, forward + recompute)"] == pytest.approx(
+        (8 * 32 * shape.layer_params + 4 * shape.resident_params) / m.h2d_bytes_per_s)
+    assert plan.time["host AdamW"] == pytest.approx(shape.params / m.host_adamw_params_per_s)
+    assert plan.binding == "host AdamW" and plan.step_seconds == plan.time["host AdamW"]
+    assert not plan.problems()
+    # The disk tier moves the moments to files and adds their traffic.
+    disk = make_plan(shape, dataclasses.replace(plan.settings, offload_dir="/x"), Machine(disk_free=2**40))
+    assert disk.disk_total == 8 * shape.params and "disk write (Adam moments)" in disk.time
+    assert _item(disk.host, "Adam moments in flight") == 8 * (shape.resident_trainable + 3 * shape.layer_trainable)
+    table = plan.table()
+    assert "<- binds" in table and "largest batch" in table and "GiB" in table
+    assert plan.to_dict()["binding"] == "host AdamW"
+
+
+def test_refusals_say_what_to_change():
+    shape = _llama8b_shape()
+    settings = Settings(window=2, batch=4, seq=1024)
+    with pytest.raises(PlanError, match=r"(?s)GPU: needs .* more than the 4\.00 GiB available.*lower the batch size "
+                                        r"\(now 4\).*lower the window \(now 2\)"):
+        make_plan(shape, settings, Machine(gpu_memory=4 * 2**30)).check()
+    with pytest.raises(PlanError, match=r"(?s)host: needs .* more than the 64\.00 GiB available.*set offload_dir"):
+        make_plan(shape, settings, Machine(host_memory=64 * 2**30)).check()
+    with pytest.raises(PlanError, match=r"(?s)disk: needs .*free disk space"):
+        make_plan(shape, dataclasses.replace(settings, offload_dir="/x"), Machine(disk_free=2**30)).check()
+
+
+def test_suggestions_are_the_largest_that_fit():
+    shape = _llama8b_shape()
+    settings = Settings(window=2, batch=4, seq=2048, kernels=("fused_linear_cross_entropy",))
+    machine = Machine(gpu_memory=24 * 2**30, host_memory=512 * 2**30)
+    margin = planner.SUGGEST_MARGIN * machine.gpu_memory
+    best = largest_batch(shape, settings, machine)
+    assert best and sum(device_bytes(shape, dataclasses.replace(settings, batch=best)).values()) <= margin
+    assert sum(device_bytes(shape, dataclasses.replace(settings, batch=best + 1)).values()) > margin
+    window = largest_window(shape, settings, machine)
+    assert 1 <= window < shape.layers
+    assert sum(device_bytes(shape, dataclasses.replace(settings, window=window)).values()) <= margin
+    assert sum(device_bytes(shape, dataclasses.replace(settings, window=window + 1)).values()) > margin
+    # Offloading the layer inputs lets a larger batch fit.
+    assert largest_batch(shape, dataclasses.replace(settings, offload_activations=True), machine) > best
+    assert largest_batch(shape, settings, Machine(gpu_memory=2**30)) is None
+
+
+def test_strategy_refuses_activations_that_cannot_fit_at_the_first_batch():
+    module = TinyLM("llama", initial_state("llama"))
+    fixed = device_bytes(ModelShape.of(module), Settings(window=2, compute_dtype=torch.float32, device="cpu"))
+    strategy = lightning_slide.SlideFormerStrategy(window=2, gpu_memory_limit=sum(fixed.values()) + 1024)
+    with pytest.raises(PlanError, match=r"(?s)GPU: needs .*layer inputs.*lower the batch size \(now 2"):
+        trainer(strategy, max_steps=1).fit(module, batches(2))
+    assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+def test_strategy_refuses_host_memory_that_cannot_fit(monkeypatch):
+    monkeypatch.setattr(planner, "host_available", lambda: 1)  # nothing left besides what the process holds
+    module = TinyLM("llama", initial_state("llama"))
+    with pytest.raises(PlanError, match=r"(?s)host: needs .*Adam moments.*set offload_dir"):
+        trainer(lightning_slide.SlideFormerStrategy(window=2), max_steps=1).fit(module, batches(2))
+    assert all(p.device.type == "cpu" for p in module.parameters())
