@@ -236,6 +236,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             resident_on_device=resident_on_device, offload_activations=self.offload_activations,
             offload_dir=self.offload_dir, kernels=tuple(kernels), clipping=clip is not None and clip > 0,
             accumulate=trainer.accumulate_grad_batches,
+            host_weights="fp32" if self.host_weights == "auto" else self.host_weights,
         )
 
     def _check_plan(self, module: LightningModule, batch: int | None = None, seq: int | None = None) -> Plan:

@@ -126,6 +126,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         offload_activations=bool(strategy.offload_activations), offload_dir=strategy.offload_dir,
         kernels=tuple(kernels), clipping=clip is not None and clip > 0,
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
+        host_weights="compute" if strategy.get("host_weights") == "compute" else "fp32",
     )
     plan = make_plan(shape, settings, machine)
     if machine.gpu_memory is None:

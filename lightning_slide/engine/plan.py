@@ -145,6 +145,12 @@ class Settings:
     kernels: tuple[str, ...] = ()
     clipping: bool = True  # gradient_clip_val set: every layer keeps its fp32 gradients until the global norm
     accumulate: int = 1  # accumulate_grad_batches
+    host_weights: str = "fp32"  # "compute": a page-locked compute-dtype copy of each layer is what uploads read
+
+    @property
+    def compute_copy(self) -> bool:
+        """The host keeps a compute-dtype copy of every layer (``host_weights="compute"`` with bf16 compute)."""
+        return self.host_weights == "compute" and self.compute_dtype != torch.float32
 
     def depth(self, shape: ModelShape) -> int:
         return max(1, min(self.window, shape.layers))
@@ -288,7 +294,7 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     }
     if s.resident_on_device:  # fp32 master + gradient + Adam moments on the device (attach_optimizer)
         items["resident fp32 masters, gradients, Adam moments"] = 4 * shape.resident_params + 12 * shape.resident_trainable
-    if s.cast:  # upload_staging and download_staging
+    if s.cast:  # upload_staging and download_staging (the engine allocates both whatever the layers upload)
         largest = max(shape.layer_params, shape.resident_params)
         items["copy staging (fp32, upload + download)"] = 2 * 4 * min(largest, STAGING_NUMEL)
     if s.batch is None or s.seq is None or not shape.has_dims:
@@ -330,6 +336,8 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         # HostUnit.master of every unit (host.py).
         "fp32 masters" + pinned: 4 * shape.params,
     }
+    if s.compute_copy:  # HostUnit.weights of every layer
+        items["layer compute copies" + pinned] = shape.layers * shape.layer_params * s.element
     host_updated = _host_updated_trainable(shape, s)
     if s.offload_dir is None:  # UnitOptimizer.state: exp_avg, exp_avg_sq (fp32) per host-updated unit
         items["Adam moments (fp32)"] = 8 * host_updated
@@ -362,7 +370,8 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     """Seconds per optimizer step of each resource, alone: the step takes at least the largest.
 
     GPU compute: 8·N·tokens FLOPs per micro-batch (forward 2, backward 4, recompute 2; N = the layers' and the
-    head's parameters). H2D: every layer's fp32 masters twice per micro-batch (forward and recompute; 4 B/param),
+    head's parameters). H2D: every layer's weights twice per micro-batch (forward and recompute; the fp32 masters,
+    4 B/param, or with ``host_weights="compute"`` the compute copy, 2 B/param in bf16),
     the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: fp32
     gradients (4 B/param, cast on the device) per micro-batch, offloaded layer inputs going out. Host AdamW: every
     host-updated parameter once per step. Disk: the Adam moments read and written once per step.
@@ -373,9 +382,10 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     head = shape.vocab * shape.hidden if shape.has_dims else shape.resident_params
     resident_host = 0 if s.resident_on_device else 1
     offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
+    upload = s.element if s.compute_copy else 4  # bytes per layer parameter per upload
     times = {
         "GPU compute (8·N·tokens)": a * 8 * (layer_params + head) * tokens / m.gpu_flops,
-        "H2D weights (fp32, forward + recompute)": (a * (2 * 4 * layer_params + offloaded)
+        "H2D weights (forward + recompute)": (a * (2 * upload * layer_params + offloaded)
                                                      + resident_host * 4 * shape.resident_params) / m.h2d_bytes_per_s,
         "D2H gradients (fp32)": a * (4 * shape.layers * shape.layer_trainable + offloaded
                                      + resident_host * 4 * shape.resident_trainable) / m.d2h_bytes_per_s,

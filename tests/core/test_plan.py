@@ -74,6 +74,7 @@ class _Snapshot(L.Callback):
             "pool": 4 * engine.grad_pool.allocated * engine.grad_pool.numel,
             "resident grad": engine.resident.grad.numel() * 4,
             "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
+            "copies": sum(u.weights.nbytes for u in engine.layers if u.weights is not None),
         }
         self.device = {
             "slots": sum(s.weights.nbytes + s.grads.nbytes for s in engine.window.slots),
@@ -87,11 +88,12 @@ def _item(items, prefix):
     return next(v for k, v in items.items() if k.startswith(prefix))
 
 
-@pytest.mark.parametrize("clip,accumulate", [(0.5, 2), (None, 1)])
-def test_plan_matches_the_engines_allocations(clip, accumulate):
+@pytest.mark.parametrize("clip,accumulate,host_weights", [(0.5, 2, "auto"), (None, 1, "auto"), (0.5, 1, "compute")])
+def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights):
     snap = _Snapshot()
-    strategy = lightning_slide.SlideFormerStrategy(window=2)
-    trainer(strategy, max_steps=3, gradient_clip_val=clip, accumulate_grad_batches=accumulate,
+    strategy = lightning_slide.SlideFormerStrategy(window=2, host_weights=host_weights)
+    precision = "bf16-true" if host_weights == "compute" else "32-true"
+    trainer(strategy, max_steps=3, gradient_clip_val=clip, accumulate_grad_batches=accumulate, precision=precision,
             callbacks=[snap]).fit(TinyLM("llama", initial_state("llama")), batches(8))
     plan = snap.plan
     assert plan.settings.batch == 2 and plan.settings.seq == 16  # redone at the first batch
@@ -101,11 +103,16 @@ def test_plan_matches_the_engines_allocations(clip, accumulate):
     assert snap.host["resident grad"] == _item(host, "resident gradient accumulator")
     if clip is not None:  # every layer keeps its gradients until the global norm
         assert snap.host["pool"] == _item(host, "layer gradient buffers")
-        assert snap.host["staging"] == _item(host, "accumulation staging")
+        if accumulate > 1:
+            assert snap.host["staging"] == _item(host, "accumulation staging")
     else:  # updates stream: at most window + 2 buffers
         assert 0 < snap.host["pool"] <= _item(host, "layer gradient buffers")
         assert _item(host, "layer gradient buffers") == 4 * (snap.depth + 2) * plan.shape.layer_trainable
         assert not any(k.startswith("accumulation staging") for k in host)
+    if host_weights == "compute":
+        assert snap.host["copies"] == _item(host, "layer compute copies") > 0
+    else:
+        assert snap.host["copies"] == 0 and not any(k.startswith("layer compute copies") for k in host)
     assert snap.device["slots"] == plan.gpu["window slots (weights + gradients)"]
     assert snap.device["resident"] == plan.gpu["resident weights + gradients"]
 
@@ -128,7 +135,7 @@ def test_plan_numbers_of_a_known_shape():
     assert _item(plan.host, "Adam moments") == 8 * shape.params  # everything updated on the host
     # Step terms: compute 8·N·tokens, weights up twice in fp32, gradients down in fp32, AdamW once.
     m = plan.machine
-    assert plan.time["H2D weights (fp32, forward + recompute)"] == pytest.approx(
+    assert plan.time["H2D weights (forward + recompute)"] == pytest.approx(
         (8 * 32 * shape.layer_params + 4 * shape.resident_params) / m.h2d_bytes_per_s)
     assert plan.time["host AdamW"] == pytest.approx(shape.params / m.host_adamw_params_per_s)
     assert plan.binding == "host AdamW" and plan.step_seconds == plan.time["host AdamW"]
@@ -137,6 +144,11 @@ def test_plan_numbers_of_a_known_shape():
     disk = make_plan(shape, dataclasses.replace(plan.settings, offload_dir="/x"), Machine(disk_free=2**40))
     assert disk.disk_total == 8 * shape.params and "disk write (Adam moments)" in disk.time
     assert _item(disk.host, "Adam moments in flight") == 8 * (shape.resident_trainable + 3 * shape.layer_trainable)
+    # A compute copy on the host halves the layers' upload bytes and costs 2 B/param of host memory.
+    copy = make_plan(shape, dataclasses.replace(plan.settings, host_weights="compute"))
+    assert _item(copy.host, "layer compute copies") == 2 * 32 * shape.layer_params
+    assert copy.time["H2D weights (forward + recompute)"] == pytest.approx(
+        (4 * 32 * shape.layer_params + 4 * shape.resident_params) / m.h2d_bytes_per_s)
     table = plan.table()
     assert "<- binds" in table and "largest batch" in table and "GiB" in table
     assert plan.to_dict()["binding"] == "host AdamW"
