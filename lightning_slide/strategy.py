@@ -57,9 +57,11 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             ``"auto"`` (default): ``"device"`` on a GPU when that memory is at most a quarter of the GPU's (or of
             ``gpu_memory_limit``), otherwise ``"host"``.
         gpu_memory_limit: the most device memory this process may use, e.g. ``"24GiB"`` (also ``"22.5GB"`` or
-            bytes): the GPU is capped to it (to emulate a smaller card or share one), and the window's buffers are
-            checked against it before anything is allocated, with an error that gives the numbers. Default
-            ``None``: the whole GPU.
+            bytes): the GPU is capped to it (to emulate a smaller card or share one). Default ``None``: the whole
+            GPU. Either way the run's plan (:mod:`lightning_slide.engine.plan`, what ``slide-plan`` prints) is
+            checked before anything large is allocated: the fixed GPU buffers, host memory and disk at setup, the
+            activations at the first training batch; a run that cannot fit stops with the numbers and what to
+            change.
         monitor: add a :class:`~lightning_slide.SlideMonitor` to the Trainer (unless it has one), which logs
             tokens/s, TFLOP/s, peak GPU and host memory and how busy host and GPU were at every optimizer step.
             Default ``True``.
@@ -260,10 +262,10 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         plan = make_plan(shape, settings, machine, suggest=False)
         if machine.host_memory is not None:
             machine.host_memory += self._host_held(module, plan)
+        self.plan = plan  # also when refused: the numbers stay inspectable
         if plan.problems():
             plan.suggested_batch = largest_batch(shape, settings, machine)
             plan.check()
-        self.plan = plan
         return plan
 
     def _host_held(self, module: LightningModule, plan: Plan) -> int:
