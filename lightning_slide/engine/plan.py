@@ -314,7 +314,8 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     if shape.attention == "eager":
         recompute += (4 + e) * shape.heads * s.seq * tokens
     recompute += layer_backward_extra_bytes_per_token(shape, e) * tokens
-    head = loss_head_bytes(shape, tokens, e, FUSED_CE in s.kernels)
+    # On the CPU the fused kernel falls back to torch's loss (full logits).
+    head = loss_head_bytes(shape, tokens, e, FUSED_CE in s.kernels and s.device == "cuda")
     # The loss head's peak (before the layers' backward) and one layer's recompute + backward do not overlap.
     if sum(head.values()) >= recompute:
         items.update(head)
