@@ -1,6 +1,6 @@
 """The planner's predictions against measurements: peak GPU memory, peak host memory and step time (one GPU).
 
-usage: python benchmarks/bench_plan.py [--shapes llama3_2_1b,llama3_2_3b,llama3_1_8b] [--batch 4] [--seq 1024]
+usage: python benchmarks/bench_plan.py [--shapes llama3_2_1b,llama3_2_3b,llama3_1_8b] [--batch 4] [--seq 1024] [--cpu]
                                        [--window 2] [--cap 24GiB] [--steps 3] [--kernels all] [--clip none]
 
 Each shape trains ``--steps`` optimizer steps with slideformer under a real Lightning Trainer, in its own child
@@ -39,6 +39,8 @@ SHAPES = {  # Llama-family shapes, random init (nothing is downloaded); as in be
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),  # --cpu smoke runs
 }
 
 
@@ -81,6 +83,8 @@ def child(shape: str, args) -> dict:
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(args.seq, 2048))
     started = time.perf_counter()
+    gpu = not args.cpu
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     class LM(L.LightningModule):
         def __init__(self):
@@ -92,11 +96,11 @@ def child(shape: str, args) -> dict:
             return self.model(input_ids=batch[0], labels=batch[0], use_cache=False).loss
 
         def on_train_batch_start(self, batch, batch_idx):
-            torch.cuda.synchronize()
+            sync()
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
-            torch.cuda.synchronize()
+            sync()
             self.times.append(time.perf_counter() - self._start)
 
         def configure_optimizers(self):
@@ -108,12 +112,14 @@ def child(shape: str, args) -> dict:
                                                    kernels=args.kernels)
     ids = torch.randint(0, config.vocab_size, (args.batch * args.steps, args.seq))
     trainer = L.Trainer(
-        strategy=strategy, accelerator="gpu", devices=1, precision="bf16-true", max_steps=args.steps,
+        strategy=strategy, accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-true" if gpu else "32-true",
+        max_steps=args.steps,
         gradient_clip_val=None if args.clip == "none" else float(args.clip), logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     result: dict = {"params": sum(p.numel() for p in module.parameters()), "init_s": init_s}
-    torch.cuda.reset_peak_memory_stats()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     try:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=args.batch))
     except PlanError as e:
@@ -128,8 +134,8 @@ def child(shape: str, args) -> dict:
                           "step_seconds": timed.step_seconds, "machine": timed.to_dict()["machine"]}
     result.update(
         step_s=sorted(module.times[1:])[len(module.times[1:]) // 2] if len(module.times) > 1 else None,
-        peak_gpu_allocated=torch.cuda.max_memory_allocated(),
-        peak_gpu_reserved=torch.cuda.max_memory_reserved(),
+        peak_gpu_allocated=torch.cuda.max_memory_allocated() if gpu else None,
+        peak_gpu_reserved=torch.cuda.max_memory_reserved() if gpu else None,
         peak_host_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         total_s=time.perf_counter() - started,
     )
@@ -157,6 +163,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="all")
     parser.add_argument("--clip", default="none", help="gradient_clip_val, or 'none'")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per shape")
+    parser.add_argument("--cpu", action="store_true", help="smoke-run on the CPU (fp32; use --shapes tiny)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -164,7 +171,7 @@ def main() -> None:
         return
 
     forwarded = ["--batch", str(args.batch), "--seq", str(args.seq), "--window", str(args.window), "--steps",
-                 str(args.steps), "--kernels", args.kernels, "--clip", args.clip]
+                 str(args.steps), "--kernels", args.kernels, "--clip", args.clip] + (["--cpu"] if args.cpu else [])
     if args.cap:
         forwarded += ["--cap", args.cap]
     print(f"batch {args.batch}, seq {args.seq}, window {args.window}, cap {args.cap or 'none'}, kernels "

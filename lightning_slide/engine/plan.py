@@ -33,7 +33,7 @@ STAGING_NUMEL = 32 * 2**20
 GRADS_AHEAD = 2
 # Host memory of the process before any model: Python, torch, Lightning, transformers (and the CUDA context on a
 # GPU machine). Rough; calibrated by benchmarks/bench_plan.py.
-RUNTIME_HOST_BYTES = {"cuda": 3 * 2**30, "cpu": 1 * 2**30}
+RUNTIME_HOST_BYTES = {"cuda": 3 * 2**30, "cpu": 2**29}
 # The fused cross-entropy's chunk of logits (elements), as in lightning_slide/kernels/fused_linear_cross_entropy.py.
 FUSED_CE_CHUNK_ELEMENTS = 2**29
 # Suggestions leave this share of the GPU for the allocator's fragmentation and whatever the model adds.
