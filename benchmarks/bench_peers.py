@@ -117,8 +117,15 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         except Exception as error:  # noqa: BLE001 - no compiler/CUDA headers there: torch's AdamW, said in the row
             print(f"DeepSpeedCPUAdam unavailable ({type(error).__name__}: {error}); torch AdamW instead", flush=True)
             strategy.config["zero_force_ds_cpu_optimizer"] = False
-    else:  # "slideformer", with options: "+bf16" host_weights="compute", "+acts" offload_activations=True
+    else:  # "slideformer", with options: "+bf16" host_weights="compute", "+acts" offload_activations=True,
+        # "+aheadK": K layer gradient buffers beyond the window while updates stream (an engine constant, default 2;
+        # explored here, not an option yet)
         options = system.split("+")[1:]
+        for option in options:
+            if option.startswith("ahead"):
+                import lightning_slide.engine.engine as engine_module
+
+                engine_module._GRADS_AHEAD = int(option[5:])
         strategy = lightning_slide.SlideFormerStrategy(
             window=args.window, gpu_memory_limit=args.cap, monitor=False,
             host_weights="compute" if "bf16" in options else "fp32", offload_activations="acts" in options,

@@ -42,6 +42,7 @@ from lightning_slide.engine.optimizer import (
     hyperparameters,
     state_names,
 )
+from lightning_slide.engine.pinned import host_empty
 from lightning_slide.engine.plan import GRADS_AHEAD, STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes
 from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
@@ -560,7 +561,7 @@ class SlidingEngine:
     def _staging(self, key, numel: int) -> torch.Tensor:
         buffer = self._host_staging.get(key)
         if buffer is None or buffer.numel() < numel:
-            buffer = self._host_staging[key] = torch.empty(numel, dtype=MASTER_DTYPE, pin_memory=self.pin)
+            buffer = self._host_staging[key] = host_empty(numel, MASTER_DTYPE, pin=self.pin)
         return buffer[:numel]
 
     @staticmethod

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_slide.engine.pinned import host_empty
+
 MASTER_DTYPE = torch.float32
 
 
@@ -74,16 +76,16 @@ class HostUnit:
         self.trainable = [e for e in self.entries if e.param.requires_grad]
         self.trainable_numel = sum(e.numel for e in self.trainable)
 
-        self.master = torch.empty(self.numel, dtype=MASTER_DTYPE, pin_memory=pin)
+        self.master = host_empty(self.numel, MASTER_DTYPE, pin=pin)
         for e in self.entries:
             view = e.view(self.master)
             view.copy_(e.param.detach())
             e.param.data = view
         self.weights: torch.Tensor | None = None  # the compute copy, when kept
         if weights_dtype is not None:
-            self.weights = torch.empty(self.numel, dtype=weights_dtype, pin_memory=pin)
+            self.weights = host_empty(self.numel, weights_dtype, pin=pin)
             self.refresh_weights()
-        self.grad = torch.zeros(self.trainable_numel, dtype=MASTER_DTYPE, pin_memory=pin) if own_grad else None
+        self.grad = host_empty(self.trainable_numel, MASTER_DTYPE, pin=pin).zero_() if own_grad else None
         # True when `grad` holds nothing yet for the current optimizer step: the next download overwrites it.
         self.grad_empty = True
         # Device event after which `grad` holds the last download (None on the CPU, or when nothing is in flight).
@@ -124,7 +126,7 @@ class GradientPool:
             if self._free:
                 return self._free.pop()
             self.allocated += 1
-        return torch.empty(self.numel, dtype=MASTER_DTYPE, pin_memory=self.pin)
+        return host_empty(self.numel, MASTER_DTYPE, pin=self.pin)
 
     def give(self, buffer: torch.Tensor) -> None:
         with self._lock:
