@@ -267,13 +267,14 @@ def loss_head_bytes(shape: ModelShape, tokens: int, element: int, fused: bool) -
 
     Without the fused kernel (Hugging Face's loss): the logits (e·V per token) are upcast to fp32 (4V, when e < 4),
     log-softmax keeps its fp32 output (4V), and backward builds its fp32 gradient and the input gradient (4V + 4V)
-    and casts it (eV): 12V + eV per token at the peak (12V in fp32).
+    and casts it (eV): (12 + e)·V per token at the peak (live tensors counted on the CPU: 13.3 V in bf16, 14.5 V in
+    fp32, where the logits stay alive through the loss).
     With ``fused_linear_cross_entropy``: one chunk of logits (at most 2^29 elements, e each), dL/dhidden (eH per
     token), the fp32 dL/dweight accumulator (4·V·H) and, in backward, its cast (e·V·H).
     """
     v, h = shape.vocab, shape.hidden
     if not fused:
-        return {"loss head: logits, fp32 log-softmax and its gradient": tokens * v * (12 + (element if element < 4 else 0))}
+        return {"loss head: logits, fp32 log-softmax and its gradient": tokens * v * (12 + element)}
     chunk = min(tokens, max(1, FUSED_CE_CHUNK_ELEMENTS // v))
     return {
         "loss head (fused): logits chunk, dL/dhidden": chunk * v * element + tokens * h * element,
@@ -314,6 +315,8 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     if shape.attention == "eager":
         recompute += (4 + e) * shape.heads * s.seq * tokens
     recompute += layer_backward_extra_bytes_per_token(shape, e) * tokens
+    # Autograd's weight gradient of the largest matrix, before it is added into the slot's gradient buffer.
+    recompute += e * shape.hidden * max(shape.intermediate, shape.heads * shape.head_dim)
     # On the CPU the fused kernel falls back to torch's loss (full logits).
     head = loss_head_bytes(shape, tokens, e, FUSED_CE in s.kernels and s.device == "cuda")
     # The loss head's peak (before the layers' backward) and one layer's recompute + backward do not overlap.
@@ -499,7 +502,7 @@ class Plan:
         """The plan as a readable table: every item with bytes and human units, the totals against the machine,
         the step-time terms and the one that binds, and the suggestions."""
         s = self.settings
-        rows = [f"{'item':<58} {'bytes':>16}  {'':>10}"]
+        rows = [f"{'item':<58} {'bytes':>16}"]
 
         def block(title: str, items: dict[str, int], limit: int | None) -> None:
             rows.append(f"-- {title}")
