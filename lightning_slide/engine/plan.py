@@ -357,7 +357,11 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         resident = 0 if s.resident_on_device else shape.resident_trainable
         items["accumulation staging (fp32)" + pinned] = 4 * (depth * shape.layer_trainable + resident)
     if s.offload_activations and s.batch is not None and s.seq is not None and shape.hidden is not None:
-        items["offloaded layer inputs" + pinned] = shape.layers * s.batch * s.seq * shape.hidden * s.element
+        # ActivationOffload allocates through torch's pinned allocator, which rounds each block up to a power of 2.
+        size = s.batch * s.seq * shape.hidden * s.element
+        if s.device == "cuda":
+            size = 1 << (size - 1).bit_length()
+        items["offloaded layer inputs" + pinned] = shape.layers * size
     if s.device != "cuda":  # the compute device is the CPU: its buffers are host memory too
         items["compute-device buffers (the device is the CPU)"] = sum(device_bytes(shape, s).values())
     return items
