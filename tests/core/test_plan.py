@@ -198,3 +198,18 @@ def test_strategy_refuses_host_memory_that_cannot_fit(monkeypatch):
     with pytest.raises(PlanError, match=r"(?s)host: needs .*Adam moments.*set offload_dir"):
         trainer(lightning_slide.SlideFormerStrategy(window=2), max_steps=1).fit(module, batches(2))
     assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+def test_offloaded_layer_inputs_match_the_plan():
+    snap = _Snapshot()
+    offloaded = {}
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            offloaded.setdefault("first", trainer.strategy.engine.activations.offloaded_bytes)
+
+    strategy = lightning_slide.SlideFormerStrategy(window=2, offload_activations=True)
+    trainer(strategy, max_steps=1, accumulate_grad_batches=1, callbacks=[snap, Count()]).fit(
+        TinyLM("llama", initial_state("llama")), batches(2))
+    assert offloaded["first"] == _item(snap.plan.host, "offloaded layer inputs") > 0
+    assert "layer inputs in flight (offloaded)" in snap.plan.gpu
