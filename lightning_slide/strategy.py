@@ -193,7 +193,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
         resident_on_device = self._resident_on_device(module)
-        self._plan_settings = self._settings(trainer, resident_on_device)
+        self._plan_settings = self._settings(trainer, module, resident_on_device)
         self._batch_checked = not fitting  # activations are checked at the first training batch
         if fitting:  # before anything large is allocated
             plan = self._check_plan(module)
@@ -229,9 +229,12 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         self.model = module
 
     # ------------------------------------------------------------ the plan (lightning_slide/engine/plan.py)
-    def _settings(self, trainer: Trainer, resident_on_device: bool) -> Settings:
+    def _settings(self, trainer: Trainer, module: LightningModule, resident_on_device: bool) -> Settings:
         names = [self.kernels] if isinstance(self.kernels, str) else list(self.kernels)
-        kernels = KERNEL_NAMES if "all" in names else tuple(n for n in names if n != "none")
+        requested = KERNEL_NAMES if "all" in names else tuple(n for n in names if n != "none")
+        # Kernels the user applied to the model themselves (apply_kernels) count as much as the option's.
+        active = set(active_kernels(module))
+        kernels = tuple(n for n in KERNEL_NAMES if n in requested or n in active)
         clip = trainer.gradient_clip_val
         return Settings(
             window=self.window, compute_dtype=self.precision_plugin.compute_dtype, device=self.root_device.type,

@@ -213,3 +213,13 @@ def test_offloaded_layer_inputs_match_the_plan():
         TinyLM("llama", initial_state("llama")), batches(2))
     assert offloaded["first"] == _item(snap.plan.host, "offloaded layer inputs") > 0
     assert "layer inputs in flight (offloaded)" in snap.plan.gpu
+
+
+def test_kernels_the_user_applied_count_in_the_plan():
+    from lightning_slide.kernels import apply_kernels
+
+    module = TinyLM("llama", initial_state("llama"))
+    apply_kernels(module, ["rmsnorm"])  # by hand, not through SlideFormerStrategy(kernels=...)
+    strategy = lightning_slide.SlideFormerStrategy(window=2)
+    trainer(strategy, max_steps=1).fit(module, batches(2))
+    assert "rmsnorm" in strategy._plan_settings.kernels
