@@ -3,7 +3,8 @@
 usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4] [--seq 1024]
                                         [--systems all_on_gpu,fsdp_offload,deepspeed_offload,slideformer]
                                         (slideformer options: slideformer+bf16 = host_weights="compute",
-                                         slideformer+acts = offload_activations=True, or both)
+                                         slideformer+acts = offload_activations=True,
+                                         slideformer+buffers8 = grad_buffers=8; combine with +)
                                         [--cap 24GiB] [--steps 3] [--window 2]
 
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
@@ -118,17 +119,13 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             print(f"DeepSpeedCPUAdam unavailable ({type(error).__name__}: {error}); torch AdamW instead", flush=True)
             strategy.config["zero_force_ds_cpu_optimizer"] = False
     else:  # "slideformer", with options: "+bf16" host_weights="compute", "+acts" offload_activations=True,
-        # "+aheadK": K layer gradient buffers beyond the window while updates stream (an engine constant, default 2;
-        # explored here, not an option yet)
+        # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2)
         options = system.split("+")[1:]
-        for option in options:
-            if option.startswith("ahead"):
-                import lightning_slide.engine.engine as engine_module
-
-                engine_module._GRADS_AHEAD = int(option[5:])
+        buffers = [int(o[len("buffers"):]) for o in options if o.startswith("buffers")]
         strategy = lightning_slide.SlideFormerStrategy(
             window=args.window, gpu_memory_limit=args.cap, monitor=False,
             host_weights="compute" if "bf16" in options else "fp32", offload_activations="acts" in options,
+            grad_buffers=buffers[0] if buffers else None,
         )
         precision = "bf16-true"
 

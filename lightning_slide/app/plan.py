@@ -127,6 +127,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         kernels=tuple(kernels), clipping=clip is not None and clip > 0,
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
         host_weights="compute" if strategy.get("host_weights") == "compute" else "fp32",
+        grad_buffers=strategy.get("grad_buffers"),
     )
     plan = make_plan(shape, settings, machine)
     if machine.gpu_memory is None:

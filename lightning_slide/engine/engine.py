@@ -43,7 +43,7 @@ from lightning_slide.engine.optimizer import (
     state_names,
 )
 from lightning_slide.engine.pinned import host_empty
-from lightning_slide.engine.plan import GRADS_AHEAD, STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes
+from lightning_slide.engine.plan import STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, grads_in_flight
 from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
 
@@ -66,9 +66,6 @@ def _check_unshared(parts) -> None:
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Device staging through which copies that change dtype travel (elements of fp32; 128 MiB).
 _STAGING_NUMEL = STAGING_NUMEL
-# While updates stream out of a backward, at most window + this many layers hold a host gradient buffer: the
-# backward waits for the host rather than let gradients pile up in host memory.
-_GRADS_AHEAD = GRADS_AHEAD
 # What decoder-layer uploads read: the fp32 masters (cast on the device) or a host copy in the compute dtype.
 HOST_WEIGHTS = ("fp32", "compute")
 
@@ -101,6 +98,10 @@ class SlidingEngine:
             of host memory and a host cast per update). Same values either way (the host cast rounds as the
             device's). With fp32 compute the masters are the compute copy. The resident parts always upload
             their fp32 masters (once per step).
+        grad_buffers: layer gradient buffers the host may hold while updates stream out of a backward (fp32,
+            one layer each; page-locked on a GPU): the backward waits for the host rather than hold more. More lets
+            the host keep updating through more of the next forward. Default ``None``: ``window + 2``. The disk
+            tier holds as many units' optimizer state in memory.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -120,7 +121,11 @@ class SlidingEngine:
         offload_dir: str | None = None,
         nonfinite: str = "error",
         host_weights: str = "fp32",
+        grad_buffers: int | None = None,
     ) -> None:
+        if grad_buffers is not None and (isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int)
+                                         or grad_buffers < 1):
+            raise ValueError(f"grad_buffers must be a positive integer or None, got {grad_buffers!r}")
         if host_weights not in HOST_WEIGHTS:
             raise ValueError(f"host_weights must be one of {HOST_WEIGHTS}, got {host_weights!r}")
         parts = find_parts(root, blocks_path)
@@ -128,6 +133,7 @@ class SlidingEngine:
         self.device = torch.device(device)
         cast = self.device.type == "cuda" and compute_dtype != MASTER_DTYPE
         depth = min(window, len(parts.blocks))
+        self.grad_buffers = grads_in_flight(depth, grad_buffers)
         # The planner's fixed device buffers (lightning_slide/engine/plan.py): what the lines below allocate.
         self.device_plan = device_bytes(
             ModelShape.of(root, parts.blocks_path),
@@ -245,7 +251,7 @@ class SlidingEngine:
             names = state_names(optimizer)
             Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
             check_disk_space(self.offload_dir, 4 * len(names) * sum(numel.values()))
-            self.state_store = StateStore(self.offload_dir, names, numel, in_flight=self.depth + _GRADS_AHEAD)
+            self.state_store = StateStore(self.offload_dir, names, numel, in_flight=self.grad_buffers)
         self._optimizers = {}
         for key, unit in units.items():
             if key == RESIDENT and on_device:
@@ -411,7 +417,7 @@ class SlidingEngine:
     def _lend(self, index: int) -> torch.Tensor:
         """A gradient buffer for layer ``index``; while updates stream, first wait until few enough are lent."""
         while self._lent and (self.worker.done(self._lent[0]) or self._streaming is not None
-                              and len(self._lent) >= self.depth + _GRADS_AHEAD):
+                              and len(self._lent) >= self.grad_buffers):
             self.worker.wait(self._lent.popleft())
         self._lent.append(index)
         return self.grad_pool.take()[: self.layers[index].trainable_numel]

@@ -29,7 +29,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 # Device staging through which copies that change dtype travel (elements of fp32; 128 MiB each way).
 STAGING_NUMEL = 32 * 2**20
-# While updates stream out of a backward, at most window + this many layers hold a host gradient buffer.
+# While updates stream out of a backward, at most window + this many layers hold a host gradient buffer (default).
 GRADS_AHEAD = 2
 # Host memory of the process before any model: Python, torch, Lightning, transformers (and the CUDA context on a
 # GPU machine). Rough; calibrated by benchmarks/bench_plan.py.
@@ -146,6 +146,7 @@ class Settings:
     clipping: bool = True  # gradient_clip_val set: every layer keeps its fp32 gradients until the global norm
     accumulate: int = 1  # accumulate_grad_batches
     host_weights: str = "fp32"  # "compute": a page-locked compute-dtype copy of each layer is what uploads read
+    grad_buffers: int | None = None  # layer gradient buffers while updates stream (None: window + GRADS_AHEAD)
 
     @property
     def compute_copy(self) -> bool:
@@ -163,6 +164,12 @@ class Settings:
     def cast(self) -> bool:
         """Copies go through fp32 device staging (a GPU computing in a dtype other than the masters')."""
         return self.device == "cuda" and self.compute_dtype != torch.float32
+
+
+def grads_in_flight(depth: int, grad_buffers: int | None = None) -> int:
+    """Layer gradient buffers the host holds at most while updates stream: ``grad_buffers``, or the window's depth
+    plus :data:`GRADS_AHEAD` by default. The disk tier holds as many units' optimizer state in memory."""
+    return grad_buffers if grad_buffers is not None else depth + GRADS_AHEAD
 
 
 def resident_on_device_auto(resident_params: int, gpu_memory: int | None) -> bool:
@@ -347,10 +354,12 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         items["Adam moments (fp32)"] = 8 * host_updated
     else:  # StateStore: at most window + 2 units' state read in (the largest units, at worst)
         units = [shape.layer_trainable] * shape.layers + ([] if s.resident_on_device else [shape.resident_trainable])
-        items["Adam moments in flight (disk tier)"] = 8 * sum(sorted(units)[-(depth + GRADS_AHEAD):])
+        in_flight = grads_in_flight(depth, s.grad_buffers)
+        items["Adam moments in flight (disk tier)"] = 8 * sum(sorted(units)[-in_flight:])
     # GradientPool: with clipping or accumulation every layer keeps its fp32 gradients until the step; otherwise
     # updates stream out of the backward and at most window + 2 buffers are lent.
-    holders = shape.layers if s.clipping or s.accumulate > 1 else min(shape.layers, depth + GRADS_AHEAD)
+    streaming = not s.clipping and s.accumulate == 1
+    holders = min(shape.layers, grads_in_flight(depth, s.grad_buffers)) if streaming else shape.layers
     items["layer gradient buffers (fp32)" + pinned] = 4 * holders * shape.layer_trainable
     items["resident gradient accumulator (fp32)" + pinned] = 4 * shape.resident_trainable  # HostUnit(own_grad)
     if s.accumulate > 1:  # engine._staging: one per window slot (and the resident parts when updated on the host)

@@ -223,3 +223,13 @@ def test_kernels_the_user_applied_count_in_the_plan():
     strategy = lightning_slide.SlideFormerStrategy(window=2)
     trainer(strategy, max_steps=1).fit(module, batches(2))
     assert "rmsnorm" in strategy._plan_settings.kernels
+
+
+def test_grad_buffers_bounds_the_host_gradient_buffers_and_the_plan_says_so():
+    snap = _Snapshot()
+    strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1)
+    trainer(strategy, max_steps=2, gradient_clip_val=None, accumulate_grad_batches=1, callbacks=[snap]).fit(
+        TinyLM("llama", initial_state("llama")), batches(4))  # no clipping: updates stream
+    assert snap.host["pool"] == _item(snap.plan.host, "layer gradient buffers") == 4 * snap.plan.shape.layer_trainable
+    with pytest.raises(ValueError, match="grad_buffers"):
+        lightning_slide.SlideFormerStrategy(grad_buffers=0)
