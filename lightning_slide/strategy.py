@@ -72,10 +72,16 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             host-updated unit live in files there, read ahead of each layer's update and written behind it, so host
             memory holds the fp32 masters plus a few layers' state. The free space is checked before training.
             Default ``None``: the optimizer state stays in host memory.
-        nonfinite: what a NaN or Inf loss (checked every micro-batch) or global gradient norm (checked when
-            clipping by norm) does: ``"error"`` (default) stops training with a ``FloatingPointError`` that says
-            where; ``"skip"`` skips that optimizer step (its gradients are dropped, the weights and optimizer
-            state are untouched) and counts it in ``slide/skipped_steps``.
+        nonfinite: what a NaN or Inf loss (checked every micro-batch) or gradient does. Gradients are checked
+            on the device as each layer's arrive (one flag per layer, read on the host before that layer's update:
+            no host sync), or through the global norm when clipping by norm. ``"error"`` (default): training stops
+            with a ``FloatingPointError`` naming the layer (or the norm) and the global step; without clipping,
+            layers updated earlier in that step keep their update (resume from a checkpoint). ``"skip"``: that
+            whole optimizer step is skipped (its gradients are dropped, no weight or optimizer state changes; LR
+            schedulers still step) and counted in ``slide/skipped_steps``. Trade-off: since no layer may be updated
+            before every gradient of the step is known to be finite, ``"skip"`` makes updates wait for the end of
+            backward (as clipping by norm does) instead of streaming out of it, which lengthens a step by up to
+            the host update time of the layers that would have overlapped the backward.
         host_weights: what each decoder layer's upload reads. ``"fp32"``: the fp32 masters, cast to bf16 on the GPU
             (4 bytes per parameter cross PCIe). ``"compute"``: a page-locked bf16 copy of every layer kept in host
             memory and refreshed by the host optimizer after each update, uploaded as it is (2 bytes per parameter
@@ -369,11 +375,11 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             last_micro_batch=trainer.training and not trainer.fit_loop._should_accumulate(),
             clipping=clip is not None and clip > 0,
             param_groups=self.optimizers[0].param_groups if self.optimizers else None,
+            step=trainer.global_step,
         )
-        try:
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-        finally:
-            self.engine.end_backward()
+        loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        self.engine.end_backward()  # not after a failure: on_exception closes the engine
+        return loss
 
     # ------------------------------------------------------------ checkpoints
     @property

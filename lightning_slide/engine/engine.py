@@ -89,8 +89,12 @@ class SlidingEngine:
             memory between forward and backward. Default ``False``.
         offload_dir: a directory for the disk tier: the optimizer state (Adam moments) of every host-updated unit
             lives in files there, read ahead of each update and written behind it. Default ``None``: host memory.
-        nonfinite: what a NaN/Inf global gradient norm does (seen when clipping by norm): ``"error"`` (default)
-            stops training with a ``FloatingPointError``; ``"skip"`` skips that optimizer step (``skipped_steps``).
+        nonfinite: what NaN/Inf gradients do. Each unit's gradients are checked on the device as they are
+            produced (one flag per unit, read on the host before the unit's update: no host sync). ``"error"``
+            (default): a ``FloatingPointError`` naming the unit (or the global norm, when clipping by norm) from
+            the update; layers updated earlier in that step stay updated. ``"skip"``: the whole optimizer step is
+            skipped (no unit updated; counted in ``skipped_steps``), so updates wait for the end of backward as
+            with clipping instead of streaming out of it.
         host_weights: what a decoder layer's upload reads. ``"fp32"`` (default): the fp32 masters, cast to the
             compute dtype on the device through a staging buffer (4 bytes per parameter over PCIe). ``"compute"``:
             a page-locked copy of every layer's weights in the compute dtype, kept by the host optimizer (each
@@ -196,6 +200,12 @@ class SlidingEngine:
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient
         self._skip_step = False
+        # Whether each unit's gradients of the current optimizer step are all finite (layers, then the resident
+        # parts): folded on the device as each micro-batch's gradients are produced, copied to the host behind them
+        # on the download stream, read on the host before the unit's update.
+        self._finite = torch.ones(len(self.layers) + 1, dtype=torch.bool, device=self.device)
+        self._finite_host = torch.ones(len(self.layers) + 1, dtype=torch.bool, pin_memory=self.pin)
+        self._step_index = 0  # the global step of the current backward, for messages
 
         self._backward = False
         self._streaming: list[dict] | None = None  # hyperparameters while updates stream out of this backward
@@ -314,6 +324,10 @@ class SlidingEngine:
         # Decided here, on the training thread: a unit takes part if gradients reached it since the last step.
         keys = [key for key, unit in self._units().items() if not unit.grad_empty]
         coefficient: dict[str, torch.Tensor | None] = {}
+        # Skipping a step needs every unit's flag before any update (the clipping norm sees NaN/Inf by itself).
+        check = clip_norm is None and self.nonfinite == "skip"
+        if check:
+            self.worker.submit("norm", functools.partial(self._check_finite, list(keys), coefficient))
         on_device = self._resident_updates_on_device() and RESIDENT in keys
         if on_device:
             keys.remove(RESIDENT)
@@ -324,7 +338,7 @@ class SlidingEngine:
                 "norm", functools.partial(self._clip_coefficient, clip_norm, units, device_norms, coefficient)
             )
         if on_device:
-            if clip_norm is None:
+            if clip_norm is None and not check:
                 self._update_resident_on_device(hyper, None, clip_value)
             else:  # needs the global norm: done before the next forward (prepare_forward)
                 self._resident_deferred = (hyper, coefficient, clip_value)
@@ -340,6 +354,10 @@ class SlidingEngine:
 
     def _update_resident_on_device(self, hyper, coefficient, clip_value) -> None:
         """Update the resident parts on the compute device and refresh their compute copy there."""
+        if self.nonfinite == "error":
+            # Waits for the flag, i.e. the end of backward on the device (the resident gradients come last); the
+            # next forward waits about as long for layer 0's update anyway.
+            self._raise_if_nonfinite(RESIDENT)
         if coefficient is not None:
             coefficient = coefficient.to(self.device)
         self._optimizers[RESIDENT].step(hyper, coefficient, clip_value)
@@ -384,6 +402,43 @@ class SlidingEngine:
                 return
             out["value"] = torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
+    def _check_finite(self, keys: list, out: dict) -> None:
+        """Worker task (``nonfinite="skip"`` without norm clipping): the step is skipped (``out["skip"]``) when a
+        gradient of a unit in ``keys`` is NaN/Inf."""
+        units = self._units()
+        for key in keys:
+            Streams.host_wait(units[key].grad_event)
+        if not all(self._finite_host[-1 if key == RESIDENT else key] for key in keys):
+            out["skip"] = True
+            self.skipped_steps += 1
+
+    def _check_finite_on_device(self, key, device_grads: torch.Tensor, first: bool):
+        """Fold whether one micro-batch's ``device_grads`` of unit ``key`` are all finite into the unit's flag for
+        this optimizer step (``first``: the step's first micro-batch), on the device, and copy the flag to the host
+        on the download stream, without a host sync; returns the event after which the host copy is there."""
+        index = -1 if key == RESIDENT else key
+        finite = torch.isfinite(device_grads).all()
+        if first:
+            self._finite[index].copy_(finite)
+        else:
+            self._finite[index].logical_and_(finite)
+        produced = self.streams.record()
+        with self.streams.on(self.streams.download):
+            self.streams.wait(produced)
+            self._finite_host[index].copy_(self._finite[index], non_blocking=True)
+            return self.streams.record()
+
+    def _raise_if_nonfinite(self, key) -> None:
+        """Raise ``FloatingPointError`` when unit ``key``'s gradients of this step hold a NaN/Inf (after waiting for
+        its flag to reach the host)."""
+        unit = self._units()[key]
+        Streams.host_wait(unit.grad_event)
+        if not self._finite_host[-1 if key == RESIDENT else key]:
+            raise FloatingPointError(
+                f"{unit.name} has NaN/Inf gradients at global step {self._step_index}. Lower the learning rate, check "
+                "the data, or pass SlideFormerStrategy(nonfinite='skip') to skip such steps"
+            )
+
     def _key_of(self, unit: HostUnit):
         return RESIDENT if unit is self.resident else self.layers.index(unit)
 
@@ -397,6 +452,7 @@ class SlidingEngine:
                 raise coefficient["error"]
             Streams.host_wait(unit.grad_event)
             if not coefficient.get("skip"):
+                self._raise_if_nonfinite(self._key_of(unit))
                 optimizer.step(hyper, coefficient.get("value"), clip_value, state)
                 unit.refresh_weights()  # before the next upload of the unit, which waits for this task
         except BaseException:
@@ -477,16 +533,21 @@ class SlidingEngine:
         return forward(*args, **kwargs)
 
     # ---------------------------------------------------------------- backward
-    def begin_backward(self, *, last_micro_batch: bool = False, clipping: bool = True, param_groups=None) -> None:
+    def begin_backward(
+        self, *, last_micro_batch: bool = False, clipping: bool = True, param_groups=None, step: int = 0
+    ) -> None:
         """Call right before ``loss.backward()``.
 
         Args:
             last_micro_batch: this backward completes the gradients of an optimizer step.
             clipping: the step will clip gradients (updates must then wait for the global norm).
             param_groups: the optimizer's groups, read now when updates stream out of this backward.
+            step: the global step this backward belongs to (named in error messages). Default ``0``.
         """
         self._backward = True
-        stream = last_micro_batch and not clipping and param_groups is not None and bool(self._optimizers)
+        self._step_index = step
+        stream = (last_micro_batch and not clipping and self.nonfinite != "skip" and param_groups is not None
+                  and bool(self._optimizers))
         self._streaming = hyperparameters(param_groups) if stream else None
         if self.resident.trainable_numel:
             self.resident_grads.zero_()
@@ -500,6 +561,9 @@ class SlidingEngine:
             self._finish_layer_grads(index)
         if self.resident.trainable_numel:
             if self._resident_updates_on_device():
+                self.resident.grad_event = self._check_finite_on_device(
+                    RESIDENT, self.resident_grads, self.resident.grad_empty
+                )
                 if self.resident.grad_empty:
                     self._resident_grad.copy_(self.resident_grads)
                 else:
@@ -546,7 +610,8 @@ class SlidingEngine:
     def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
         """Copy ``device_grads`` into ``unit``'s fp32 accumulator; returns the event after which the device buffer
         may be reused. The first micro-batch lands directly in the accumulator; later ones land in a page-locked
-        staging buffer that the worker adds in."""
+        staging buffer that the worker adds in. The gradients' finiteness flag goes down ahead of them."""
+        self._check_finite_on_device(self._key_of(unit), device_grads, unit.grad_empty)
         produced = self.streams.record()
         with self.streams.on(self.streams.download):
             self.streams.wait(produced)

@@ -7,16 +7,18 @@ import threading
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, Subset
 
 import lightning_slide
+from tests.core.test_parity import assert_same_training
 from tests.core.tiny import TinyLM, batches, initial_state, trainer
 
 
 class PoisonedLM(TinyLM):
     """Micro-batches ``poisoned`` give a NaN loss (``where="loss"``) or a finite loss with Inf gradients."""
 
-    def __init__(self, poisoned, where="loss"):
-        super().__init__("llama", initial_state("llama"))
+    def __init__(self, poisoned, where="loss", **options):
+        super().__init__("llama", initial_state("llama"), **options)
         self.poisoned, self.where = set(poisoned), where
 
     def training_step(self, batch, batch_idx):
@@ -24,7 +26,7 @@ class PoisonedLM(TinyLM):
         if batch_idx in self.poisoned:
             if self.where == "loss":
                 return loss * float("nan")
-            weight = self.model.model.layers[1].mlp.down_proj.weight
+            weight = self.model.lm_head.weight if self.where == "head" else self.model.model.layers[1].mlp.down_proj.weight
             return loss + _inf_grad(weight)
         return loss
 
@@ -77,3 +79,42 @@ def test_inf_gradient_stops_with_a_clear_error():
     module = PoisonedLM({1}, where="grad")
     with pytest.raises(FloatingPointError, match="gradient norm is inf"):
         trainer("slideformer").fit(module, batches(8))
+
+
+# Without clipping, updates stream out of the backward: each unit's gradients are checked on their own.
+@pytest.mark.parametrize("where, unit", [("grad", "layer 1"), ("head", "resident")])
+@pytest.mark.parametrize("resident_optimizer", ["host", "device"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_inf_gradient_without_clipping_names_the_unit(where, unit, resident_optimizer, accumulate):
+    # Micro-batch 2: the last of step 2 (accumulation 1), or the first of step 1 (accumulation 2: the finite last
+    # micro-batch must not hide it).
+    module = PoisonedLM({2}, where=where)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, resident_optimizer=resident_optimizer)
+    step = 2 // accumulate
+    with pytest.raises(FloatingPointError, match=f"{unit} has NaN/Inf gradients at global step {step}.*nonfinite='skip'"):
+        trainer(strategy, gradient_clip_val=None, accumulate_grad_batches=accumulate).fit(module, batches(8))
+    assert not [t for t in threading.enumerate() if t.name.startswith("slide-")]
+
+
+@pytest.mark.parametrize("where", ["grad", "head"])
+@pytest.mark.parametrize("resident_optimizer, accumulate", [("host", 1), ("device", 2)])
+def test_skipped_gradient_step_equals_dropping_its_batches(where, resident_optimizer, accumulate):
+    # A constant learning rate: the LR scheduler steps on a skipped step too (as in plain torch with a GradScaler).
+    steps, poisoned = 6, 1 * accumulate  # the first micro-batch of the second step
+    torch.manual_seed(123)
+    ours = PoisonedLM({poisoned}, where=where, warmup=1)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, nonfinite="skip", resident_optimizer=resident_optimizer)
+    trainer(strategy, max_steps=steps, gradient_clip_val=None, accumulate_grad_batches=accumulate).fit(
+        ours, batches(steps * accumulate)
+    )
+    assert strategy.engine is None and ours.trainer.global_step == steps
+    dropped = set(range(poisoned, poisoned + accumulate))  # the micro-batches of the skipped step
+    torch.manual_seed(123)
+    plain = TinyLM("llama", initial_state("llama"), warmup=1)
+    loader = batches(steps * accumulate)
+    kept = [i for i in range(len(loader.dataset)) if i // loader.batch_size not in dropped]
+    trainer("auto", max_steps=steps - 1, gradient_clip_val=None, accumulate_grad_batches=accumulate).fit(
+        plain, DataLoader(Subset(loader.dataset, kept), batch_size=loader.batch_size)
+    )
+    ours.losses = [loss for i, loss in enumerate(ours.losses) if i not in dropped]
+    assert_same_training(ours, plain)
