@@ -19,7 +19,8 @@ model or optimizer. It writes into a hidden sibling directory (``.last.ckpt.tmp`
 directories, and only then swaps it into place (one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux), so an
 interrupted save never replaces or damages the previous checkpoint. ``index.json`` is the completion marker: a
 directory without it is refused on load with an error saying so. A temporary directory left by an interrupted save
-is never taken for a checkpoint (its name does not end in ``.ckpt``) and is removed by the next save to that path.
+is never taken for a checkpoint (its name does not end in ``.ckpt``) and is removed by the next save to that path;
+a save stopped by an exception or Ctrl+C removes it at once.
 
 ``export_hf`` writes a model as a Hugging Face directory; ``checkpoint_to_hf`` converts a checkpoint directory into
 one (``python -m lightning_slide.checkpoint CKPT OUT [--dtype bfloat16]``).
@@ -103,7 +104,19 @@ def save(
     """
     path = Path(path)
     tmp = temp_path(path)
-    remove(tmp)  # left by an interrupted save
+    remove(tmp)  # left by a save killed halfway
+    try:
+        _write_directory(tmp, checkpoint, unit_of, optimizer_params, hf, info)
+    except BaseException:  # an error or Ctrl+C: leave nothing behind (the previous checkpoint is untouched)
+        remove(tmp)
+        raise
+    _swap_into_place(tmp, path)
+    return path
+
+
+def _write_directory(tmp: Path, checkpoint: dict[str, Any], unit_of: Mapping[str, str],
+                     optimizer_params: list[str] | None, hf: dict[str, Any] | None, info: dict[str, Any] | None) -> None:
+    """Write the complete checkpoint directory ``tmp`` (``save``'s arguments), every file and directory fsynced."""
     tmp.mkdir(parents=True)
     (tmp / "model").mkdir()
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
@@ -153,8 +166,6 @@ def save(
     for directory in (tmp / "model", tmp / "optimizer", tmp):
         if directory.exists():
             _fsync(directory)
-    _swap_into_place(tmp, path)
-    return path
 
 
 def _group(state: Mapping[str, Any], unit_of: Mapping[str, str]) -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_slide import checkpoint as slide_checkpoint
 from lightning_slide.engine.blocks import find_parts
@@ -157,6 +157,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         self.plan: Plan | None = None
         self._plan_settings: Settings | None = None
         self._batch_checked = False
+        self._torn = False  # the last run stopped in the middle of an optimizer step
 
     # ------------------------------------------------------------ device and precision
     @property
@@ -221,6 +222,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
                 + " (slide-plan prints every item)"
             )
         apply_kernels(module, self.kernels)
+        self._torn = False
         self.engine = SlidingEngine(
             module,
             window=self.window,
@@ -327,8 +329,26 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         pass  # the engine places the resident parts and slides the layers
 
     def on_exception(self, exception: BaseException) -> None:
-        if self.engine is not None:
-            self.engine.close(drain=False)
+        """An exception or Ctrl+C stopped the run (Lightning calls this after the callbacks' ``on_exception``, then
+        ``teardown``): stop the engine's threads. Stopped between two optimizer steps, the last step's queued
+        updates are finished first, so the weights hold whole steps (as without the strategy) and a checkpoint can
+        still be saved. Stopped in the middle of a step (a backward whose updates were streaming, or a failed
+        update), the updates not yet started are dropped: the weights hold part of that step, and the engine is let
+        go; checkpoints are then refused (the last complete one stays)."""
+        if self.engine is None:
+            return
+        torn = self.engine.step_torn
+        try:
+            self.engine.close(drain=not torn)
+        except Exception as error:  # noqa: BLE001 - finishing the step failed too; the original error is reported
+            rank_zero_warn(f"slideformer: the last optimizer step could not be finished ({error!r})")
+            torn = True
+        if torn:
+            self._torn = True
+            # Let the engine and its memory go, also from the optimizer and LR schedulers that Lightning keeps.
+            for optimizer in self.optimizers:
+                optimizer.engine = None
+            self.optimizers, self.lr_scheduler_configs = [], []
 
     def teardown(self) -> None:
         try:
@@ -391,9 +411,14 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         return False
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._step_torn():
+            return {}  # not saved (save_checkpoint says why)
         if self.engine is None:
             return super().lightning_module_state_dict()
         return self.engine.state_dict()
+
+    def _step_torn(self) -> bool:
+        return self._torn or (self.engine is not None and self.engine.step_torn)
 
     # ------------------------------------------------------------ checkpoint files (format: lightning_slide/checkpoint.py)
     def save_checkpoint(
@@ -407,6 +432,12 @@ class SlideFormerStrategy(SingleDeviceStrategy):
                 "trainer.save_checkpoint(path) without them"
             )
         if not self.is_global_zero:
+            return
+        if self._step_torn():
+            rank_zero_warn(
+                f"slideformer: checkpoint {str(filepath)!r} not saved: training stopped in the middle of an optimizer "
+                "step, so the weights hold part of it. Resume from the last complete checkpoint."
+            )
             return
         module = self.lightning_module
         params = None

@@ -207,6 +207,8 @@ class SlidingEngine:
         self._finite_host = torch.ones(len(self.layers) + 1, dtype=torch.bool, pin_memory=self.pin)
         self._step_index = 0  # the global step of the current backward, for messages
 
+        self._closed = False
+        self._step_open = False  # some updates of an optimizer step are queued, not all of them yet
         self._backward = False
         self._streaming: list[dict] | None = None  # hyperparameters while updates stream out of this backward
         self._streamed = False
@@ -344,6 +346,7 @@ class SlidingEngine:
                 self._resident_deferred = (hyper, coefficient, clip_value)
         for key in keys:
             self._submit_update(key, hyper, coefficient, clip_value)
+        self._step_open = False
 
     def _device_norms(self):
         """Per-parameter gradient norms of the device-updated resident parts, on their way to the host."""
@@ -367,6 +370,7 @@ class SlidingEngine:
     def _submit_update(self, key, hyper: list[dict], coefficient: dict | None = None, clip_value=None) -> None:
         optimizer = self._optimizers.get(key)
         if optimizer is not None:
+            self._step_open = True
             # `coefficient` is filled in by the norm task queued before: pass the same dict, even while empty.
             coefficient = {} if coefficient is None else coefficient
             state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
@@ -581,6 +585,7 @@ class SlidingEngine:
         if self._streaming is not None:  # what the host has not started yet, it does in the next forward's order
             self.worker.prefer(list(self._units()))
         self._streamed = self._streaming is not None
+        self._step_open = False  # every update of a streamed step is queued
         self._streaming = None
 
     def _on_grad(self, index: int, param: torch.Tensor) -> None:
@@ -641,6 +646,12 @@ class SlidingEngine:
         unit.grad.add_(staging)
 
     # ---------------------------------------------------------------- state and lifetime
+    @property
+    def step_torn(self) -> bool:
+        """Whether training stopped in the middle of an optimizer step, so that some units may hold its update and
+        others not: a backward streaming updates (or ``step``) was interrupted, or an update failed."""
+        return self._step_open or self.worker.failed
+
     def stats(self) -> dict[str, float]:
         """Cumulative figures since construction: ``host_busy`` (seconds the update thread ran updates and gradient
         additions), ``compute_blocked`` (seconds the training thread waited for an update it needs) and
@@ -744,21 +755,26 @@ class SlidingEngine:
         raise KeyError("parameter is not optimized by the host optimizer")
 
     def close(self, *, drain: bool = True) -> None:
-        """Stop the worker and leave every parameter on its host master. Safe to call twice.
+        """Stop the worker and the disk tier's threads, leave every parameter on its host master and let go of the
+        scratch memory (window slots, staging, pooled gradient buffers, parked activations). Masters and optimizer
+        state stay, so a checkpoint can still be saved. Only the first call does anything.
 
         Args:
             drain: finish pending updates first and re-raise an update's failure (normal end); ``False`` drops
-                them (the run is already failing).
+                the updates not yet started (the run is already failing: the masters may hold part of a step).
         """
+        if self._closed:
+            return
+        self._closed = True
         try:
             if drain:
                 self._sync_masters()  # re-raises an update's failure
                 if self.state_store is not None:
                     self._flush_state_cache()
         finally:
-            self.worker.close(drain=False)
-            if self.state_store is not None:
+            if self.state_store is not None:  # first: an update waiting for a read is let go, not waited for
                 self.state_store.close()
+            self.worker.close(drain=False)
             if not drain and self._resident_updates_on_device():
                 try:  # the run failed: still hand back the latest resident weights if the device allows
                     self.resident.master.copy_(self._resident_master)
@@ -782,3 +798,14 @@ class SlidingEngine:
             torch.cuda.current_stream(self.device).synchronize()
             self.streams.upload.synchronize()
             self.streams.download.synchronize()
+        # No copy is in flight any more: drop the scratch buffers (nothing after close uses them).
+        self._resident_deferred = None
+        self.window.slots.clear()
+        self.window.upload_staging = self.upload_staging = self.download_staging = None
+        self.resident_weights = self.resident_grads = None
+        self._host_staging.clear()
+        for unit in self.layers:
+            unit.grad = None  # buffers lent by the pool
+        self._lent.clear()
+        self.grad_pool = GradientPool(0, pin=False)
+        self.activations = None

@@ -187,6 +187,7 @@ class UpdateWorker:
         self._closed = False
         self._pending: dict[Hashable, Future] = {}
         self.busy_seconds = 0.0  # time the thread spent running tasks
+        self.failed = False  # a task raised
         self.blocked_seconds = 0.0  # time callers of wait() spent blocked
         self._thread = threading.Thread(target=self._run, name="slide-update", daemon=True)
         self._thread.start()
@@ -233,6 +234,7 @@ class UpdateWorker:
             try:
                 fn()
             except BaseException as error:  # noqa: BLE001 - handed to whoever waits for this task
+                self.failed = True
                 future.set_exception(error)
             else:
                 future.set_result(None)

@@ -41,3 +41,14 @@ def test_fit_validate_fit_test_soak(tmp_path):
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 and p.grad is None for p in module.parameters())
     # The first rounds warm caches up; afterwards a round must not keep memory.
     assert rss[-1] - rss[1] < 64, f"resident memory grew across rounds: {rss}"
+
+
+def test_a_finished_fit_keeps_only_what_a_checkpoint_needs(tmp_path):
+    module = TinyLM("llama", initial_state("llama"))
+    strategy = lightning_slide.SlideFormerStrategy(window=1, offload_activations=True)
+    run = trainer(strategy, max_steps=2)
+    run.fit(module, batches(4))
+    engine = run.optimizers[0].engine  # kept for a checkpoint after the run
+    assert not engine.window.slots and engine.resident_weights is None and engine.activations is None
+    assert not engine.grad_pool.allocated and all(unit.grad is None for unit in engine.layers)
+    run.save_checkpoint(tmp_path / "after_fit.ckpt")
