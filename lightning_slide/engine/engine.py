@@ -421,7 +421,8 @@ class SlidingEngine:
         this optimizer step (``first``: the step's first micro-batch), on the device, and copy the flag to the host
         on the download stream, without a host sync; returns the event after which the host copy is there."""
         index = -1 if key == RESIDENT else key
-        finite = torch.isfinite(device_grads).all()
+        low, high = torch.aminmax(device_grads)  # one pass, no gradient-sized temporary; NaN propagates
+        finite = torch.isfinite(low) & torch.isfinite(high)
         if first:
             self._finite[index].copy_(finite)
         else:

@@ -247,7 +247,7 @@ class UpdateWorker:
         return future is None or (future.done() and future.exception() is None)
 
     def wait(self, key: Hashable) -> None:
-        future = self._pending.pop(key, None)
+        future = self._pending.get(key)
         if future is None:
             return
         start = None if future.done() else time.perf_counter()
@@ -256,6 +256,8 @@ class UpdateWorker:
         finally:
             if start is not None:
                 self.blocked_seconds += time.perf_counter() - start
+            if future.done():  # a wait interrupted by Ctrl+C leaves the task pending: draining still waits for it
+                del self._pending[key]
 
     def wait_all(self) -> None:
         for key in list(self._pending):

@@ -99,7 +99,8 @@ def test_save_replaces_atomically_and_an_interrupted_save_leaves_the_previous(tm
     with pytest.raises(TypeError, match="not a tensor"):  # a save that fails after writing its first file
         save(4, broken="not a tensor")
     assert stored() == (3, 3.0), "a failed save damaged the previous checkpoint"
-    assert temp_path(path).exists()  # its partial directory stays aside, never named like a checkpoint ...
+    assert not temp_path(path).exists()  # its partial directory is removed at once
+    (temp_path(path) / "model").mkdir(parents=True)  # what a killed save leaves: aside, never named like a checkpoint
     save(5)
     assert stored() == (5, 5.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # ... and the next save removes it

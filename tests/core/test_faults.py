@@ -214,3 +214,20 @@ def test_a_failing_disk_read_surfaces_with_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "fromfile", failing_fromfile)
     exception, frames = fit_until_it_fails(OSError, torn=True, offload_dir=str(tmp_path), gradient_clip_val=0.5)
     assert exception.errno == errno.EIO and "failing_fromfile" in frames
+
+
+def test_ctrl_c_while_waiting_for_an_update_leaves_it_to_be_finished():
+    from lightning_slide.engine.optimizer import UpdateWorker
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    worker, gate, ran = UpdateWorker(), threading.Event(), []
+    worker.submit("busy", gate.wait)
+    worker.submit("queued", lambda: ran.append("queued"))
+    main = threading.main_thread().ident
+    threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        worker.wait("queued")  # Ctrl+C while the training thread waits
+    assert not worker.done("queued")
+    gate.set()
+    worker.close(drain=True)  # a stop between two steps finishes what was queued
+    assert ran == ["queued"]
