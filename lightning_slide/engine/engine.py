@@ -329,7 +329,9 @@ class SlidingEngine:
         # Skipping a step needs every unit's flag before any update (the clipping norm sees NaN/Inf by itself).
         check = clip_norm is None and self.nonfinite == "skip"
         if check:
-            self.worker.submit("norm", functools.partial(self._check_finite, list(keys), coefficient))
+            self.worker.submit("norm", functools.partial(
+                self._for_updates, coefficient, functools.partial(self._check_finite, list(keys), coefficient)
+            ))
         on_device = self._resident_updates_on_device() and RESIDENT in keys
         if on_device:
             keys.remove(RESIDENT)
@@ -337,7 +339,9 @@ class SlidingEngine:
             units = [self._units()[key] for key in keys]
             device_norms = self._device_norms() if on_device else None
             self.worker.submit(
-                "norm", functools.partial(self._clip_coefficient, clip_norm, units, device_norms, coefficient)
+                "norm", functools.partial(self._for_updates, coefficient, functools.partial(
+                    self._clip_coefficient, clip_norm, units, device_norms, coefficient
+                ))
             )
         if on_device:
             if clip_norm is None and not check:
@@ -405,6 +409,16 @@ class SlidingEngine:
                     )
                 return
             out["value"] = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+    @staticmethod
+    def _for_updates(out: dict, task) -> None:
+        """Worker task: run ``task``, which fills ``out`` for the updates queued after it; should it fail, they fail
+        with its error rather than run unclipped or unchecked."""
+        try:
+            task()
+        except BaseException as error:
+            out["error"] = error
+            raise
 
     def _check_finite(self, keys: list, out: dict) -> None:
         """Worker task (``nonfinite="skip"`` without norm clipping): the step is skipped (``out["skip"]``) when a

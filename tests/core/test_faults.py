@@ -90,10 +90,10 @@ def fit_until_it_fails(expected, *, torn, module=None, callbacks=(), steps=4, **
     return exception, frames
 
 
-def assert_trained_like_plain_lightning(module, steps, data):
-    """``module`` holds exactly ``steps`` whole optimizer steps on ``batches(data)`` (no clipping or accumulation)."""
+def assert_trained_like_plain_lightning(module, steps, data, clip=None):
+    """``module`` holds exactly ``steps`` whole optimizer steps on ``batches(data)`` (no accumulation)."""
     plain = TinyLM("llama", initial_state("llama"))
-    trainer("auto", max_steps=steps, gradient_clip_val=None, accumulate_grad_batches=1).fit(plain, batches(data))
+    trainer("auto", max_steps=steps, gradient_clip_val=clip, accumulate_grad_batches=1).fit(plain, batches(data))
     theirs = dict(plain.named_parameters())
     for name, param in module.named_parameters():
         assert relative_error(param.detach(), theirs[name].detach()) <= 1e-5, name
@@ -182,6 +182,25 @@ def test_a_failing_update_surfaces_with_its_traceback(monkeypatch, clip):
     monkeypatch.setattr(UnitOptimizer, "step", failing_step)
     exception, frames = fit_until_it_fails(RuntimeError, torn=True, gradient_clip_val=clip)
     assert str(exception) == "injected update failure" and "failing_step" in frames
+
+
+def test_a_failing_clipping_norm_fails_the_updates_that_need_it(monkeypatch):
+    from lightning_slide.engine.engine import SlidingEngine
+
+    clip_coefficient, calls = SlidingEngine._clip_coefficient, []
+
+    def failing_norm(self, *args):
+        calls.append(args)
+        if len(calls) == 2:  # the second step's global norm
+            raise MemoryError("injected norm failure")
+        return clip_coefficient(self, *args)
+
+    monkeypatch.setattr(SlidingEngine, "_clip_coefficient", failing_norm)
+    module = TinyLM("llama", initial_state("llama"))
+    exception, frames = fit_until_it_fails(MemoryError, torn=True, module=module, gradient_clip_val=0.5)
+    assert "failing_norm" in frames
+    monkeypatch.undo()
+    assert_trained_like_plain_lightning(module, steps=1, data=4, clip=0.5)  # no update ran unclipped
 
 
 def test_a_failing_disk_write_surfaces_with_its_traceback(tmp_path, monkeypatch):
