@@ -107,7 +107,7 @@ def test_ctrl_c_in_a_callback_stops_every_thread(tmp_path):
     )
 
 
-def test_ctrl_c_while_the_update_thread_is_busy(monkeypatch):
+def test_ctrl_c_while_the_update_thread_is_busy(tmp_path, monkeypatch):
     busy = threading.Event()
     step = UnitOptimizer.step
 
@@ -118,10 +118,17 @@ def test_ctrl_c_while_the_update_thread_is_busy(monkeypatch):
 
     monkeypatch.setattr(UnitOptimizer, "step", slow_step)
     watch = Watch(interrupt_at=1, ready=busy)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_on_exception=True)
     module = TinyLM("llama", initial_state("llama"))
-    fit_until_it_fails(SystemExit, torn=False, module=module, callbacks=[watch])
+    fit_until_it_fails(SystemExit, torn=False, module=module, callbacks=[watch, saver], enable_checkpointing=True)
     monkeypatch.undo()
     assert_trained_like_plain_lightning(module, steps=2, data=4)  # the second step's queued updates were finished
+    module.trainer.save_checkpoint(tmp_path / "after.ckpt")
+    for name in ("epoch=0-step=2.ckpt", "after.ckpt"):  # saved by on_exception, and after the run: both whole steps
+        saved = slide_checkpoint.load(tmp_path / name)
+        assert saved["global_step"] == 2 and saved[slide_checkpoint.READER_KEY].has_optimizer
+        for key, value in module.state_dict().items():
+            assert torch.equal(saved["state_dict"][key], value), (name, key)
 
 
 def test_ctrl_c_in_the_middle_of_a_step_refuses_checkpoints(tmp_path):
