@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_slide import checkpoint as slide_checkpoint
 from lightning_slide.engine.blocks import find_parts
+from lightning_slide.engine.disk import parse_offload
 from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
 from lightning_slide.engine.plan import (
@@ -68,10 +69,16 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         offload_activations: keep each decoder layer's input — the one activation a recomputed layer keeps from
             forward to backward — in page-locked host memory instead of on the GPU, so long sequences fit (one
             B×T×H tensor per layer moves each way per step). Default ``False``.
-        offload_dir: a directory for the disk tier: the Adam moments (8 bytes per parameter) of every
-            host-updated unit live in files there, read ahead of each layer's update and written behind it, so host
-            memory holds the fp32 masters plus a few layers' state. The free space is checked before training.
-            Default ``None``: the optimizer state stays in host memory.
+        offload_dir: a directory for the disk tier: what ``offload`` names lives in files there, read ahead of each
+            layer's update and written behind it, with at most ``window + 2`` layers' worth in host memory at once.
+            The free space is checked before anything is written. Default ``None``: everything in host memory.
+        offload: what lives under ``offload_dir``: ``"optimizer"`` (the Adam moments, 8 bytes per parameter),
+            ``"masters"`` (the decoder layers' fp32 masters, 4 bytes per parameter; embeddings, final norm and head
+            keep theirs in memory) or ``"both"`` (also ``["optimizer", "masters"]``). With the masters on disk the
+            host keeps a page-locked bf16 copy of every layer (``host_weights="compute"``), refreshed after each
+            update, from which layers are uploaded; after training the module's parameters are fp32 views of the
+            master files mapped into memory (read on access: keep ``offload_dir`` until you have saved the model).
+            Default ``None``: ``"optimizer"`` when ``offload_dir`` is set.
         nonfinite: what a NaN or Inf loss (checked every micro-batch) or gradient does. Gradients are checked
             on the device as each layer's arrive (one flag per layer, read on the host before that layer's update:
             no host sync), or through the global norm when clipping by norm. ``"error"`` (default): training stops
@@ -86,7 +93,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             (4 bytes per parameter cross PCIe). ``"compute"``: a page-locked bf16 copy of every layer kept in host
             memory and refreshed by the host optimizer after each update, uploaded as it is (2 bytes per parameter
             cross PCIe; 2 bytes per parameter more host memory and a host cast per update). Same training either
-            way. ``"auto"`` (default): ``"fp32"``.
+            way. ``"auto"`` (default): ``"compute"`` when the masters are on disk (required there), else ``"fp32"``.
         grad_buffers: layer gradient buffers (fp32, one layer each) the host may hold while updates stream out of a
             backward (no clipping, last micro-batch); the backward waits for the host rather than hold more. More
             lets the host keep updating through more of the next forward: at the Llama-3.1-8B shape 8 instead of 4
@@ -113,6 +120,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         nonfinite: str = "error",
         host_weights: str = "auto",
         grad_buffers: int | None = None,
+        offload: str | list[str] | None = None,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
@@ -132,6 +140,11 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         self.monitor = monitor
         self.offload_activations = offload_activations
         self.offload_dir = None if offload_dir is None else str(offload_dir)
+        try:
+            on_disk = parse_offload(offload, self.offload_dir)
+        except ValueError as error:
+            raise ValueError(f"SlideFormerStrategy(offload=...): {error}") from None
+        self.offload = None if offload is None else sorted(on_disk)
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"SlideFormerStrategy(nonfinite=...) must be 'error' or 'skip', got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -139,7 +152,12 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             raise ValueError(
                 f"SlideFormerStrategy(host_weights=...) must be 'auto', 'fp32' or 'compute', got {host_weights!r}"
             )
-        self.host_weights = host_weights
+        if host_weights == "fp32" and "masters" in on_disk:
+            raise ValueError(
+                "SlideFormerStrategy(host_weights='fp32') uploads from fp32 masters in host memory, but offload puts "
+                "the masters on disk; use host_weights='compute' or 'auto'"
+            )
+        self.host_weights = "compute" if host_weights == "auto" and "masters" in on_disk else host_weights
         if grad_buffers is not None and (isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int)
                                          or grad_buffers < 1):
             raise ValueError(
@@ -236,10 +254,12 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             nonfinite=self.nonfinite,
             host_weights="fp32" if self.host_weights == "auto" else self.host_weights,
             grad_buffers=self.grad_buffers,
+            offload=self.offload,
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
-            f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters on the host, "
+            f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters "
+            f"{'on disk' if 'masters' in self.engine.offload else 'on the host'}, "
             f"kernels: {', '.join(active_kernels(module)) or 'none'}"
         )
         if fitting and self.monitor and not any(isinstance(c, SlideMonitor) for c in trainer.callbacks):

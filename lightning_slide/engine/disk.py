@@ -1,67 +1,174 @@
-"""The disk tier: each unit's optimizer state in files, read ahead of its update and written behind it.
+"""The disk tier: per-unit flat fp32 arrays in files, read ahead of each unit's update and written behind it.
 
-A unit's Adam moments are two flat fp32 arrays laid out like its trainable parameters; on disk they are one file
-per unit and moment, in the machine's byte order. A reader thread loads the state of the units whose updates are
-queued, at most ``in_flight`` units ahead, so that reading overlaps the update before it; a writer thread writes
-each state back after its update and only then frees its place, so host memory holds at most ``in_flight`` units'
-state whatever the model size.
+What lives on disk is chosen with ``offload`` (see :func:`parse_offload`): the optimizer state (a unit's Adam
+moments: two flat fp32 arrays laid out like its trainable parameters), the fp32 masters of the decoder layers (one
+flat array laid out like the unit), or both. Each array is one file per unit (``layer00003.exp_avg.bin``,
+``layer00003.master.bin``), raw fp32 in the machine's byte order, rewritten in place (never truncated: the master
+files are also memory-mapped, see ``HostUnit.keep_master_in``).
+
+A reader thread loads every array of a unit whose update is queued, at most ``in_flight`` units ahead, so reading
+overlaps the updates before it; a writer thread writes them back after the update and only then frees the place,
+so host memory holds at most ``in_flight`` units' arrays whatever the model size. The buffers are reused (a pool
+per array size shared by two or more units), so a step does not page-fault fresh memory for every layer.
+
+Set ``LIGHTNING_SLIDE_DISK_NOCACHE=1`` to make every write reach the device (``fdatasync``) and drop the files from
+the page cache after each read and write (``posix_fadvise(DONTNEED)``): what a machine whose RAM cannot cache the
+files sees. The benchmarks use it to measure the disk, not the page cache.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lightning_slide.engine.plan import human
 
+#: What may live on disk: the optimizer state, the decoder layers' fp32 masters.
+OFFLOAD_KINDS = ("optimizer", "masters")
+MASTER = "master"  # name of the master array of a unit in the store
+NOCACHE_ENV = "LIGHTNING_SLIDE_DISK_NOCACHE"
 
-def check_disk_space(directory: str | Path, needed: int, free: int | None = None) -> None:
-    """Raise a clear error when ``directory``'s file system has fewer than ``needed`` bytes free."""
+
+def parse_offload(offload, offload_dir) -> frozenset[str]:
+    """The set of things on disk for ``offload`` (``None``, ``"optimizer"``, ``"masters"``, ``"both"`` or a list of
+    ``"optimizer"``/``"masters"``) with ``offload_dir``; ``None`` means ``"optimizer"`` when there is an
+    ``offload_dir``, nothing otherwise. Raises ``ValueError`` with what to change."""
+    if offload is None:
+        return frozenset(("optimizer",)) if offload_dir is not None else frozenset()
+    names = [offload] if isinstance(offload, str) else list(offload)
+    if names == ["both"]:
+        names = list(OFFLOAD_KINDS)
+    unknown = [n for n in names if n not in OFFLOAD_KINDS]
+    if unknown or not names:
+        raise ValueError(
+            f"offload must be 'optimizer', 'masters', 'both' or a list of {list(OFFLOAD_KINDS)}, got {offload!r}"
+        )
+    if offload_dir is None:
+        raise ValueError(f"offload={offload!r} puts state on disk: set offload_dir to a directory for its files")
+    return frozenset(names)
+
+
+def check_disk_space(directory: str | Path, needed: int, free: int | None = None, what: str = "") -> None:
+    """Raise a clear error when ``directory``'s file system has fewer than ``needed`` bytes free.
+    ``what``: what the bytes are for, said in the error (e.g. ``"fp32 masters 12.00 GiB + optimizer state ..."``)."""
     free = shutil.disk_usage(directory).free if free is None else free
     if needed > free:
         raise ValueError(
-            f"the disk tier needs {human(needed)} under {str(directory)!r} but only {human(free)} is free; "
-            "free some space, choose another offload_dir, or keep the optimizer state in host memory (offload_dir=None)"
+            f"the disk tier needs {human(needed)} under {str(directory)!r}{f' ({what})' if what else ''} but only "
+            f"{human(free)} is free; free some space, choose another offload_dir, or keep less on disk "
+            "(offload='optimizer' or 'masters' instead of both, or offload_dir=None)"
         )
 
 
+def existing_bytes(paths: Iterable[Path]) -> int:
+    """Bytes already held by those of ``paths`` that exist (files a run rewrites in place need no new space)."""
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def nocache_default() -> bool:
+    return os.environ.get(NOCACHE_ENV, "") not in ("", "0")
+
+
+def write_array(path: Path, tensor: torch.Tensor, nocache: bool | None = None) -> None:
+    """Write the flat CPU ``tensor`` as the whole of ``path``, in place (the file is created, or truncated only when
+    its size differs: a memory map of it stays valid). ``nocache``: sync and drop it from the page cache (default:
+    ``LIGHTNING_SLIDE_DISK_NOCACHE``)."""
+    nocache = nocache_default() if nocache is None else nocache
+    data = memoryview(tensor.detach().contiguous().numpy()).cast("B")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], written)
+        if os.fstat(fd).st_size != len(data):
+            os.ftruncate(fd, len(data))
+        if nocache:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_array(path: Path, out: torch.Tensor, nocache: bool | None = None) -> torch.Tensor:
+    """Fill the flat CPU tensor ``out`` from ``path`` (which must hold exactly its bytes); returns ``out``."""
+    nocache = nocache_default() if nocache is None else nocache
+    data = memoryview(out.numpy()).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size != len(data):
+            raise ValueError(f"{path} has {os.fstat(fd).st_size} bytes, expected {len(data)}")
+        done = 0
+        while done < len(data):
+            count = os.preadv(fd, [data[done:]], done)
+            if count <= 0:
+                raise OSError(f"short read of {path}")
+            done += count
+        if nocache:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return out
+
+
 class StateStore:
-    """Flat fp32 state arrays of every unit, in files under ``directory``.
+    """Flat fp32 arrays of every unit, in files under ``directory``.
 
     Args:
-        directory: where the files live (created if missing); one file per unit and state name.
-        names: the state arrays of a unit, e.g. ``("exp_avg", "exp_avg_sq")``.
-        numel: elements of each array of each unit, by unit key.
-        in_flight: most units whose state may be in host memory at once (>= 1).
+        directory: where the files live (created if missing); one file per unit and array name.
+        in_flight: most units whose arrays may be in host memory at once through ``read`` (>= 1).
+
+    ``add(key, name, numel)`` declares an array; ``read(key)`` loads every array of ``key`` ahead (holding one of
+    the ``in_flight`` places) and ``write(key, state)`` writes them behind and frees the place. An array never
+    written reads as zeros (fresh optimizer state). ``allocated_bytes``/``peak_bytes``: host bytes of the buffers
+    the store holds for reads (in use or pooled) now / at most.
     """
 
-    def __init__(self, directory: str | Path, names: tuple[str, ...], numel: dict[Hashable, int], in_flight: int) -> None:
+    def __init__(self, directory: str | Path, in_flight: int) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.names = names
-        self.numel = numel
+        self.layout: dict[Hashable, dict[str, int]] = {}
+        self.nocache = nocache_default()
         self._slots = threading.Semaphore(max(1, in_flight))
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-disk-read")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-disk-write")
         self._writes: dict[Hashable, Future] = {}
-        self._on_disk: set[Hashable] = set()
+        self._on_disk: set[tuple[Hashable, str]] = set()
         self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._free: dict[int, list[torch.Tensor]] = {}  # pooled buffers by number of elements
+        self.allocated_bytes = 0
+        self.peak_bytes = 0
+
+    def add(self, key: Hashable, name: str, numel: int) -> None:
+        """Declare the array ``name`` of unit ``key`` (``numel`` fp32 elements)."""
+        self.layout.setdefault(key, {})[name] = numel
+
+    def holds(self, key: Hashable) -> bool:
+        return bool(self.layout.get(key))
 
     def path(self, key: Hashable, name: str) -> Path:
         return self.directory / f"{'resident' if key == 'resident' else f'layer{key:05d}'}.{name}.bin"
 
+    def paths(self) -> list[Path]:
+        return [self.path(key, name) for key, arrays in self.layout.items() for name in arrays]
+
+    def mark_written(self, key: Hashable, name: str) -> None:
+        """Record that ``path(key, name)`` holds the array (written outside the store, e.g. a layer's masters)."""
+        self._on_disk.add((key, name))
+
+    # ------------------------------------------------------------ reads and writes paired with updates
     def read(self, key: Hashable) -> Future:
-        """Start loading ``key``'s state; the future gives ``{name: flat fp32 tensor}`` (zeros before any write).
-        After ``close`` (e.g. a checkpoint saved after training) it reads at once, on the calling thread."""
+        """Start loading every array of ``key``; the future gives ``{name: flat fp32 tensor}``. Holds a place until
+        ``write`` or ``release``. After ``close`` it loads at once, on the calling thread, holding nothing."""
         if self._closed.is_set():
             done: Future = Future()
-            done.set_result(self._load(key))
+            done.set_result(self.load(key))
             return done
         return self._reader.submit(self._read, key)
 
@@ -70,43 +177,46 @@ class StateStore:
             if self._closed.is_set():
                 raise RuntimeError("the disk tier was closed")
         try:
-            return self._load(key)
+            self._wait_write(key)
+            return {name: self._fill(key, name, self._take(numel)) for name, numel in self.layout[key].items()}
         except BaseException:
             self._slots.release()
             raise
 
-    def _load(self, key: Hashable) -> dict[str, torch.Tensor]:
-        pending = self._writes.get(key)
-        if pending is not None:
-            pending.result()  # the previous update's state must be on disk before it is read again
-        if key not in self._on_disk:
-            return {name: torch.zeros(self.numel[key], dtype=torch.float32) for name in self.names}
-        return {name: torch.from_numpy(np.fromfile(self.path(key, name), dtype=np.float32)) for name in self.names}
-
     def write(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
-        """Write ``key``'s state back, then free its place (call once for every read)."""
+        """Write ``key``'s arrays back behind the caller, then free the buffers and the place (once per read)."""
         self._writes[key] = self._writer.submit(self._write, key, state)
-
-    def put(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
-        """Write ``key``'s state now, outside the read/write pairing (e.g. when a checkpoint is loaded)."""
-        pending = self._writes.get(key)
-        if pending is not None:
-            pending.result()
-        for name, tensor in state.items():
-            tensor.numpy().tofile(self.path(key, name))
-        self._on_disk.add(key)
-
-    def release(self, key: Hashable) -> None:
-        """Free the place of a read whose state is not written back (its update did not run)."""
-        self._slots.release()
 
     def _write(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
         try:
             for name, tensor in state.items():
-                tensor.numpy().tofile(self.path(key, name))
-            self._on_disk.add(key)
+                write_array(self.path(key, name), tensor, self.nocache)
+                self._on_disk.add((key, name))
         finally:
-            self._slots.release()
+            self.release(key, state)
+
+    def release(self, key: Hashable, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Free the place of a read whose arrays are not written back (its update did not run)."""
+        for tensor in (state or {}).values():
+            self._give(tensor)
+        self._slots.release()
+
+    # ------------------------------------------------------------ outside the update pairing
+    def load(self, key: Hashable, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """``key``'s arrays (``names``, default all) in new tensors, now, on the calling thread (for inspection:
+        checkpoints, ``state_dict``); waits for a pending write of ``key`` first."""
+        self._wait_write(key)
+        names = list(self.layout[key]) if names is None else list(names)
+        return {
+            name: self._fill(key, name, torch.empty(self.layout[key][name], dtype=torch.float32)) for name in names
+        }
+
+    def put(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
+        """Write ``key``'s arrays in ``state`` now (e.g. when a checkpoint is loaded, or a layer's first masters)."""
+        self._wait_write(key)
+        for name, tensor in state.items():
+            write_array(self.path(key, name), tensor, self.nocache)
+            self._on_disk.add((key, name))
 
     def flush(self) -> None:
         """Wait until every write has reached the files (re-raises a failed write)."""
@@ -117,3 +227,35 @@ class StateStore:
         self._closed.set()
         self._reader.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
+        with self._lock:
+            self._free.clear()
+            self.allocated_bytes = 0
+
+    # ------------------------------------------------------------ internals
+    def _wait_write(self, key: Hashable) -> None:
+        pending = self._writes.get(key)
+        if pending is not None:
+            pending.result()  # the previous update's arrays must be on disk before they are read again
+
+    def _fill(self, key: Hashable, name: str, out: torch.Tensor) -> torch.Tensor:
+        if (key, name) not in self._on_disk:
+            return out.zero_()
+        return read_array(self.path(key, name), out, self.nocache)
+
+    def _take(self, numel: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(numel)
+            if free:
+                return free.pop()
+            self.allocated_bytes += 4 * numel
+            self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
+        return torch.empty(numel, dtype=torch.float32)
+
+    def _give(self, tensor: torch.Tensor) -> None:
+        numel = tensor.numel()
+        shared = sum(numel in arrays.values() for arrays in self.layout.values()) >= 2
+        with self._lock:
+            if shared and not self._closed.is_set():
+                self._free.setdefault(numel, []).append(tensor)  # a size other units read too: keep it
+            else:
+                self.allocated_bytes -= 4 * numel

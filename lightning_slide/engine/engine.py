@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.disk import StateStore, check_disk_space
+from lightning_slide.engine.disk import MASTER, StateStore, check_disk_space, existing_bytes, parse_offload
 from lightning_slide.engine.host import MASTER_DTYPE, GradientPool, HostUnit
 from lightning_slide.engine.optimizer import (
     UnitOptimizer,
@@ -43,7 +43,9 @@ from lightning_slide.engine.optimizer import (
     state_names,
 )
 from lightning_slide.engine.pinned import host_empty
-from lightning_slide.engine.plan import STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, grads_in_flight
+from lightning_slide.engine.plan import (
+    STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, grads_in_flight, human,
+)
 from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
 
@@ -70,6 +72,26 @@ _STAGING_NUMEL = STAGING_NUMEL
 HOST_WEIGHTS = ("fp32", "compute")
 
 
+class _MastersFromDisk(Mapping):
+    """A state dict whose decoder-layer parameters are read from the master files when accessed (``read(layer)``
+    gives a layer's flat masters); every other entry is as ``root.state_dict()`` gave it."""
+
+    def __init__(self, state: dict, on_disk: dict[str, tuple[int, Any]], read) -> None:
+        self._state, self._on_disk, self._read = state, on_disk, read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._on_disk:
+            key, entry = self._on_disk[name]
+            return entry.view(self._read(key))
+        return self._state[name]
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
 class SlidingEngine:
     """Trains ``root`` with only ``window`` of its decoder layers on ``device`` at a time.
 
@@ -87,8 +109,13 @@ class SlidingEngine:
             are checked against it before anything is allocated. Default ``None``: no cap, no check.
         offload_activations: keep each layer's input (the only activation a checkpointed layer keeps) in host
             memory between forward and backward. Default ``False``.
-        offload_dir: a directory for the disk tier: the optimizer state (Adam moments) of every host-updated unit
-            lives in files there, read ahead of each update and written behind it. Default ``None``: host memory.
+        offload_dir: a directory for the disk tier (see ``offload``). Default ``None``: everything in host memory.
+        offload: what lives in files under ``offload_dir``, read ahead of each unit's update and written behind it
+            (at most ``window + 2`` units' arrays in host memory): ``"optimizer"`` (the Adam moments of every
+            host-updated unit), ``"masters"`` (the decoder layers' fp32 masters; the resident parts keep theirs in
+            memory), ``"both"`` or a list. Default ``None``: ``"optimizer"`` when ``offload_dir`` is set. With the
+            masters on disk the host keeps a compute copy of every layer (``host_weights="compute"``, required)
+            and the parameters at rest are memory-mapped views of the master files (see ``host.HostUnit``).
         nonfinite: what NaN/Inf gradients do. Each unit's gradients are checked on the device as they are
             produced (one flag per unit, read on the host before the unit's update: no host sync). ``"error"``
             (default): a ``FloatingPointError`` naming the unit (or the global norm, when clipping by norm) from
@@ -126,12 +153,20 @@ class SlidingEngine:
         nonfinite: str = "error",
         host_weights: str = "fp32",
         grad_buffers: int | None = None,
+        offload: str | tuple[str, ...] | None = None,
     ) -> None:
         if grad_buffers is not None and (isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int)
                                          or grad_buffers < 1):
             raise ValueError(f"grad_buffers must be a positive integer or None, got {grad_buffers!r}")
         if host_weights not in HOST_WEIGHTS:
             raise ValueError(f"host_weights must be one of {HOST_WEIGHTS}, got {host_weights!r}")
+        self.offload = parse_offload(offload, offload_dir)
+        masters_on_disk = "masters" in self.offload
+        if masters_on_disk and host_weights != "compute":
+            raise ValueError(
+                "with the masters on disk, uploads read a compute copy of each layer kept in host memory: "
+                "host_weights must be 'compute' (or 'auto' on the strategy)"
+            )
         parts = find_parts(root, blocks_path)
         self.root = root
         self.device = torch.device(device)
@@ -159,15 +194,28 @@ class SlidingEngine:
         self.blocks_path = parts.blocks_path
         self.streams = Streams(self.device)
         self.pin = self.streams.cuda
-        compute_copy = host_weights == "compute" and compute_dtype != MASTER_DTYPE
+        # With the masters on disk the compute copy is kept whatever the compute dtype (it is all the host has).
+        compute_copy = host_weights == "compute" and (compute_dtype != MASTER_DTYPE or masters_on_disk)
         self.host_weights = host_weights
+        self.offload_dir = offload_dir
+        self.state_store: StateStore | None = None
+        if offload_dir is not None:
+            self.state_store = StateStore(offload_dir, in_flight=self.grad_buffers)
+            if masters_on_disk:
+                for i in range(len(parts.blocks)):
+                    self.state_store.add(i, MASTER, sum(p.numel() for _, p in parts.block_parameters(i)))
+            self._check_disk_space(parts, masters_on_disk)
         self.layers = [
             HostUnit(
                 f"layer {i}", parts.block_parameters(i), pin=self.pin, own_grad=False,
                 weights_dtype=compute_dtype if compute_copy else None,
+                master_path=self.state_store.path(i, MASTER) if masters_on_disk else None,
             )
             for i in range(len(parts.blocks))
         ]
+        if masters_on_disk:
+            for i in range(len(self.layers)):
+                self.state_store.mark_written(i, MASTER)
         self.resident = HostUnit(RESIDENT, parts.resident, pin=self.pin)
 
         largest = max(u.numel for u in [self.resident, *self.layers])
@@ -192,9 +240,8 @@ class SlidingEngine:
         self._resident_grad: torch.Tensor | None = None
         self._resident_deferred: tuple | None = None  # a device update waiting for the clipping coefficient
         self._optimizers: dict[Any, UnitOptimizer] = {}
-        self.offload_dir = offload_dir
-        self.state_store: StateStore | None = None
         self._state_cache: tuple | None = None  # (unit key, state arrays, changed) read outside an update
+        self._master_cache: tuple | None = None  # (layer index, flat masters, changed) read outside an update
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
         self.nonfinite = nonfinite
@@ -243,6 +290,22 @@ class SlidingEngine:
     def depth(self) -> int:
         return self.window.depth
 
+    def _check_disk_space(self, parts, masters_on_disk: bool) -> None:
+        """Before anything is written: the masters' files, and the optimizer state at 8 bytes per trainable
+        parameter (Adam's two moments; ``attach_optimizer`` checks again with the optimizer's exact needs)."""
+        needed, what = 0, []
+        if masters_on_disk:
+            masters = 4 * sum(self.state_store.layout[i][MASTER] for i in range(len(parts.blocks)))
+            needed += masters - existing_bytes(self.state_store.paths())
+            what.append(f"fp32 masters {human(masters)}")
+        if "optimizer" in self.offload:
+            params = [*parts.resident, *(np for i in range(len(parts.blocks)) for np in parts.block_parameters(i))]
+            trainable = sum(p.numel() for _, p in params if p.requires_grad)
+            moments = 8 * trainable
+            needed += moments
+            what.append(f"optimizer state about {human(moments)}")
+        check_disk_space(self.offload_dir, needed, what=" + ".join(what))
+
     def _units(self) -> dict[Any, HostUnit]:
         """Every unit by key, in the order the next forward needs them."""
         return {RESIDENT: self.resident, **dict(enumerate(self.layers))}
@@ -258,12 +321,16 @@ class SlidingEngine:
         units = self._units()
         on_device = self.resident_on_device and self.resident.trainable_numel > 0
         on_disk = [key for key, unit in units.items() if unit.trainable_numel and not (key == RESIDENT and on_device)]
-        if self.offload_dir is not None:
-            numel = {key: units[key].trainable_numel for key in on_disk}
+        if "optimizer" not in self.offload:
+            on_disk = []
+        if on_disk:
             names = state_names(optimizer)
-            Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
-            check_disk_space(self.offload_dir, 4 * len(names) * sum(numel.values()))
-            self.state_store = StateStore(self.offload_dir, names, numel, in_flight=self.grad_buffers)
+            for key in on_disk:
+                for name in names:
+                    self.state_store.add(key, name, units[key].trainable_numel)
+            paths = [self.state_store.path(key, name) for key in on_disk for name in names]
+            moments = 4 * len(names) * sum(units[key].trainable_numel for key in on_disk)
+            check_disk_space(self.offload_dir, moments - existing_bytes(paths), what=f"optimizer state {human(moments)}")
         self._optimizers = {}
         for key, unit in units.items():
             if key == RESIDENT and on_device:
@@ -274,7 +341,7 @@ class SlidingEngine:
                     unit, optimizer, group_of, master=self._resident_master, grad=self._resident_grad
                 )
             else:
-                in_memory = self.state_store is None or key not in on_disk
+                in_memory = key not in on_disk
                 self._optimizers[key] = UnitOptimizer(unit, optimizer, group_of, state_in_memory=in_memory)
 
     def _resident_updates_on_device(self) -> bool:
@@ -381,9 +448,11 @@ class SlidingEngine:
             self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value, state))
 
     def _read_state(self, key, optimizer: UnitOptimizer):
-        if optimizer.state is not None or optimizer.inner is None or self.state_store is None:
+        """Start reading ``key``'s arrays on disk (moments, masters) for its update; ``None`` if none are."""
+        if optimizer.inner is None or self.state_store is None or not self.state_store.holds(key):
             return None
         self._flush_state_cache()  # a checkpoint's changes first; the update then reads the files
+        self._flush_master_cache()
         return self.state_store.read(key)
 
     def _clip_coefficient(self, max_norm: float, units: list[HostUnit], device_norms, out: dict) -> None:
@@ -473,10 +542,11 @@ class SlidingEngine:
             if not coefficient.get("skip"):
                 self._raise_if_nonfinite(self._key_of(unit))
                 optimizer.step(hyper, coefficient.get("value"), clip_value, state)
-                unit.refresh_weights()  # before the next upload of the unit, which waits for this task
+                # before the next upload of the unit, which waits for this task
+                unit.refresh_weights(None if state is None else state.get(MASTER))
         except BaseException:
             if state is not None:
-                self.state_store.release(self._key_of(unit))
+                self.state_store.release(self._key_of(unit), state)
             raise
         if state is not None:
             self.state_store.write(self._key_of(unit), state)
@@ -686,15 +756,46 @@ class SlidingEngine:
         if self._resident_updates_on_device():
             self.resident.master.copy_(self._resident_master)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The root's state dict with every parameter given by its fp32 master (host memory)."""
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        """The root's state dict with every parameter given by its fp32 master (host memory).
+
+        With the masters on disk it is a mapping that reads a layer's masters from its file when one of its
+        tensors is accessed, keeping only the last layer read: a checkpoint written unit by unit holds one layer's
+        masters at a time."""
         self._sync_masters()
-        masters = {id(e.param): e.view(u.master) for u in self._units().values() for e in u.entries}
         state = self.root.state_dict()
+        on_disk: dict[str, tuple[int, Any]] = {}
+        masters = {}
+        for key, unit in self._units().items():
+            for e in unit.entries:
+                masters[id(e.param)] = (key, e) if unit.master is None else e.view(unit.master)
         for name, param in self.root.named_parameters(remove_duplicate=False):
             if name in state and id(param) in masters:
-                state[name] = masters[id(param)]
-        return state
+                if isinstance(masters[id(param)], tuple):
+                    on_disk[name] = masters[id(param)]
+                else:
+                    state[name] = masters[id(param)]
+        if not on_disk:
+            return state
+        return _MastersFromDisk(state, on_disk, self._stored_master)
+
+    def _stored_master(self, key: int) -> torch.Tensor:
+        """Layer ``key``'s flat fp32 masters read from its file (cached: the last layer read; changes made through
+        it reach the file, and the compute copy, before that layer is next updated or uploaded)."""
+        if self._master_cache is not None and self._master_cache[0] == key:
+            return self._master_cache[1]
+        self._flush_master_cache()
+        flat = self.state_store.load(key, (MASTER,))[MASTER]
+        self._master_cache = (key, flat, False)
+        return flat
+
+    def _flush_master_cache(self) -> None:
+        if self._master_cache is not None:
+            key, flat, dirty = self._master_cache
+            self._master_cache = None
+            if dirty:
+                self.state_store.put(key, {MASTER: flat})
+                self.layers[key].refresh_weights(flat)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy ``state`` (names as in ``root.state_dict()``) into the fp32 masters and the root's buffers.
@@ -702,19 +803,27 @@ class SlidingEngine:
         Every compute copy is dropped and reloaded from the masters before it is used again.
         """
         self._sync_masters()
-        masters = {id(e.param): e.view(u.master) for u in self._units().values() for e in u.entries}
+        units = {id(e.param): (key, u, e) for key, u in self._units().items() for e in u.entries}
         expected = set(self.root.state_dict())
         if strict and set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        # Parameters come in module order, a layer's together: a layer on disk is read and written once.
         for name, param in self.root.named_parameters(remove_duplicate=False):
             if name in state:
-                masters[id(param)].copy_(state[name])
+                key, unit, entry = units[id(param)]
+                if unit.master is None:
+                    entry.view(self._stored_master(key)).copy_(state[name])
+                    self._master_cache = (*self._master_cache[:2], True)
+                else:
+                    entry.view(unit.master).copy_(state[name])
+        self._flush_master_cache()
         for name, buffer in self.root.named_buffers():
             if name in state:
                 buffer.copy_(state[name])
         for unit in self.layers:
-            unit.refresh_weights()
+            if unit.master is not None:
+                unit.refresh_weights()
         self.window.clear()
         self._resident_loaded = False
         if self._resident_updates_on_device():
@@ -722,6 +831,26 @@ class SlidingEngine:
             self.resident_weights.copy_(self._resident_master)
         else:
             self.prepare_forward()
+
+    def host_bytes(self) -> dict[str, int]:
+        """Bytes of host memory the engine holds in tensors now, by kind (what ``README`` calls host bytes per
+        parameter; page-locked or not). ``"disk tier in flight"`` is the disk tier's read buffers (in use or pooled,
+        at most ``window + 2`` units' arrays; ``state_store.peak_bytes`` is their high-water mark)."""
+        units = list(self._units().values())
+        pool = self.grad_pool
+        moments = sum(t.nbytes for o in self._optimizers.values() if o.state is not None and o.inner is not None
+                      for t in o.state.values() if t.device.type == "cpu")
+        caches = sum(t.nbytes for c in (self._state_cache, self._master_cache) if c is not None
+                     for t in (c[1].values() if isinstance(c[1], dict) else [c[1]]))
+        return {
+            "fp32 masters": sum(u.master.nbytes for u in units if u.master is not None),
+            "compute copies": sum(u.weights.nbytes for u in units if u.weights is not None),
+            "optimizer state": moments,
+            "gradients": pool.allocated * pool.numel * 4 + sum(t.nbytes for t in self._host_staging.values())
+            + (self.resident.grad.nbytes if self.resident.grad is not None else 0),
+            "disk tier in flight": self.state_store.allocated_bytes if self.state_store is not None else 0,
+            "disk tier caches": caches,
+        }
 
     def units(self) -> dict[Any, HostUnit]:
         """The host state of every unit: ``"resident"`` and each layer index, in forward order."""
@@ -737,8 +866,7 @@ class SlidingEngine:
         if self._state_cache is not None and self._state_cache[0] == key:
             return self._state_cache[1]
         self._flush_state_cache()
-        state = self.state_store.read(key).result()
-        self.state_store.release(key)  # read for inspection: no place is held
+        state = self.state_store.load(key, optimizer.state_names)  # read for inspection: no place is held
         self._state_cache = (key, state, False)
         return state
 
@@ -786,6 +914,7 @@ class SlidingEngine:
                 self._sync_masters()  # re-raises an update's failure
                 if self.state_store is not None:
                     self._flush_state_cache()
+                    self._flush_master_cache()
         finally:
             if self.state_store is not None:  # first: an update waiting for a read is let go, not waited for
                 self.state_store.close()

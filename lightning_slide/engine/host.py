@@ -8,16 +8,24 @@ master view (at rest) or at a compute-device slot (while the unit is in the wind
 A unit may also keep a *compute copy*: its weights in the compute dtype (bf16), page-locked, laid out like the
 masters. Uploads then copy it as it is (2 bytes per parameter over PCIe instead of 4, no cast on the device) and
 the host optimizer refreshes it after each update of the masters (``refresh_weights``).
+
+With the masters on disk (``master_path``), the unit holds no fp32 masters in memory: they live in one file, the
+compute copy is the upload source, and the parameters at rest point at views of the file mapped into memory
+(``torch.from_file``, shared): fp32 values that the OS reads only if someone touches them (a user reading the
+module after training, ``save_pretrained``) and that the disk tier's in-place writes keep current. Training never
+reads through the map: the optimizer reads and writes the file explicitly (see ``disk.StateStore``).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from lightning_slide.engine.disk import write_array
 from lightning_slide.engine.pinned import host_empty
 
 MASTER_DTYPE = torch.float32
@@ -51,6 +59,7 @@ class HostUnit:
             :class:`GradientPool` while the unit has gradients (layers), so idle layers cost no gradient memory.
         weights_dtype: keep a compute copy of the weights in this dtype (``weights``), the source of uploads;
             ``None``: uploads read the fp32 masters.
+        master_path: keep the fp32 masters only in this file (written now); requires ``weights_dtype``.
 
     Construction moves each parameter's values into the flat master buffer and points the parameter at its view,
     so host memory holds one copy (plus at most one parameter in flight).
@@ -64,6 +73,7 @@ class HostUnit:
         pin: bool = False,
         own_grad: bool = True,
         weights_dtype: torch.dtype | None = None,
+        master_path: Path | None = None,
     ) -> None:
         self.name = name
         ordered = [np for np in params if np[1].requires_grad] + [np for np in params if not np[1].requires_grad]
@@ -76,7 +86,11 @@ class HostUnit:
         self.trainable = [e for e in self.entries if e.param.requires_grad]
         self.trainable_numel = sum(e.numel for e in self.trainable)
 
-        self.master = host_empty(self.numel, MASTER_DTYPE, pin=pin)
+        on_disk = master_path is not None and self.numel > 0
+        if on_disk and weights_dtype is None:
+            raise ValueError("masters on disk need a compute copy (weights_dtype) to upload from")
+        # fp32 masters in memory (None when they live in a file), and what the parameters point at when at rest.
+        self.master: torch.Tensor | None = host_empty(self.numel, MASTER_DTYPE, pin=pin and not on_disk)
         for e in self.entries:
             view = e.view(self.master)
             view.copy_(e.param.detach())
@@ -85,6 +99,13 @@ class HostUnit:
         if weights_dtype is not None:
             self.weights = host_empty(self.numel, weights_dtype, pin=pin)
             self.refresh_weights()
+        self.rest = self.master
+        self.master_path = master_path if on_disk else None
+        if on_disk:
+            write_array(master_path, self.master)
+            self.rest = torch.from_file(str(master_path), shared=True, size=self.numel, dtype=MASTER_DTYPE)
+            self.master = None
+            self.park()
         self.grad = host_empty(self.trainable_numel, MASTER_DTYPE, pin=pin).zero_() if own_grad else None
         # True when `grad` holds nothing yet for the current optimizer step: the next download overwrites it.
         self.grad_empty = True
@@ -102,10 +123,14 @@ class HostUnit:
         if self.weights is not None:
             self.weights.copy_(self.master if master is None else master)
 
+    @property
+    def master_bytes_in_memory(self) -> int:
+        return 0 if self.master is None else self.master.nbytes
+
     def park(self) -> None:
-        """Point every parameter back at its master (host, fp32)."""
+        """Point every parameter back at its master (host, fp32: in memory, or the mapped master file)."""
         for e in self.entries:
-            e.param.data = e.view(self.master)
+            e.param.data = e.view(self.rest)
             e.param.grad = None
 
 

@@ -55,6 +55,9 @@ class UnitOptimizer:
 
     Its state lives in flat fp32 arrays laid out like the unit's trainable parameters (one per state name), which
     torch's optimizer sees as per-parameter views; they stay in memory, or come from the disk tier for each step.
+    The masters it steps are views of the unit's flat masters; when those live on disk, each step is handed the
+    flat array read from the file and the views are pointed at it for that step (``.data``), then back at the
+    unit's resting place (the mapped file).
 
     Args:
         unit: the unit's host state.
@@ -77,7 +80,7 @@ class UnitOptimizer:
     ) -> None:
         self.unit = unit
         self._grad = grad  # None: the unit's (lent) host accumulator, looked up at every update
-        master_flat = unit.master if master is None else master
+        master_flat = (unit.rest if unit.master is None else unit.master) if master is None else master
         members: dict[int, list[torch.Tensor]] = {}
         self.masters: dict[int, torch.Tensor] = {}  # id(parameter) -> the master view this optimizer steps
         self._entries = []  # (entry, master view) of optimized parameters
@@ -117,6 +120,11 @@ class UnitOptimizer:
             step = self.inner.state[master]["step"]
             self.inner.state[master] = {"step": step}
 
+    def _point_masters(self, flat: torch.Tensor) -> None:
+        """Make the master views this optimizer steps views of ``flat`` (a unit's masters read from disk)."""
+        for entry, master in self._entries:
+            master.data = entry.view(flat)
+
     def bind(self) -> list[torch.Tensor]:
         """Point each optimized master's ``.grad`` at its view of the current accumulator; returns those views."""
         flat = self.unit.grad if self._grad is None else self._grad
@@ -133,9 +141,13 @@ class UnitOptimizer:
         clip_value: float | None,
         state: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """One update of the unit; ``state``: the moments, when they are not kept in memory."""
+        """One update of the unit. ``state``: arrays read from the disk tier: the moments when they are not kept in
+        memory, and ``"master"``, the unit's flat fp32 masters, when they live on disk (updated in place)."""
         if self.inner is None:
             return
+        state = state or {}
+        master_flat = state.get("master")
+        moments = self.state is None and all(name in state for name in self.state_names)
         grads = self.bind()
         if clip_coefficient is not None:
             for grad in grads:
@@ -145,13 +157,19 @@ class UnitOptimizer:
                 grad.clamp_(-clip_value, clip_value)
         for inner_group, g in zip(self.inner.param_groups, self.group_indices):
             inner_group.update(hyper[g])
-        if state is not None:
+        if self.state is None and not moments:
+            raise RuntimeError(f"{self.unit.name}: the optimizer state was not read from the disk tier")
+        if moments:
             self._attach(state)
+        if master_flat is not None:
+            self._point_masters(master_flat)
         try:
             self.inner.step()
         finally:
-            if state is not None:
+            if moments:
                 self._detach()
+            if master_flat is not None:
+                self._point_masters(self.unit.rest)
             for _, master in self._entries:
                 master.grad = None  # the accumulator may be lent to another layer next
 

@@ -73,3 +73,122 @@ def test_checkpoint_and_exact_resume_with_the_disk_tier(tmp_path):
     theirs = dict(straight.named_parameters())
     for name, param in resumed.named_parameters():
         assert torch.equal(param, theirs[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- masters on disk
+def _fit(strategy, family="llama", clip=0.5, accumulate=2, steps=5, precision="32-true", callbacks=()):
+    torch.manual_seed(123)
+    module = TinyLM(family, initial_state(family))
+    trainer(strategy, precision=precision, gradient_clip_val=clip, accumulate_grad_batches=accumulate,
+            max_steps=steps, callbacks=list(callbacks)).fit(module, batches(steps * accumulate))
+    return module
+
+
+@pytest.mark.parametrize(
+    "offload, clip, accumulate", [("masters", 0.5, 2), ("both", 0.5, 2), ("both", None, 1)]
+)  # updates after backward (clipping, accumulation) / streamed out of the backward
+def test_masters_on_disk_train_the_same(tmp_path, offload, clip, accumulate):
+    plain = _fit("auto", clip=clip, accumulate=accumulate, steps=6)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload=offload)
+    ours = _fit(strategy, clip=clip, accumulate=accumulate, steps=6)
+    assert_same_training(ours, plain)
+    layer = sum(p.numel() for p in ours.model.model.layers[0].parameters())
+    assert (tmp_path / "layer00000.master.bin").stat().st_size == 4 * layer
+    assert not (tmp_path / "resident.master.bin").exists()  # embeddings, norm and head keep theirs in memory
+    assert (tmp_path / "layer00000.exp_avg.bin").exists() == (offload == "both")
+    # After fit a layer's parameters are fp32 views of its master file, mapped into memory.
+    weight = ours.model.model.layers[0].mlp.up_proj.weight
+    assert weight.dtype == torch.float32 and weight.untyped_storage().filename.endswith("layer00000.master.bin")
+
+
+def test_masters_on_disk_equal_masters_in_memory_bit_for_bit(tmp_path):
+    runs = {}
+    for name, strategy in {
+        "memory": lightning_slide.SlideFormerStrategy(window=2, host_weights="compute"),
+        "disk": lightning_slide.SlideFormerStrategy(window=2, offload_dir=str(tmp_path), offload="both"),
+    }.items():
+        runs[name] = _fit(strategy, precision="bf16-true", steps=4)
+    assert runs["disk"].losses == runs["memory"].losses
+    theirs = dict(runs["memory"].named_parameters())
+    for name, param in runs["disk"].named_parameters():
+        assert torch.equal(param, theirs[name]), name
+
+
+@pytest.mark.parametrize("offload", ["masters", "both"])
+def test_checkpoint_and_exact_resume_with_masters_on_disk(tmp_path, offload):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(steps, name, state, ckpt_path=None):
+        torch.manual_seed(123)
+        module = TinyLM("llama", initial_state("llama"))
+        saver = ModelCheckpoint(dirpath=tmp_path / name, save_last=True, every_n_train_steps=1)
+        strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path / state), offload=offload)
+        trainer(strategy, max_steps=steps, max_epochs=-1, enable_checkpointing=True, callbacks=[saver]).fit(
+            module, batches(2), ckpt_path=ckpt_path
+        )
+        return module
+
+    straight = run(4, "straight", "state-straight")
+    run(2, "first", "state-first")
+    resumed = run(4, "first", "state-resumed", ckpt_path="last")  # masters must come from the checkpoint
+    assert resumed.losses == straight.losses[4:]
+    theirs = dict(straight.named_parameters())
+    for name, param in resumed.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+    # The checkpoint holds the fp32 masters read from the files, one layer file each.
+    from lightning_slide.checkpoint import CheckpointReader, unit_file
+
+    saved = CheckpointReader(tmp_path / "first" / "last.ckpt").read(unit_file("model", "1"))
+    assert torch.equal(saved["model.model.layers.1.self_attn.q_proj.weight"],
+                       resumed.model.model.layers[1].self_attn.q_proj.weight)
+
+
+def test_host_memory_with_masters_and_optimizer_on_disk(tmp_path):
+    """Host bytes the engine holds: the bf16 copy (2 B/param) + a bounded number of layers in flight."""
+    seen = []
+
+    class Measure(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            engine = trainer.strategy.engine
+            seen.append((engine.host_bytes(), engine.state_store.peak_bytes, engine.grad_pool.allocated))
+
+    strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both")
+    module = _fit(strategy, family="llama_deep", clip=None, accumulate=1, steps=3, precision="bf16-true",
+                  callbacks=[Measure()])
+    layers = module.model.model.layers
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    resident = sum(p.numel() for n, p in module.named_parameters() if ".layers." not in n)
+    in_flight = 1 + 2  # window + 2
+    for held, peak, grads in seen:
+        assert held["compute copies"] == 2 * len(layers) * per_layer  # bf16, every layer
+        assert held["fp32 masters"] == 4 * resident  # only the resident parts' masters are in memory
+        assert held["optimizer state"] == 0
+        assert peak <= in_flight * 12 * per_layer  # masters + 2 moments of at most window + 2 layers
+        assert grads <= in_flight
+        total = sum(held.values())
+        assert total / (len(layers) * per_layer + resident) <= 4.5, held
+    # Without the disk tier the same engine holds fp32 masters and moments: 12 B/param and more.
+    assert len(seen) == 3
+
+
+def test_masters_on_disk_refused_up_front_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    import shutil
+
+    from lightning_slide.engine import disk
+
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 1000, 1000))
+    strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both")
+    with pytest.raises(ValueError, match=r"needs .* \(fp32 masters .* \+ optimizer state .*\) but only 1000 B is free"):
+        _fit(strategy, steps=1)
+    assert not list(tmp_path.glob("*.bin"))  # refused before writing anything
+
+
+def test_offload_options_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="offload.*'optimizer', 'masters', 'both'"):
+        lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="weights")
+    with pytest.raises(ValueError, match="set offload_dir"):
+        lightning_slide.SlideFormerStrategy(offload="masters")
+    with pytest.raises(ValueError, match="host_weights='fp32'.*masters on disk"):
+        lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="masters", host_weights="fp32")
+    assert lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="both").host_weights == "compute"
+    assert lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path)).host_weights == "auto"

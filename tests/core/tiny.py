@@ -19,6 +19,10 @@ CONFIGS = {
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     ),
+    "llama_deep": lambda: LlamaConfig(  # many thin layers: what a bound on layers in flight is about
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
     "qwen3": lambda: Qwen3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
