@@ -444,6 +444,8 @@ class SlidingEngine:
             self._step_open = True
             # `coefficient` is filled in by the norm task queued before: pass the same dict, even while empty.
             coefficient = {} if coefficient is None else coefficient
+            if self.state_store is not None:
+                self.worker.wait(key)  # its previous update has handed its files to the writer: read after that
             state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
             self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value, state))
 
