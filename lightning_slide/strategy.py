@@ -70,7 +70,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             forward to backward — in page-locked host memory instead of on the GPU, so long sequences fit (one
             B×T×H tensor per layer moves each way per step). Default ``False``.
         offload_dir: a directory for the disk tier: what ``offload`` names lives in files there, read ahead of each
-            layer's update and written behind it, with at most ``window + 2`` layers' worth in host memory at once.
+            layer's update and written behind it, with at most ``grad_buffers + 1`` layers' worth (``window + 3`` by default) in host memory at once.
             The free space is checked before anything is written. Default ``None``: everything in host memory.
         offload: what lives under ``offload_dir``: ``"optimizer"`` (the Adam moments, 8 bytes per parameter),
             ``"masters"`` (the decoder layers' fp32 masters, 4 bytes per parameter; embeddings, final norm and head
@@ -144,7 +144,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             on_disk = parse_offload(offload, self.offload_dir)
         except ValueError as error:
             raise ValueError(f"SlideFormerStrategy(offload=...): {error}") from None
-        self.offload = None if offload is None else sorted(on_disk)
+        self.offload = None if offload is None else tuple(sorted(on_disk))
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"SlideFormerStrategy(nonfinite=...) must be 'error' or 'skip', got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -284,6 +284,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             accumulate=trainer.accumulate_grad_batches,
             host_weights="fp32" if self.host_weights == "auto" else self.host_weights,
             grad_buffers=self.grad_buffers,
+            offload=self.offload,
         )
 
     def _check_plan(self, module: LightningModule, batch: int | None = None, seq: int | None = None) -> Plan:

@@ -128,6 +128,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
         host_weights="compute" if strategy.get("host_weights") == "compute" else "fp32",
         grad_buffers=strategy.get("grad_buffers"),
+        offload=strategy.get("offload"),
     )
     plan = make_plan(shape, settings, machine)
     if machine.gpu_memory is None:

@@ -8,7 +8,11 @@ files are also memory-mapped, see ``HostUnit.keep_master_in``).
 
 A reader thread loads every array of a unit whose update is queued, at most ``in_flight`` units ahead, so reading
 overlaps the updates before it; a writer thread writes them back after the update and only then frees the place,
-so host memory holds at most ``in_flight`` units' arrays whatever the model size. The buffers are reused (a pool
+so host memory holds at most ``in_flight`` units' arrays whatever the model size. Reads run in the order the
+updates will (``prefer`` reorders them with the update worker's queue). No deadlock: a read waiting for a place
+waits for an update that does not wait for it, as long as every update queued after it in the worker that holds a
+place is also queued after it here (same order), or every outstanding read fits in ``in_flight`` (the engine sizes
+it so for updates streamed out of a backward, the one case whose updates are reordered). The buffers are reused (a pool
 per array size shared by two or more units), so a step does not page-fault fresh memory for every layer.
 
 Set ``LIGHTNING_SLIDE_DISK_NOCACHE=1`` to make every write reach the device (``fdatasync``) and drop the files from
@@ -18,6 +22,8 @@ files sees. The benchmarks use it to measure the disk, not the page cache.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import shutil
 import threading
@@ -138,6 +144,8 @@ class StateStore:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-disk-read")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-disk-write")
         self._writes: dict[Hashable, Future] = {}
+        self._queue: list[tuple[int, Hashable, Future]] = []  # reads not started, a heap by rank
+        self._ranks = itertools.count()
         self._on_disk: set[tuple[Hashable, str]] = set()
         self._closed = threading.Event()
         self._lock = threading.Lock()
@@ -166,11 +174,35 @@ class StateStore:
     def read(self, key: Hashable) -> Future:
         """Start loading every array of ``key``; the future gives ``{name: flat fp32 tensor}``. Holds a place until
         ``write`` or ``release``. After ``close`` it loads at once, on the calling thread, holding nothing."""
+        future: Future = Future()
         if self._closed.is_set():
-            done: Future = Future()
-            done.set_result(self.load(key))
-            return done
-        return self._reader.submit(self._read, key)
+            future.set_result(self.load(key))
+            return future
+        with self._lock:
+            heapq.heappush(self._queue, (next(self._ranks), key, future))
+        self._reader.submit(self._read_next)
+        return future
+
+    def prefer(self, keys: list[Hashable]) -> None:
+        """Do the reads not started yet of ``keys`` in that order, after the other reads queued now (as
+        ``UpdateWorker.prefer`` does with the updates)."""
+        with self._lock:
+            waiting = {entry[1]: entry for entry in self._queue if entry[1] in set(keys)}
+            if waiting:
+                others = [entry for entry in self._queue if entry[1] not in waiting]
+                ranked = [(next(self._ranks), *waiting[key][1:]) for key in keys if key in waiting]
+                self._queue = others + ranked
+                heapq.heapify(self._queue)
+
+    def _read_next(self) -> None:
+        with self._lock:
+            _, key, future = heapq.heappop(self._queue)
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(self._read(key))
+        except BaseException as error:  # noqa: BLE001 - handed to the update that waits for this read
+            future.set_exception(error)
 
     def _read(self, key: Hashable) -> dict[str, torch.Tensor]:
         while not self._slots.acquire(timeout=0.1):  # bounded memory: wait for a write to free a place
@@ -225,9 +257,13 @@ class StateStore:
 
     def close(self) -> None:
         self._closed.set()
+        with self._lock:
+            for *_, future in self._queue:
+                future.cancel()
         self._reader.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
         with self._lock:
+            self._queue.clear()
             self._free.clear()
             self.allocated_bytes = 0
 

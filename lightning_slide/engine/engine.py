@@ -111,7 +111,7 @@ class SlidingEngine:
             memory between forward and backward. Default ``False``.
         offload_dir: a directory for the disk tier (see ``offload``). Default ``None``: everything in host memory.
         offload: what lives in files under ``offload_dir``, read ahead of each unit's update and written behind it
-            (at most ``window + 2`` units' arrays in host memory): ``"optimizer"`` (the Adam moments of every
+            (at most ``grad_buffers + 1`` units' arrays in host memory, ``window + 3`` by default): ``"optimizer"`` (the Adam moments of every
             host-updated unit), ``"masters"`` (the decoder layers' fp32 masters; the resident parts keep theirs in
             memory), ``"both"`` or a list. Default ``None``: ``"optimizer"`` when ``offload_dir`` is set. With the
             masters on disk the host keeps a compute copy of every layer (``host_weights="compute"``, required)
@@ -132,7 +132,7 @@ class SlidingEngine:
         grad_buffers: layer gradient buffers the host may hold while updates stream out of a backward (fp32,
             one layer each; page-locked on a GPU): the backward waits for the host rather than hold more. More lets
             the host keep updating through more of the next forward. Default ``None``: ``window + 2``. The disk
-            tier holds as many units' optimizer state in memory.
+            tier holds one unit more (the resident parts) of arrays read from its files.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -200,7 +200,9 @@ class SlidingEngine:
         self.offload_dir = offload_dir
         self.state_store: StateStore | None = None
         if offload_dir is not None:
-            self.state_store = StateStore(offload_dir, in_flight=self.grad_buffers)
+            # Updates streamed out of a backward: at most grad_buffers layers (the gradient buffers lent) and the
+            # resident parts are outstanding, and they are reordered when the backward ends: every read fits.
+            self.state_store = StateStore(offload_dir, in_flight=self.grad_buffers + 1)
             if masters_on_disk:
                 for i in range(len(parts.blocks)):
                     self.state_store.add(i, MASTER, sum(p.numel() for _, p in parts.block_parameters(i)))
@@ -671,6 +673,8 @@ class SlidingEngine:
                     self._submit_update(RESIDENT, self._streaming)
         if self._streaming is not None:  # what the host has not started yet, it does in the next forward's order
             self.worker.prefer(list(self._units()))
+            if self.state_store is not None:
+                self.state_store.prefer(list(self._units()))
         self._streamed = self._streaming is not None
         self._step_open = False  # every update of a streamed step is queued
         self._streaming = None
@@ -837,7 +841,7 @@ class SlidingEngine:
     def host_bytes(self) -> dict[str, int]:
         """Bytes of host memory the engine holds in tensors now, by kind (what ``README`` calls host bytes per
         parameter; page-locked or not). ``"disk tier in flight"`` is the disk tier's read buffers (in use or pooled,
-        at most ``window + 2`` units' arrays; ``state_store.peak_bytes`` is their high-water mark)."""
+        at most ``grad_buffers + 1`` units' arrays; ``state_store.peak_bytes`` is their high-water mark)."""
         units = list(self._units().values())
         pool = self.grad_pool
         moments = sum(t.nbytes for o in self._optimizers.values() if o.state is not None and o.inner is not None

@@ -147,11 +147,21 @@ class Settings:
     accumulate: int = 1  # accumulate_grad_batches
     host_weights: str = "fp32"  # "compute": a page-locked compute-dtype copy of each layer is what uploads read
     grad_buffers: int | None = None  # layer gradient buffers while updates stream (None: window + GRADS_AHEAD)
+    offload: tuple[str, ...] | str | None = None  # what lives under offload_dir (disk.parse_offload)
+
+    @property
+    def on_disk(self) -> frozenset[str]:
+        """What lives in files: ``"optimizer"`` (Adam moments) and/or ``"masters"`` (the layers' fp32 masters)."""
+        from lightning_slide.engine.disk import parse_offload
+
+        return parse_offload(self.offload, self.offload_dir)
 
     @property
     def compute_copy(self) -> bool:
-        """The host keeps a compute-dtype copy of every layer (``host_weights="compute"`` with bf16 compute)."""
-        return self.host_weights == "compute" and self.compute_dtype != torch.float32
+        """The host keeps a compute-dtype copy of every layer (``host_weights="compute"`` with bf16 compute, or
+        whenever the masters are on disk)."""
+        masters_on_disk = "masters" in self.on_disk
+        return masters_on_disk or self.host_weights == "compute" and self.compute_dtype != torch.float32
 
     def depth(self, shape: ModelShape) -> int:
         return max(1, min(self.window, shape.layers))
@@ -168,7 +178,7 @@ class Settings:
 
 def grads_in_flight(depth: int, grad_buffers: int | None = None) -> int:
     """Layer gradient buffers the host holds at most while updates stream: ``grad_buffers``, or the window's depth
-    plus :data:`GRADS_AHEAD` by default. The disk tier holds as many units' optimizer state in memory."""
+    plus :data:`GRADS_AHEAD` by default. The disk tier holds one unit more of arrays read from its files."""
     return grad_buffers if grad_buffers is not None else depth + GRADS_AHEAD
 
 
@@ -344,18 +354,25 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     pinned = " (page-locked)" if s.device == "cuda" else ""
     items = {
         "runtime (Python, torch, CUDA context)": RUNTIME_HOST_BYTES.get(s.device, RUNTIME_HOST_BYTES["cpu"]),
-        # HostUnit.master of every unit (host.py).
-        "fp32 masters" + pinned: 4 * shape.params,
     }
+    on_disk = s.on_disk
+    if "masters" in on_disk:  # HostUnit.master of the resident parts only; the layers' are files
+        items["fp32 masters (resident parts)" + pinned] = 4 * shape.resident_params
+    else:  # HostUnit.master of every unit (host.py)
+        items["fp32 masters" + pinned] = 4 * shape.params
+    element = s.element if s.compute_dtype != torch.float32 or "masters" not in on_disk else 4
     if s.compute_copy:  # HostUnit.weights of every layer
-        items["layer compute copies" + pinned] = shape.layers * shape.layer_params * s.element
+        items["layer compute copies" + pinned] = shape.layers * shape.layer_params * element
     host_updated = _host_updated_trainable(shape, s)
-    if s.offload_dir is None:  # UnitOptimizer.state: exp_avg, exp_avg_sq (fp32) per host-updated unit
+    if "optimizer" not in on_disk:  # UnitOptimizer.state: exp_avg, exp_avg_sq (fp32) per host-updated unit
         items["Adam moments (fp32)"] = 8 * host_updated
-    else:  # StateStore: at most window + 2 units' state read in (the largest units, at worst)
-        units = [shape.layer_trainable] * shape.layers + ([] if s.resident_on_device else [shape.resident_trainable])
-        in_flight = grads_in_flight(depth, s.grad_buffers)
-        items["Adam moments in flight (disk tier)"] = 8 * sum(sorted(units)[-in_flight:])
+    if on_disk:  # StateStore: at most grad_buffers + 1 units' arrays read in (the largest units, at worst)
+        moments = 8 if "optimizer" in on_disk else 0
+        masters = 4 if "masters" in on_disk else 0
+        units = [moments * shape.layer_trainable + masters * shape.layer_params] * shape.layers
+        units += [] if s.resident_on_device else [moments * shape.resident_trainable]
+        what = " + ".join(n for n, b in (("Adam moments", moments), ("fp32 masters", masters)) if b)
+        items[f"{what} in flight (disk tier)"] = sum(sorted(units)[-(grads_in_flight(depth, s.grad_buffers) + 1):])
     # GradientPool: with clipping or accumulation every layer keeps its fp32 gradients until the step; otherwise
     # updates stream out of the backward and at most window + 2 buffers are lent.
     streaming = not s.clipping and s.accumulate == 1
@@ -377,10 +394,14 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
 
 
 def disk_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
-    """Bytes in ``offload_dir``: the Adam moments of every host-updated unit (disk.py's files)."""
-    if s.offload_dir is None:
-        return {}
-    return {"Adam moments (fp32 files)": 8 * _host_updated_trainable(shape, s)}
+    """Bytes in ``offload_dir``: the Adam moments of every host-updated unit and/or the layers' fp32 masters
+    (disk.py's files)."""
+    items = {}
+    if "optimizer" in s.on_disk:
+        items["Adam moments (fp32 files)"] = 8 * _host_updated_trainable(shape, s)
+    if "masters" in s.on_disk:
+        items["layer fp32 masters (files)"] = 4 * shape.layers * shape.layer_params
+    return items
 
 
 def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
@@ -408,10 +429,11 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
                                      + resident_host * 4 * shape.resident_trainable) / m.d2h_bytes_per_s,
         "host AdamW": _host_updated_trainable(shape, s) / m.host_adamw_params_per_s,
     }
-    if s.offload_dir is not None:
-        moments = 8 * _host_updated_trainable(shape, s)
-        times["disk read (Adam moments)"] = moments / m.disk_read_bytes_per_s
-        times["disk write (Adam moments)"] = moments / m.disk_write_bytes_per_s
+    files = sum(disk_bytes(shape, s).values())  # each read and written once per step
+    if files:
+        what = " + ".join(n for n in ("Adam moments", "masters") if any(n.split()[-1] in k for k in disk_bytes(shape, s)))
+        times[f"disk read ({what})"] = files / m.disk_read_bytes_per_s
+        times[f"disk write ({what})"] = files / m.disk_write_bytes_per_s
     if not tokens:
         del times["GPU compute (8·N·tokens)"]
     return times
@@ -495,6 +517,8 @@ class Plan:
         if "host" in problems:
             if s.offload_dir is None:
                 tips.append("set offload_dir (the Adam moments go to disk: 8 bytes/parameter less)")
+            elif "masters" not in s.on_disk:
+                tips.append("set offload='both' (the layers' fp32 masters go to disk too: down to 2 bytes/parameter)")
             if s.offload_activations:
                 tips.append("set offload_activations=False or lower the batch size")
             tips.append("free host memory or use a machine with more")

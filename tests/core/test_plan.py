@@ -143,7 +143,15 @@ def test_plan_numbers_of_a_known_shape():
     # The disk tier moves the moments to files and adds their traffic.
     disk = make_plan(shape, dataclasses.replace(plan.settings, offload_dir="/x"), Machine(disk_free=2**40))
     assert disk.disk_total == 8 * shape.params and "disk write (Adam moments)" in disk.time
-    assert _item(disk.host, "Adam moments in flight") == 8 * (shape.resident_trainable + 3 * shape.layer_trainable)
+    assert _item(disk.host, "Adam moments in flight") == 8 * (shape.resident_trainable + 4 * shape.layer_trainable)
+    # Masters on disk too: the host keeps the layers' bf16 copy and the resident masters; files hold 12 B/param.
+    both = make_plan(shape, dataclasses.replace(plan.settings, offload_dir="/x", offload="both"),
+                     Machine(disk_free=2**40))
+    assert both.disk_total == 8 * shape.params + 4 * 32 * shape.layer_params
+    assert _item(both.host, "fp32 masters (resident parts)") == 4 * shape.resident_params
+    assert _item(both.host, "layer compute copies") == 2 * 32 * shape.layer_params
+    assert _item(both.host, "Adam moments + fp32 masters in flight") == 12 * 4 * shape.layer_params + 8 * shape.resident_trainable
+    assert both.time["disk read (Adam moments + masters)"] == pytest.approx(both.disk_total / both.machine.disk_read_bytes_per_s)
     # A compute copy on the host halves the layers' upload bytes and costs 2 B/param of host memory.
     copy = make_plan(shape, dataclasses.replace(plan.settings, host_weights="compute"))
     assert _item(copy.host, "layer compute copies") == 2 * 32 * shape.layer_params
