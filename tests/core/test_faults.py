@@ -19,7 +19,6 @@ import traceback
 import weakref
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -27,7 +26,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 import lightning_slide
 from lightning_slide import checkpoint as slide_checkpoint
-from lightning_slide.engine.disk import StateStore
+from lightning_slide.engine import disk
 from lightning_slide.engine.optimizer import UnitOptimizer
 from tests.core.tiny import TinyLM, batches, initial_state, relative_error, trainer
 
@@ -211,35 +210,30 @@ def test_a_failing_clipping_norm_fails_the_updates_that_need_it(monkeypatch):
 
 
 def test_a_failing_disk_write_surfaces_with_its_traceback(tmp_path, monkeypatch):
-    class Full:  # a state array whose file write finds the disk full
-        def numpy(self):
-            return self
+    write_array = disk.write_array
 
-        def tofile(self, path):
+    def write_to_full_disk(path, tensor, nocache=None):  # layer 2's files find the disk full
+        if "layer00002" in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_array(path, tensor, nocache)
 
-    write = StateStore._write
-
-    def write_to_full_disk(self, key, state):
-        return write(self, key, {name: Full() for name in state} if key == 2 else state)
-
-    monkeypatch.setattr(StateStore, "_write", write_to_full_disk)
+    monkeypatch.setattr(disk, "write_array", write_to_full_disk)
     exception, frames = fit_until_it_fails(OSError, torn=True, offload_dir=str(tmp_path))
     assert exception.errno == errno.ENOSPC
-    assert "tofile" in frames  # where it happened: on the disk tier's writer thread  # where it happened, on the disk tier's writer thread
+    assert "write_to_full_disk" in frames  # where it happened: on the disk tier's writer thread
 
 
 def test_a_failing_disk_read_surfaces_with_its_traceback(tmp_path, monkeypatch):
-    fromfile = np.fromfile
+    read_array = disk.read_array
 
-    def failing_fromfile(path, *args, **kwargs):
+    def failing_read(path, out, nocache=None):
         if "layer00001" in str(path):
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
-        return fromfile(path, *args, **kwargs)
+        return read_array(path, out, nocache)
 
-    monkeypatch.setattr(np, "fromfile", failing_fromfile)
+    monkeypatch.setattr(disk, "read_array", failing_read)
     exception, frames = fit_until_it_fails(OSError, torn=True, offload_dir=str(tmp_path), gradient_clip_val=0.5)
-    assert exception.errno == errno.EIO and "failing_fromfile" in frames
+    assert exception.errno == errno.EIO and "failing_read" in frames
 
 
 def test_ctrl_c_while_waiting_for_an_update_leaves_it_to_be_finished():
