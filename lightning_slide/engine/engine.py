@@ -52,6 +52,12 @@ from lightning_slide.engine.window import Window
 RESIDENT = "resident"
 
 
+def _memory_fraction(device: torch.device) -> float:
+    """The process's current cap on ``device`` as a fraction of its memory (1.0 where torch cannot say)."""
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return float(getter(device)) if getter is not None else 1.0
+
+
 def _check_unshared(parts) -> None:
     """Each decoder layer must own its parameters: a parameter in two units would have two masters."""
     seen: dict[int, str] = {}
@@ -188,7 +194,6 @@ class SlidingEngine:
                         f"gpu_memory_limit is {memory_limit / 2**30:.2f} GiB but {self.device} has "
                         f"{total / 2**30:.2f} GiB; lower it or leave it unset"
                     )
-                torch.cuda.set_per_process_memory_fraction(memory_limit / total, self.device)
         _check_unshared(parts)
         self.compute_dtype = compute_dtype
         self.blocks_path = parts.blocks_path
@@ -264,6 +269,12 @@ class SlidingEngine:
         self._pending: dict[int, int] = {}  # layer -> parameter gradients still to land in this backward
         self._wrapped: list[nn.Module] = []
         self._hooks: list = []
+        # The cap is process-wide in torch: set here, where a failing construction still restores it (_release).
+        self._fraction_before: float | None = None
+        if memory_limit is not None and self.device.type == "cuda":
+            self._fraction_before = _memory_fraction(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(memory_limit / total, self.device)
         try:
             # Buffers and other non-parameter state (e.g. torchmetrics states) go to the device; parameters stay.
             root._apply(lambda t: t if isinstance(t, nn.Parameter) else t.to(self.device))
@@ -933,6 +944,9 @@ class SlidingEngine:
             self._release()
 
     def _release(self) -> None:
+        if self._fraction_before is not None:  # the GPU cap ends with the engine, not with the process
+            torch.cuda.set_per_process_memory_fraction(self._fraction_before, self.device)
+            self._fraction_before = None
         self._backward = False
         self._pending.clear()
         for handle in self._hooks:

@@ -6,10 +6,11 @@ import gc
 import resource
 import threading
 
+import pytest
 import torch
 
 import lightning_slide
-from tests.core.tiny import TinyLM, batches, initial_state, trainer
+from tests.core.tiny import ACCELERATOR, TinyLM, batches, initial_state, trainer
 
 
 def _slide_threads() -> list[str]:
@@ -52,3 +53,14 @@ def test_a_finished_fit_keeps_only_what_a_checkpoint_needs(tmp_path):
     assert not engine.window.slots and engine.resident_weights is None and engine.activations is None
     assert not engine.grad_pool.allocated and all(unit.grad is None for unit in engine.layers)
     run.save_checkpoint(tmp_path / "after_fit.ckpt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or ACCELERATOR != "gpu", reason="the GPU cap needs CUDA")
+def test_gpu_memory_limit_ends_with_the_fit():
+    """torch's memory fraction is process-wide: a capped fit must not leave the cap on for what runs next."""
+    strategy = lightning_slide.SlideFormerStrategy(window=2, gpu_memory_limit="4GiB")
+    trainer(strategy, max_steps=1).fit(TinyLM("llama", initial_state("llama")), batches(2))
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None:
+        assert getter(0) == 1.0
+    torch.empty(8 * 2**30, dtype=torch.uint8, device="cuda")  # more than the cap was
