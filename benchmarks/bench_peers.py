@@ -28,14 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {  # Llama-family shapes, random init (nothing is downloaded)
-    "llama3_2_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama3_2_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-}
+from bench_shapes import SHAPES
+
 H2D_BYTES_PER_S = 55e9
 D2H_BYTES_PER_S = 55e9
 HOST_ADAMW_PARAMS_PER_S = 3.6e9

@@ -32,16 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {  # Llama-family shapes, random init (nothing is downloaded); as in bench_peers.py
-    "llama3_2_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama3_2_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),  # --cpu smoke runs
-}
+from bench_shapes import SHAPES
 
 
 def fast_model(config):

@@ -18,12 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import lightning_slide
 from lightning_slide.kernels import apply_kernels
 
-SHAPES = {
-    "llama3_2_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama3_2_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-}
+from bench_shapes import SHAPES
 
 
 class LM(L.LightningModule):
