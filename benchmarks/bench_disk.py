@@ -2,6 +2,7 @@
 masters or both on disk, against the disk-bandwidth bound.
 
 usage: python benchmarks/bench_disk.py --offload-dir /path/on/nvme [--shape llama3_8b] [--layers 4] [--window 1]
+           [--grad-buffers N]
            [--batch 1] [--seq 1024] [--steps 3] [--systems none,optimizer,masters,both] [--probe-gib 4] [--cache]
 
 Each system trains in its own child process (random-init model from a config, random tokens, bf16 compute, AdamW,
@@ -142,7 +143,7 @@ def child(spec: dict) -> dict:
     ids = torch.randint(0, config.vocab_size, (spec["batch"] * total_steps, spec["seq"]))
     strategy = lightning_slide.SlideFormerStrategy(
         window=spec["window"], offload_dir=spec["dir"] if spec["offload"] else None, offload=spec["offload"],
-        host_weights=spec["host_weights"], monitor=False,
+        host_weights=spec["host_weights"], grad_buffers=spec.get("grad_buffers"), monitor=False,
     )
     trainer = L.Trainer(
         strategy=strategy, accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-true", max_steps=total_steps,
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3_8b", choices=SHAPES)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4; the shape's own count: 0)")
     parser.add_argument("--window", type=int, default=1)
+    parser.add_argument("--grad-buffers", type=int, default=None, help="SlideFormerStrategy(grad_buffers=...)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after --warmup steps")
@@ -212,7 +214,7 @@ def main() -> None:
         directory = root / f"bench-{system}"
         spec = dict(shape=args.shape, layers=layers, window=args.window, batch=args.batch, seq=args.seq,
                     steps=args.steps, warmup=args.warmup, offload=offload, dir=str(directory),
-                    host_weights=args.host_weights, cpu=args.cpu)
+                    host_weights=args.host_weights, grad_buffers=args.grad_buffers, cpu=args.cpu)
         if offload is not None:  # the files must fit (the strategy would refuse too, after building the model)
             estimate = _estimate_files(args.shape, layers, offload)
             free = shutil.disk_usage(root).free

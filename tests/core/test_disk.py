@@ -9,7 +9,7 @@ import torch
 import lightning_slide
 from lightning_slide.engine.disk import check_disk_space
 from tests.core.test_parity import assert_same_training
-from tests.core.tiny import TinyLM, batches, initial_state, trainer
+from tests.core.tiny import TinyLM, batches, initial_state, relative_error, trainer
 
 
 @pytest.mark.parametrize("clip, accumulate", [(0.5, 2), (None, 1)])
@@ -198,3 +198,29 @@ def test_offload_options_are_validated(tmp_path):
         lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="masters", host_weights="fp32")
     assert lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="both").host_weights == "compute"
     assert lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path)).host_weights == "auto"
+
+
+@pytest.mark.timeout(120)  # a deadlock between reordered updates and their reads would hang here
+@pytest.mark.parametrize("grad_buffers", [None, 1])
+def test_slow_host_with_everything_on_disk_streams_reordered_updates(tmp_path, grad_buffers):
+    import time
+
+    class SlowHost(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            engine = trainer.strategy.engine
+            update = engine._update
+
+            def slow_update(*args):  # updates pile up behind the backward and are reordered when it ends
+                time.sleep(0.02)
+                update(*args)
+
+            engine._update = slow_update
+
+    plain = _fit("auto", clip=None, accumulate=1, steps=4)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both",
+                                                   grad_buffers=grad_buffers)
+    ours = _fit(strategy, clip=None, accumulate=1, steps=4, callbacks=[SlowHost()])
+    assert ours.losses == pytest.approx(plain.losses, rel=1e-5)
+    theirs = dict(plain.named_parameters())
+    for name, param in ours.named_parameters():
+        assert relative_error(param.detach(), theirs[name].detach()) <= 1e-5, name
