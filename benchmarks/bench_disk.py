@@ -1,7 +1,7 @@
 """The disk tier on one GPU: step time and peak host memory per parameter with the optimizer state, the fp32
 masters or both on disk, against the disk-bandwidth bound.
 
-usage: python benchmarks/bench_disk.py --offload-dir /path/on/nvme [--shape llama3_8b] [--layers 4] [--window 1]
+usage: python benchmarks/bench_disk.py --offload-dir /path/on/nvme [--shape llama3_1_8b] [--layers 4] [--window 1]
            [--grad-buffers N]
            [--batch 1] [--seq 1024] [--steps 3] [--systems none,optimizer,masters,both] [--probe-gib 4] [--cache]
 
@@ -30,16 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {
-    "llama3_2_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama3_2_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,  # --cpu smoke
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
-    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-}
+from bench_shapes import SHAPES
+
 OFFLOAD = {"none": None, "optimizer": "optimizer", "masters": "masters", "both": "both"}
 MiB = 2**20
 
@@ -174,7 +166,7 @@ def _rss(field: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--offload-dir", required=True, help="a directory on the disk to measure (files are removed)")
-    parser.add_argument("--shape", default="llama3_8b", choices=SHAPES)
+    parser.add_argument("--shape", default="llama3_1_8b", choices=SHAPES)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4; the shape's own count: 0)")
     parser.add_argument("--window", type=int, default=1)
     parser.add_argument("--grad-buffers", type=int, default=None, help="SlideFormerStrategy(grad_buffers=...)")
