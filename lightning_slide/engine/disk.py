@@ -208,11 +208,15 @@ class StateStore:
         while not self._slots.acquire(timeout=0.1):  # bounded memory: wait for a write to free a place
             if self._closed.is_set():
                 raise RuntimeError("the disk tier was closed")
+        state: dict[str, torch.Tensor] = {}
         try:
             self._wait_write(key)
-            return {name: self._fill(key, name, self._take(numel)) for name, numel in self.layout[key].items()}
+            for name, numel in self.layout[key].items():
+                state[name] = self._take(numel)
+                self._fill(key, name, state[name])
+            return state
         except BaseException:
-            self._slots.release()
+            self.release(key, state)  # the buffers back to the pool, the place freed
             raise
 
     def write(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
