@@ -27,9 +27,10 @@ import itertools
 import os
 import shutil
 import threading
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -299,3 +300,45 @@ class StateStore:
                 self._free.setdefault(numel, []).append(tensor)  # a size other units read too: keep it
             else:
                 self.allocated_bytes -= 4 * numel
+
+
+class OneUnitCache:
+    """The disk-tier arrays of the last unit read outside an update, kept until another unit is read.
+
+    A checkpoint reads or writes a unit parameter by parameter: this lets it touch the unit's files once. Changes
+    made through the cached arrays (``mark_changed``) reach the files when another unit is read or at ``flush``.
+
+    Args:
+        load: ``key -> arrays`` (a tensor, or a dict of tensors), read from the files.
+        store: ``(key, arrays) -> None``, writing changed arrays back.
+    """
+
+    def __init__(self, load: Callable[[Hashable], Any], store: Callable[[Hashable, Any], None]) -> None:
+        self._load = load
+        self._store = store
+        self._key: Hashable | None = None
+        self._arrays: Any = None
+        self._changed = False
+
+    def get(self, key: Hashable) -> Any:
+        if self._arrays is None or self._key != key:
+            self.flush()
+            self._arrays, self._key = self._load(key), key
+        return self._arrays
+
+    def mark_changed(self) -> None:
+        """The cached arrays were written to: store them before they are dropped."""
+        self._changed = True
+
+    def flush(self) -> None:
+        arrays, key, changed = self._arrays, self._key, self._changed
+        self._arrays, self._key, self._changed = None, None, False
+        if arrays is not None and changed:
+            self._store(key, arrays)
+
+    @property
+    def nbytes(self) -> int:
+        if self._arrays is None:
+            return 0
+        tensors = self._arrays.values() if isinstance(self._arrays, dict) else [self._arrays]
+        return sum(t.nbytes for t in tensors)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.disk import MASTER, StateStore, check_disk_space, existing_bytes, parse_offload
+from lightning_slide.engine.disk import MASTER, OneUnitCache, StateStore, check_disk_space, existing_bytes, parse_offload
 from lightning_slide.engine.host import MASTER_DTYPE, GradientPool, HostUnit
 from lightning_slide.engine.optimizer import (
     UnitOptimizer,
@@ -247,8 +247,14 @@ class SlidingEngine:
         self._resident_grad: torch.Tensor | None = None
         self._resident_deferred: tuple | None = None  # a device update waiting for the clipping coefficient
         self._optimizers: dict[Any, UnitOptimizer] = {}
-        self._state_cache: tuple | None = None  # (unit key, state arrays, changed) read outside an update
-        self._master_cache: tuple | None = None  # (layer index, flat masters, changed) read outside an update
+        # The disk tier's arrays of the last unit read outside an update (a checkpoint goes parameter by parameter).
+        self._state_cache = OneUnitCache(
+            load=lambda key: self.state_store.load(key, self._optimizers[key].state_names),
+            store=lambda key, state: self.state_store.put(key, state),
+        )
+        self._master_cache = OneUnitCache(
+            load=lambda key: self.state_store.load(key, (MASTER,))[MASTER], store=self._store_master
+        )
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
         self.nonfinite = nonfinite
@@ -466,8 +472,8 @@ class SlidingEngine:
         """Start reading ``key``'s arrays on disk (moments, masters) for its update; ``None`` if none are."""
         if optimizer.inner is None or self.state_store is None or not self.state_store.holds(key):
             return None
-        self._flush_state_cache()  # a checkpoint's changes first; the update then reads the files
-        self._flush_master_cache()
+        self._state_cache.flush()  # a checkpoint's changes first; the update then reads the files
+        self._master_cache.flush()
         return self.state_store.read(key)
 
     def _clip_coefficient(self, max_norm: float, units: list[HostUnit], device_norms, out: dict) -> None:
@@ -799,20 +805,11 @@ class SlidingEngine:
     def _stored_master(self, key: int) -> torch.Tensor:
         """Layer ``key``'s flat fp32 masters read from its file (cached: the last layer read; changes made through
         it reach the file, and the compute copy, before that layer is next updated or uploaded)."""
-        if self._master_cache is not None and self._master_cache[0] == key:
-            return self._master_cache[1]
-        self._flush_master_cache()
-        flat = self.state_store.load(key, (MASTER,))[MASTER]
-        self._master_cache = (key, flat, False)
-        return flat
+        return self._master_cache.get(key)
 
-    def _flush_master_cache(self) -> None:
-        if self._master_cache is not None:
-            key, flat, dirty = self._master_cache
-            self._master_cache = None
-            if dirty:
-                self.state_store.put(key, {MASTER: flat})
-                self.layers[key].refresh_weights(flat)
+    def _store_master(self, key: int, flat: torch.Tensor) -> None:
+        self.state_store.put(key, {MASTER: flat})
+        self.layers[key].refresh_weights(flat)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy ``state`` (names as in ``root.state_dict()``) into the fp32 masters and the root's buffers.
@@ -831,10 +828,10 @@ class SlidingEngine:
                 key, unit, entry = units[id(param)]
                 if unit.master is None:
                     entry.view(self._stored_master(key)).copy_(state[name])
-                    self._master_cache = (*self._master_cache[:2], True)
+                    self._master_cache.mark_changed()
                 else:
                     entry.view(unit.master).copy_(state[name])
-        self._flush_master_cache()
+        self._master_cache.flush()
         for name, buffer in self.root.named_buffers():
             if name in state:
                 buffer.copy_(state[name])
@@ -857,8 +854,7 @@ class SlidingEngine:
         pool = self.grad_pool
         moments = sum(t.nbytes for o in self._optimizers.values() if o.state is not None and o.inner is not None
                       for t in o.state.values() if t.device.type == "cpu")
-        caches = sum(t.nbytes for c in (self._state_cache, self._master_cache) if c is not None
-                     for t in (c[1].values() if isinstance(c[1], dict) else [c[1]]))
+        caches = self._state_cache.nbytes + self._master_cache.nbytes
         return {
             "fp32 masters": sum(u.master.nbytes for u in units if u.master is not None),
             "compute copies": sum(u.weights.nbytes for u in units if u.weights is not None),
@@ -880,19 +876,7 @@ class SlidingEngine:
         touches its files once; changes made through it reach the disk before that unit's next update."""
         if optimizer.state is not None or optimizer.inner is None or self.state_store is None:
             return None
-        if self._state_cache is not None and self._state_cache[0] == key:
-            return self._state_cache[1]
-        self._flush_state_cache()
-        state = self.state_store.load(key, optimizer.state_names)  # read for inspection: no place is held
-        self._state_cache = (key, state, False)
-        return state
-
-    def _flush_state_cache(self) -> None:
-        if self._state_cache is not None:
-            key, state, dirty = self._state_cache
-            self._state_cache = None
-            if dirty:
-                self.state_store.put(key, state)
+        return self._state_cache.get(key)  # read for inspection: no place in flight is held
 
     def optimizer_state(self, param: nn.Parameter) -> dict | None:
         """The optimizer state of ``param`` (host tensors)."""
@@ -910,7 +894,7 @@ class SlidingEngine:
                 stored = self._stored_state(key, optimizer)
                 optimizer.load_state_of(param, state, stored)
                 if stored is not None:
-                    self._state_cache = (key, stored, True)
+                    self._state_cache.mark_changed()
                 return
         raise KeyError("parameter is not optimized by the host optimizer")
 
@@ -930,8 +914,8 @@ class SlidingEngine:
             if drain:
                 self._sync_masters()  # re-raises an update's failure
                 if self.state_store is not None:
-                    self._flush_state_cache()
-                    self._flush_master_cache()
+                    self._state_cache.flush()
+                    self._master_cache.flush()
         finally:
             if self.state_store is not None:  # first: an update waiting for a read is let go, not waited for
                 self.state_store.close()
