@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slide-plan: error: {e}", file=sys.stderr)
         return 2
     s = plan.settings
-    print(f"slide-plan: {plan.shape.params / 1e9:.2f}B parameters, {plan.shape.layers} layers; batch {s.batch} x "
+    print(f"slide-plan: {_count(plan.shape.params)} parameters, {plan.shape.layers} layers; batch {s.batch} x "
           f"seq {s.seq}, window {s.window}, {str(s.compute_dtype).removeprefix('torch.')}, "
           f"accumulate {s.accumulate}, clipping {'on' if s.clipping else 'off'}, kernels "
           f"{', '.join(s.kernels) or 'none'}, resident optimizer on the {'GPU' if s.resident_on_device else 'host'}"
@@ -175,3 +175,11 @@ def console() -> None:
 
 if __name__ == "__main__":
     console()
+
+
+def _count(n: int) -> str:
+    """A parameter count in the largest unit that keeps it at least 1: ``"8.03B"``, ``"3.2M"``, ``"96K"``."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
