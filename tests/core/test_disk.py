@@ -224,26 +224,3 @@ def test_slow_host_with_everything_on_disk_streams_reordered_updates(tmp_path, g
     theirs = dict(plain.named_parameters())
     for name, param in ours.named_parameters():
         assert relative_error(param.detach(), theirs[name].detach()) <= 1e-5, name
-
-
-def test_a_failing_master_read_stops_training_cleanly(tmp_path, monkeypatch):
-    import errno
-    import os
-    import threading
-
-    from lightning_slide.engine import disk
-
-    read_array = disk.read_array
-
-    def failing_read(path, out, nocache=None):
-        if "layer00002.master" in str(path):
-            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
-        return read_array(path, out, nocache)
-
-    monkeypatch.setattr(disk, "read_array", failing_read)
-    strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both")
-    with pytest.raises(OSError) as caught:
-        _fit(strategy, clip=0.5, accumulate=1, steps=2)
-    assert caught.value.errno == errno.EIO and caught.traceback[-1].name == "failing_read"
-    assert strategy.engine is None
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("slide-")]

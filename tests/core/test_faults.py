@@ -63,7 +63,7 @@ def fit_until_it_fails(expected, *, torn, module=None, callbacks=(), steps=4, **
     stopped in the middle of an optimizer step); return the exception and the names of its traceback's frames."""
     module = module or TinyLM("llama", initial_state("llama"))
     watch = Watch()
-    strategy_options = {k: options.pop(k) for k in ("offload_dir", "offload_activations") if k in options}
+    strategy_options = {k: options.pop(k) for k in ("offload_dir", "offload", "offload_activations") if k in options}
     strategy = lightning_slide.SlideFormerStrategy(window=1, **strategy_options)
     options = {"gradient_clip_val": None, "accumulate_grad_batches": 1, **options}
     run = trainer(strategy, max_steps=steps, callbacks=[watch, *callbacks], **options)
@@ -223,16 +223,19 @@ def test_a_failing_disk_write_surfaces_with_its_traceback(tmp_path, monkeypatch)
     assert "write_to_full_disk" in frames  # where it happened: on the disk tier's writer thread
 
 
-def test_a_failing_disk_read_surfaces_with_its_traceback(tmp_path, monkeypatch):
+@pytest.mark.parametrize("offload,failing_file", [("optimizer", "layer00001"), ("both", "layer00002.master")])
+def test_a_failing_disk_read_surfaces_with_its_traceback(tmp_path, monkeypatch, offload, failing_file):
     read_array = disk.read_array
 
     def failing_read(path, out, nocache=None):
-        if "layer00001" in str(path):
+        if failing_file in str(path):
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
         return read_array(path, out, nocache)
 
     monkeypatch.setattr(disk, "read_array", failing_read)
-    exception, frames = fit_until_it_fails(OSError, torn=True, offload_dir=str(tmp_path), gradient_clip_val=0.5)
+    exception, frames = fit_until_it_fails(
+        OSError, torn=True, offload_dir=str(tmp_path), offload=offload, gradient_clip_val=0.5
+    )
     assert exception.errno == errno.EIO and "failing_read" in frames
 
 
