@@ -15,34 +15,46 @@ from tests.core.tiny import TinyLM, batches, initial_state, trainer
 
 
 class PoisonedLM(TinyLM):
-    """Micro-batches ``poisoned`` give a NaN loss (``where="loss"``) or a finite loss with Inf gradients."""
+    """Micro-batches ``poisoned`` give a NaN loss (``where="loss"``) or a finite loss with Inf gradients: of the
+    output head (``where="head"``) or of a decoder layer's weight (``where="grad"``)."""
 
     def __init__(self, poisoned, where="loss", **options):
         super().__init__("llama", initial_state("llama"), **options)
         self.poisoned, self.where = set(poisoned), where
+        self.poison_now = False
+        if where == "grad":
+            # Inside layer 1's forward, where its weights are in the window (on the compute device, in the compute
+            # dtype). Used from the loss, the layer's parameter is parked on its fp32 host master: on a GPU (or
+            # with bf16 compute) that swaps the parameter's device/dtype, so autograd gives it a second gradient
+            # accumulator whose gradient arrives outside the layer's backward -- not the user pattern under test.
+            self.model.model.layers[1].mlp.down_proj.register_forward_hook(self._poison_layer)
+
+    def _poison_layer(self, module, args, output):
+        # Also runs when the checkpointed layer is recomputed in backward: the flag holds through this backward.
+        return output + _inf_grad(module.weight) if self.poison_now else None
 
     def training_step(self, batch, batch_idx):
+        self.poison_now = batch_idx in self.poisoned
         loss = super().training_step(batch, batch_idx)
-        if batch_idx in self.poisoned:
-            if self.where == "loss":
-                return loss * float("nan")
-            weight = self.model.lm_head.weight if self.where == "head" else self.model.model.layers[1].mlp.down_proj.weight
-            return loss + _inf_grad(weight)
+        if self.poison_now and self.where == "loss":
+            return loss * float("nan")
+        if self.poison_now and self.where == "head":  # resident: on the compute device through the step
+            return loss + _inf_grad(self.model.lm_head.weight)
         return loss
 
 
 def _inf_grad(weight):
-    """Zero in forward; an all-Inf gradient for ``weight`` in backward."""
+    """Zero in forward; an all-Inf gradient for ``weight`` in backward (on its device, in its dtype)."""
 
     class Inf(torch.autograd.Function):
         @staticmethod
         def forward(ctx, w):
-            ctx.shape = w.shape
+            ctx.shape, ctx.dtype, ctx.device = w.shape, w.dtype, w.device
             return w.new_zeros(())
 
         @staticmethod
         def backward(ctx, grad):
-            return torch.full(ctx.shape, float("inf"))
+            return torch.full(ctx.shape, float("inf"), dtype=ctx.dtype, device=ctx.device)
 
     return Inf.apply(weight)
 
