@@ -24,7 +24,7 @@ from lightning_slide.engine.plan import (
     make_plan,
 )
 
-from .tiny import TinyLM, batches, initial_state, trainer
+from .tiny import ACCELERATOR, TinyLM, batches, initial_state, trainer
 
 LAYER_CONFIGS = {
     "llama": lambda: LlamaConfig(hidden_size=128, intermediate_size=352, num_attention_heads=8, num_key_value_heads=2,
@@ -68,9 +68,13 @@ class _Snapshot(L.Callback):
         engine = trainer.strategy.engine
         units = engine.units()
         states = [t for o in engine._optimizers.values() if o.state is not None for t in o.state.values()]
+        # With the resident parts updated on the GPU (resident_optimizer="auto" there) their moments are device
+        # memory, beside a device copy of their masters and a device gradient accumulator.
+        on_host = [t for t in states if t.device.type == "cpu"]
+        on_device = [t for t in states if t.device.type != "cpu"]
         self.host = {
             "masters": sum(u.master.numel() * 4 for u in units.values()),
-            "moments": sum(t.numel() * t.element_size() for t in states),
+            "moments": sum(t.numel() * t.element_size() for t in on_host),
             "pool": 4 * engine.grad_pool.allocated * engine.grad_pool.numel,
             "resident grad": engine.resident.grad.numel() * 4,
             "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
@@ -79,7 +83,10 @@ class _Snapshot(L.Callback):
         self.device = {
             "slots": sum(s.weights.nbytes + s.grads.nbytes for s in engine.window.slots),
             "resident": engine.resident_weights.nbytes + engine.resident_grads.nbytes,
+            "resident optimizer": sum(t.numel() * t.element_size() for t in on_device)
+            + sum(t.nbytes for t in (engine._resident_master, engine._resident_grad) if t is not None),
         }
+        self.resident_on_device = engine._resident_master is not None
         self.plan = trainer.strategy.plan
         self.depth = engine.depth
 
@@ -115,6 +122,12 @@ def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights):
         assert snap.host["copies"] == 0 and not any(k.startswith("layer compute copies") for k in host)
     assert snap.device["slots"] == plan.gpu["window slots (weights + gradients)"]
     assert snap.device["resident"] == plan.gpu["resident weights + gradients"]
+    assert plan.settings.resident_on_device == snap.resident_on_device == (ACCELERATOR == "gpu")
+    if snap.resident_on_device:
+        assert snap.device["resident optimizer"] == plan.gpu["resident fp32 masters, gradients, Adam moments"] > 0
+    else:
+        assert snap.device["resident optimizer"] == 0
+        assert not any(k.startswith("resident fp32 masters") for k in plan.gpu)
 
 
 def _llama8b_shape() -> ModelShape:
