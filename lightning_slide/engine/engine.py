@@ -701,7 +701,8 @@ class SlidingEngine:
         if left is None:
             raise RuntimeError(
                 f"a gradient of layer {index} arrived after the layer left the window; slideformer needs each "
-                "decoder layer's backward to finish before the layer below it starts"
+                "decoder layer's backward to finish before the layer below it starts, and a decoder layer's "
+                "parameters to be used only inside its forward (not, say, in a loss term)"
             )
         if left == 1:
             self._finish_layer_grads(index)

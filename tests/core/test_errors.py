@@ -108,3 +108,17 @@ def test_memory_limit_that_fits_trains():
     trainer(lightning_slide.SlideFormerStrategy(window=2, gpu_memory_limit="1GiB"), max_steps=1).fit(
         TinyLM("llama", initial_state("llama")), batches(2)
     )
+
+
+def test_a_decoder_layer_weight_used_outside_its_forward():
+    # Outside its forward a layer's parameter is parked on its fp32 host master. With bf16 compute (as on any GPU,
+    # where the device changes too) autograd gives the loss term its own gradient accumulator, whose gradient
+    # arrives outside the layer's backward; the engine must say so rather than train on a partial gradient.
+    class Regularized(TinyLM):
+        def training_step(self, batch, batch_idx):
+            weight = self.model.model.layers[1].mlp.down_proj.weight
+            return super().training_step(batch, batch_idx) + 1e-3 * weight.float().square().sum()
+
+    module = Regularized("llama", initial_state("llama"))
+    with pytest.raises(RuntimeError, match=r"layer 1 arrived after .* used only inside its forward"):
+        trainer("slideformer", precision="bf16-true").fit(module, batches(4))
