@@ -1,11 +1,11 @@
-"""slideformer against the offloading peers a user would pick, side by side in one invocation (one GPU).
+"""slideformer against the offloading peers a user would pick, side by side in one invocation (one GPU or several).
 
 usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4] [--seq 1024]
                                         [--systems all_on_gpu,fsdp_offload,deepspeed_offload,slideformer]
                                         (slideformer options: slideformer+bf16 = host_weights="compute",
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8; combine with +)
-                                        [--cap 24GiB] [--steps 3] [--window 2]
+                                        [--cap 24GiB] [--steps 3] [--window 2] [--devices 1]
 
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
 one) and prints one JSON line; the parent prints a markdown table with tokens/s, TFLOP/s (6·N·tokens), peak GPU
@@ -15,6 +15,11 @@ GPU compute is taken as the all-on-GPU step time of the same run when it ran).
 Same model, batch, sequence length, kernels ("all") and per-layer activation checkpointing for every system; the
 offloading systems run under the GPU memory cap, all-on-GPU uncapped (the ceiling). DeepSpeed is optional: without
 it installed that row says so.
+
+``--devices N``: every system trains data-parallel on N GPUs of the machine (Lightning's launcher, one process per
+GPU, ``batch`` per GPU: a global batch of N x batch), each GPU under the cap; tokens/s counts every GPU's tokens,
+peak host memory is rank 0's (per-rank memory is what sharding lowers), and the bound divides the transfers by N
+(each GPU moves its share) but not the host AdamW (the ranks share the host's cores).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     from lightning_slide.kernels import apply_kernels
 
     cap = parse_bytes(args.cap)
+    devices = args.devices
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=args.seq)
 
     class LM(L.LightningModule):
@@ -88,7 +94,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     if system in ("fsdp_offload", "deepspeed_offload"):
-        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+        for device in range(devices):  # this process's rank is not known yet: every GPU it may use
+            torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory, device)
     if system == "all_on_gpu":
         strategy, precision = "auto", "bf16-true"
     elif system == "fsdp_offload":
@@ -123,9 +130,11 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         )
         precision = "bf16-true"
 
-    ids = torch.randint(0, config.vocab_size, (batch * (args.steps + 2), args.seq))
+    ids = torch.randint(0, config.vocab_size, (batch * devices * (args.steps + 2), args.seq))
+    if system == "all_on_gpu" and devices > 1:
+        strategy = "ddp"
     trainer = L.Trainer(
-        strategy=strategy, accelerator="gpu", devices=1, precision=precision, max_steps=args.steps + 2,
+        strategy=strategy, accelerator="gpu", devices=devices, precision=precision, max_steps=args.steps + 2,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     try:
@@ -134,6 +143,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         return {"error": "out of GPU memory", "params": params}
     except Exception as error:  # noqa: BLE001 - a peer that fails is a row of the table, not the end of the run
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}", "params": params}
+    if trainer.global_rank != 0:
+        return None  # rank 0 reports
     timed = sorted(module.times[2:])
     return {
         "params": params,
@@ -162,14 +173,18 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=2)
     parser.add_argument("--cap", default="24GiB")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs per system (data-parallel)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         system, shape, batch = args.child.split(":")
-        print("RESULT " + json.dumps(child(system, shape, int(batch), args)), flush=True)
+        result = child(system, shape, int(batch), args)
+        if result is not None:
+            print("RESULT " + json.dumps(result), flush=True)
         return
 
-    print(f"seq {args.seq}, cap {args.cap} for offloading systems, kernels=all, per-layer checkpointing everywhere")
+    print(f"seq {args.seq}, cap {args.cap} for offloading systems, kernels=all, per-layer checkpointing everywhere, "
+          f"{args.devices} GPU(s) per system, batch per GPU")
     print("| shape | batch | system | s/step | tokens/s | TFLOP/s | peak GPU GiB | peak host GiB | × all-on-GPU | of bound |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for item in args.shapes.split(","):
@@ -177,7 +192,8 @@ def main() -> None:
         ceiling = None
         for system in args.systems.split(","):
             command = [sys.executable, __file__, "--child", f"{system}:{shape}:{batch}", "--seq", str(args.seq),
-                       "--steps", str(args.steps), "--window", str(args.window), "--cap", args.cap]
+                       "--steps", str(args.steps), "--window", str(args.window), "--cap", args.cap,
+                       "--devices", str(args.devices)]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
                 out, log = done.stdout, done.stdout + done.stderr
@@ -186,17 +202,20 @@ def main() -> None:
             except subprocess.TimeoutExpired as timeout:
                 result, log = {"error": f"over {args.timeout} s"}, str(timeout.stdout or "") + str(timeout.stderr or "")
             if os.environ.get("OUT"):  # each child's full output, for the record
-                Path(os.environ["OUT"], f"peers-{system.replace('+', '_')}-{shape}-{batch}-{args.seq}.log").write_text(log)
+                name = f"peers-{system.replace('+', '_')}-{shape}-{batch}-{args.seq}-{args.devices}gpu.log"
+                Path(os.environ["OUT"], name).write_text(log)
             label = f"{system} ({result['optimizer']})" if system == "deepspeed_offload" and "optimizer" in result else system
             row = f"| {shape} | {batch} | {label} |"
             if "error" in result:
                 print(f"{row} {result['error']} | | | | | | |", flush=True)
                 continue
-            tokens = int(batch) * args.seq
+            tokens = int(batch) * args.seq * args.devices
             step, n = result["step_s"], result["params"]
             if system == "all_on_gpu":
                 ceiling = step
-            bound = max(ceiling or 0.0, 4 * n / H2D_BYTES_PER_S, 2 * n / D2H_BYTES_PER_S, n / HOST_ADAMW_PARAMS_PER_S)
+            share = n / args.devices
+            bound = max(ceiling or 0.0, 4 * share / H2D_BYTES_PER_S, 2 * share / D2H_BYTES_PER_S,
+                        n / HOST_ADAMW_PARAMS_PER_S)
             ratio = f"{ceiling / step:.2f}" if ceiling else "–"
             if "host_busy" in result:
                 row += f" (host busy {result['host_busy']:.2f} s, blocked {result['compute_blocked']:.2f} s)"

@@ -28,7 +28,8 @@ class SlideMonitor(L.Callback):
     """Logs, per optimizer step (accumulated micro-batches together), under ``slide/``:
 
     - ``tokens_per_sec``: real tokens (``attention_mask`` sum when the batch has one) per second, from the start of
-      an optimizer step's first micro-batch to the end of its last (the device is synchronised there, once a step);
+      an optimizer step's first micro-batch to the end of its last (the device is synchronised there, once a step),
+      summed over all ranks with several devices;
     - ``tflops``: 6 · parameters · tokens / step seconds / 1e12 (the usual dense-transformer estimate);
     - ``peak_gpu_gib``: peak GPU memory allocated by torch (GiB; absent on the CPU);
     - ``peak_host_gib``: peak resident host memory of the process (GiB);
@@ -59,6 +60,9 @@ class SlideMonitor(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)  # once per optimizer step, to time it
         seconds = max(time.perf_counter() - self._start, 1e-9)
+        if trainer.world_size > 1:  # every rank's tokens (one small collective per optimizer step)
+            total = torch.tensor(float(self._tokens), device=trainer.strategy.root_device)
+            self._tokens = int(trainer.strategy.reduce(total, reduce_op="sum").item())
         stats = self._engine_stats(trainer)
         params = sum(p.numel() for p in module.parameters())
         metrics = {

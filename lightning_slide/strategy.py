@@ -8,14 +8,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from datetime import timedelta
+
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized, _get_default_process_group_backend_for_device, _init_dist_connection,
+    _sync_ddp_if_available,
+)
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.plugins.precision import HalfPrecision, Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import ParallelStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_slide import checkpoint as slide_checkpoint
 from lightning_slide.engine.blocks import find_parts
@@ -31,7 +39,7 @@ from lightning_slide.monitor import SlideMonitor
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
 
 
-class SlideFormerStrategy(SingleDeviceStrategy):
+class SlideFormerStrategy(ParallelStrategy):
     """Full-parameter fine-tuning with only a window of decoder layers on the GPU (SlideFormer).
 
     fp32 master weights and the optimizer live in host memory; the decoder layers slide through ``window``
@@ -40,6 +48,14 @@ class SlideFormerStrategy(SingleDeviceStrategy):
 
     Use ``Trainer(strategy="slideformer")`` (after ``import lightning_slide``) or pass an instance to set options.
     The compute device is the Trainer's device (the current CUDA device, or the CPU).
+
+    Several devices (``Trainer(devices=N, num_nodes=M)``): one process per device, launched as Lightning's DDP
+    launches them, over ``torch.distributed`` (NCCL on GPUs, gloo on the CPU). Every rank slides its own window over
+    the same model and its own part of each global batch (Lightning adds a ``DistributedSampler``); each layer's
+    gradients are averaged over ranks as they leave the device, and each rank keeps the Adam moments, gradient
+    buffers and current fp32 masters of its 1/N shard of every layer and updates only that shard, so host memory
+    for optimizer state per rank falls as 1/N; updated weights are all-gathered on the devices when a layer is
+    next loaded. N ranks on a global batch train as one process on it, up to floating-point rounding.
 
     Args:
         window: decoder layers held on the compute device at once. Default ``2``. Larger windows prefetch deeper;
@@ -99,6 +115,15 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             lets the host keep updating through more of the next forward: at the Llama-3.1-8B shape 8 instead of 4
             gave 1.05x the speed for 0.4 bytes per parameter of host memory (BENCHMARKS.md). Default ``None``:
             ``window + 2``.
+        host_memory: the host memory this run may count on, e.g. ``"240GiB"``, for the plan's check (shared by the
+            ranks of one host). Default ``None``: what the OS reports available at setup (``MemAvailable``); give
+            it where that reads low, e.g. a virtual machine whose memory grows as it is used.
+        start_method: how Lightning starts the ranks with several devices: ``"popen"`` (default; the script is
+            run again for each rank, as with DDP), ``"spawn"``, ``"fork"`` or ``"forkserver"`` (notebooks,
+            tests).
+        process_group_backend: ``torch.distributed`` backend with several devices. Default ``None``: NCCL on
+            GPUs, gloo on the CPU.
+        timeout: how long a collective may wait for the other ranks before failing. Default 30 minutes.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
     Optimizers: ``torch.optim.AdamW`` or ``torch.optim.Adam`` (one), with any param groups; LR schedulers,
@@ -121,6 +146,10 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         host_weights: str = "auto",
         grad_buffers: int | None = None,
         offload: str | list[str] | None = None,
+        host_memory: str | int | None = None,
+        start_method: str = "popen",
+        process_group_backend: str | None = None,
+        timeout: timedelta = timedelta(minutes=30),
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
@@ -164,12 +193,20 @@ class SlideFormerStrategy(SingleDeviceStrategy):
                 f"SlideFormerStrategy(grad_buffers=...) must be a positive integer or None, got {grad_buffers!r}"
             )
         self.grad_buffers = grad_buffers
-        super().__init__(device="cpu")
+        self.host_memory = None if host_memory is None else parse_bytes(host_memory)
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise ValueError(
+                f"SlideFormerStrategy(start_method=...) must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}"
+            )
+        super().__init__()
+        self.start_method = start_method
+        self.process_group_backend = process_group_backend
+        self.timeout = timeout
+        self._num_nodes = 1
         self.resident_optimizer = resident_optimizer
         self.window = window
         self.blocks = blocks
         self.kernels = kernels
-        self.parallel_devices: list[torch.device] | None = None  # set by Lightning from Trainer(devices=...)
         self.engine: SlidingEngine | None = None
         #: the latest plan of this run (lightning_slide.engine.plan.Plan): made at setup, redone at the first batch
         self.plan: Plan | None = None
@@ -181,10 +218,67 @@ class SlideFormerStrategy(SingleDeviceStrategy):
     @property
     def root_device(self) -> torch.device:
         if self.parallel_devices:
-            return torch.device(self.parallel_devices[0])
+            return torch.device(self.parallel_devices[self.local_rank])
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+    # ------------------------------------------------------------ several devices (Lightning's DDP launch and wiring)
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices else 1
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether this run has several ranks (``devices`` x ``num_nodes`` > 1)."""
+        return self.num_processes * self.num_nodes > 1
+
+    @property
+    def is_distributed(self) -> bool:  # read by Lightning: a DistributedSampler only with several ranks
+        return self.data_parallel
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_processes * self.num_nodes, "rank": self.global_rank}
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_processes * self.num_nodes)
+        rank_zero_only.rank = self.global_rank
+
+    def _configure_launcher(self) -> None:
+        if not self.data_parallel:
+            self._launcher = None  # one process: nothing to launch, no environment variables set
+        elif self.start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self.start_method)
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        """Reduce ``tensor`` over the ranks (``self.log(..., sync_dist=True)``); the identity with one rank."""
+        if isinstance(tensor, torch.Tensor) and self.data_parallel:
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
 
     @property
     def precision_plugin(self) -> Precision:
@@ -203,11 +297,14 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         self._precision_plugin = plugin
 
     def setup_environment(self) -> None:
-        if self.parallel_devices and len(self.parallel_devices) > 1:
-            raise ValueError(
-                f"slideformer trains on one device; got devices={len(self.parallel_devices)}. Use Trainer(devices=1)."
+        Strategy.setup_environment(self)  # the device
+        if self.data_parallel:
+            self.set_world_ranks()
+            backend = self.process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+            _init_dist_connection(
+                self.cluster_environment, backend, timeout=self.timeout,
+                device_id=self.root_device if self.root_device.type == "cuda" else None,
             )
-        super().setup_environment()
 
     @contextmanager
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
@@ -255,6 +352,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             host_weights="fp32" if self.host_weights == "auto" else self.host_weights,
             grad_buffers=self.grad_buffers,
             offload=self.offload,
+            data_parallel=self.data_parallel,
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
@@ -285,6 +383,7 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             host_weights="fp32" if self.host_weights == "auto" else self.host_weights,
             grad_buffers=self.grad_buffers,
             offload=self.offload,
+            ranks=self.num_processes * self.num_nodes,
         )
 
     def _check_plan(self, module: LightningModule, batch: int | None = None, seq: int | None = None) -> Plan:
@@ -305,9 +404,13 @@ class SlideFormerStrategy(SingleDeviceStrategy):
         machine = Machine.detect(gpu_memory_limit=self.gpu_memory_limit, offload_dir=self.offload_dir)
         if self.root_device.type != "cuda":
             machine.gpu_memory = self.gpu_memory_limit
+        if self.host_memory is not None:
+            machine.host_memory = self.host_memory
         plan = make_plan(shape, settings, machine, suggest=False)
         if machine.host_memory is not None:
-            machine.host_memory += self._host_held(module, plan)
+            if self.host_memory is None:  # MemAvailable leaves out what this process already holds
+                machine.host_memory += self._host_held(module, plan) * self.num_processes
+            machine.host_memory //= self.num_processes  # this host's ranks share it
         self.plan = plan  # also when refused: the numbers stay inspectable
         if plan.problems():
             plan.suggested_batch = largest_batch(shape, settings, machine)
@@ -349,6 +452,9 @@ class SlideFormerStrategy(SingleDeviceStrategy):
     def model_to_device(self) -> None:
         pass  # the engine places the resident parts and slides the layers
 
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        return super().all_gather(tensor, group, sync_grads) if self.data_parallel else tensor
+
     def on_exception(self, exception: BaseException) -> None:
         """An exception or Ctrl+C stopped the run (Lightning calls this after the callbacks' ``on_exception``, then
         ``teardown``): stop the engine's threads. Stopped between two optimizer steps, the last step's queued
@@ -360,7 +466,8 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             return
         torn = self.engine.step_torn
         try:
-            self.engine.close(drain=not torn)
+            # With several ranks the others may not be stopping: no collective (the other shards stay stale).
+            self.engine.close(drain=not torn, gather=not self.data_parallel)
         except Exception as error:  # noqa: BLE001 - finishing the step failed too; the original error is reported
             rank_zero_warn(f"slideformer: the last optimizer step could not be finished ({error!r})")
             torn = True
@@ -377,7 +484,10 @@ class SlideFormerStrategy(SingleDeviceStrategy):
                 self.engine.close()
         finally:
             self.engine = None
-            super().teardown()
+            if self.cluster_environment is not None:
+                super().teardown()
+            else:
+                Strategy.teardown(self)
 
     # ------------------------------------------------------------ the step
     def _forward(self, hook: str, *args: Any, **kwargs: Any) -> Any:
@@ -402,7 +512,11 @@ class SlideFormerStrategy(SingleDeviceStrategy):
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         assert self.engine is not None
         trainer = self.lightning_module.trainer
-        if not torch.isfinite(closure_loss.detach()).all():  # one small device sync per micro-batch
+        finite = torch.isfinite(closure_loss.detach()).all()
+        if self.data_parallel:  # every rank skips or stops alike
+            finite = finite.to(torch.uint8)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:  # one small device sync per micro-batch
             if self.nonfinite == "error":
                 raise FloatingPointError(
                     f"the loss is {closure_loss.item()} at global step {trainer.global_step} (batch "
@@ -451,6 +565,12 @@ class SlideFormerStrategy(SingleDeviceStrategy):
             raise TypeError(
                 "slideformer writes directory checkpoints and takes no storage_options; call "
                 "trainer.save_checkpoint(path) without them"
+            )
+        if self.data_parallel:
+            raise NotImplementedError(
+                "slideformer cannot save checkpoints with several devices yet (each rank holds only its shard of "
+                "the optimizer state). Pass Trainer(enable_checkpointing=False) and save the weights after fit: "
+                "the module then holds the whole fp32 weights on every rank (e.g. save_pretrained on rank 0)"
             )
         if not self.is_global_zero:
             return

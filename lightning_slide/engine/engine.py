@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from lightning_slide.engine.optimizer import (
     state_names,
 )
 from lightning_slide.engine.pinned import host_empty
+from lightning_slide.engine.shard import Shards
 from lightning_slide.engine.plan import (
     STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, grads_in_flight, human,
 )
@@ -139,6 +141,12 @@ class SlidingEngine:
             one layer each; page-locked on a GPU): the backward waits for the host rather than hold more. More lets
             the host keep updating through more of the next forward. Default ``None``: ``window + 2``. The disk
             tier holds one unit more (the resident parts) of arrays read from its files.
+        data_parallel: this process is one rank of the default ``torch.distributed`` process group, each rank
+            training the same model on its own micro-batches (see ``shard.py``): each rank keeps the gradients,
+            Adam moments and up-to-date masters of its shard of every unit, gradients are averaged over ranks as
+            they leave the device, weights are all-gathered as they arrive. Every rank must make the same calls
+            in the same order. The resident parts, when updated on the device, are replicated instead. Default
+            ``False``.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -160,6 +168,7 @@ class SlidingEngine:
         host_weights: str = "fp32",
         grad_buffers: int | None = None,
         offload: str | tuple[str, ...] | None = None,
+        data_parallel: bool = False,
     ) -> None:
         if grad_buffers is not None and (isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int)
                                          or grad_buffers < 1):
@@ -176,6 +185,16 @@ class SlidingEngine:
         parts = find_parts(root, blocks_path)
         self.root = root
         self.device = torch.device(device)
+        # Data-parallel ranks (torch.distributed initialized by the strategy with several processes): each owns a
+        # shard of every unit. Created first and on every rank alike (it may create a process group).
+        self.shards = Shards(data_parallel)
+        if self.shards.active and masters_on_disk:
+            raise ValueError(
+                "the fp32 masters on disk are not supported with several devices yet; use offload='optimizer' "
+                "(the Adam moments, 8 of the 12 bytes per parameter) or one device"
+            )
+        if self.shards.active and offload_dir is not None:
+            offload_dir = str(Path(offload_dir) / f"rank{self.shards.rank}")  # each rank its own files
         cast = self.device.type == "cuda" and compute_dtype != MASTER_DTYPE
         depth = min(window, len(parts.blocks))
         self.grad_buffers = grads_in_flight(depth, grad_buffers)
@@ -217,30 +236,47 @@ class SlidingEngine:
                 f"layer {i}", parts.block_parameters(i), pin=self.pin, own_grad=False,
                 weights_dtype=compute_dtype if compute_copy else None,
                 master_path=self.state_store.path(i, MASTER) if masters_on_disk else None,
+                span=self._span(parts.block_parameters(i)),
             )
             for i in range(len(parts.blocks))
         ]
         if masters_on_disk:
             for i in range(len(self.layers)):
                 self.state_store.mark_written(i, MASTER)
-        self.resident = HostUnit(RESIDENT, parts.resident, pin=self.pin)
+        # Updated on the device, the resident parts are replicated (every rank updates all of them alike).
+        self.resident = HostUnit(
+            RESIDENT, parts.resident, pin=self.pin, span=None if resident_on_device else self._span(parts.resident)
+        )
+        # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
+        self._masters_current = True
 
         largest = max(u.numel for u in [self.resident, *self.layers])
         staging = min(largest, _STAGING_NUMEL)
         self.upload_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self.download_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self._host_staging: dict[Any, torch.Tensor] = {}  # pinned fp32, for gradients added into an accumulator
-        self.grad_pool = GradientPool(max(u.trainable_numel for u in self.layers), pin=self.pin)
+        self.grad_pool = GradientPool(max(u.grad_numel for u in self.layers), pin=self.pin)
         self._lent: collections.deque = collections.deque()  # layers holding a pool buffer, oldest first
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
         self.worker = UpdateWorker()
         self.window = Window(
             self.layers, depth, self.device, compute_dtype, self.streams,
-            self.upload_staging, before_load=self.worker.wait, may_load=self.worker.done,
+            self.upload_staging, before_load=self.worker.wait,
+            # Prefetching only what is already updated depends on timing; with several ranks every rank must issue
+            # the same all-gathers in the same order, so each load waits for its update instead.
+            may_load=self.worker.done if not self.shards.active else (lambda index: True),
+            shards=self.shards,
         )
-        self.resident_weights = torch.empty(self.resident.numel, dtype=compute_dtype, device=self.device)
-        self.resident_grads = torch.empty(self.resident.trainable_numel, dtype=compute_dtype, device=self.device)
+        shard_resident = self.shards.active and not resident_on_device
+        self.resident_weights = torch.empty(
+            self.shards.padded(self.resident.numel) if shard_resident else self.resident.numel,
+            dtype=compute_dtype, device=self.device,
+        )
+        self.resident_grads = torch.zeros(
+            self.shards.padded(self.resident.numel) if shard_resident else self.resident.trainable_numel,
+            dtype=compute_dtype, device=self.device,
+        )
         self._resident_loaded = False
         self.resident_on_device = resident_on_device
         self._resident_master: torch.Tensor | None = None  # fp32, on the device, when updated there
@@ -309,6 +345,11 @@ class SlidingEngine:
     def depth(self) -> int:
         return self.window.depth
 
+    def _span(self, params) -> tuple[int, int]:
+        """This rank's ``(start, stop)`` of a unit made of ``params``."""
+        span = self.shards.span(sum(p.numel() for _, p in params))
+        return span.start, span.stop
+
     def _check_disk_space(self, parts, masters_on_disk: bool) -> None:
         """Before anything is written: the masters' files, and the optimizer state at 8 bytes per trainable
         parameter (Adam's two moments; ``attach_optimizer`` checks again with the optimizer's exact needs)."""
@@ -339,16 +380,16 @@ class SlidingEngine:
             raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
         units = self._units()
         on_device = self.resident_on_device and self.resident.trainable_numel > 0
-        on_disk = [key for key, unit in units.items() if unit.trainable_numel and not (key == RESIDENT and on_device)]
+        on_disk = [key for key, unit in units.items() if unit.grad_numel and not (key == RESIDENT and on_device)]
         if "optimizer" not in self.offload:
             on_disk = []
         if on_disk:
             names = state_names(optimizer)
             for key in on_disk:
                 for name in names:
-                    self.state_store.add(key, name, units[key].trainable_numel)
+                    self.state_store.add(key, name, units[key].grad_numel)
             paths = [self.state_store.path(key, name) for key in on_disk for name in names]
-            moments = 4 * len(names) * sum(units[key].trainable_numel for key in on_disk)
+            moments = 4 * len(names) * sum(units[key].grad_numel for key in on_disk)
             check_disk_space(self.offload_dir, moments - existing_bytes(paths), what=f"optimizer state {human(moments)}")
         self._optimizers = {}
         for key, unit in units.items():
@@ -461,6 +502,7 @@ class SlidingEngine:
         optimizer = self._optimizers.get(key)
         if optimizer is not None:
             self._step_open = True
+            self._masters_current = not self.shards.active
             # `coefficient` is filled in by the norm task queued before: pass the same dict, even while empty.
             coefficient = {} if coefficient is None else coefficient
             if self.state_store is not None:
@@ -483,9 +525,13 @@ class SlidingEngine:
         for unit in units:
             Streams.host_wait(unit.grad_event)
             norms.extend(torch.linalg.vector_norm(g) for g in self._optimizers[self._key_of(unit)].bind())
-        if device_norms is not None:
+        if device_norms is not None and self.shards.rank == 0:  # replicated on every rank: counted once
             Streams.host_wait(device_norms[1])
             norms.extend(device_norms[0].unbind())
+        if self.shards.active:  # the norm over every rank's shards (each rank takes part, even with none)
+            squares = torch.stack(norms).square().sum() if norms else torch.zeros(())
+            self.shards.host_sum(squares)
+            norms = [squares.sqrt()]
         if norms:
             total = torch.linalg.vector_norm(torch.stack(norms))
             if not torch.isfinite(total):
@@ -534,6 +580,8 @@ class SlidingEngine:
         produced = self.streams.record()
         with self.streams.on(self.streams.download):
             self.streams.wait(produced)
+            # Every rank must skip or stop alike: the flag becomes the AND over ranks.
+            self.shards.all_true(self._finite.narrow(0, index % len(self._finite), 1))
             self._finite_host[index].copy_(self._finite[index], non_blocking=True)
             return self.streams.record()
 
@@ -586,7 +634,7 @@ class SlidingEngine:
                               and len(self._lent) >= self.grad_buffers):
             self.worker.wait(self._lent.popleft())
         self._lent.append(index)
-        return self.grad_pool.take()[: self.layers[index].trainable_numel]
+        return self.grad_pool.take()[: self.layers[index].grad_numel]
 
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
@@ -598,7 +646,9 @@ class SlidingEngine:
         in_use = self.streams.record()  # whatever compute still reads the old copy
         with self.streams.on(self.streams.upload):
             self.streams.wait(in_use)
-            copy_cast(self.resident_weights, self.resident.master, self.upload_staging)
+            owned = slice(self.resident.start, self.resident.stop)
+            copy_cast(self.resident_weights[owned], self.resident.master[owned], self.upload_staging)
+            self.shards.gather(self.resident_weights, self.resident.numel)
             ready = self.streams.record()
         self.streams.wait(ready)
         for entry in self.resident.entries:
@@ -674,6 +724,7 @@ class SlidingEngine:
                 self.resident.grad_event = self._check_finite_on_device(
                     RESIDENT, self.resident_grads, self.resident.grad_empty
                 )
+                self.shards.mean(self.resident_grads)  # replicated: every rank updates all of it alike
                 if self.resident.grad_empty:
                     self._resident_grad.copy_(self.resident_grads)
                 else:
@@ -724,11 +775,16 @@ class SlidingEngine:
     def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
         """Copy ``device_grads`` into ``unit``'s fp32 accumulator; returns the event after which the device buffer
         may be reused. The first micro-batch lands directly in the accumulator; later ones land in a page-locked
-        staging buffer that the worker adds in. The gradients' finiteness flag goes down ahead of them."""
-        self._check_finite_on_device(self._key_of(unit), device_grads, unit.grad_empty)
+        staging buffer that the worker adds in. The gradients' finiteness flag goes down ahead of them.
+
+        With several ranks ``device_grads`` is padded for the collectives: a reduce-scatter on the download stream
+        leaves this rank's shard averaged over ranks, and only that shard crosses to the host."""
+        self._check_finite_on_device(self._key_of(unit), device_grads[: unit.trainable_numel], unit.grad_empty)
         produced = self.streams.record()
         with self.streams.on(self.streams.download):
             self.streams.wait(produced)
+            self.shards.reduce_scatter(device_grads, unit.numel)
+            device_grads = device_grads[unit.grad_start : unit.grad_stop]
             if unit.grad_empty:
                 if unit.grad is None:
                     unit.grad = self._lend(self.layers.index(unit))
@@ -771,14 +827,31 @@ class SlidingEngine:
             "skipped_steps": float(self.skipped_steps),
         }
 
-    def _sync_masters(self) -> None:
-        """Finish queued updates and bring device-updated masters back to the host."""
+    def _sync_masters(self, gather: bool = True) -> None:
+        """Finish queued updates and bring device-updated masters back to the host; with several ranks, fetch the
+        other ranks' shards of every master (a collective: every rank calls this at the same point)."""
         self._apply_deferred_resident_update()
         self.worker.wait_all()
         if self.state_store is not None:
             self.state_store.flush()
         if self._resident_updates_on_device():
             self.resident.master.copy_(self._resident_master)
+        if gather and not self._masters_current:
+            self._gather_masters()
+            self._masters_current = True
+
+    def _gather_masters(self) -> None:
+        """Complete every rank's copy of the fp32 masters from the owners' shards, unit by unit through the
+        device (one unit's padded fp32 buffer at a time)."""
+        for unit in self._units().values():
+            if (unit.start, unit.stop) == (0, unit.numel) or unit.master is None:
+                continue  # replicated
+            span = self.shards.span(unit.numel)
+            buffer = torch.empty(span.padded, dtype=MASTER_DTYPE, device=self.device)
+            buffer[span.lo : span.lo + unit.stop - unit.start].copy_(unit.master[unit.start : unit.stop])
+            self.shards.gather(buffer, unit.numel)
+            unit.master.copy_(buffer[: unit.numel])
+            del buffer
 
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         """The root's state dict with every parameter given by its fp32 master (host memory).
@@ -899,7 +972,7 @@ class SlidingEngine:
                 return
         raise KeyError("parameter is not optimized by the host optimizer")
 
-    def close(self, *, drain: bool = True) -> None:
+    def close(self, *, drain: bool = True, gather: bool = True) -> None:
         """Stop the worker and the disk tier's threads, leave every parameter on its host master and let go of the
         scratch memory (window slots, staging, pooled gradient buffers, parked activations). Masters and optimizer
         state stay, so a checkpoint can still be saved. Only the first call does anything.
@@ -907,13 +980,15 @@ class SlidingEngine:
         Args:
             drain: finish pending updates first and re-raise an update's failure (normal end); ``False`` drops
                 the updates not yet started (the run is already failing: the masters may hold part of a step).
+            gather: with several ranks, also complete the masters from the other ranks' shards (a collective:
+                every rank must close alike; ``False`` when only this rank is stopping, e.g. after an exception).
         """
         if self._closed:
             return
         self._closed = True
         try:
             if drain:
-                self._sync_masters()  # re-raises an update's failure
+                self._sync_masters(gather)  # re-raises an update's failure
                 if self.state_store is not None:
                     self._state_cache.flush()
                     self._master_cache.flush()
@@ -921,6 +996,7 @@ class SlidingEngine:
             if self.state_store is not None:  # first: an update waiting for a read is let go, not waited for
                 self.state_store.close()
             self.worker.close(drain=False)
+            self.shards.close()
             if not drain and self._resident_updates_on_device():
                 try:  # the run failed: still hand back the latest resident weights if the device allows
                     self.resident.master.copy_(self._resident_master)

@@ -60,6 +60,9 @@ class HostUnit:
         weights_dtype: keep a compute copy of the weights in this dtype (``weights``), the source of uploads;
             ``None``: uploads read the fp32 masters.
         master_path: keep the fp32 masters only in this file (written now); requires ``weights_dtype``.
+        span: ``(start, stop)``, the part of the flat vector this process owns when data-parallel ranks share the
+            unit (``shard.Shards``): its gradients, updates and uploads; the rest of the masters is refreshed from
+            the other ranks only on demand. Default ``None``: everything.
 
     Construction moves each parameter's values into the flat master buffer and points the parameter at its view,
     so host memory holds one copy (plus at most one parameter in flight).
@@ -74,6 +77,7 @@ class HostUnit:
         own_grad: bool = True,
         weights_dtype: torch.dtype | None = None,
         master_path: Path | None = None,
+        span: tuple[int, int] | None = None,
     ) -> None:
         self.name = name
         ordered = [np for np in params if np[1].requires_grad] + [np for np in params if not np[1].requires_grad]
@@ -85,6 +89,10 @@ class HostUnit:
         self.numel = offset
         self.trainable = [e for e in self.entries if e.param.requires_grad]
         self.trainable_numel = sum(e.numel for e in self.trainable)
+        self.start, self.stop = (0, self.numel) if span is None else span
+        # The owned trainable elements: what the gradient accumulator and the optimizer state cover.
+        self.grad_start, self.grad_stop = min(self.start, self.trainable_numel), min(self.stop, self.trainable_numel)
+        self.grad_numel = self.grad_stop - self.grad_start
 
         on_disk = master_path is not None and self.numel > 0
         if on_disk and weights_dtype is None:
@@ -106,7 +114,7 @@ class HostUnit:
             self.rest = torch.from_file(str(master_path), shared=True, size=self.numel, dtype=MASTER_DTYPE)
             self.master = None
             self.park()
-        self.grad = host_empty(self.trainable_numel, MASTER_DTYPE, pin=pin).zero_() if own_grad else None
+        self.grad = host_empty(self.grad_numel, MASTER_DTYPE, pin=pin).zero_() if own_grad else None
         # True when `grad` holds nothing yet for the current optimizer step: the next download overwrites it.
         self.grad_empty = True
         # Device event after which `grad` holds the last download (None on the CPU, or when nothing is in flight).
@@ -121,7 +129,8 @@ class HostUnit:
         """Bring the compute copy up to date with ``master`` (default: the unit's masters); no-op without one.
         The cast rounds as the device's cast would (round to nearest even), so uploads carry the same values."""
         if self.weights is not None:
-            self.weights.copy_(self.master if master is None else master)
+            source = self.master if master is None else master
+            self.weights[self.start : self.stop].copy_(source[self.start : self.stop])
 
     @property
     def master_bytes_in_memory(self) -> int:

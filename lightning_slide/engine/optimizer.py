@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
 
-from lightning_slide.engine.host import HostUnit
+from lightning_slide.engine.host import Entry, HostUnit
 
 SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
 # Per-group settings read from the user's param groups at every update (LR schedulers change them between steps).
@@ -48,6 +49,21 @@ def state_names(optimizer: Optimizer) -> tuple[str, ...]:
     """The per-parameter state arrays ``optimizer`` keeps besides its step count."""
     amsgrad = any(group.get("amsgrad") for group in optimizer.param_groups)
     return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """The part ``[start, stop)`` (unit offsets) of one parameter that this process optimizes: all of it, or its
+    overlap with the rank's shard (``shard.Shards``)."""
+
+    entry: Entry
+    start: int
+    stop: int
+
+    def view(self, flat: torch.Tensor, base: int = 0) -> torch.Tensor:
+        """The piece in ``flat``, an array that starts at unit offset ``base``; shaped like the parameter when whole."""
+        part = flat[self.start - base : self.stop - base]
+        return part.view(self.entry.shape) if self.stop - self.start == self.entry.numel else part
 
 
 class UnitOptimizer:
@@ -83,15 +99,18 @@ class UnitOptimizer:
         master_flat = (unit.rest if unit.master is None else unit.master) if master is None else master
         members: dict[int, list[torch.Tensor]] = {}
         self.masters: dict[int, torch.Tensor] = {}  # id(parameter) -> the master view this optimizer steps
-        self._entries = []  # (entry, master view) of optimized parameters
+        self._entries: list[tuple[_Piece, torch.Tensor]] = []  # (owned piece, master view) of optimized parameters
         for entry in unit.trainable:
             group = group_of.get(id(entry.param))
-            if group is None:
+            start = max(entry.offset, unit.grad_start)
+            stop = min(entry.offset + entry.numel, unit.grad_stop)
+            if group is None or start >= stop:
                 continue
-            master = entry.view(master_flat)
+            piece = _Piece(entry, start, stop)
+            master = piece.view(master_flat)
             members.setdefault(group, []).append(master)
             self.masters[id(entry.param)] = master
-            self._entries.append((entry, master))
+            self._entries.append((piece, master))
         self.group_indices = sorted(members)
         self.state_names = state_names(optimizer)
         self.inner: Optimizer | None = None
@@ -107,13 +126,14 @@ class UnitOptimizer:
                 self._attach(self.state)
 
     def empty_state(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        return {name: torch.zeros(self.unit.trainable_numel, dtype=torch.float32, device=device) for name in self.state_names}
+        return {name: torch.zeros(self.unit.grad_numel, dtype=torch.float32, device=device) for name in self.state_names}
 
     def _attach(self, state: dict[str, torch.Tensor]) -> None:
         """Point torch's per-parameter state at views of the flat arrays ``state``."""
-        for entry, master in self._entries:
+        base = self.unit.grad_start
+        for piece, master in self._entries:
             per_param = self.inner.state[master]
-            per_param.update({name: entry.view(state[name]) for name in self.state_names})
+            per_param.update({name: piece.view(state[name], base) for name in self.state_names})
 
     def _detach(self) -> None:
         for _, master in self._entries:
@@ -122,15 +142,15 @@ class UnitOptimizer:
 
     def _point_masters(self, flat: torch.Tensor) -> None:
         """Make the master views this optimizer steps views of ``flat`` (a unit's masters read from disk)."""
-        for entry, master in self._entries:
-            master.data = entry.view(flat)
+        for piece, master in self._entries:
+            master.data = piece.view(flat)
 
     def bind(self) -> list[torch.Tensor]:
         """Point each optimized master's ``.grad`` at its view of the current accumulator; returns those views."""
         flat = self.unit.grad if self._grad is None else self._grad
         grads = []
-        for entry, master in self._entries:
-            master.grad = entry.view(flat)
+        for piece, master in self._entries:
+            master.grad = piece.view(flat, self.unit.grad_start)
             grads.append(master.grad)
         return grads
 
@@ -179,17 +199,23 @@ class UnitOptimizer:
         if master is None or self.inner is None:
             return None
         flat = self.state if state is None else state
-        entry = next(e for e, m in self._entries if m is master)
-        return {"step": self.inner.state[master]["step"], **{n: entry.view(flat[n]) for n in self.state_names}}
+        piece = next(p for p, m in self._entries if m is master)
+        base = self.unit.grad_start
+        return {"step": self.inner.state[master]["step"], **{n: piece.view(flat[n], base) for n in self.state_names}}
 
     def load_state_of(self, param: torch.nn.Parameter, saved: dict, state: dict[str, torch.Tensor] | None = None) -> None:
-        """Copy ``saved`` (torch's per-parameter layout) into ``param``'s state."""
+        """Copy ``saved`` (torch's per-parameter layout, the whole parameter's) into ``param``'s state (the owned
+        piece of it when ranks share the unit)."""
         current = self.state_of(param, state)
         if current is None:
             raise KeyError("parameter is not optimized here")
+        piece = next(p for p, m in self._entries if m is self.masters[id(param)])
         for name, value in saved.items():
             if name in current:
-                current[name].copy_(torch.as_tensor(value, dtype=torch.float32))
+                value = torch.as_tensor(value, dtype=torch.float32)
+                if value.dim() and current[name].shape != value.shape:
+                    value = value.reshape(-1)[piece.start - piece.entry.offset : piece.stop - piece.entry.offset]
+                current[name].copy_(value)
 
 
 class UpdateWorker:

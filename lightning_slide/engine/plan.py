@@ -148,6 +148,7 @@ class Settings:
     host_weights: str = "fp32"  # "compute": a page-locked compute-dtype copy of each layer is what uploads read
     grad_buffers: int | None = None  # layer gradient buffers while updates stream (None: window + GRADS_AHEAD)
     offload: tuple[str, ...] | str | None = None  # what lives under offload_dir (disk.parse_offload)
+    ranks: int = 1  # data-parallel ranks sharing each unit: each holds 1/ranks of the moments and gradients
 
     @property
     def on_disk(self) -> frozenset[str]:
@@ -364,24 +365,26 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     if s.compute_copy:  # HostUnit.weights of every layer
         items["layer compute copies" + pinned] = shape.layers * shape.layer_params * element
     host_updated = _host_updated_trainable(shape, s)
+    share = 1 / s.ranks  # with several ranks each keeps its shard of what follows (shard.py)
     if "optimizer" not in on_disk:  # UnitOptimizer.state: exp_avg, exp_avg_sq (fp32) per host-updated unit
-        items["Adam moments (fp32)"] = 8 * host_updated
+        items["Adam moments (fp32)"] = int(8 * host_updated * share)
     if on_disk:  # StateStore: at most grad_buffers + 1 units' arrays read in (the largest units, at worst)
         moments = 8 if "optimizer" in on_disk else 0
         masters = 4 if "masters" in on_disk else 0
         units = [moments * shape.layer_trainable + masters * shape.layer_params] * shape.layers
         units += [] if s.resident_on_device else [moments * shape.resident_trainable]
         what = " + ".join(n for n, b in (("Adam moments", moments), ("fp32 masters", masters)) if b)
-        items[f"{what} in flight (disk tier)"] = sum(sorted(units)[-(grads_in_flight(depth, s.grad_buffers) + 1):])
+        items[f"{what} in flight (disk tier)"] = int(sum(sorted(units)[-(grads_in_flight(depth, s.grad_buffers) + 1):]) * share)
     # GradientPool: with clipping or accumulation every layer keeps its fp32 gradients until the step; otherwise
     # updates stream out of the backward and at most window + 2 buffers are lent.
     streaming = not s.clipping and s.accumulate == 1
     holders = min(shape.layers, grads_in_flight(depth, s.grad_buffers)) if streaming else shape.layers
-    items["layer gradient buffers (fp32)" + pinned] = 4 * holders * shape.layer_trainable
-    items["resident gradient accumulator (fp32)" + pinned] = 4 * shape.resident_trainable  # HostUnit(own_grad)
+    items["layer gradient buffers (fp32)" + pinned] = int(4 * holders * shape.layer_trainable * share)
+    resident_share = 1 if s.resident_on_device else share  # updated on the device: replicated
+    items["resident gradient accumulator (fp32)" + pinned] = int(4 * shape.resident_trainable * resident_share)
     if s.accumulate > 1:  # engine._staging: one per window slot (and the resident parts when updated on the host)
         resident = 0 if s.resident_on_device else shape.resident_trainable
-        items["accumulation staging (fp32)" + pinned] = 4 * (depth * shape.layer_trainable + resident)
+        items["accumulation staging (fp32)" + pinned] = int(4 * (depth * shape.layer_trainable + resident) * share)
     if s.offload_activations and s.batch is not None and s.seq is not None and shape.hidden is not None:
         # ActivationOffload allocates through torch's pinned allocator, which rounds each block up to a power of 2.
         size = s.batch * s.seq * shape.hidden * s.element
@@ -398,7 +401,7 @@ def disk_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     (disk.py's files)."""
     items = {}
     if "optimizer" in s.on_disk:
-        items["Adam moments (fp32 files)"] = 8 * _host_updated_trainable(shape, s)
+        items["Adam moments (fp32 files)"] = int(8 * _host_updated_trainable(shape, s) / s.ranks)  # this rank's
     if "masters" in s.on_disk:
         items["layer fp32 masters (files)"] = 4 * shape.layers * shape.layer_params
     return items

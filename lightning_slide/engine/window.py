@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_slide.engine.host import HostUnit
+from lightning_slide.engine.shard import Shards
 from lightning_slide.engine.streams import Streams, copy_cast
 
 
@@ -43,6 +44,9 @@ class Window:
         upload_staging: device buffer (fp32) through which uploads are cast; ``None`` when no cast is needed.
         before_load: called with a layer index before its masters are read (waits for its pending update).
         may_load: says whether a layer can be prefetched now without blocking (its update is done).
+        shards: the data-parallel ranks sharing each layer (``shard.Shards``); default ``None``: one process. With
+            several, a load uploads the owned shard and all-gathers the rest on the upload stream, and slots are
+            padded for the collectives.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class Window:
         upload_staging: torch.Tensor | None,
         before_load: Callable[[int], None],
         may_load: Callable[[int], bool],
+        shards: Shards | None = None,
     ) -> None:
         if not 1 <= depth <= len(layers):
             raise ValueError(f"window depth must be between 1 and {len(layers)} (the number of layers), got {depth}")
@@ -64,8 +69,12 @@ class Window:
         self.upload_staging = upload_staging
         self.before_load = before_load
         self.may_load = may_load
-        weight_numel = max(u.numel for u in layers)
-        grad_numel = max(u.trainable_numel for u in layers)
+        self.shards = shards if shards is not None and shards.active else None
+        if self.shards is None:
+            weight_numel = max(u.numel for u in layers)
+            grad_numel = max(u.trainable_numel for u in layers)
+        else:  # the gradients are reduce-scattered over the same shards as the weights
+            weight_numel = grad_numel = max(self.shards.padded(u.numel) for u in layers)
         self.slots = [
             Slot(torch.empty(weight_numel, dtype=dtype, device=device), torch.empty(grad_numel, dtype=dtype, device=device))
             for _ in range(depth)
@@ -108,7 +117,12 @@ class Window:
         unit = self.layers[index]
         with self.streams.on(self.streams.upload):
             self.streams.wait(slot.free)
-            copy_cast(slot.weights[: unit.numel], unit.upload_source, self.upload_staging)
+            if self.shards is None:
+                copy_cast(slot.weights[: unit.numel], unit.upload_source, self.upload_staging)
+            else:
+                owned = slice(unit.start, unit.stop)
+                copy_cast(slot.weights[owned], unit.upload_source[owned], self.upload_staging)
+                self.shards.gather(slot.weights, unit.numel)
             slot.ready = self.streams.record()
         for e in unit.entries:
             e.param.data = e.view(slot.weights)
@@ -120,12 +134,16 @@ class Window:
         unit = self.layers[index]
         slot = self.slot_of[index]
         self.streams.wait(slot.grads_free)
-        slot.grads[: unit.trainable_numel].zero_()
+        # With several ranks the padding past the trainable part is reduced too: zeros, whatever was there before.
+        slot.grads[: unit.trainable_numel if self.shards is None else self.shards.padded(unit.numel)].zero_()
         for e in unit.trainable:
             e.param.grad = e.view(slot.grads)
 
     def grads_of(self, index: int) -> torch.Tensor:
-        return self.slot_of[index].grads[: self.layers[index].trainable_numel]
+        """The loaded layer's gradient buffer: its trainable elements, padded for the collectives with several
+        ranks (zeros past them)."""
+        unit = self.layers[index]
+        return self.slot_of[index].grads[: unit.trainable_numel if self.shards is None else self.shards.padded(unit.numel)]
 
     def grads_copied(self, index: int, event) -> None:
         """Record that the gradients of loaded layer ``index`` leave the device when ``event`` happens."""

@@ -1,0 +1,133 @@
+"""Several ranks (gloo, two CPU processes): N ranks on a global batch train as one process on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_slide
+from tests.core.tiny import TinyLM, batches, initial_state, relative_error, trainer
+
+TOLERANCE = 1e-4  # the mean over ranks sums in another order than one process's mean over the whole batch
+STEPS, ACCUMULATE, GLOBAL_BATCH = 6, 2, 4
+
+
+class RecordHostBytes(L.Callback):
+    """Writes what each rank's engine holds in host memory, by kind, to ``directory/rank{r}.json``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, module) -> None:
+        engine = trainer.strategy.engine
+        figures = {**engine.host_bytes(), "world": trainer.world_size}
+        Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(figures))
+
+
+def data(devices: int) -> DataLoader:
+    """One epoch of the same global batches for any number of ranks."""
+    samples = batches(STEPS * ACCUMULATE, batch_size=GLOBAL_BATCH).dataset
+    if devices > 1:  # Lightning gives each rank a shuffling DistributedSampler (seed 0): rank r takes order[r::N]
+        return DataLoader(samples, batch_size=GLOBAL_BATCH // devices)
+    # One process: order[k*B:(k+1)*B], the union of the ranks' k-th batches.
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(samples.tensors[0][order]), batch_size=GLOBAL_BATCH)
+
+
+def train(strategy, *, devices: int, module=None, callbacks=(), freeze=(), **options):
+    torch.manual_seed(123)
+    module = module or TinyLM("llama", initial_state("llama"), freeze=freeze)
+    trainer(strategy, devices=devices, max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, callbacks=list(callbacks),
+            **options).fit(module, data(devices))
+    return module
+
+
+def assert_same_weights(ours, plain):
+    theirs = dict(plain.named_parameters())
+    for name, param in ours.named_parameters():
+        error = relative_error(param.detach(), theirs[name].detach())
+        assert error <= TOLERANCE, f"{name}: relative error {error:.2e}"
+    start = dict(initial_state("llama"))
+    moved = sum(relative_error(p.detach(), start[n.removeprefix("model.")]) for n, p in plain.named_parameters())
+    assert moved > 1e-3  # it trained
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return train("auto", devices=1)
+
+
+@pytest.mark.parametrize("clip", [0.5, None], ids=["clip-norm", "streamed"])
+def test_two_ranks_train_as_one_process(plain, clip, tmp_path, request):
+    reference = plain if clip == 0.5 else train("auto", devices=1, gradient_clip_val=None)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, start_method="spawn")
+    ours = train(strategy, devices=2, gradient_clip_val=clip, callbacks=[RecordHostBytes(str(tmp_path))])
+    assert_same_weights(ours, reference)
+    # Each rank keeps the Adam moments of half of every unit.
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    for figures in ranks:
+        assert figures["world"] == 2
+        assert figures["optimizer state"] <= 8 * trainable / 2 + 8 * 64  # + a little padding of the last shards
+    assert sum(f["optimizer state"] for f in ranks) == 8 * trainable
+
+
+def test_frozen_parameters_and_resident_parts_updated_on_the_device():
+    """The resident parts updated on the device are replicated (gradients averaged, every rank updates them);
+    frozen parameters are in no rank's optimizer."""
+    options = dict(window=1, resident_optimizer="device")
+    frozen = ("layers.1.mlp", "embed_tokens")
+    reference = train("auto", devices=1, freeze=frozen)
+    ours = train(lightning_slide.SlideFormerStrategy(**options, start_method="spawn"), devices=2, freeze=frozen)
+    assert_same_weights(ours, reference)
+    start = initial_state("llama")
+    assert torch.equal(ours.model.model.layers[1].mlp.up_proj.weight.detach(), start["model.layers.1.mlp.up_proj.weight"])
+
+
+class PoisonedOnRank(TinyLM):
+    """Micro-batch ``batch_idx`` of rank ``rank`` has an all-Inf gradient for layer 1's down projection."""
+
+    def __init__(self, rank: int, batch_idx: int) -> None:
+        super().__init__("llama", initial_state("llama"))
+        self.rank, self.poisoned = rank, batch_idx
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == self.poisoned and self.trainer.global_rank == self.rank:
+            loss = loss + _inf_grad(self.model.model.layers[1].mlp.down_proj.weight)
+        return loss
+
+
+def _inf_grad(weight):
+    class Inf(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.new_zeros(())
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full_like(weight, float("inf"))
+
+    return Inf.apply(weight)
+
+
+def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank():
+    """Only rank 1 sees the Inf (it would reach rank 0 only through the reduced shard that rank 0 owns, or not at
+    all): both ranks skip the same optimizer step, as one process skipping it."""
+    reference = train(lightning_slide.SlideFormerStrategy(window=2, nonfinite="skip"), devices=1,
+                      module=PoisonedOnRank(0, 2), gradient_clip_val=None)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, nonfinite="skip", start_method="spawn")
+    ours = train(strategy, devices=2, module=PoisonedOnRank(1, 2), gradient_clip_val=None)
+    assert_same_weights(ours, reference)
+    assert all(torch.isfinite(p).all() for p in ours.parameters())
+
+
+def test_checkpoints_are_refused_with_several_devices():
+    strategy = lightning_slide.SlideFormerStrategy(window=2, start_method="spawn")
+    with pytest.raises(Exception, match="enable_checkpointing=False"):
+        train(strategy, devices=2, enable_checkpointing=True, default_root_dir="/tmp/slide-dp-ckpt")
