@@ -126,7 +126,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         strategy = lightning_slide.SlideFormerStrategy(
             window=args.window, gpu_memory_limit=args.cap, monitor=False,
             host_weights="compute" if "bf16" in options else "fp32", offload_activations="acts" in options,
-            grad_buffers=buffers[0] if buffers else None,
+            grad_buffers=buffers[0] if buffers else None, host_memory=args.host_memory,
         )
         precision = "bf16-true"
 
@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--cap", default="24GiB")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
     parser.add_argument("--devices", type=int, default=1, help="GPUs per system (data-parallel)")
+    parser.add_argument("--host-memory", default=None,
+                        help="SlideFormerStrategy(host_memory=...) for the plan's check (a VM whose memory grows)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -193,7 +195,7 @@ def main() -> None:
         for system in args.systems.split(","):
             command = [sys.executable, __file__, "--child", f"{system}:{shape}:{batch}", "--seq", str(args.seq),
                        "--steps", str(args.steps), "--window", str(args.window), "--cap", args.cap,
-                       "--devices", str(args.devices)]
+                       "--devices", str(args.devices)] + (["--host-memory", args.host_memory] if args.host_memory else [])
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
                 out, log = done.stdout, done.stdout + done.stderr

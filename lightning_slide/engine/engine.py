@@ -734,15 +734,16 @@ class SlidingEngine:
                 self._download(self.resident, self.resident_grads, RESIDENT)
             for entry in self.resident.trainable:
                 entry.param.grad = None
-            if self._streaming is not None:
-                if self._resident_updates_on_device():
-                    self._update_resident_on_device(self._streaming, None, None)
-                else:
-                    self._submit_update(RESIDENT, self._streaming)
-        if self._streaming is not None:  # what the host has not started yet, it does in the next forward's order
+            if self._streaming is not None and not self._resident_updates_on_device():
+                self._submit_update(RESIDENT, self._streaming)
+        if self._streaming is not None:
+            # What the host has not started yet, it does in the next forward's order — from now on, not after the
+            # device update below, which may wait for the end of backward on the device (its NaN/Inf check).
             self.worker.prefer(list(self._units()))
             if self.state_store is not None:
                 self.state_store.prefer(list(self._units()))
+            if self.resident.trainable_numel and self._resident_updates_on_device():
+                self._update_resident_on_device(self._streaming, None, None)
         self._streamed = self._streaming is not None
         self._step_open = False  # every update of a streamed step is queued
         self._streaming = None

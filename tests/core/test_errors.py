@@ -66,9 +66,9 @@ def test_manual_optimization():
         trainer("slideformer", gradient_clip_val=None, accumulate_grad_batches=1).fit(module, batches(2))
 
 
-def test_several_devices():
-    with pytest.raises(ValueError, match="one device"):
-        trainer("slideformer", accelerator="cpu", devices=2).fit(TinyLM("llama", initial_state("llama")), batches(2))
+def test_unknown_start_method():
+    with pytest.raises(ValueError, match="start_method"):
+        lightning_slide.SlideFormerStrategy(start_method="thread")
 
 
 def test_failed_fit_leaves_the_model_usable():

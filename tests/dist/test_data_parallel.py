@@ -65,7 +65,8 @@ def plain():
 @pytest.mark.parametrize("clip", [0.5, None], ids=["clip-norm", "streamed"])
 def test_two_ranks_train_as_one_process(plain, clip, tmp_path, request):
     reference = plain if clip == 0.5 else train("auto", devices=1, gradient_clip_val=None)
-    strategy = lightning_slide.SlideFormerStrategy(window=2, start_method="spawn")
+    # The resident parts on the host too (a GPU would update them on the device, replicated): every unit sharded.
+    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="spawn")
     ours = train(strategy, devices=2, gradient_clip_val=clip, callbacks=[RecordHostBytes(str(tmp_path))])
     assert_same_weights(ours, reference)
     # Each rank keeps the Adam moments of half of every unit.
@@ -131,3 +132,9 @@ def test_checkpoints_are_refused_with_several_devices():
     strategy = lightning_slide.SlideFormerStrategy(window=2, start_method="spawn")
     with pytest.raises(Exception, match="enable_checkpointing=False"):
         train(strategy, devices=2, enable_checkpointing=True, default_root_dir="/tmp/slide-dp-ckpt")
+
+
+def test_masters_on_disk_are_refused_with_several_devices(tmp_path):
+    strategy = lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="masters", start_method="spawn")
+    with pytest.raises(Exception, match="offload='optimizer'"):
+        train(strategy, devices=2)
