@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lightning_slide.app.data import DEFAULT_MAX_LENGTH
@@ -99,8 +99,9 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     limit = options.get("gpu_memory") or strategy.gpu_memory_limit
     machine = Machine.detect(gpu_memory_limit=None if limit is None else parse_bytes(limit),
                              offload_dir=strategy.offload_dir)
-    if options.get("host_memory") is not None:
-        machine.host_memory = parse_bytes(options.host_memory)
+    host_memory = options.get("host_memory") or strategy.get("host_memory")
+    if host_memory is not None:
+        machine.host_memory = parse_bytes(host_memory)
     if options.get("measure"):
         machine = machine.measure(strategy.offload_dir)
     for key, field in _RATES.items():
@@ -129,6 +130,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         host_weights="compute" if strategy.get("host_weights") == "compute" else "fp32",
         grad_buffers=strategy.get("grad_buffers"),
         offload=strategy.get("offload"),
+        ranks=_ranks(cfg.trainer),
     )
     plan = make_plan(shape, settings, machine)
     if machine.gpu_memory is None:
@@ -183,3 +185,11 @@ def _count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{unit}"
     return str(n)
+
+
+def _ranks(trainer) -> int:
+    """Data-parallel ranks of the run: ``trainer.devices`` (a count, or a list of devices) x ``trainer.num_nodes``;
+    ``"auto"`` and the like count as one."""
+    devices = trainer.get("devices", 1)
+    count = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, ListConfig)) else 1
+    return max(1, count) * int(trainer.get("num_nodes") or 1)

@@ -45,3 +45,19 @@ def test_slide_plan_errors(tmp_path, capsys):
     assert main(["model=llama3_8b", f"model.path={tmp_path}"]) == 2
     assert "has no config.json" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "plan.gpu_memory" in capsys.readouterr().out
+
+
+def test_slide_plan_per_rank_with_several_devices(tmp_path, capsys):
+    """With trainer.devices=2 the host items are one rank's: half the Adam moments and gradient buffers."""
+    host = {}
+    for devices in (1, 2):
+        target = tmp_path / f"plan{devices}.json"
+        assert main(["plan.gpu_memory=1GiB", f"trainer.devices={devices}", f"plan.json={target}"]) == 0
+        plan = json.loads(target.read_text())
+        assert plan["settings"]["ranks"] == devices
+        host[devices] = plan["host"]
+    capsys.readouterr()
+    moments = next(k for k in host[1] if k.startswith("Adam moments"))
+    assert abs(host[2][moments] - host[1][moments] / 2) <= 8
+    masters = next(k for k in host[1] if k.startswith("fp32 masters"))
+    assert host[2][masters] == host[1][masters]  # every rank keeps a full copy of the masters
