@@ -212,14 +212,11 @@ def _write_optimizer(tmp: Path, state: Mapping, params: list[str] | None, unit_o
     groups = []
     for group in state["param_groups"]:
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [params[i] for i in group["params"]]})
-    indices_of: dict[str, list[int]] = {}
-    for index, name in enumerate(params):
-        indices_of.setdefault(unit_of.get(name, RESIDENT), []).append(index)
     scalars: dict[str, dict] = {}
     (tmp / "optimizer").mkdir()
-    for unit in sorted(indices_of, key=lambda u: -1 if u == RESIDENT else int(u)):
+    for unit, indices in optimizer_read_order(params, unit_of).items():
         tensors = {}
-        for index in indices_of[unit]:
+        for index in indices:
             param_state = state["state"].get(index)
             for key, value in (param_state or {}).items():
                 if torch.is_tensor(value):
@@ -235,6 +232,16 @@ def _write_optimizer(tmp: Path, state: Mapping, params: list[str] | None, unit_o
         if delay:
             time.sleep(delay)
     return {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_read_order(params: list[str], unit_of: Mapping[str, str]) -> dict[str, list[int]]:
+    """The order in which ``save`` reads the optimizer's per-parameter states: unit by unit (resident first, then
+    the layers), each unit's in index order. With several ranks each read is a collective, so the ranks that do not
+    write read in this order too."""
+    indices_of: dict[str, list[int]] = {}
+    for index, name in enumerate(params):
+        indices_of.setdefault(unit_of.get(name, RESIDENT), []).append(index)
+    return {unit: indices_of[unit] for unit in sorted(indices_of, key=lambda u: -1 if u == RESIDENT else int(u))}
 
 
 class LazyOptimizerState(Mapping):

@@ -566,13 +566,9 @@ class SlideFormerStrategy(ParallelStrategy):
                 "slideformer writes directory checkpoints and takes no storage_options; call "
                 "trainer.save_checkpoint(path) without them"
             )
-        if self.data_parallel:
-            raise NotImplementedError(
-                "slideformer cannot save checkpoints with several devices yet (each rank holds only its shard of "
-                "the optimizer state). Pass Trainer(enable_checkpointing=False) and save the weights after fit: "
-                "the module then holds the whole fp32 weights on every rank (e.g. save_pretrained on rank 0)"
-            )
         if not self.is_global_zero:
+            if self.data_parallel and not self._step_torn():
+                self._follow_save(checkpoint)
             return
         if self._step_torn():
             rank_zero_warn(
@@ -581,10 +577,7 @@ class SlideFormerStrategy(ParallelStrategy):
             )
             return
         module = self.lightning_module
-        params = None
-        if checkpoint.get("optimizer_states"):
-            names = self._first_names(module)
-            params = [names[id(p)] for group in self.optimizers[0].param_groups for p in group["params"]]
+        params = self._optimizer_param_names() if checkpoint.get("optimizer_states") else None
         slide_checkpoint.save(
             filepath,
             checkpoint,
@@ -593,6 +586,20 @@ class SlideFormerStrategy(ParallelStrategy):
             hf=slide_checkpoint.hf_info(module),
             info={"compute_dtype": str(self.precision_plugin.compute_dtype).removeprefix("torch.")},
         )
+
+    def _follow_save(self, checkpoint: dict[str, Any]) -> None:
+        """With several ranks, rank 0 writes the checkpoint and reads each parameter's optimizer state whole, a
+        collective to which every rank adds its shard's piece: the other ranks take part here, in the same order."""
+        states = checkpoint.get("optimizer_states")
+        if not states:
+            return
+        order = slide_checkpoint.optimizer_read_order(
+            self._optimizer_param_names(), self._checkpoint_units(self.lightning_module)
+        )
+        lazy = states[0]["state"]
+        for indices in order.values():
+            for index in indices:
+                lazy.get(index)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The host optimizer's ``state_dict`` (torch's layout) with each parameter's state read from the engine only
@@ -655,6 +662,11 @@ class SlideFormerStrategy(ParallelStrategy):
             if name not in params:
                 raise KeyError(f"checkpoint {str(reader.path)!r} has optimizer state for unknown parameter {name!r}")
             self.engine.load_optimizer_state(params[name], state)
+
+    def _optimizer_param_names(self) -> list[str]:
+        """The name of each parameter of the optimizer, in its ``state_dict`` index order."""
+        names = self._first_names(self.lightning_module)
+        return [names[id(p)] for group in self.optimizers[0].param_groups for p in group["params"]]
 
     @staticmethod
     def _first_names(module: torch.nn.Module) -> dict[int, str]:

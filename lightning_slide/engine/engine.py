@@ -249,6 +249,8 @@ class SlidingEngine:
         )
         # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
         self._masters_current = True
+        self._unit_key = {id(e.param): key for key, unit in self._units().items() for e in unit.entries}
+        self._optimized: set[int] = set()  # parameters some rank's optimizer steps (attach_optimizer)
 
         largest = max(u.numel for u in [self.resident, *self.layers])
         staging = min(largest, _STAGING_NUMEL)
@@ -379,6 +381,8 @@ class SlidingEngine:
         if any(pid not in known for pid in group_of):
             raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
         units = self._units()
+        # Optimized by some rank (each rank optimizes only its shards' pieces of them).
+        self._optimized = set(group_of) & {id(e.param) for unit in units.values() for e in unit.trainable}
         on_device = self.resident_on_device and self.resident.trainable_numel > 0
         on_disk = [key for key, unit in units.items() if unit.grad_numel and not (key == RESIDENT and on_device)]
         if "optimizer" not in self.offload:
@@ -954,24 +958,47 @@ class SlidingEngine:
         return self._state_cache.get(key)  # read for inspection: no place in flight is held
 
     def optimizer_state(self, param: nn.Parameter) -> dict | None:
-        """The optimizer state of ``param`` (host tensors)."""
+        """The optimizer state of ``param`` (host tensors; ``None`` when nobody optimizes it).
+
+        With several ranks sharing its unit each holds a piece of it: this is then a collective (every rank must
+        ask for the same parameters in the same order) that returns the whole state on every rank."""
         self._sync_masters()
-        for key, optimizer in self._optimizers.items():
-            if id(param) in optimizer.masters:
-                state = optimizer.state_of(param, self._stored_state(key, optimizer))
-                return {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
-        return None
+        key = self._unit_key.get(id(param))
+        if key is None or id(param) not in self._optimized:
+            return None
+        optimizer = self._optimizers[key]
+        local = optimizer.state_of(param, self._stored_state(key, optimizer))
+        unit = self._units()[key]
+        if (unit.start, unit.stop) == (0, unit.numel):  # one rank, or replicated: whole here
+            return {k: v.cpu() if torch.is_tensor(v) else v for k, v in local.items()}
+        # Every rank adds its piece into zeros: the whole state on every rank.
+        entry = next(e for e in unit.entries if e.param is param)
+        piece = optimizer.piece_of(param)
+        whole: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
+        for name in optimizer.state_names:
+            flat = torch.zeros(entry.numel, dtype=torch.float32)
+            if piece is not None:
+                flat[piece.start - entry.offset : piece.stop - entry.offset] = local[name].reshape(-1)
+            self.shards.host_sum(flat)
+            whole[name] = flat.view(entry.shape)
+        if local is not None:
+            whole["step"].copy_(local["step"])
+        self.shards.host_max(whole["step"])
+        return whole
 
     def load_optimizer_state(self, param: nn.Parameter, state: dict) -> None:
+        """Load ``param``'s whole optimizer state (torch's layout); with several ranks each keeps its piece."""
         self._sync_masters()
-        for key, optimizer in self._optimizers.items():
-            if id(param) in optimizer.masters:
-                stored = self._stored_state(key, optimizer)
-                optimizer.load_state_of(param, state, stored)
-                if stored is not None:
-                    self._state_cache.mark_changed()
-                return
-        raise KeyError("parameter is not optimized by the host optimizer")
+        key = self._unit_key.get(id(param))
+        if key is None or id(param) not in self._optimized:
+            raise KeyError("parameter is not optimized by the host optimizer")
+        optimizer = self._optimizers[key]
+        if optimizer.piece_of(param) is None:
+            return  # another rank's shard holds all of it
+        stored = self._stored_state(key, optimizer)
+        optimizer.load_state_of(param, state, stored)
+        if stored is not None:
+            self._state_cache.mark_changed()
 
     def close(self, *, drain: bool = True, gather: bool = True) -> None:
         """Stop the worker and the disk tier's threads, leave every parameter on its host master and let go of the

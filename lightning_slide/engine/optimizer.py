@@ -193,6 +193,11 @@ class UnitOptimizer:
             for _, master in self._entries:
                 master.grad = None  # the accumulator may be lent to another layer next
 
+    def piece_of(self, param: torch.nn.Parameter) -> _Piece | None:
+        """The part of ``param`` this optimizer steps (``None``: none of it)."""
+        master = self.masters.get(id(param))
+        return None if master is None else next(p for p, m in self._entries if m is master)
+
     def state_of(self, param: torch.nn.Parameter, state: dict[str, torch.Tensor] | None = None) -> dict | None:
         """``param``'s state as torch's optimizer keeps it (views); ``state``: the flat arrays, if not in memory."""
         master = self.masters.get(id(param))

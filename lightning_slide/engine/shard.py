@@ -10,10 +10,13 @@ gradients  as a layer's gradients leave the GPU, a reduce-scatter (mean over ran
            gradient of its shard, the only part it downloads
 flags      a unit's "all finite" flag is reduced (minimum) with it, so every rank skips or stops alike
 norm       the squared norms of the shards are summed over ranks on the host (a gloo group of the update thread)
+state      a checkpoint reads each parameter's optimizer state whole: every rank adds its piece (host, same group,
+           while the update thread is idle)
 
 Collectives must be issued in the same order on every rank: the engine issues them from the training thread in
 program order (uploads are never decided by timing with several ranks) and from the update thread only for the
-clipping norm, once per step, on its own group. One rank (or no process group) is the degenerate case: one shard
+clipping norm, once per step, on its own group (which the training thread borrows for checkpoints, when the update
+thread is idle). One rank (or no process group) is the degenerate case: one shard
 covering everything and no collective at all, so the single-device engine runs the same code.
 """
 
@@ -110,6 +113,11 @@ class Shards:
         """All-reduce host ``tensor`` in place to its sum over ranks (the update thread's group)."""
         if self.active:
             dist.all_reduce(tensor, group=self._host_group)
+
+    def host_max(self, tensor: torch.Tensor) -> None:
+        """All-reduce host ``tensor`` in place to its maximum over ranks (the update thread's group)."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._host_group)
 
     def close(self) -> None:
         """Let the update thread's group go (the default group is the strategy's)."""

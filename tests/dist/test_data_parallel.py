@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -39,11 +40,11 @@ def data(devices: int) -> DataLoader:
     return DataLoader(TensorDataset(samples.tensors[0][order]), batch_size=GLOBAL_BATCH)
 
 
-def train(strategy, *, devices: int, module=None, callbacks=(), freeze=(), **options):
+def train(strategy, *, devices: int, module=None, callbacks=(), freeze=(), ckpt_path=None, **options):
     torch.manual_seed(123)
     module = module or TinyLM("llama", initial_state("llama"), freeze=freeze)
-    trainer(strategy, devices=devices, max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, callbacks=list(callbacks),
-            **options).fit(module, data(devices))
+    options = {"max_steps": STEPS, "accumulate_grad_batches": ACCUMULATE, **options}
+    trainer(strategy, devices=devices, callbacks=list(callbacks), **options).fit(module, data(devices), ckpt_path=ckpt_path)
     return module
 
 
@@ -128,13 +129,40 @@ def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank():
     assert all(torch.isfinite(p).all() for p in ours.parameters())
 
 
-def test_checkpoints_are_refused_with_several_devices():
-    strategy = lightning_slide.SlideFormerStrategy(window=2, start_method="spawn")
-    with pytest.raises(Exception, match="enable_checkpointing=False"):
-        train(strategy, devices=2, enable_checkpointing=True, default_root_dir="/tmp/slide-dp-ckpt")
+def test_checkpoint_and_exact_resume_with_two_ranks(tmp_path):
+    """Each rank holds a shard of the optimizer state; a checkpoint holds it whole. Two ranks stopped after an epoch
+    and resumed train as two ranks uninterrupted; one process resumes the same checkpoint as it would its own."""
+    def strategy():
+        return lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="spawn")
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    whole = train(strategy(), devices=2, max_epochs=2, max_steps=-1)
+    first = train(strategy(), devices=2, max_epochs=1, max_steps=-1, enable_checkpointing=True, callbacks=[checkpoints])
+    assert (tmp_path / "last.ckpt" / "index.json").is_file()
+    resumed = train(strategy(), devices=2, max_epochs=2, max_steps=-1, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert first is not resumed
+    theirs = dict(whole.named_parameters())
+    for name, param in resumed.named_parameters():
+        assert torch.equal(param.detach(), theirs[name].detach()), name
+
+    # The checkpoint's optimizer state is whole: one process resuming it trains as one process uninterrupted.
+    single_whole = train("auto", devices=1, max_epochs=2, max_steps=-1)
+    single = train(lightning_slide.SlideFormerStrategy(window=2), devices=1, max_epochs=2, max_steps=-1,
+                   ckpt_path=str(tmp_path / "last.ckpt"))
+    assert_same_weights(single, single_whole)
 
 
 def test_masters_on_disk_are_refused_with_several_devices(tmp_path):
     strategy = lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="masters", start_method="spawn")
     with pytest.raises(Exception, match="offload='optimizer'"):
         train(strategy, devices=2)
+
+
+def test_optimizer_state_on_disk_with_two_ranks(plain, tmp_path):
+    """Each rank keeps its shards' Adam moments in its own files (offload_dir/rank{r})."""
+    strategy = lightning_slide.SlideFormerStrategy(window=2, offload_dir=str(tmp_path), start_method="spawn")
+    ours = train(strategy, devices=2)
+    assert_same_weights(ours, plain)
+    layer = sum(p.numel() for p in ours.model.model.layers[0].parameters())
+    sizes = [(tmp_path / f"rank{rank}" / "layer00000.exp_avg.bin").stat().st_size for rank in (0, 1)]
+    assert sizes[0] == 4 * -(-layer // 2) and sum(sizes) == 4 * layer  # each rank's shard of the layer
