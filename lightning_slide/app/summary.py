@@ -28,7 +28,8 @@ class RunSummary(L.Callback):
     """Counts real (non-padding) tokens, training time and train losses during ``fit``; :meth:`report` formats them.
 
     Training time runs from each batch's start to its end (data loading, validation and checkpointing excluded), so
-    tokens per second measure the training steps themselves.
+    tokens per second measure the training steps themselves. With several devices the tokens are every rank's
+    (summed when training ends); losses, time and memory are this rank's.
     """
 
     def __init__(self) -> None:
@@ -36,6 +37,7 @@ class RunSummary(L.Callback):
         self.steps = 0
         self.seconds = 0.0
         self.losses: list[float] = []
+        self.ranks = 1
         self._start = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -48,6 +50,12 @@ class RunSummary(L.Callback):
         self.seconds += time.perf_counter() - self._start
         self.tokens += int(batch["attention_mask"].sum())
         self.steps += 1
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.ranks = trainer.world_size
+        if self.ranks > 1:  # every rank calls this: a collective
+            tokens = torch.tensor(float(self.tokens), device=trainer.strategy.root_device)
+            self.tokens = int(trainer.strategy.reduce(tokens, reduce_op="sum").item())
 
     @property
     def tokens_per_second(self) -> float:
@@ -62,10 +70,12 @@ class RunSummary(L.Callback):
                          f"(mean of the last {len(last)})")
         if val_before is not None and val_after is not None:
             lines.append(f"val loss:   {val_before:.3f} (before training) -> {val_after:.3f} (after)")
-        lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s ({self.tokens:,} real tokens in "
+        ranks = f" on {self.ranks} devices" if self.ranks > 1 else ""
+        lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s{ranks} ({self.tokens:,} real tokens in "
                      f"{self.steps} batches, {self.seconds:.1f} s of training steps; padding not counted)")
         peak = peak_memory(output_dir)
         gpu = "no CUDA" if peak["gpu"] is None else _gib(peak["gpu"])
         disk = "" if peak["disk"] is None else f", disk {_gib(peak['disk'])} (run outputs)"
-        lines.append(f"peak memory: GPU {gpu}, host {_gib(peak['host'])} (peak RSS){disk}")
+        per_rank = " of rank 0" if self.ranks > 1 else ""
+        lines.append(f"peak memory{per_rank}: GPU {gpu}, host {_gib(peak['host'])} (peak RSS){disk}")
         return lines

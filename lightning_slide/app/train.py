@@ -113,6 +113,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     before = val_loss(cfg.ckpt_path)  # when resuming, "before" is the checkpoint's loss
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     after = val_loss()
+    result = {"module": module, "datamodule": datamodule, "trainer": trainer, "summary": summary,
+              "val_loss_before": before, "val_loss_after": after, "hf_dir": None}
+    if not trainer.is_global_zero:  # with several devices, rank 0 exports and reports
+        return result
 
     hf_dir = None
     if cfg.export.enabled:
@@ -128,8 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lines += [f"sample:     {prompt!r} -> {completion!r}", f"            (reference: {reference!r})"]
     lines.append(f"outputs:    {output_dir}" + (f" (Hugging Face model: {hf_dir})" if hf_dir else ""))
     log.info("\n".join(lines))
-    return {"module": module, "datamodule": datamodule, "trainer": trainer, "summary": summary,
-            "val_loss_before": before, "val_loss_after": after, "hf_dir": hf_dir}
+    return {**result, "hf_dir": hf_dir}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")

@@ -37,3 +37,14 @@ def test_cli_errors_are_clear(tmp_path):
     assert run.returncode == 1
     assert "slide-train: error: missing required options: the model directory: model.path=" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_cli_on_two_devices(tmp_path):
+    """``trainer.devices=2``: Lightning starts the second rank by running the command again; rank 0 reports,
+    exports and writes the checkpoint, once."""
+    run = _run(*FAST, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    assert out.count("slide-train summary") == 1 and "tokens/s on 2 devices" in out, out[-3000:]
+    assert (tmp_path / "run" / "hf_model" / "config.json").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt" / "index.json").is_file()
