@@ -244,8 +244,10 @@ class SlidingEngine:
             for i in range(len(self.layers)):
                 self.state_store.mark_written(i, MASTER)
         # Updated on the device, the resident parts are replicated (every rank updates all of them alike).
+        # Updated on the device, their gradients accumulate there: no host accumulator.
         self.resident = HostUnit(
-            RESIDENT, parts.resident, pin=self.pin, span=None if resident_on_device else self._span(parts.resident)
+            RESIDENT, parts.resident, pin=self.pin, own_grad=not resident_on_device,
+            span=None if resident_on_device else self._span(parts.resident),
         )
         # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
         self._masters_current = True

@@ -380,8 +380,8 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     streaming = not s.clipping and s.accumulate == 1
     holders = min(shape.layers, grads_in_flight(depth, s.grad_buffers)) if streaming else shape.layers
     items["layer gradient buffers (fp32)" + pinned] = int(4 * holders * shape.layer_trainable * share)
-    resident_share = 1 if s.resident_on_device else share  # updated on the device: replicated
-    items["resident gradient accumulator (fp32)" + pinned] = int(4 * shape.resident_trainable * resident_share)
+    if not s.resident_on_device:  # HostUnit(own_grad): updated on the device, they accumulate there
+        items["resident gradient accumulator (fp32)" + pinned] = int(4 * shape.resident_trainable * share)
     if s.accumulate > 1:  # engine._staging: one per window slot (and the resident parts when updated on the host)
         resident = 0 if s.resident_on_device else shape.resident_trainable
         items["accumulation staging (fp32)" + pinned] = int(4 * (depth * shape.layer_trainable + resident) * share)

@@ -67,16 +67,20 @@ class _Snapshot(L.Callback):
     def on_train_end(self, trainer, module):
         engine = trainer.strategy.engine
         units = engine.units()
-        states = [t for o in engine._optimizers.values() if o.state is not None for t in o.state.values()]
-        # With the resident parts updated on the GPU (resident_optimizer="auto" there) their moments are device
-        # memory, beside a device copy of their masters and a device gradient accumulator.
-        on_host = [t for t in states if t.device.type == "cpu"]
-        on_device = [t for t in states if t.device.type != "cpu"]
+        # With the resident parts updated on the device (resident_optimizer="auto" on a GPU, or "device") their
+        # moments are device memory (the CPU's, when it is the device), beside a device copy of their masters and a
+        # device gradient accumulator.
+        on_device_key = "resident" if engine._resident_master is not None else None
+        def moments(keys):
+            return [t for k, o in engine._optimizers.items() if k in keys and o.state is not None
+                    for t in o.state.values()]
+        on_host = moments([k for k in engine._optimizers if k != on_device_key])
+        on_device = moments([on_device_key])
         self.host = {
             "masters": sum(u.master.numel() * 4 for u in units.values()),
             "moments": sum(t.numel() * t.element_size() for t in on_host),
             "pool": 4 * engine.grad_pool.allocated * engine.grad_pool.numel,
-            "resident grad": engine.resident.grad.numel() * 4,
+            "resident grad": 0 if engine.resident.grad is None else engine.resident.grad.numel() * 4,
             "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
             "copies": sum(u.weights.nbytes for u in engine.layers if u.weights is not None),
         }
@@ -95,10 +99,12 @@ def _item(items, prefix):
     return next(v for k, v in items.items() if k.startswith(prefix))
 
 
-@pytest.mark.parametrize("clip,accumulate,host_weights", [(0.5, 2, "auto"), (None, 1, "auto"), (0.5, 1, "compute")])
-def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights):
+@pytest.mark.parametrize("clip,accumulate,host_weights,resident", [
+    (0.5, 2, "auto", "auto"), (None, 1, "auto", "auto"), (0.5, 1, "compute", "auto"), (0.5, 2, "auto", "device"),
+])
+def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights, resident):
     snap = _Snapshot()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, host_weights=host_weights)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, host_weights=host_weights, resident_optimizer=resident)
     precision = "bf16-true" if host_weights == "compute" else "32-true"
     trainer(strategy, max_steps=3, gradient_clip_val=clip, accumulate_grad_batches=accumulate, precision=precision,
             callbacks=[snap]).fit(TinyLM("llama", initial_state("llama")), batches(8))
@@ -107,7 +113,9 @@ def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights):
     host = plan.host
     assert snap.host["masters"] == _item(host, "fp32 masters")
     assert snap.host["moments"] == _item(host, "Adam moments")
-    assert snap.host["resident grad"] == _item(host, "resident gradient accumulator")
+    # Updated on the device (a GPU), the resident parts have no host gradient accumulator.
+    resident_grad = [v for k, v in host.items() if k.startswith("resident gradient accumulator")]
+    assert [snap.host["resident grad"]] == (resident_grad or [0])
     if clip is not None:  # every layer keeps its gradients until the global norm
         assert snap.host["pool"] == _item(host, "layer gradient buffers")
         if accumulate > 1:
@@ -122,7 +130,7 @@ def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights):
         assert snap.host["copies"] == 0 and not any(k.startswith("layer compute copies") for k in host)
     assert snap.device["slots"] == plan.gpu["window slots (weights + gradients)"]
     assert snap.device["resident"] == plan.gpu["resident weights + gradients"]
-    assert plan.settings.resident_on_device == snap.resident_on_device == (ACCELERATOR == "gpu")
+    assert plan.settings.resident_on_device == snap.resident_on_device == (ACCELERATOR == "gpu" or resident == "device")
     if snap.resident_on_device:
         assert snap.device["resident optimizer"] == plan.gpu["resident fp32 masters, gradients, Adam moments"] > 0
     else:
