@@ -4,7 +4,8 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                         [--systems all_on_gpu,fsdp_offload,deepspeed_offload,slideformer]
                                         (slideformer options: slideformer+bf16 = host_weights="compute",
                                          slideformer+acts = offload_activations=True,
-                                         slideformer+buffers8 = grad_buffers=8; combine with +)
+                                         slideformer+buffers8 = grad_buffers=8,
+                                         slideformer+park24 = parked_grads=24; combine with +)
                                         [--cap 24GiB] [--steps 3] [--window 2] [--devices 1]
 
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
@@ -120,13 +121,16 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             print(f"DeepSpeedCPUAdam unavailable ({type(error).__name__}: {error}); torch AdamW instead", flush=True)
             strategy.config["zero_force_ds_cpu_optimizer"] = False
     else:  # "slideformer", with options: "+bf16" host_weights="compute", "+acts" offload_activations=True,
-        # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2)
+        # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2),
+        # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free)
         options = system.split("+")[1:]
         buffers = [int(o[len("buffers"):]) for o in options if o.startswith("buffers")]
+        parked = [int(o[len("park"):]) for o in options if o.startswith("park")]
         strategy = lightning_slide.SlideFormerStrategy(
             window=args.window, gpu_memory_limit=args.cap, monitor=False,
             host_weights="compute" if "bf16" in options else "fp32", offload_activations="acts" in options,
             grad_buffers=buffers[0] if buffers else None, host_memory=args.host_memory,
+            parked_grads=parked[0] if parked else 0,
         )
         precision = "bf16-true"
 

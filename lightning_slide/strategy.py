@@ -115,6 +115,11 @@ class SlideFormerStrategy(ParallelStrategy):
             lets the host keep updating through more of the next forward: at the Llama-3.1-8B shape 8 instead of 4
             gave 1.05x the speed for 0.4 bytes per parameter of host memory (BENCHMARKS.md). Default ``None``:
             ``window + 2``.
+        parked_grads: layers' gradients the GPU may hold (bf16, one layer each) when every host gradient buffer is
+            lent during a backward that streams updates: the backward parks them and goes on instead of waiting for
+            the host, and they go down first layer first as buffers come back, so the host keeps updating through
+            the next forward instead of idling in it — more overlap without more host memory. Default ``0``: the
+            backward waits for the host.
         host_memory: the host memory this run may count on, e.g. ``"240GiB"``, for the plan's check (shared by the
             ranks of one host). Default ``None``: what the OS reports available at setup (``MemAvailable``); give
             it where that reads low, e.g. a virtual machine whose memory grows as it is used.
@@ -145,6 +150,7 @@ class SlideFormerStrategy(ParallelStrategy):
         nonfinite: str = "error",
         host_weights: str = "auto",
         grad_buffers: int | None = None,
+        parked_grads: int = 0,
         offload: str | list[str] | None = None,
         host_memory: str | int | None = None,
         start_method: str = "popen",
@@ -193,6 +199,11 @@ class SlideFormerStrategy(ParallelStrategy):
                 f"SlideFormerStrategy(grad_buffers=...) must be a positive integer or None, got {grad_buffers!r}"
             )
         self.grad_buffers = grad_buffers
+        if isinstance(parked_grads, bool) or not isinstance(parked_grads, int) or parked_grads < 0:
+            raise ValueError(
+                f"SlideFormerStrategy(parked_grads=...) must be a non-negative integer, got {parked_grads!r}"
+            )
+        self.parked_grads = parked_grads
         self.host_memory = None if host_memory is None else parse_bytes(host_memory)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(
@@ -353,6 +364,7 @@ class SlideFormerStrategy(ParallelStrategy):
             grad_buffers=self.grad_buffers,
             offload=self.offload,
             data_parallel=self.data_parallel,
+            parked_grads=self.parked_grads,
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
@@ -384,6 +396,7 @@ class SlideFormerStrategy(ParallelStrategy):
             grad_buffers=self.grad_buffers,
             offload=self.offload,
             ranks=self.num_processes * self.num_nodes,
+            parked_grads=self.parked_grads,
         )
 
     def _check_plan(self, module: LightningModule, batch: int | None = None, seq: int | None = None) -> Plan:

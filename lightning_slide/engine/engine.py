@@ -147,6 +147,12 @@ class SlidingEngine:
             they leave the device, weights are all-gathered as they arrive. Every rank must make the same calls
             in the same order. The resident parts, when updated on the device, are replicated instead. Default
             ``False``.
+        parked_grads: layers' gradients the compute device may hold, in the compute dtype, while every host
+            gradient buffer is lent during a backward that streams updates (no clipping, last micro-batch): instead
+            of waiting for the host, the backward parks them on the device and goes on; they go down later, first
+            layer first, as host buffers come back, at the latest when the next forward loads the layer. The host
+            then updates through the next forward instead of idling in it. Costs one layer's gradients (this
+            rank's shard) of device memory each. Default ``0``: the backward waits for the host.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -169,10 +175,13 @@ class SlidingEngine:
         grad_buffers: int | None = None,
         offload: str | tuple[str, ...] | None = None,
         data_parallel: bool = False,
+        parked_grads: int = 0,
     ) -> None:
         if grad_buffers is not None and (isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int)
                                          or grad_buffers < 1):
             raise ValueError(f"grad_buffers must be a positive integer or None, got {grad_buffers!r}")
+        if isinstance(parked_grads, bool) or not isinstance(parked_grads, int) or parked_grads < 0:
+            raise ValueError(f"parked_grads must be a non-negative integer, got {parked_grads!r}")
         if host_weights not in HOST_WEIGHTS:
             raise ValueError(f"host_weights must be one of {HOST_WEIGHTS}, got {host_weights!r}")
         self.offload = parse_offload(offload, offload_dir)
@@ -202,7 +211,7 @@ class SlidingEngine:
         self.device_plan = device_bytes(
             ModelShape.of(root, parts.blocks_path),
             Settings(window=depth, compute_dtype=compute_dtype, device=self.device.type,
-                     resident_on_device=resident_on_device),
+                     resident_on_device=resident_on_device, parked_grads=parked_grads, ranks=self.shards.world),
         )
         if memory_limit is not None:
             check_device(self.device_plan, memory_limit, window)
@@ -261,15 +270,23 @@ class SlidingEngine:
         self._host_staging: dict[Any, torch.Tensor] = {}  # pinned fp32, for gradients added into an accumulator
         self.grad_pool = GradientPool(max(u.grad_numel for u in self.layers), pin=self.pin)
         self._lent: collections.deque = collections.deque()  # layers holding a pool buffer, oldest first
+        # Device buffers for parked gradients, each with the event after which it may be written again, and the
+        # parked layers: index -> (buffer, event after the gradients landed there, the step's hyperparameters).
+        park_numel = max(u.grad_numel for u in self.layers)
+        self._park_free: list[tuple[torch.Tensor, object]] = [
+            (torch.empty(park_numel, dtype=compute_dtype, device=self.device), None) for _ in range(parked_grads)
+        ]
+        self._parked: dict[int, tuple[torch.Tensor, object, list[dict]]] = {}
+        self.parked_total = 0  # layers whose gradients were parked, since construction
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
         self.worker = UpdateWorker()
         self.window = Window(
             self.layers, depth, self.device, compute_dtype, self.streams,
-            self.upload_staging, before_load=self.worker.wait,
+            self.upload_staging, before_load=self._before_load,
             # Prefetching only what is already updated depends on timing; with several ranks every rank must issue
             # the same all-gathers in the same order, so each load waits for its update instead.
-            may_load=self.worker.done if not self.shards.active else (lambda index: True),
+            may_load=self._updated if not self.shards.active else (lambda index: True),
             shards=self.shards,
         )
         shard_resident = self.shards.active and not resident_on_device
@@ -634,13 +651,62 @@ class SlidingEngine:
             buffer, unit.grad = unit.grad, None
             self.grad_pool.give(buffer)
 
-    def _lend(self, index: int) -> torch.Tensor:
-        """A gradient buffer for layer ``index``; while updates stream, first wait until few enough are lent."""
-        while self._lent and (self.worker.done(self._lent[0]) or self._streaming is not None
-                              and len(self._lent) >= self.grad_buffers):
+    def _lend(self, index: int, bounded: bool | None = None) -> torch.Tensor:
+        """A gradient buffer for layer ``index``; while updates stream (or ``bounded``), first wait until few enough
+        are lent."""
+        bounded = self._streaming is not None if bounded is None else bounded
+        while self._lent and (self.worker.done(self._lent[0]) or bounded and len(self._lent) >= self.grad_buffers):
             self.worker.wait(self._lent.popleft())
         self._lent.append(index)
         return self.grad_pool.take()[: self.layers[index].grad_numel]
+
+    def _pool_has_room(self) -> bool:
+        """Whether a layer could borrow a gradient buffer now, within the streaming bound, without waiting."""
+        while self._lent and self.worker.done(self._lent[0]):
+            self.worker.wait(self._lent.popleft())  # done: returns at once (re-raises its failure)
+        return len(self._lent) < self.grad_buffers
+
+    # ---------------------------------------------------------------- parked gradients (parked_grads)
+    def _updated(self, index: int) -> bool:
+        """Whether layer ``index``'s masters are current: no update queued or running, no gradients parked."""
+        return index not in self._parked and self.worker.done(index)
+
+    def _before_load(self, index: int) -> None:
+        if index in self._parked:
+            self._unpark(index)
+        self.worker.wait(index)
+
+    def _park(self, index: int, device_grads: torch.Tensor) -> object:
+        """On the download stream: copy layer ``index``'s gradients into a free parking buffer; returns the event
+        after which ``device_grads`` may be overwritten. Its update waits for ``_unpark``."""
+        buffer, free = self._park_free.pop()
+        self.streams.wait(free)  # its previous contents went down
+        buffer[: device_grads.numel()].copy_(device_grads)
+        parked = self.streams.record()
+        self._parked[index] = (buffer, parked, self._streaming)
+        self.parked_total += 1
+        return parked
+
+    def _unpark(self, index: int) -> None:
+        """Send layer ``index``'s parked gradients down into a host buffer (waiting for one) and queue its update."""
+        buffer, parked, hyper = self._parked.pop(index)
+        unit = self.layers[index]
+        unit.grad = self._lend(index, bounded=True)
+        with self.streams.on(self.streams.download):
+            self.streams.wait(parked)
+            copy_cast(unit.grad, buffer[: unit.grad_numel], self.download_staging)
+            unit.grad_empty = False
+            unit.grad_event = self.streams.record()
+        self._park_free.append((buffer, unit.grad_event))
+        self._submit_update(index, hyper)
+        if self._streaming is None:  # after the backward: the next forward's order, this update among the first
+            self._prefer_forward_order()
+            self._step_open = bool(self._parked)  # the step's updates are all queued once none is parked
+
+    def _unpark_ready(self) -> None:
+        """Send parked gradients down, first layer first, while host buffers are free (never waits)."""
+        while self._parked and self._pool_has_room():
+            self._unpark(min(self._parked))
 
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
@@ -687,6 +753,8 @@ class SlidingEngine:
         return checkpoint(self._run_layer, index, forward, *args, use_reentrant=False, **kwargs)
 
     def _run_layer(self, index: int, forward, *args, **kwargs):
+        if self._parked:
+            self._unpark_ready()
         if self._backward:  # autograd is recomputing this layer for its backward
             self.window.ensure(range(index, index - self.depth, -1), evict=self._finish_layer_grads)
             if self.activations is not None:
@@ -745,14 +813,20 @@ class SlidingEngine:
         if self._streaming is not None:
             # What the host has not started yet, it does in the next forward's order — from now on, not after the
             # device update below, which may wait for the end of backward on the device (its NaN/Inf check).
-            self.worker.prefer(list(self._units()))
-            if self.state_store is not None:
-                self.state_store.prefer(list(self._units()))
+            self._prefer_forward_order()
             if self.resident.trainable_numel and self._resident_updates_on_device():
                 self._update_resident_on_device(self._streaming, None, None)
         self._streamed = self._streaming is not None
-        self._step_open = False  # every update of a streamed step is queued
         self._streaming = None
+        if self._parked:
+            self._unpark_ready()
+        self._step_open = bool(self._parked)  # every update of a streamed step is queued, unless some are parked
+
+    def _prefer_forward_order(self) -> None:
+        """Run the queued updates (and the disk tier's reads) in the order the next forward needs them."""
+        self.worker.prefer(list(self._units()))
+        if self.state_store is not None:
+            self.state_store.prefer(list(self._units()))
 
     def _on_grad(self, index: int, param: torch.Tensor) -> None:
         left = self._pending.get(index)
@@ -776,7 +850,7 @@ class SlidingEngine:
         self.window.grads_copied(index, self._download(unit, self.window.grads_of(index), id(slot)))
         for entry in unit.trainable:
             entry.param.grad = None
-        if self._streaming is not None:
+        if self._streaming is not None and index not in self._parked:
             self._submit_update(index, self._streaming)
 
     def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
@@ -793,6 +867,8 @@ class SlidingEngine:
             self.shards.reduce_scatter(device_grads, unit.numel)
             device_grads = device_grads[unit.grad_start : unit.grad_stop]
             if unit.grad_empty:
+                if unit.grad is None and self._streaming is not None and self._park_free and not self._pool_has_room():
+                    return self._park(self.layers.index(unit), device_grads)  # rather than wait for the host
                 if unit.grad is None:
                     unit.grad = self._lend(self.layers.index(unit))
                 copy_cast(unit.grad, device_grads, self.download_staging)
@@ -827,17 +903,21 @@ class SlidingEngine:
     def stats(self) -> dict[str, float]:
         """Cumulative figures since construction: ``host_busy`` (seconds the update thread ran updates and gradient
         additions), ``compute_blocked`` (seconds the training thread waited for an update it needs) and
-        ``skipped_steps`` (optimizer steps skipped for a NaN/Inf loss or gradient)."""
+        ``skipped_steps`` (optimizer steps skipped for a NaN/Inf loss or gradient) and ``parked_layers`` (layers
+        whose gradients waited on the device for a host buffer, ``parked_grads``)."""
         return {
             "host_busy": self.worker.busy_seconds,
             "compute_blocked": self.worker.blocked_seconds,
             "skipped_steps": float(self.skipped_steps),
+            "parked_layers": float(self.parked_total),
         }
 
     def _sync_masters(self, gather: bool = True) -> None:
         """Finish queued updates and bring device-updated masters back to the host; with several ranks, fetch the
         other ranks' shards of every master (a collective: every rank calls this at the same point)."""
         self._apply_deferred_resident_update()
+        while self._parked:
+            self._unpark(min(self._parked))
         self.worker.wait_all()
         if self.state_store is not None:
             self.state_store.flush()
@@ -1062,5 +1142,7 @@ class SlidingEngine:
         for unit in self.layers:
             unit.grad = None  # buffers lent by the pool
         self._lent.clear()
+        self._parked.clear()
+        self._park_free.clear()
         self.grad_pool = GradientPool(0, pin=False)
         self.activations = None

@@ -149,6 +149,7 @@ class Settings:
     grad_buffers: int | None = None  # layer gradient buffers while updates stream (None: window + GRADS_AHEAD)
     offload: tuple[str, ...] | str | None = None  # what lives under offload_dir (disk.parse_offload)
     ranks: int = 1  # data-parallel ranks sharing each unit: each holds 1/ranks of the moments and gradients
+    parked_grads: int = 0  # layers' gradients the device may hold while the host has no free buffer
 
     @property
     def on_disk(self) -> frozenset[str]:
@@ -311,6 +312,8 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         # Resident parts' compute copy and gradients (engine: resident_weights, resident_grads).
         "resident weights + gradients": (shape.resident_params + shape.resident_trainable) * e,
     }
+    if s.parked_grads:  # engine._park_free: this rank's shard of the largest layer's gradients, each
+        items["parked layer gradients"] = s.parked_grads * -(-shape.layer_trainable // s.ranks) * e
     if s.resident_on_device:  # fp32 master + gradient + Adam moments on the device (attach_optimizer)
         items["resident fp32 masters, gradients, Adam moments"] = 4 * shape.resident_params + 12 * shape.resident_trainable
     if s.cast:  # upload_staging and download_staging (the engine allocates both whatever the layers upload)

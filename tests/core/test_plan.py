@@ -90,6 +90,8 @@ class _Snapshot(L.Callback):
             "resident optimizer": sum(t.numel() * t.element_size() for t in on_device)
             + sum(t.nbytes for t in (engine._resident_master, engine._resident_grad) if t is not None),
         }
+        self.parked = sum(buffer.nbytes for buffer, _ in engine._park_free) + sum(
+            entry[0].nbytes for entry in engine._parked.values())
         self.resident_on_device = engine._resident_master is not None
         self.plan = trainer.strategy.plan
         self.depth = engine.depth
@@ -262,3 +264,12 @@ def test_grad_buffers_bounds_the_host_gradient_buffers_and_the_plan_says_so():
     assert snap.host["pool"] == _item(snap.plan.host, "layer gradient buffers") == 4 * snap.plan.shape.layer_trainable
     with pytest.raises(ValueError, match="grad_buffers"):
         lightning_slide.SlideFormerStrategy(grad_buffers=0)
+
+
+def test_parked_gradient_buffers_are_in_the_plan():
+    snap = _Snapshot()
+    strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1, parked_grads=3)
+    trainer(strategy, max_steps=2, gradient_clip_val=None, accumulate_grad_batches=1, callbacks=[snap]).fit(
+        TinyLM("llama", initial_state("llama")), batches(4))
+    engine_bytes = snap.parked
+    assert engine_bytes == snap.plan.gpu["parked layer gradients"] == 3 * snap.plan.shape.layer_trainable * 4
