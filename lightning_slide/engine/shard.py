@@ -27,6 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed these two (the old names warn there); older versions have only the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass(frozen=True)
 class Span:
@@ -88,7 +92,7 @@ class Shards:
             return
         span = self.span(numel)
         whole = flat[: span.size * self.world]
-        dist.all_gather_into_tensor(whole, whole[span.lo : span.lo + span.size], group=self.group)
+        _all_gather(whole, whole[span.lo : span.lo + span.size], group=self.group)
 
     def reduce_scatter(self, flat: torch.Tensor, numel: int) -> None:
         """Leave in this rank's shard of ``flat`` (padded with zeros past ``numel``) the mean over ranks."""
@@ -96,7 +100,7 @@ class Shards:
             return
         span = self.span(numel)
         whole = flat[: span.size * self.world]
-        dist.reduce_scatter_tensor(whole[span.lo : span.lo + span.size], whole, op=dist.ReduceOp.AVG, group=self.group)
+        _reduce_scatter(whole[span.lo : span.lo + span.size], whole, op=dist.ReduceOp.AVG, group=self.group)
 
     def mean(self, tensor: torch.Tensor) -> None:
         """All-reduce ``tensor`` in place to its mean over ranks (replicated parts)."""
