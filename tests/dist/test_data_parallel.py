@@ -166,3 +166,17 @@ def test_optimizer_state_on_disk_with_two_ranks(plain, tmp_path):
     layer = sum(p.numel() for p in ours.model.model.layers[0].parameters())
     sizes = [(tmp_path / f"rank{rank}" / "layer00000.exp_avg.bin").stat().st_size for rank in (0, 1)]
     assert sizes[0] == 4 * -(-layer // 2) and sum(sizes) == 4 * layer  # each rank's shard of the layer
+
+
+class FailsOnRank1(TinyLM):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 3 and self.trainer.global_rank == 1:
+            raise RuntimeError("boom on rank 1")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failure_on_one_rank_stops_every_rank():
+    """Rank 0 is waiting in a collective when rank 1 fails: it must not hang; the run ends with rank 1's error."""
+    strategy = lightning_slide.SlideFormerStrategy(window=2, start_method="spawn")
+    with pytest.raises(Exception, match="boom on rank 1"):
+        train(strategy, devices=2, module=FailsOnRank1("llama", initial_state("llama")))
