@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Generator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,13 +28,11 @@ from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.disk import parse_offload
 from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
-from lightning_slide.engine.plan import (
-    Machine, ModelShape, Plan, Settings, device_bytes, human, largest_batch, make_plan, parse_bytes,
-    resident_on_device_auto,
-)
+from lightning_slide.engine.plan import Plan, human, parse_bytes, resident_on_device_auto
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
 from lightning_slide.monitor import SlideMonitor
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
+from lightning_slide.run_plan import RunPlan
 
 
 class SlideFormerStrategy(ParallelStrategy):
@@ -220,10 +216,15 @@ class SlideFormerStrategy(ParallelStrategy):
         self.kernels = kernels
         self.engine: SlidingEngine | None = None
         #: the latest plan of this run (lightning_slide.engine.plan.Plan): made at setup, redone at the first batch
-        self.plan: Plan | None = None
-        self._plan_settings: Settings | None = None
+        self._run_plan: RunPlan | None = None  # this run's planner settings and latest plan (run_plan.py)
         self._batch_checked = False
         self._torn = False  # the last run stopped in the middle of an optimizer step
+
+    @property
+    def plan(self) -> Plan | None:
+        """The latest plan of this run (``lightning_slide.engine.plan.Plan``): made at setup, redone at the first
+        training batch with its shape; kept when the run was refused."""
+        return None if self._run_plan is None else self._run_plan.plan
 
     # ------------------------------------------------------------ device and precision
     @property
@@ -338,10 +339,10 @@ class SlideFormerStrategy(ParallelStrategy):
             # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
         resident_on_device = self._resident_on_device(module)
-        self._plan_settings = self._settings(trainer, module, resident_on_device)
+        self._run_plan = RunPlan(self, trainer, module, resident_on_device)
         self._batch_checked = not fitting  # activations are checked at the first training batch
         if fitting:  # before anything large is allocated
-            plan = self._check_plan(module)
+            plan = self._run_plan.check(module)
             rank_zero_info(
                 f"slideformer plan: GPU {human(plan.gpu_total)} before activations, host {human(plan.host_total)}"
                 + (f", disk {human(plan.disk_total)}" if plan.disk else "")
@@ -378,79 +379,6 @@ class SlideFormerStrategy(ParallelStrategy):
             self.optimizers = [HostOptimizer.replacing(optimizers[0], self.engine, [c.scheduler for c in schedulers])]
             self.lr_scheduler_configs = schedulers
         self.model = module
-
-    # ------------------------------------------------------------ the plan (lightning_slide/engine/plan.py)
-    def _settings(self, trainer: Trainer, module: LightningModule, resident_on_device: bool) -> Settings:
-        names = [self.kernels] if isinstance(self.kernels, str) else list(self.kernels)
-        requested = KERNEL_NAMES if "all" in names else tuple(n for n in names if n != "none")
-        # Kernels the user applied to the model themselves (apply_kernels) count as much as the option's.
-        active = set(active_kernels(module))
-        kernels = tuple(n for n in KERNEL_NAMES if n in requested or n in active)
-        clip = trainer.gradient_clip_val
-        return Settings(
-            window=self.window, compute_dtype=self.precision_plugin.compute_dtype, device=self.root_device.type,
-            resident_on_device=resident_on_device, offload_activations=self.offload_activations,
-            offload_dir=self.offload_dir, kernels=tuple(kernels), clipping=clip is not None and clip > 0,
-            accumulate=trainer.accumulate_grad_batches,
-            host_weights="fp32" if self.host_weights == "auto" else self.host_weights,
-            grad_buffers=self.grad_buffers,
-            offload=self.offload,
-            ranks=self.num_processes * self.num_nodes,
-            parked_grads=self.parked_grads,
-        )
-
-    def _check_plan(self, module: LightningModule, batch: int | None = None, seq: int | None = None) -> Plan:
-        """Plan the run and refuse it, with the numbers and what to change, when it cannot fit.
-
-        At setup the batch shape is unknown: the fixed buffers (window slots, resident parts, staging), the host
-        memory (masters, Adam moments, gradient buffers) and the disk tier are checked then. The activations are
-        checked at the first training batch, from its shape (``batch`` x ``seq``); later batches are not checked
-        (a longer batch runs into the allocator's own out-of-memory error). The GPU is checked against
-        ``gpu_memory_limit`` or the whole card (on the CPU only when a limit is given), the host against the
-        memory available now plus what this process already holds that the plan counts (the runtime and the
-        model's parameters), the disk against the free space under ``offload_dir``.
-        """
-        settings = self._plan_settings
-        if batch is not None:
-            settings = dataclasses.replace(settings, batch=batch, seq=seq)
-        shape = ModelShape.of(module, self.blocks)
-        machine = Machine.detect(gpu_memory_limit=self.gpu_memory_limit, offload_dir=self.offload_dir)
-        if self.root_device.type != "cuda":
-            machine.gpu_memory = self.gpu_memory_limit
-        if self.host_memory is not None:
-            machine.host_memory = self.host_memory
-        plan = make_plan(shape, settings, machine, suggest=False)
-        if machine.host_memory is not None:
-            if self.host_memory is None:  # MemAvailable leaves out what this process already holds
-                machine.host_memory += self._host_held(module, plan) * self.num_processes
-            machine.host_memory //= self.num_processes  # this host's ranks share it
-        self.plan = plan  # also when refused: the numbers stay inspectable
-        if plan.problems():
-            plan.suggested_batch = largest_batch(shape, settings, machine)
-            plan.check()
-        return plan
-
-    def _host_held(self, module: LightningModule, plan: Plan) -> int:
-        """Bytes of host memory this process holds now that ``plan`` counts (so they are not needed again)."""
-        runtime = next(v for k, v in plan.host.items() if k.startswith("runtime"))
-        if self.engine is None:  # before the engine: the runtime and the model's parameters (they become masters)
-            params = {p.data_ptr(): p.numel() * p.element_size() for p in module.parameters() if p.device.type == "cpu"}
-            return runtime + sum(params.values())
-        # After the engine: everything but what depends on the batch or is allocated lazily during the step.
-        pool = self.engine.grad_pool
-        to_come = max(0, plan.host.get(_item(plan.host, "layer gradient buffers"), 0) - 4 * pool.allocated * pool.numel)
-        to_come += plan.host.get(_item(plan.host, "offloaded layer inputs"), 0)
-        to_come += plan.host.get(_item(plan.host, "accumulation staging"), 0)
-        if self.root_device.type != "cuda":
-            fixed = device_bytes(plan.shape, dataclasses.replace(plan.settings, batch=None, seq=None))
-            to_come += sum(plan.gpu.values()) - sum(fixed.values())
-        return plan.host_total - to_come
-
-    def _check_first_batch(self, batch: Any) -> None:
-        size = _batch_shape(batch)
-        self._batch_checked = True
-        if size is not None:
-            self._check_plan(self.lightning_module, *size)
 
     def _resident_on_device(self, module: LightningModule) -> bool:
         if self.resident_optimizer != "auto":
@@ -510,7 +438,8 @@ class SlideFormerStrategy(ParallelStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._batch_checked:
-            self._check_first_batch(args[0] if args else kwargs.get("batch"))
+            self._batch_checked = True
+            self._run_plan.check_first_batch(self.lightning_module, self.engine, args[0] if args else kwargs.get("batch"))
         return self._forward("training_step", *args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -703,27 +632,3 @@ class SlideFormerStrategy(ParallelStrategy):
             cls.strategy_name, cls, description="sliding-window full fine-tuning (SlideFormer)", override=True
         )
 
-
-def _item(items: dict[str, int], prefix: str) -> str:
-    """The key of ``items`` that starts with ``prefix`` (or ``prefix`` itself when none does)."""
-    return next((k for k in items if k.startswith(prefix)), prefix)
-
-
-def _batch_shape(batch: Any) -> tuple[int, int] | None:
-    """``(batch size, sequence length)`` of the first 2-D integer tensor in ``batch`` (``input_ids`` first when
-    ``batch`` is a dict), or ``None`` if there is none."""
-    if isinstance(batch, dict):
-        values = [batch["input_ids"]] if "input_ids" in batch else list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        values = list(batch)
-    else:
-        values = [batch]
-    for value in values:
-        if torch.is_tensor(value):
-            if value.ndim == 2 and not value.is_floating_point() and not value.is_complex():
-                return int(value.shape[0]), int(value.shape[1])
-        elif isinstance(value, (dict, list, tuple)):
-            found = _batch_shape(value)
-            if found is not None:
-                return found
-    return None

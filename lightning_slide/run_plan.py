@@ -1,0 +1,130 @@
+"""The plan of one Lightning run under the strategy, and the check that refuses a run that cannot fit.
+
+``engine/plan.py`` does the arithmetic; this module gathers its inputs from a run — the strategy's options, the
+Trainer's clipping and accumulation, the kernels on the model, the machine, what the process already holds — and
+checks the plan before anything large is allocated: the fixed buffers, host memory and disk at setup, the
+activations at the first training batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from lightning_slide.engine.plan import Machine, ModelShape, Plan, Settings, device_bytes, largest_batch, make_plan
+from lightning_slide.kernels import KERNEL_NAMES, active_kernels
+
+if TYPE_CHECKING:
+    from lightning_slide.engine.engine import SlidingEngine
+    from lightning_slide.strategy import SlideFormerStrategy
+
+
+class RunPlan:
+    """The planner's settings for a run (without the batch shape, unknown at setup) and its latest plan.
+
+    Args:
+        strategy: the run's strategy (its options and devices).
+        trainer: the run's Trainer (gradient clipping, accumulation).
+        module: the LightningModule (its kernels count as much as the ``kernels`` option's).
+        resident_on_device: whether the resident parts are updated on the device.
+    """
+
+    def __init__(self, strategy: SlideFormerStrategy, trainer: Trainer, module: LightningModule,
+                 resident_on_device: bool) -> None:
+        self.strategy = strategy
+        names = [strategy.kernels] if isinstance(strategy.kernels, str) else list(strategy.kernels)
+        requested = KERNEL_NAMES if "all" in names else tuple(n for n in names if n != "none")
+        active = set(active_kernels(module))  # applied by the user (apply_kernels) or by an earlier run
+        clip = trainer.gradient_clip_val
+        self.settings = Settings(
+            window=strategy.window, compute_dtype=strategy.precision_plugin.compute_dtype,
+            device=strategy.root_device.type, resident_on_device=resident_on_device,
+            offload_activations=strategy.offload_activations, offload_dir=strategy.offload_dir,
+            kernels=tuple(n for n in KERNEL_NAMES if n in requested or n in active),
+            clipping=clip is not None and clip > 0, accumulate=trainer.accumulate_grad_batches,
+            host_weights="fp32" if strategy.host_weights == "auto" else strategy.host_weights,
+            grad_buffers=strategy.grad_buffers, offload=strategy.offload,
+            ranks=strategy.num_processes * strategy.num_nodes, parked_grads=strategy.parked_grads,
+        )
+        self.plan: Plan | None = None  # the latest, also when refused (the numbers stay inspectable)
+
+    def check(self, module: LightningModule, engine: SlidingEngine | None = None, batch: int | None = None,
+              seq: int | None = None) -> Plan:
+        """Plan the run and refuse it (``PlanError``, with the numbers and what to change) when it cannot fit.
+
+        Without ``batch`` x ``seq`` the fixed buffers (window slots, resident parts, staging), the host memory
+        (masters, Adam moments, gradient buffers) and the disk tier are checked; with them the activations too.
+        The GPU is checked against ``gpu_memory_limit`` or the whole card (on the CPU only when a limit is given),
+        the host against ``host_memory`` or the memory available now plus what this process already holds that the
+        plan counts (shared by the host's ranks), the disk against the free space under ``offload_dir``.
+        """
+        strategy = self.strategy
+        settings = self.settings if batch is None else dataclasses.replace(self.settings, batch=batch, seq=seq)
+        shape = ModelShape.of(module, strategy.blocks)
+        machine = Machine.detect(gpu_memory_limit=strategy.gpu_memory_limit, offload_dir=strategy.offload_dir)
+        if strategy.root_device.type != "cuda":
+            machine.gpu_memory = strategy.gpu_memory_limit
+        if strategy.host_memory is not None:
+            machine.host_memory = strategy.host_memory
+        plan = make_plan(shape, settings, machine, suggest=False)
+        if machine.host_memory is not None:
+            if strategy.host_memory is None:  # MemAvailable leaves out what this process already holds
+                machine.host_memory += _host_held(module, engine, plan) * strategy.num_processes
+            machine.host_memory //= strategy.num_processes  # this host's ranks share it
+        self.plan = plan
+        if plan.problems():
+            plan.suggested_batch = largest_batch(shape, settings, machine)
+            plan.check()
+        return plan
+
+    def check_first_batch(self, module: LightningModule, engine: SlidingEngine, batch: Any) -> None:
+        """Check the activations of the first training batch (later batches are not checked: a longer one runs
+        into the allocator's own out-of-memory error)."""
+        size = batch_shape(batch)
+        if size is not None:
+            self.check(module, engine, *size)
+
+
+def _host_held(module: LightningModule, engine: SlidingEngine | None, plan: Plan) -> int:
+    """Bytes of host memory this process holds now that ``plan`` counts (so they are not needed again)."""
+    runtime = next(v for k, v in plan.host.items() if k.startswith("runtime"))
+    if engine is None:  # before the engine: the runtime and the model's parameters (they become masters)
+        params = {p.data_ptr(): p.numel() * p.element_size() for p in module.parameters() if p.device.type == "cpu"}
+        return runtime + sum(params.values())
+    # After the engine: everything but what depends on the batch or is allocated lazily during the step.
+    pool = engine.grad_pool
+    to_come = max(0, plan.host.get(_item(plan.host, "layer gradient buffers"), 0) - 4 * pool.allocated * pool.numel)
+    to_come += plan.host.get(_item(plan.host, "offloaded layer inputs"), 0)
+    to_come += plan.host.get(_item(plan.host, "accumulation staging"), 0)
+    if plan.settings.device != "cuda":
+        fixed = device_bytes(plan.shape, dataclasses.replace(plan.settings, batch=None, seq=None))
+        to_come += sum(plan.gpu.values()) - sum(fixed.values())
+    return plan.host_total - to_come
+
+
+def _item(items: dict[str, int], prefix: str) -> str:
+    """The key of ``items`` that starts with ``prefix`` (or ``prefix`` itself when none does)."""
+    return next((k for k in items if k.startswith(prefix)), prefix)
+
+
+def batch_shape(batch: Any) -> tuple[int, int] | None:
+    """``(batch size, sequence length)`` of the first 2-D integer tensor in ``batch`` (``input_ids`` first when
+    ``batch`` is a dict), or ``None`` if there is none."""
+    if isinstance(batch, dict):
+        values = [batch["input_ids"]] if "input_ids" in batch else list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        values = list(batch)
+    else:
+        values = [batch]
+    for value in values:
+        if torch.is_tensor(value):
+            if value.ndim == 2 and not value.is_floating_point() and not value.is_complex():
+                return int(value.shape[0]), int(value.shape[1])
+        elif isinstance(value, (dict, list, tuple)):
+            found = batch_shape(value)
+            if found is not None:
+                return found
+    return None
