@@ -49,10 +49,6 @@ class Span:
         """Elements a device buffer needs for the collectives: ``world * size``."""
         return self.size * self.world
 
-    def grads(self, trainable: int) -> tuple[int, int]:
-        """The shard's part of the unit's first ``trainable`` elements (its trainable parameters)."""
-        return min(self.start, trainable), min(self.stop, trainable)
-
 
 class Shards:
     """How data-parallel ranks split every unit.
