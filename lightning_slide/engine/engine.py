@@ -253,11 +253,17 @@ class SlidingEngine:
             for i in range(len(self.layers)):
                 self.state_store.mark_written(i, MASTER)
         # Updated on the device, the resident parts are replicated (every rank updates all of them alike).
-        # Updated on the device, their gradients accumulate there: no host accumulator.
+        # Their host gradient accumulator is allocated when first needed (_resident_accumulator): updated on the
+        # device they accumulate there, and a streamed step's host update reads them from the device in chunks.
         self.resident = HostUnit(
-            RESIDENT, parts.resident, pin=self.pin, own_grad=not resident_on_device,
+            RESIDENT, parts.resident, pin=self.pin, own_grad=False,
             span=None if resident_on_device else self._span(parts.resident),
         )
+        # A streamed step's resident gradients left on the device for the update: (event after which they are ready,)
+        self._resident_from_device: tuple[object] | None = None
+        self._chunk_buffer: torch.Tensor | None = None  # host fp32, one chunk of resident gradients
+        self._chunk_staging: torch.Tensor | None = None  # device fp32, the update thread's own cast staging
+        self._chunk_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
         self._masters_current = True
         self._unit_key = {id(e.param): key for key, unit in self._units().items() for e in unit.entries}
@@ -425,7 +431,10 @@ class SlidingEngine:
                 )
             else:
                 in_memory = key not in on_disk
-                self._optimizers[key] = UnitOptimizer(unit, optimizer, group_of, state_in_memory=in_memory)
+                chunk = self._resident_chunk() if key == RESIDENT else None
+                self._optimizers[key] = UnitOptimizer(
+                    unit, optimizer, group_of, state_in_memory=in_memory, chunk=chunk
+                )
 
     def _resident_updates_on_device(self) -> bool:
         return self._resident_master is not None
@@ -633,7 +642,10 @@ class SlidingEngine:
             Streams.host_wait(unit.grad_event)
             if not coefficient.get("skip"):
                 self._raise_if_nonfinite(self._key_of(unit))
-                optimizer.step(hyper, coefficient.get("value"), clip_value, state)
+                if unit is self.resident and self._resident_from_device is not None:
+                    self._step_resident_in_chunks(optimizer, hyper, state)
+                else:
+                    optimizer.step(hyper, coefficient.get("value"), clip_value, state)
                 # before the next upload of the unit, which waits for this task
                 unit.refresh_weights(None if state is None else state.get(MASTER))
         except BaseException:
@@ -644,6 +656,42 @@ class SlidingEngine:
             self.state_store.write(self._key_of(unit), state)
         unit.grad_empty = True
         self._give_back(unit)
+
+    # The resident parts (embeddings, head: often larger than a layer) of a streamed step are updated on the host
+    # chunk by chunk, their gradients read from the device through one chunk-sized buffer, instead of a host
+    # accumulator as large as they are. Tests may set RESIDENT_CHUNK (elements) to cut smaller chunks.
+    RESIDENT_CHUNK: int | None = None
+
+    def _resident_chunk(self) -> int:
+        """Elements of resident gradients per chunk: a layer's gradient buffer's worth."""
+        return self.RESIDENT_CHUNK or max(1, self.grad_pool.numel)
+
+    def _resident_accumulator(self) -> torch.Tensor:
+        """The resident parts' host gradient accumulator (accumulation, clipping, ``nonfinite="skip"``), kept once
+        allocated."""
+        if self.resident.grad is None:
+            self.resident.grad = host_empty(self.resident.grad_numel, MASTER_DTYPE, pin=self.pin)
+        return self.resident.grad
+
+    def _step_resident_in_chunks(self, optimizer: UnitOptimizer, hyper, state) -> None:
+        """Worker task part: update the resident parts chunk by chunk from their gradients on the device (this
+        rank's shard, already averaged), each chunk cast to fp32 on the device and copied down on the update
+        thread's own stream, through its own staging."""
+        unit, chunk = self.resident, self._resident_chunk()
+        if self._chunk_buffer is None:
+            self._chunk_buffer = host_empty(min(chunk, unit.grad_numel), MASTER_DTYPE, pin=self.pin)
+            if self.upload_staging is not None:
+                self._chunk_staging = torch.empty_like(self.upload_staging)
+        (ready,), self._resident_from_device = self._resident_from_device, None
+        for lo in range(unit.grad_start, unit.grad_stop, chunk):
+            hi = min(lo + chunk, unit.grad_stop)
+            buffer = self._chunk_buffer[: hi - lo]
+            with self.streams.on(self._chunk_stream):
+                self.streams.wait(ready)
+                copy_cast(buffer, self.resident_grads[lo:hi], self._chunk_staging)
+                copied = self.streams.record()
+            Streams.host_wait(copied)
+            optimizer.step(hyper, None, None, state, only=(lo, hi, buffer))
 
     def _give_back(self, unit: HostUnit) -> None:
         """Return a layer's lent gradient buffer to the pool (the resident parts own theirs)."""
@@ -784,6 +832,7 @@ class SlidingEngine:
                   and bool(self._optimizers))
         self._streaming = hyperparameters(param_groups) if stream else None
         if self.resident.trainable_numel:
+            self.worker.wait(RESIDENT)  # a chunked update may still be reading last step's gradients
             self.resident_grads.zero_()
             for entry in self.resident.trainable:
                 entry.param.grad = entry.view(self.resident_grads)
@@ -804,6 +853,16 @@ class SlidingEngine:
                 else:
                     self._resident_grad.add_(self.resident_grads)
                 self.resident.grad_empty = False
+            elif self._streaming is not None and self.resident.grad_empty and RESIDENT in self._optimizers:
+                # Left on the device: the update reads them in chunks (_step_resident_in_chunks).
+                self.resident.grad_event = self._check_finite_on_device(
+                    RESIDENT, self.resident_grads[: self.resident.trainable_numel], True
+                )
+                produced = self.streams.record()
+                with self.streams.on(self.streams.download):
+                    self.streams.wait(produced)
+                    self.shards.reduce_scatter(self.resident_grads, self.resident.numel)
+                    self._resident_from_device = (self.streams.record(),)
             else:
                 self._download(self.resident, self.resident_grads, RESIDENT)
             for entry in self.resident.trainable:
@@ -870,7 +929,8 @@ class SlidingEngine:
                 if unit.grad is None and self._streaming is not None and self._park_free and not self._pool_has_room():
                     return self._park(self.layers.index(unit), device_grads)  # rather than wait for the host
                 if unit.grad is None:
-                    unit.grad = self._lend(self.layers.index(unit))
+                    unit.grad = self._resident_accumulator() if unit is self.resident else self._lend(
+                        self.layers.index(unit))
                 copy_cast(unit.grad, device_grads, self.download_staging)
                 unit.grad_empty = False
                 unit.grad_event = self.streams.record()
@@ -1021,7 +1081,8 @@ class SlidingEngine:
             "compute copies": sum(u.weights.nbytes for u in units if u.weights is not None),
             "optimizer state": moments,
             "gradients": pool.allocated * pool.numel * 4 + sum(t.nbytes for t in self._host_staging.values())
-            + (self.resident.grad.nbytes if self.resident.grad is not None else 0),
+            + (self.resident.grad.nbytes if self.resident.grad is not None else 0)
+            + (self._chunk_buffer.nbytes if self._chunk_buffer is not None else 0),
             "disk tier in flight": self.state_store.allocated_bytes if self.state_store is not None else 0,
             "disk tier caches": caches,
         }

@@ -83,6 +83,9 @@ class UnitOptimizer:
         master, grad: the flat fp32 buffers to step, laid out like the unit; default: the unit's host masters and
             gradient accumulator. Device buffers run torch's fused kernel on the device instead.
         state_in_memory: allocate the state arrays now and keep them; ``False``: each ``step`` is handed them.
+        chunk: cut the parameters at every ``chunk`` elements of the unit's gradient (from ``unit.grad_start``),
+            each part a tensor of its own for torch's optimizer, so that ``step(only=...)`` can update one chunk
+            at a time from a chunk-sized gradient buffer. Default ``None``: whole parameters.
     """
 
     def __init__(
@@ -93,24 +96,28 @@ class UnitOptimizer:
         master: torch.Tensor | None = None,
         grad: torch.Tensor | None = None,
         state_in_memory: bool = True,
+        chunk: int | None = None,
     ) -> None:
         self.unit = unit
         self._grad = grad  # None: the unit's (lent) host accumulator, looked up at every update
         master_flat = (unit.rest if unit.master is None else unit.master) if master is None else master
         members: dict[int, list[torch.Tensor]] = {}
-        self.masters: dict[int, torch.Tensor] = {}  # id(parameter) -> the master view this optimizer steps
         self._entries: list[tuple[_Piece, torch.Tensor]] = []  # (owned piece, master view) of optimized parameters
+        self._pieces: dict[int, list[tuple[_Piece, torch.Tensor]]] = {}  # id(parameter) -> its entries, in order
         for entry in unit.trainable:
             group = group_of.get(id(entry.param))
             start = max(entry.offset, unit.grad_start)
             stop = min(entry.offset + entry.numel, unit.grad_stop)
             if group is None or start >= stop:
                 continue
-            piece = _Piece(entry, start, stop)
-            master = piece.view(master_flat)
-            members.setdefault(group, []).append(master)
-            self.masters[id(entry.param)] = master
-            self._entries.append((piece, master))
+            cuts = [start, stop] if chunk is None else sorted({start, stop, *range(
+                unit.grad_start + -(-(start - unit.grad_start) // chunk) * chunk, stop, chunk)})
+            for lo, hi in zip(cuts, cuts[1:]):
+                piece = _Piece(entry, lo, hi)
+                master = piece.view(master_flat)
+                members.setdefault(group, []).append(master)
+                self._pieces.setdefault(id(entry.param), []).append((piece, master))
+                self._entries.append((piece, master))
         self.group_indices = sorted(members)
         self.state_names = state_names(optimizer)
         self.inner: Optimizer | None = None
@@ -145,8 +152,15 @@ class UnitOptimizer:
         for piece, master in self._entries:
             master.data = piece.view(flat)
 
-    def bind(self) -> list[torch.Tensor]:
-        """Point each optimized master's ``.grad`` at its view of the current accumulator; returns those views."""
+    def bind(self, only: tuple[int, int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Point each optimized master's ``.grad`` at its view of the current accumulator; returns those views.
+        ``only=(lo, hi, flat)``: only the parts in ``[lo, hi)`` of the unit (a chunk, see ``chunk``), at their view
+        of ``flat``, the chunk's gradients; the others get none, so torch's optimizer leaves them alone."""
+        if only is not None:
+            lo, hi, flat = only
+            for piece, master in self._entries:
+                master.grad = piece.view(flat, lo) if lo <= piece.start and piece.stop <= hi else None
+            return [master.grad for _, master in self._entries if master.grad is not None]
         flat = self.unit.grad if self._grad is None else self._grad
         grads = []
         for piece, master in self._entries:
@@ -160,15 +174,17 @@ class UnitOptimizer:
         clip_coefficient: torch.Tensor | None,
         clip_value: float | None,
         state: dict[str, torch.Tensor] | None = None,
+        only: tuple[int, int, torch.Tensor] | None = None,
     ) -> None:
         """One update of the unit. ``state``: arrays read from the disk tier: the moments when they are not kept in
-        memory, and ``"master"``, the unit's flat fp32 masters, when they live on disk (updated in place)."""
+        memory, and ``"master"``, the unit's flat fp32 masters, when they live on disk (updated in place).
+        ``only``: update one chunk from its own gradient buffer (``bind``)."""
         if self.inner is None:
             return
         state = state or {}
         master_flat = state.get("master")
         moments = self.state is None and all(name in state for name in self.state_names)
-        grads = self.bind()
+        grads = self.bind(only)
         if clip_coefficient is not None:
             for grad in grads:
                 grad.mul_(clip_coefficient)
@@ -194,19 +210,19 @@ class UnitOptimizer:
                 master.grad = None  # the accumulator may be lent to another layer next
 
     def piece_of(self, param: torch.nn.Parameter) -> _Piece | None:
-        """The part of ``param`` this optimizer steps (``None``: none of it)."""
-        master = self.masters.get(id(param))
-        return None if master is None else next(p for p, m in self._entries if m is master)
+        """The part of ``param`` this optimizer steps, whole (``None``: none of it)."""
+        pieces = self._pieces.get(id(param))
+        return None if pieces is None else _Piece(pieces[0][0].entry, pieces[0][0].start, pieces[-1][0].stop)
 
     def state_of(self, param: torch.nn.Parameter, state: dict[str, torch.Tensor] | None = None) -> dict | None:
         """``param``'s state as torch's optimizer keeps it (views); ``state``: the flat arrays, if not in memory."""
-        master = self.masters.get(id(param))
-        if master is None or self.inner is None:
+        piece = self.piece_of(param)
+        if piece is None or self.inner is None:
             return None
         flat = self.state if state is None else state
-        piece = next(p for p, m in self._entries if m is master)
+        first = self._pieces[id(param)][0][1]  # every part of a parameter is stepped alike
         base = self.unit.grad_start
-        return {"step": self.inner.state[master]["step"], **{n: piece.view(flat[n], base) for n in self.state_names}}
+        return {"step": self.inner.state[first]["step"], **{n: piece.view(flat[n], base) for n in self.state_names}}
 
     def load_state_of(self, param: torch.nn.Parameter, saved: dict, state: dict[str, torch.Tensor] | None = None) -> None:
         """Copy ``saved`` (torch's per-parameter layout, the whole parameter's) into ``param``'s state (the owned
@@ -214,13 +230,18 @@ class UnitOptimizer:
         current = self.state_of(param, state)
         if current is None:
             raise KeyError("parameter is not optimized here")
-        piece = next(p for p, m in self._entries if m is self.masters[id(param)])
+        piece = self.piece_of(param)
         for name, value in saved.items():
-            if name in current:
-                value = torch.as_tensor(value, dtype=torch.float32)
-                if value.dim() and current[name].shape != value.shape:
-                    value = value.reshape(-1)[piece.start - piece.entry.offset : piece.stop - piece.entry.offset]
-                current[name].copy_(value)
+            if name not in current:
+                continue
+            value = torch.as_tensor(value, dtype=torch.float32)
+            if name == "step":
+                for _, master in self._pieces[id(param)]:
+                    self.inner.state[master]["step"].copy_(value)
+                continue
+            if value.dim() and current[name].shape != value.shape:
+                value = value.reshape(-1)[piece.start - piece.entry.offset : piece.stop - piece.entry.offset]
+            current[name].copy_(value)
 
 
 class UpdateWorker:

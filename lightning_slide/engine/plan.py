@@ -318,7 +318,10 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         items["resident fp32 masters, gradients, Adam moments"] = 4 * shape.resident_params + 12 * shape.resident_trainable
     if s.cast:  # upload_staging and download_staging (the engine allocates both whatever the layers upload)
         largest = max(shape.layer_params, shape.resident_params)
-        items["copy staging (fp32, upload + download)"] = 2 * 4 * min(largest, STAGING_NUMEL)
+        # and the update thread's own, for streamed steps' resident gradients read in chunks
+        copies = 2 if s.resident_on_device or s.clipping or s.accumulate > 1 else 3
+        items["copy staging (fp32, upload + download)" if copies == 2 else
+              "copy staging (fp32, upload + download + resident chunks)"] = copies * 4 * min(largest, STAGING_NUMEL)
     if s.batch is None or s.seq is None or not shape.has_dims:
         return items
     tokens = s.batch * s.seq
@@ -383,8 +386,13 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     streaming = not s.clipping and s.accumulate == 1
     holders = min(shape.layers, grads_in_flight(depth, s.grad_buffers)) if streaming else shape.layers
     items["layer gradient buffers (fp32)" + pinned] = int(4 * holders * shape.layer_trainable * share)
-    if not s.resident_on_device:  # HostUnit(own_grad): updated on the device, they accumulate there
-        items["resident gradient accumulator (fp32)" + pinned] = int(4 * shape.resident_trainable * share)
+    resident_grads = int(4 * shape.resident_trainable * share)
+    if s.resident_on_device:
+        pass  # updated on the device, they accumulate there
+    elif streaming:  # engine._chunk_buffer: a streamed step reads them from the device a chunk (a layer) at a time
+        items["resident gradient chunk (fp32)" + pinned] = min(resident_grads, int(4 * shape.layer_trainable * share))
+    else:  # engine._resident_accumulator
+        items["resident gradient accumulator (fp32)" + pinned] = resident_grads
     if s.accumulate > 1:  # engine._staging: one per window slot (and the resident parts when updated on the host)
         resident = 0 if s.resident_on_device else shape.resident_trainable
         items["accumulation staging (fp32)" + pinned] = int(4 * (depth * shape.layer_trainable + resident) * share)

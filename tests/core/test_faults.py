@@ -181,7 +181,7 @@ def test_a_failing_update_surfaces_with_its_traceback(monkeypatch, clip):
     step = UnitOptimizer.step
 
     def failing_step(self, *args, **kwargs):
-        if self.unit.name == "layer 2" and self.inner.state[next(iter(self.masters.values()))]["step"] >= 1:
+        if self.unit.name == "layer 2" and self.inner.state[self._entries[0][1]]["step"] >= 1:
             raise RuntimeError("injected update failure")
         return step(self, *args, **kwargs)
 

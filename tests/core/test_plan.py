@@ -80,7 +80,7 @@ class _Snapshot(L.Callback):
             "masters": sum(u.master.numel() * 4 for u in units.values()),
             "moments": sum(t.numel() * t.element_size() for t in on_host),
             "pool": 4 * engine.grad_pool.allocated * engine.grad_pool.numel,
-            "resident grad": 0 if engine.resident.grad is None else engine.resident.grad.numel() * 4,
+            "resident grad": sum(t.nbytes for t in (engine.resident.grad, engine._chunk_buffer) if t is not None),
             "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
             "copies": sum(u.weights.nbytes for u in engine.layers if u.weights is not None),
         }
@@ -115,8 +115,9 @@ def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights, re
     host = plan.host
     assert snap.host["masters"] == _item(host, "fp32 masters")
     assert snap.host["moments"] == _item(host, "Adam moments")
-    # Updated on the device (a GPU), the resident parts have no host gradient accumulator.
-    resident_grad = [v for k, v in host.items() if k.startswith("resident gradient accumulator")]
+    # Updated on the device (a GPU), the resident parts have no host gradient buffer; in a streamed step (no
+    # clipping, no accumulation) one chunk's; else an accumulator as large as they are.
+    resident_grad = [v for k, v in host.items() if k.startswith("resident gradient")]
     assert [snap.host["resident grad"]] == (resident_grad or [0])
     if clip is not None:  # every layer keeps its gradients until the global norm
         assert snap.host["pool"] == _item(host, "layer gradient buffers")
