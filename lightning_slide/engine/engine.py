@@ -678,10 +678,6 @@ class SlidingEngine:
         rank's shard, already averaged), each chunk cast to fp32 on the device and copied down on the update
         thread's own stream, through its own staging."""
         unit, chunk = self.resident, self._resident_chunk()
-        if self._chunk_buffer is None:
-            self._chunk_buffer = host_empty(min(chunk, unit.grad_numel), MASTER_DTYPE, pin=self.pin)
-            if self.upload_staging is not None:
-                self._chunk_staging = torch.empty_like(self.upload_staging)
         (ready,), self._resident_from_device = self._resident_from_device, None
         for lo in range(unit.grad_start, unit.grad_stop, chunk):
             hi = min(lo + chunk, unit.grad_stop)
@@ -854,7 +850,13 @@ class SlidingEngine:
                     self._resident_grad.add_(self.resident_grads)
                 self.resident.grad_empty = False
             elif self._streaming is not None and self.resident.grad_empty and RESIDENT in self._optimizers:
-                # Left on the device: the update reads them in chunks (_step_resident_in_chunks).
+                # Left on the device: the update reads them in chunks (_step_resident_in_chunks), through buffers
+                # made here, on the training thread (page-locked for this thread's device).
+                if self._chunk_buffer is None:
+                    numel = min(self._resident_chunk(), self.resident.grad_numel)
+                    self._chunk_buffer = host_empty(numel, MASTER_DTYPE, pin=self.pin)
+                    if self.upload_staging is not None:
+                        self._chunk_staging = torch.empty_like(self.upload_staging)
                 self.resident.grad_event = self._check_finite_on_device(
                     RESIDENT, self.resident_grads[: self.resident.trainable_numel], True
                 )
@@ -1194,12 +1196,14 @@ class SlidingEngine:
             torch.cuda.current_stream(self.device).synchronize()
             self.streams.upload.synchronize()
             self.streams.download.synchronize()
+            self._chunk_stream.synchronize()
         # No copy is in flight any more: drop the scratch buffers (nothing after close uses them).
         self._resident_deferred = None
         self.window.slots.clear()
         self.window.upload_staging = self.upload_staging = self.download_staging = None
         self.resident_weights = self.resident_grads = None
         self._host_staging.clear()
+        self._chunk_buffer = self._chunk_staging = None
         for unit in self.layers:
             unit.grad = None  # buffers lent by the pool
         self._lent.clear()
