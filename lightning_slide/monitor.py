@@ -37,7 +37,8 @@ class SlideMonitor(L.Callback):
     - ``compute_blocked_share``: share of the step the training thread waited for a host update;
     - ``gpu_busy_share``: 1 - ``compute_blocked_share``, an estimate of the share of the step the GPU had work
       queued (the GPU can only run dry while the training thread is blocked);
-    - ``skipped_steps``: optimizer steps skipped so far for a NaN/Inf loss or gradient (``nonfinite="skip"``).
+    - ``skipped_steps``: optimizer steps skipped so far for a NaN/Inf loss or gradient (``nonfinite="skip"``);
+    - ``parked_layers``: layers whose gradients waited on the GPU for a host buffer in this step (``parked_grads``).
 
     Added by ``SlideFormerStrategy(monitor=True)`` (the default) unless the Trainer already has one.
     """
@@ -78,6 +79,7 @@ class SlideMonitor(L.Callback):
             metrics["slide/compute_blocked_share"] = blocked
             metrics["slide/gpu_busy_share"] = 1.0 - blocked
             metrics["slide/skipped_steps"] = stats["skipped_steps"]
+            metrics["slide/parked_layers"] = stats["parked_layers"] - self._stats0["parked_layers"]
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self._tokens, self._stats0, self._start = 0, None, None
 

@@ -264,7 +264,8 @@ def test_monitor_logs_the_strategy_metrics(tmp_path):
     run.fit(module, batches(6))
     lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
-    for name in ("tokens_per_sec", "tflops", "peak_host_gib", "host_busy_share", "compute_blocked_share"):
+    for name in ("tokens_per_sec", "tflops", "peak_host_gib", "host_busy_share", "compute_blocked_share",
+                 "skipped_steps", "parked_layers"):
         assert f"slide/{name}" in header, name
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     tokens = [float(r["slide/tokens_per_sec"]) for r in rows if r["slide/tokens_per_sec"]]
