@@ -133,6 +133,8 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         offload=strategy.get("offload"),
         ranks=_ranks(cfg.trainer),
     )
+    if machine.host_memory is not None and settings.ranks > 1:
+        machine.host_memory //= settings.ranks  # the items are one rank's; the ranks share this host
     plan = make_plan(shape, settings, machine)
     if machine.gpu_memory is None:
         plan.notes.append("no GPU here and no plan.gpu_memory / strategy.gpu_memory_limit: the GPU is not checked")
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
           f"accumulate {s.accumulate}, clipping {'on' if s.clipping else 'off'}, kernels "
           f"{', '.join(s.kernels) or 'none'}, resident optimizer on the {'GPU' if s.resident_on_device else 'host'}"
           f"{', offload_activations' if s.offload_activations else ''}"
-          f"{f', offload_dir {s.offload_dir}' if s.offload_dir else ''}")
+          f"{f', offload_dir {s.offload_dir}' if s.offload_dir else ''}"
+          f"{f'; {s.ranks} ranks (memory per rank, the host shared by them)' if s.ranks > 1 else ''}")
     print(plan.table())
     target = (cfg.get("plan") or {}).get("json")
     if target:

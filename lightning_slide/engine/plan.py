@@ -427,6 +427,9 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: fp32
     gradients (4 B/param, cast on the device) per micro-batch, offloaded layer inputs going out. Host AdamW: every
     host-updated parameter once per step. Disk: the Adam moments read and written once per step.
+    With several ranks on one host (``s.ranks``): each GPU moves its shard of the weights and gradients over its
+    own link (the all-gathers and reduce-scatters between GPUs are not counted), while the host's AdamW and its disk
+    serve every rank.
     """
     a = s.accumulate
     tokens = (s.batch or 0) * (s.seq or 0)
@@ -437,13 +440,14 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     upload = s.element if s.compute_copy else 4  # bytes per layer parameter per upload
     times = {
         "GPU compute (8·N·tokens)": a * 8 * (layer_params + head) * tokens / m.gpu_flops,
-        "H2D weights (forward + recompute)": (a * (2 * upload * layer_params + offloaded)
-                                                     + resident_host * 4 * shape.resident_params) / m.h2d_bytes_per_s,
-        "D2H gradients (fp32)": a * (4 * shape.layers * shape.layer_trainable + offloaded
-                                     + resident_host * 4 * shape.resident_trainable) / m.d2h_bytes_per_s,
+        "H2D weights (forward + recompute)": (a * (2 * upload * layer_params / s.ranks + offloaded)
+                                              + resident_host * 4 * shape.resident_params / s.ranks) / m.h2d_bytes_per_s,
+        "D2H gradients (fp32)": a * ((4 * shape.layers * shape.layer_trainable
+                                      + resident_host * 4 * shape.resident_trainable) / s.ranks + offloaded)
+        / m.d2h_bytes_per_s,
         "host AdamW": _host_updated_trainable(shape, s) / m.host_adamw_params_per_s,
     }
-    files = sum(disk_bytes(shape, s).values())  # each read and written once per step
+    files = sum(disk_bytes(shape, s).values()) * s.ranks  # every rank's, each read and written once per step
     if files:
         what = " + ".join(n for n in ("Adam moments", "masters") if any(n.split()[-1] in k for k in disk_bytes(shape, s)))
         times[f"disk read ({what})"] = files / m.disk_read_bytes_per_s

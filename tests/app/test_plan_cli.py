@@ -49,14 +49,15 @@ def test_slide_plan_errors(tmp_path, capsys):
 
 def test_slide_plan_per_rank_with_several_devices(tmp_path, capsys):
     """With trainer.devices=2 the host items are one rank's: half the Adam moments and gradient buffers."""
-    host = {}
+    host, out = {}, {}
     for devices in (1, 2):
         target = tmp_path / f"plan{devices}.json"
         assert main(["plan.gpu_memory=1GiB", f"trainer.devices={devices}", f"plan.json={target}"]) == 0
+        out[devices] = capsys.readouterr().out
         plan = json.loads(target.read_text())
         assert plan["settings"]["ranks"] == devices
         host[devices] = plan["host"]
-    capsys.readouterr()
+    assert "2 ranks (memory per rank" in out[2] and "ranks" not in out[1].splitlines()[0]
     moments = next(k for k in host[1] if k.startswith("Adam moments"))
     assert abs(host[2][moments] - host[1][moments] / 2) <= 8
     masters = next(k for k in host[1] if k.startswith("fp32 masters"))

@@ -274,3 +274,17 @@ def test_parked_gradient_buffers_are_in_the_plan():
         TinyLM("llama", initial_state("llama")), batches(4))
     engine_bytes = snap.parked
     assert engine_bytes == snap.plan.gpu["parked layer gradients"] == 3 * snap.plan.shape.layer_trainable * 4
+
+
+def test_several_ranks_plan_per_rank():
+    """Each rank keeps its shard of the moments and gradient buffers and moves its shard over its own link; the
+    host's AdamW serves every rank."""
+    shape = _llama8b_shape()
+    one, two = (planner.make_plan(shape, Settings(batch=4, seq=1024, clipping=False, ranks=r), Machine(), suggest=False)
+                for r in (1, 2))
+    assert two.host["Adam moments (fp32)"] == one.host["Adam moments (fp32)"] // 2
+    assert two.host[next(k for k in one.host if k.startswith("fp32 masters"))] == one.host[
+        next(k for k in one.host if k.startswith("fp32 masters"))]
+    h2d = "H2D weights (forward + recompute)"
+    assert two.time[h2d] == pytest.approx(one.time[h2d] / 2)
+    assert two.time["host AdamW"] == one.time["host AdamW"]
