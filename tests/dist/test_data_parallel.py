@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_slide
@@ -180,3 +181,22 @@ def test_a_failure_on_one_rank_stops_every_rank():
     strategy = lightning_slide.SlideFormerStrategy(window=2, start_method="spawn")
     with pytest.raises(Exception, match="boom on rank 1"):
         train(strategy, devices=2, module=FailsOnRank1("llama", initial_state("llama")))
+
+
+class SaveInto(L.Callback):
+    """Every rank asks for a checkpoint at ``path`` after the first epoch (as ModelCheckpoint does)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def test_a_failing_save_on_rank_0_does_not_leave_the_others_waiting(tmp_path):
+    """Rank 0 cannot write (the checkpoint's parent is a file) while rank 1 waits in the optimizer-state reads: the
+    run stops with the save's error in seconds, not after the collective timeout (rank 1 sees rank 0 go)."""
+    (tmp_path / "a_file").write_text("")
+    strategy = lightning_slide.SlideFormerStrategy(window=2, start_method="spawn", timeout=timedelta(seconds=120))
+    with pytest.raises(Exception, match="(?i)not a directory|file exists"):
+        train(strategy, devices=2, max_epochs=2, max_steps=-1, callbacks=[SaveInto(str(tmp_path / "a_file" / "ckpt"))])
