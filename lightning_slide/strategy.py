@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.disk import parse_offload
-from lightning_slide.engine.engine import SlidingEngine
+from lightning_slide.engine.engine import SlidingEngine, check_count
 from lightning_slide.engine.optimizer import HostOptimizer
 from lightning_slide.engine.plan import Plan, human, parse_bytes, resident_on_device_auto
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
@@ -188,16 +188,9 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 "the masters on disk; use host_weights='compute' or 'auto'"
             )
         self.host_weights = "compute" if host_weights == "auto" and "masters" in on_disk else host_weights
-        if grad_buffers is not None and (isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int)
-                                         or grad_buffers < 1):
-            raise ValueError(
-                f"SlideFormerStrategy(grad_buffers=...) must be a positive integer or None, got {grad_buffers!r}"
-            )
+        check_count("SlideFormerStrategy(grad_buffers=...)", grad_buffers, minimum=1, optional=True)
         self.grad_buffers = grad_buffers
-        if isinstance(parked_grads, bool) or not isinstance(parked_grads, int) or parked_grads < 0:
-            raise ValueError(
-                f"SlideFormerStrategy(parked_grads=...) must be a non-negative integer, got {parked_grads!r}"
-            )
+        check_count("SlideFormerStrategy(parked_grads=...)", parked_grads, minimum=0)
         self.parked_grads = parked_grads
         self.host_memory = None if host_memory is None else parse_bytes(host_memory)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
@@ -391,9 +384,6 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
 
     def model_to_device(self) -> None:
         pass  # the engine places the resident parts and slides the layers
-
-    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
-        return super().all_gather(tensor, group, sync_grads) if self.data_parallel else tensor
 
     def on_exception(self, exception: BaseException) -> None:
         """An exception or Ctrl+C stopped the run (Lightning calls this after the callbacks' ``on_exception``, then

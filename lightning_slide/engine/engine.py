@@ -54,6 +54,16 @@ from lightning_slide.engine.window import Window
 RESIDENT = "resident"
 
 
+def check_count(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming option ``name`` unless ``value`` is an integer of at least ``minimum`` (or
+    ``None`` when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer of at least {minimum}")
+        raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
+
+
 def _memory_fraction(device: torch.device) -> float:
     """The process's current cap on ``device`` as a fraction of its memory (1.0 where torch cannot say)."""
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
@@ -177,11 +187,8 @@ class SlidingEngine:
         data_parallel: bool = False,
         parked_grads: int = 0,
     ) -> None:
-        if grad_buffers is not None and (isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int)
-                                         or grad_buffers < 1):
-            raise ValueError(f"grad_buffers must be a positive integer or None, got {grad_buffers!r}")
-        if isinstance(parked_grads, bool) or not isinstance(parked_grads, int) or parked_grads < 0:
-            raise ValueError(f"parked_grads must be a non-negative integer, got {parked_grads!r}")
+        check_count("grad_buffers", grad_buffers, minimum=1, optional=True)
+        check_count("parked_grads", parked_grads, minimum=0)
         if host_weights not in HOST_WEIGHTS:
             raise ValueError(f"host_weights must be one of {HOST_WEIGHTS}, got {host_weights!r}")
         self.offload = parse_offload(offload, offload_dir)
@@ -278,9 +285,9 @@ class SlidingEngine:
         self._lent: collections.deque = collections.deque()  # layers holding a pool buffer, oldest first
         # Device buffers for parked gradients, each with the event after which it may be written again, and the
         # parked layers: index -> (buffer, event after the gradients landed there, the step's hyperparameters).
-        park_numel = max(u.grad_numel for u in self.layers)
         self._park_free: list[tuple[torch.Tensor, object]] = [
-            (torch.empty(park_numel, dtype=compute_dtype, device=self.device), None) for _ in range(parked_grads)
+            (torch.empty(self.grad_pool.numel, dtype=compute_dtype, device=self.device), None)
+            for _ in range(parked_grads)
         ]
         self._parked: dict[int, tuple[torch.Tensor, object, list[dict]]] = {}
         self.parked_total = 0  # layers whose gradients were parked, since construction

@@ -34,10 +34,9 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 @dataclass(frozen=True)
 class Span:
-    """A rank's shard of a unit of ``numel`` elements: ``[start, stop)`` of the unit's flat vector (clipped to it;
+    """A rank's shard of a unit: ``[start, stop)`` of the unit's flat vector (clipped to it;
     empty for a rank past the end), inside the device slice ``[lo, lo + size)`` that collectives use."""
 
-    numel: int
     size: int  # elements per shard: ceil(numel / world)
     lo: int  # rank * size
     start: int
@@ -63,7 +62,6 @@ class Shards:
             raise RuntimeError("data-parallel sharding needs torch.distributed initialized (the strategy does that)")
         self.world = dist.get_world_size() if data_parallel else 1
         self.rank = dist.get_rank() if data_parallel else 0
-        self.group = None  # the default group
         # The update thread's own group (host tensors, gloo): its one collective per step (the clipping norm) must
         # not interleave with the training thread's on the default group.
         self._host_group = dist.new_group(backend="gloo") if self.active else None
@@ -75,7 +73,7 @@ class Shards:
     def span(self, numel: int) -> Span:
         size = -(-numel // self.world) if numel else 0
         lo = self.rank * size
-        return Span(numel, size, lo, min(lo, numel), min(lo + size, numel), self.world)
+        return Span(size, lo, min(lo, numel), min(lo + size, numel), self.world)
 
     def padded(self, numel: int) -> int:
         """Elements of a device buffer through which a unit of ``numel`` elements is gathered or reduced."""
@@ -88,7 +86,7 @@ class Shards:
             return
         span = self.span(numel)
         whole = flat[: span.size * self.world]
-        _all_gather(whole, whole[span.lo : span.lo + span.size], group=self.group)
+        _all_gather(whole, whole[span.lo : span.lo + span.size])
 
     def reduce_scatter(self, flat: torch.Tensor, numel: int) -> None:
         """Leave in this rank's shard of ``flat`` (padded with zeros past ``numel``) the mean over ranks."""
@@ -96,17 +94,17 @@ class Shards:
             return
         span = self.span(numel)
         whole = flat[: span.size * self.world]
-        _reduce_scatter(whole[span.lo : span.lo + span.size], whole, op=dist.ReduceOp.AVG, group=self.group)
+        _reduce_scatter(whole[span.lo : span.lo + span.size], whole, op=dist.ReduceOp.AVG)
 
     def mean(self, tensor: torch.Tensor) -> None:
         """All-reduce ``tensor`` in place to its mean over ranks (replicated parts)."""
         if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=self.group)
+            dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
 
     def all_true(self, flags: torch.Tensor) -> None:
         """All-reduce boolean ``flags`` in place to their logical AND over ranks."""
         if self.active:
-            dist.all_reduce(flags.view(torch.uint8), op=dist.ReduceOp.MIN, group=self.group)
+            dist.all_reduce(flags.view(torch.uint8), op=dist.ReduceOp.MIN)
 
     # ------------------------------------------------------------ host collectives (update thread)
     def host_sum(self, tensor: torch.Tensor) -> None:

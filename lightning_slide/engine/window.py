@@ -135,15 +135,18 @@ class Window:
         slot = self.slot_of[index]
         self.streams.wait(slot.grads_free)
         # With several ranks the padding past the trainable part is reduced too: zeros, whatever was there before.
-        slot.grads[: unit.trainable_numel if self.shards is None else self.shards.padded(unit.numel)].zero_()
+        slot.grads[: self._grads_extent(unit)].zero_()
         for e in unit.trainable:
             e.param.grad = e.view(slot.grads)
 
     def grads_of(self, index: int) -> torch.Tensor:
         """The loaded layer's gradient buffer: its trainable elements, padded for the collectives with several
         ranks (zeros past them)."""
-        unit = self.layers[index]
-        return self.slot_of[index].grads[: unit.trainable_numel if self.shards is None else self.shards.padded(unit.numel)]
+        return self.slot_of[index].grads[: self._grads_extent(self.layers[index])]
+
+    def _grads_extent(self, unit: HostUnit) -> int:
+        """Elements of a slot's gradient buffer a layer uses: its trainable ones, padded for the collectives."""
+        return unit.trainable_numel if self.shards is None else self.shards.padded(unit.numel)
 
     def grads_copied(self, index: int, event) -> None:
         """Record that the gradients of loaded layer ``index`` leave the device when ``event`` happens."""
