@@ -165,7 +165,7 @@ def engine_seconds_per_step(stats: list[dict], skip: int) -> dict:
     if len(stats) <= skip:
         return {}
     steps = len(stats) - skip
-    return {k: (stats[-1][k] - stats[skip - 1][k]) / steps for k in ("host_busy", "compute_blocked")}
+    return {k: (stats[-1][k] - stats[skip - 1][k]) / steps for k in ("host_busy", "host_waiting", "compute_blocked")}
 
 
 def main() -> None:
@@ -224,7 +224,8 @@ def main() -> None:
                         n / HOST_ADAMW_PARAMS_PER_S)
             ratio = f"{ceiling / step:.2f}" if ceiling else "–"
             if "host_busy" in result:
-                row += f" (host busy {result['host_busy']:.2f} s, blocked {result['compute_blocked']:.2f} s)"
+                row += (f" (host busy {result['host_busy']:.2f} s of which waiting {result['host_waiting']:.2f} s, "
+                        f"blocked {result['compute_blocked']:.2f} s)")
             print(f"{row} {step:.3f} | {tokens / step:,.0f} | {6 * n * tokens / step / 1e12:.1f} | "
                   f"{result['peak_gpu_gib']:.2f} | {result['peak_host_gib']:.1f} | {ratio} | {bound / step:.0%} |",
                   flush=True)

@@ -268,7 +268,7 @@ class SlidingEngine:
         )
         # A streamed step's resident gradients left on the device for the update: (event after which they are ready,)
         self._resident_from_device: tuple[object] | None = None
-        self._chunk_buffer: torch.Tensor | None = None  # host fp32, one chunk of resident gradients
+        self._chunk_buffer: torch.Tensor | None = None  # host fp32, two chunks of resident gradients
         self._chunk_staging: torch.Tensor | None = None  # device fp32, the update thread's own cast staging
         self._chunk_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
@@ -562,10 +562,10 @@ class SlidingEngine:
         and the per-parameter norms ``device_norms`` (``(host tensor, event)``) of gradients kept on the device."""
         norms = []
         for unit in units:
-            Streams.host_wait(unit.grad_event)
+            self.worker.await_device(unit.grad_event)
             norms.extend(torch.linalg.vector_norm(g) for g in self._optimizers[self._key_of(unit)].bind())
         if device_norms is not None and self.shards.rank == 0:  # replicated on every rank: counted once
-            Streams.host_wait(device_norms[1])
+            self.worker.await_device(device_norms[1])
             norms.extend(device_norms[0].unbind())
         if self.shards.active:  # the norm over every rank's shards (each rank takes part, even with none)
             squares = torch.stack(norms).square().sum() if norms else torch.zeros(())
@@ -600,7 +600,7 @@ class SlidingEngine:
         gradient of a unit in ``keys`` is NaN/Inf."""
         units = self._units()
         for key in keys:
-            Streams.host_wait(units[key].grad_event)
+            self.worker.await_device(units[key].grad_event)
         if not all(self._finite_host[-1 if key == RESIDENT else key] for key in keys):
             out["skip"] = True
             self.skipped_steps += 1
@@ -628,7 +628,7 @@ class SlidingEngine:
         """Raise ``FloatingPointError`` when unit ``key``'s gradients of this step hold a NaN/Inf (after waiting for
         its flag to reach the host)."""
         unit = self._units()[key]
-        Streams.host_wait(unit.grad_event)
+        self.worker.await_device(unit.grad_event)
         if not self._finite_host[-1 if key == RESIDENT else key]:
             raise FloatingPointError(
                 f"{unit.name} has NaN/Inf gradients at global step {self._step_index}. Lower the learning rate, check "
@@ -646,7 +646,7 @@ class SlidingEngine:
         try:
             if "error" in coefficient:
                 raise coefficient["error"]
-            Streams.host_wait(unit.grad_event)
+            self.worker.await_device(unit.grad_event)
             if not coefficient.get("skip"):
                 self._raise_if_nonfinite(self._key_of(unit))
                 if unit is self.resident and self._resident_from_device is not None:
@@ -665,13 +665,14 @@ class SlidingEngine:
         self._give_back(unit)
 
     # The resident parts (embeddings, head: often larger than a layer) of a streamed step are updated on the host
-    # chunk by chunk, their gradients read from the device through one chunk-sized buffer, instead of a host
-    # accumulator as large as they are. Tests may set RESIDENT_CHUNK (elements) to cut smaller chunks.
+    # chunk by chunk, their gradients read from the device through two half-layer buffers (one chunk goes down while
+    # the one before is updated) instead of a host accumulator as large as they are. Tests may set RESIDENT_CHUNK
+    # (elements) to cut smaller chunks.
     RESIDENT_CHUNK: int | None = None
 
     def _resident_chunk(self) -> int:
-        """Elements of resident gradients per chunk: a layer's gradient buffer's worth."""
-        return self.RESIDENT_CHUNK or max(1, self.grad_pool.numel)
+        """Elements of resident gradients per chunk: half a layer's gradient buffer."""
+        return self.RESIDENT_CHUNK or max(1, self.grad_pool.numel // 2)
 
     def _resident_accumulator(self) -> torch.Tensor:
         """The resident parts' host gradient accumulator (accumulation, clipping, ``nonfinite="skip"``), kept once
@@ -683,17 +684,27 @@ class SlidingEngine:
     def _step_resident_in_chunks(self, optimizer: UnitOptimizer, hyper, state) -> None:
         """Worker task part: update the resident parts chunk by chunk from their gradients on the device (this
         rank's shard, already averaged), each chunk cast to fp32 on the device and copied down on the update
-        thread's own stream, through its own staging."""
+        thread's own stream, through its own staging, into the half of ``_chunk_buffer`` the previous chunk's update
+        is not reading."""
         unit, chunk = self.resident, self._resident_chunk()
         (ready,), self._resident_from_device = self._resident_from_device, None
-        for lo in range(unit.grad_start, unit.grad_stop, chunk):
-            hi = min(lo + chunk, unit.grad_stop)
-            buffer = self._chunk_buffer[: hi - lo]
+        spans = [(lo, min(lo + chunk, unit.grad_stop)) for lo in range(unit.grad_start, unit.grad_stop, chunk)]
+
+        def fetch(number: int):
+            lo, hi = spans[number]
+            half = (number % 2) * chunk
+            buffer = self._chunk_buffer[half : half + hi - lo]
             with self.streams.on(self._chunk_stream):
                 self.streams.wait(ready)
                 copy_cast(buffer, self.resident_grads[lo:hi], self._chunk_staging)
-                copied = self.streams.record()
-            Streams.host_wait(copied)
+                return buffer, self.streams.record()
+
+        coming = fetch(0)
+        for number, (lo, hi) in enumerate(spans):
+            buffer, copied = coming
+            if number + 1 < len(spans):
+                coming = fetch(number + 1)  # into the other half: the update that read it last has returned
+            self.worker.await_device(copied)
             optimizer.step(hyper, None, None, state, only=(lo, hi, buffer))
 
     def _give_back(self, unit: HostUnit) -> None:
@@ -859,8 +870,8 @@ class SlidingEngine:
             elif self._streaming is not None and self.resident.grad_empty and RESIDENT in self._optimizers:
                 # Left on the device: the update reads them in chunks (_step_resident_in_chunks), through buffers
                 # made here, on the training thread (page-locked for this thread's device).
-                if self._chunk_buffer is None:
-                    numel = min(self._resident_chunk(), self.resident.grad_numel)
+                if self._chunk_buffer is None:  # two chunks
+                    numel = min(2 * self._resident_chunk(), self.resident.grad_numel)
                     self._chunk_buffer = host_empty(numel, MASTER_DTYPE, pin=self.pin)
                     if self.upload_staging is not None:
                         self._chunk_staging = torch.empty_like(self.upload_staging)
@@ -957,9 +968,8 @@ class SlidingEngine:
             buffer = self._host_staging[key] = host_empty(numel, MASTER_DTYPE, pin=self.pin)
         return buffer[:numel]
 
-    @staticmethod
-    def _add(unit: HostUnit, staging: torch.Tensor, copied) -> None:
-        Streams.host_wait(copied)
+    def _add(self, unit: HostUnit, staging: torch.Tensor, copied) -> None:
+        self.worker.await_device(copied)
         unit.grad.add_(staging)
 
     # ---------------------------------------------------------------- state and lifetime
@@ -971,11 +981,13 @@ class SlidingEngine:
 
     def stats(self) -> dict[str, float]:
         """Cumulative figures since construction: ``host_busy`` (seconds the update thread ran updates and gradient
-        additions), ``compute_blocked`` (seconds the training thread waited for an update it needs) and
+        additions), ``host_waiting`` (seconds of those it waited for the device: gradients still on their way),
+        ``compute_blocked`` (seconds the training thread waited for an update it needs) and
         ``skipped_steps`` (optimizer steps skipped for a NaN/Inf loss or gradient) and ``parked_layers`` (layers
         whose gradients waited on the device for a host buffer, ``parked_grads``)."""
         return {
             "host_busy": self.worker.busy_seconds,
+            "host_waiting": self.worker.waiting_seconds,
             "compute_blocked": self.worker.blocked_seconds,
             "skipped_steps": float(self.skipped_steps),
             "parked_layers": float(self.parked_total),

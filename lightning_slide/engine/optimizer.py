@@ -259,6 +259,7 @@ class UpdateWorker:
         self.busy_seconds = 0.0  # time the thread spent running tasks
         self.failed = False  # a task raised
         self.blocked_seconds = 0.0  # time callers of wait() spent blocked
+        self.waiting_seconds = 0.0  # time tasks spent in await_device
         self._thread = threading.Thread(target=self._run, name="slide-update", daemon=True)
         self._thread.start()
 
@@ -310,6 +311,15 @@ class UpdateWorker:
                 future.set_result(None)
             finally:
                 self.busy_seconds += time.perf_counter() - start
+
+    def await_device(self, event) -> None:
+        """Inside a task: block until the device has reached ``event`` (``None``: at once), counting the wait in
+        ``waiting_seconds`` (``busy_seconds`` minus it is the host's own work)."""
+        if event is None or event.query():
+            return
+        start = time.perf_counter()
+        event.synchronize()
+        self.waiting_seconds += time.perf_counter() - start
 
     def done(self, key: Hashable) -> bool:
         """Whether nothing submitted under ``key`` is still to run (a failure counts as not done: wait raises it)."""

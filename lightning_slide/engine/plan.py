@@ -389,7 +389,7 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     resident_grads = int(4 * shape.resident_trainable * share)
     if s.resident_on_device:
         pass  # updated on the device, they accumulate there
-    elif streaming:  # engine._chunk_buffer: a streamed step reads them from the device a chunk (a layer) at a time
+    elif streaming:  # engine._chunk_buffer: a streamed step reads them from the device in half-layer chunks, two at a time
         items["resident gradient chunk (fp32)" + pinned] = min(resident_grads, int(4 * shape.layer_trainable * share))
     else:  # engine._resident_accumulator
         items["resident gradient accumulator (fp32)" + pinned] = resident_grads

@@ -40,12 +40,6 @@ class Streams:
         if event is not None:
             (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
 
-    @staticmethod
-    def host_wait(event) -> None:
-        """Block the calling host thread until ``event`` has happened (used by host worker threads only)."""
-        if event is not None:
-            event.synchronize()
-
 
 def copy_cast(dst: torch.Tensor, src: torch.Tensor, staging: torch.Tensor | None) -> None:
     """``dst.copy_(src)`` across devices and dtypes, asynchronously on the current stream.
