@@ -159,8 +159,9 @@ class SlidingEngine:
             ``False``.
         parked_grads: layers' gradients the compute device may hold, in the compute dtype, while every host
             gradient buffer is lent during a backward that streams updates (no clipping, last micro-batch): instead
-            of waiting for the host, the backward parks them on the device and goes on; they go down later, first
-            layer first, as host buffers come back, at the latest when the next forward loads the layer. The host
+            of waiting for the host, the backward parks them on the device and goes on; they go down later, on their
+            own stream, as host buffers come back (during the backward the lowest layer whose gradients are
+            complete first, after it the first layer first), at the latest when the next forward loads the layer. The host
             then updates through the next forward instead of idling in it. Costs one layer's gradients (this
             rank's shard) of device memory each. Default ``0``: the backward waits for the host.
 
@@ -289,7 +290,13 @@ class SlidingEngine:
             (torch.empty(self.grad_pool.numel, dtype=compute_dtype, device=self.device), None)
             for _ in range(parked_grads)
         ]
-        self._parked: dict[int, tuple[torch.Tensor, object, list[dict]]] = {}
+        self._parked: dict[int, tuple[torch.Tensor, object, list[dict]]] = {}  # in the order they were parked
+        # Parked gradients go down on their own stream (and staging): the download stream runs as far behind the
+        # training thread as the backward's flags and parks issued on it, which would hold back gradients that are
+        # already complete.
+        parking = parked_grads > 0 and self.device.type == "cuda"
+        self._unpark_stream = torch.cuda.Stream(self.device) if parking else None
+        self._unpark_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if parking and cast else None
         self.parked_total = 0  # layers whose gradients were parked, since construction
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
@@ -537,7 +544,10 @@ class SlidingEngine:
         self.resident.grad_empty = True
         self.resident_weights.copy_(self._resident_master)
 
-    def _submit_update(self, key, hyper: list[dict], coefficient: dict | None = None, clip_value=None) -> None:
+    def _submit_update(self, key, hyper: list[dict], coefficient: dict | None = None, clip_value=None,
+                       ready=None) -> None:
+        """Queue unit ``key``'s update. ``ready``: the event its gradients wait for, given for a streamed step's
+        updates, which the host may then run in the order their gradients arrive (``UpdateWorker.submit``)."""
         optimizer = self._optimizers.get(key)
         if optimizer is not None:
             self._step_open = True
@@ -547,7 +557,8 @@ class SlidingEngine:
             if self.state_store is not None:
                 self.worker.wait(key)  # its previous update has handed its files to the writer: read after that
             state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
-            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value, state))
+            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value, state),
+                               ready)
 
     def _read_state(self, key, optimizer: UnitOptimizer):
         """Start reading ``key``'s arrays on disk (moments, masters) for its update; ``None`` if none are."""
@@ -722,6 +733,11 @@ class SlidingEngine:
         self._lent.append(index)
         return self.grad_pool.take()[: self.layers[index].grad_numel]
 
+    def _wait_for_room(self) -> None:
+        """Block until a layer could borrow a gradient buffer within the streaming bound."""
+        while len(self._lent) >= self.grad_buffers:
+            self.worker.wait(self._lent.popleft())
+
     def _pool_has_room(self) -> bool:
         """Whether a layer could borrow a gradient buffer now, within the streaming bound, without waiting."""
         while self._lent and self.worker.done(self._lent[0]):
@@ -754,21 +770,32 @@ class SlidingEngine:
         buffer, parked, hyper = self._parked.pop(index)
         unit = self.layers[index]
         unit.grad = self._lend(index, bounded=True)
-        with self.streams.on(self.streams.download):
+        with self.streams.on(self._unpark_stream):
             self.streams.wait(parked)
-            copy_cast(unit.grad, buffer[: unit.grad_numel], self.download_staging)
+            copy_cast(unit.grad, buffer[: unit.grad_numel], self._unpark_staging)
             unit.grad_empty = False
             unit.grad_event = self.streams.record()
         self._park_free.append((buffer, unit.grad_event))
-        self._submit_update(index, hyper)
+        self._submit_update(index, hyper, ready=unit.grad_event)
         if self._streaming is None:  # after the backward: the next forward's order, this update among the first
             self._prefer_forward_order()
             self._step_open = bool(self._parked)  # the step's updates are all queued once none is parked
 
     def _unpark_ready(self) -> None:
-        """Send parked gradients down, first layer first, while host buffers are free (never waits)."""
+        """Send parked gradients down while host buffers are free (never waits), in the order ``_next_unpark``
+        gives."""
         while self._parked and self._pool_has_room():
-            self._unpark(min(self._parked))
+            self._unpark(self._next_unpark())
+
+    def _next_unpark(self) -> int:
+        """The parked layer to send down next: of the layers whose gradients have landed in their parking buffer,
+        the lowest — the host can start on it at once, and the next forward needs it soonest, so the layers left
+        for the end reach up to the last and the host still has updates to run while that forward ends. If none
+        has landed: during the backward the oldest (the first to land), after it the first layer."""
+        landed = [index for index, (_, parked, _) in self._parked.items() if parked is None or parked.query()]
+        if landed:
+            return min(landed)
+        return min(self._parked) if self._streaming is None else next(iter(self._parked))
 
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
@@ -888,7 +915,8 @@ class SlidingEngine:
             for entry in self.resident.trainable:
                 entry.param.grad = None
             if self._streaming is not None and not self._resident_updates_on_device():
-                self._submit_update(RESIDENT, self._streaming)
+                ready = self.resident.grad_event if self._resident_from_device is None else self._resident_from_device[0]
+                self._submit_update(RESIDENT, self._streaming, ready=ready)
         if self._streaming is not None:
             # What the host has not started yet, it does in the next forward's order — from now on, not after the
             # device update below, which may wait for the end of backward on the device (its NaN/Inf check).
@@ -930,7 +958,7 @@ class SlidingEngine:
         for entry in unit.trainable:
             entry.param.grad = None
         if self._streaming is not None and index not in self._parked:
-            self._submit_update(index, self._streaming)
+            self._submit_update(index, self._streaming, ready=unit.grad_event)
 
     def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
         """Copy ``device_grads`` into ``unit``'s fp32 accumulator; returns the event after which the device buffer
@@ -946,8 +974,15 @@ class SlidingEngine:
             self.shards.reduce_scatter(device_grads, unit.numel)
             device_grads = device_grads[unit.grad_start : unit.grad_stop]
             if unit.grad_empty:
-                if unit.grad is None and self._streaming is not None and self._park_free and not self._pool_has_room():
-                    return self._park(self.layers.index(unit), device_grads)  # rather than wait for the host
+                if (unit.grad is None and self._streaming is not None and (self._park_free or self._parked)
+                        and (self._parked or not self._pool_has_room())):
+                    # Rather than wait for the host, or take a buffer ahead of gradients parked earlier. With every
+                    # parking buffer taken: wait for a host buffer, send a parked layer that has landed down into
+                    # it, and park in the buffer that frees (the host never waits on gradients still computing).
+                    if not self._park_free:
+                        self._wait_for_room()
+                        self._unpark_ready()
+                    return self._park(self.layers.index(unit), device_grads)
                 if unit.grad is None:
                     unit.grad = self._resident_accumulator() if unit is self.resident else self._lend(
                         self.layers.index(unit))
@@ -1216,13 +1251,15 @@ class SlidingEngine:
             self.streams.upload.synchronize()
             self.streams.download.synchronize()
             self._chunk_stream.synchronize()
+            if self._unpark_stream is not None:
+                self._unpark_stream.synchronize()
         # No copy is in flight any more: drop the scratch buffers (nothing after close uses them).
         self._resident_deferred = None
         self.window.slots.clear()
         self.window.upload_staging = self.upload_staging = self.download_staging = None
         self.resident_weights = self.resident_grads = None
         self._host_staging.clear()
-        self._chunk_buffer = self._chunk_staging = None
+        self._chunk_buffer = self._chunk_staging = self._unpark_staging = None
         for unit in self.layers:
             unit.grad = None  # buffers lent by the pool
         self._lent.clear()

@@ -244,6 +244,9 @@ class UnitOptimizer:
             current[name].copy_(value)
 
 
+_POLL_SECONDS = 2e-4  # how often an idle update thread looks whether a queued task's gradients have arrived
+
+
 class UpdateWorker:
     """Runs host tasks on one background thread, in submission order unless told otherwise by ``prefer``.
 
@@ -263,14 +266,17 @@ class UpdateWorker:
         self._thread = threading.Thread(target=self._run, name="slide-update", daemon=True)
         self._thread.start()
 
-    def submit(self, key: Hashable, fn: Callable[[], None]) -> None:
+    def submit(self, key: Hashable, fn: Callable[[], None], ready=None) -> None:
+        """Queue ``fn`` under ``key``. ``ready``: an event (CUDA) the task's inputs wait for; while it has not
+        happened, tasks queued after it whose own inputs are there may run first (only tasks given an event are
+        passed over, so tasks without one keep their order)."""
         if key in self._pending:
             self.wait(key)
         future: Future = Future()
         with self._ready:
             if self._closed:
                 raise RuntimeError("the update worker is closed")
-            heapq.heappush(self._queue, (next(self._ranks), key, fn, future))
+            heapq.heappush(self._queue, (next(self._ranks), key, fn, future, ready))
             self._ready.notify()
         self._pending[key] = future
 
@@ -291,14 +297,29 @@ class UpdateWorker:
             self._queue = others + ranked
             heapq.heapify(self._queue)
 
+    def _next(self):
+        """The first queued task whose inputs are there, taken off the queue; ``None`` if every one waits."""
+        for entry in sorted(self._queue, key=lambda entry: entry[0]):
+            ready = entry[4]
+            if ready is None or ready.query():
+                self._queue.remove(entry)
+                heapq.heapify(self._queue)
+                return entry
+        return None
+
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._queue and not self._closed:
-                    self._ready.wait()
-                if not self._queue:
-                    return
-                _, _, fn, future = heapq.heappop(self._queue)
+                while True:
+                    while not self._queue and not self._closed:
+                        self._ready.wait()
+                    if not self._queue:
+                        return
+                    entry = self._next()
+                    if entry is not None:
+                        break
+                    self._ready.wait(_POLL_SECONDS)  # every queued task's gradients are on their way: look again
+                _, _, fn, future, _ = entry
             if not future.set_running_or_notify_cancel():
                 continue
             start = time.perf_counter()
@@ -356,8 +377,8 @@ class UpdateWorker:
         finally:
             with self._ready:
                 self._closed = True
-                for *_, future in self._queue:
-                    future.cancel()
+                for entry in self._queue:
+                    entry[3].cancel()
                 self._queue.clear()
                 self._ready.notify()
             self._thread.join()

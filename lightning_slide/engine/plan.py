@@ -318,10 +318,12 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         items["resident fp32 masters, gradients, Adam moments"] = 4 * shape.resident_params + 12 * shape.resident_trainable
     if s.cast:  # upload_staging and download_staging (the engine allocates both whatever the layers upload)
         largest = max(shape.layer_params, shape.resident_params)
-        # and the update thread's own, for streamed steps' resident gradients read in chunks
-        copies = 2 if s.resident_on_device or s.clipping or s.accumulate > 1 else 3
-        items["copy staging (fp32, upload + download)" if copies == 2 else
-              "copy staging (fp32, upload + download + resident chunks)"] = copies * 4 * min(largest, STAGING_NUMEL)
+        copies = ["upload", "download"]
+        if not (s.resident_on_device or s.clipping or s.accumulate > 1):
+            copies.append("resident chunks")  # the update thread's own, for streamed steps' resident gradients
+        if s.parked_grads:
+            copies.append("parked gradients")  # the unpark stream's own
+        items[f"copy staging (fp32, {' + '.join(copies)})"] = len(copies) * 4 * min(largest, STAGING_NUMEL)
     if s.batch is None or s.seq is None or not shape.has_dims:
         return items
     tokens = s.batch * s.seq

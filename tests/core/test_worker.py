@@ -22,6 +22,35 @@ def test_prefer_runs_queued_updates_in_the_given_order_after_earlier_tasks():
     worker.close()
 
 
+class _Landing:
+    """Stands for a CUDA event: ``query()`` is whether the gradients it marks have landed."""
+
+    def __init__(self):
+        self.landed = False
+
+    def query(self):
+        return self.landed
+
+
+def test_a_task_whose_gradients_are_still_on_their_way_is_passed_over_until_they_land():
+    worker = UpdateWorker()
+    gate, ran = threading.Event(), []
+    worker.submit("gate", gate.wait)
+    late, landed = _Landing(), _Landing()
+    landed.landed = True
+    worker.submit(0, lambda: ran.append(0), late)  # first in order, its gradients not there yet
+    worker.submit(1, lambda: ran.append(1), landed)
+    worker.submit(2, lambda: ran.append(2))  # no event: its inputs are there
+    gate.set()
+    worker.wait(1)
+    worker.wait(2)
+    assert ran == [1, 2] and not worker.done(0)
+    late.landed = True
+    worker.wait(0)
+    assert ran == [1, 2, 0]
+    worker.close()
+
+
 def test_failure_reaches_the_waiter_and_close_stops_the_thread():
     worker = UpdateWorker()
 
