@@ -112,9 +112,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             ``window + 2``.
         parked_grads: layers' gradients the GPU may hold (bf16, one layer each) when every host gradient buffer is
             lent during a backward that streams updates: the backward parks them and goes on instead of waiting for
-            the host, and they go down first layer first as buffers come back, so the host keeps updating through
-            the next forward instead of idling in it — more overlap without more host memory. Default ``0``: the
-            backward waits for the host.
+            the host, and they go down as buffers come back (the lowest layer whose gradients have landed first),
+            so the host keeps updating through the next forward instead of idling in it — more overlap without more
+            host memory. Pairs with a small ``grad_buffers`` (2): at the Llama-3.1-8B shape 24 parked layers gave
+            1.09x the speed for 9.8 GiB of GPU memory. Default ``0``: the backward waits for the host.
         host_memory: the host memory this run may count on, e.g. ``"240GiB"``, for the plan's check (shared by the
             ranks of one host). Default ``None``: what the OS reports available at setup (``MemAvailable``); give
             it where that reads low, e.g. a virtual machine whose memory grows as it is used.

@@ -52,6 +52,7 @@ from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
 
 RESIDENT = "resident"
+_UNPARK_POLL_SECONDS = 1e-3  # while the training thread waits for an update, how often it sends parked gradients down
 
 
 def check_count(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
@@ -752,7 +753,14 @@ class SlidingEngine:
     def _before_load(self, index: int) -> None:
         if index in self._parked:
             self._unpark(index)
-        self.worker.wait(index)
+        self._wait_update(index)
+
+    def _wait_update(self, key) -> None:
+        """Wait for unit ``key``'s update, sending parked gradients down meanwhile as host buffers come back: the
+        update thread would otherwise run out of gradients to update while this thread waits."""
+        while self._parked and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
+            self._unpark_ready()
+        self.worker.wait(key)
 
     def _park(self, index: int, device_grads: torch.Tensor) -> object:
         """On the download stream: copy layer ``index``'s gradients into a free parking buffer; returns the event
@@ -803,7 +811,7 @@ class SlidingEngine:
         self._apply_deferred_resident_update()
         if self._resident_loaded or self._resident_updates_on_device():
             return
-        self.worker.wait(RESIDENT)
+        self._wait_update(RESIDENT)
         in_use = self.streams.record()  # whatever compute still reads the old copy
         with self.streams.on(self.streams.upload):
             self.streams.wait(in_use)

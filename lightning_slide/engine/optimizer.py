@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import torch
@@ -347,18 +348,26 @@ class UpdateWorker:
         future = self._pending.get(key)
         return future is None or (future.done() and future.exception() is None)
 
-    def wait(self, key: Hashable) -> None:
+    def wait(self, key: Hashable, timeout: float | None = None) -> bool:
+        """Block until the task submitted under ``key`` is done (re-raising its exception); ``timeout`` (seconds):
+        give up after it. Returns whether the task is done."""
         future = self._pending.get(key)
         if future is None:
-            return
+            return True
         start = None if future.done() else time.perf_counter()
         try:
-            future.result()
+            try:
+                future.result(timeout)
+            except FutureTimeout:
+                if not future.done():
+                    return False
+                future.result()  # it ended meanwhile: its own result or error
         finally:
             if start is not None:
                 self.blocked_seconds += time.perf_counter() - start
             if future.done():  # a wait interrupted by Ctrl+C leaves the task pending: draining still waits for it
                 del self._pending[key]
+        return True
 
     def wait_all(self) -> None:
         for key in list(self._pending):

@@ -51,6 +51,23 @@ def test_a_task_whose_gradients_are_still_on_their_way_is_passed_over_until_they
     worker.close()
 
 
+def test_wait_with_a_timeout_says_whether_the_task_is_done():
+    worker = UpdateWorker()
+    gate = threading.Event()
+    worker.submit("slow", gate.wait)
+    assert worker.wait("slow", timeout=0.01) is False and not worker.done("slow")
+    gate.set()
+    assert worker.wait("slow", timeout=5) is True and worker.done("slow")
+
+    def fail():
+        raise ValueError("boom")
+
+    worker.submit("bad", fail)
+    with pytest.raises(ValueError, match="boom"):
+        worker.wait("bad", timeout=5)
+    worker.close(drain=False)
+
+
 def test_failure_reaches_the_waiter_and_close_stops_the_thread():
     worker = UpdateWorker()
 
