@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from lightning_slide.engine.activations import ActivationOffload
@@ -758,9 +759,10 @@ class SlidingEngine:
     def _wait_update(self, key) -> None:
         """Wait for unit ``key``'s update, sending parked gradients down meanwhile as host buffers come back: the
         update thread would otherwise run out of gradients to update while this thread waits."""
-        while self._parked and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
-            self._unpark_ready()
-        self.worker.wait(key)
+        with record_function(f"slide.wait update {key}"):
+            while self._parked and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
+                self._unpark_ready()
+            self.worker.wait(key)
 
     def _park(self, index: int, device_grads: torch.Tensor) -> object:
         """On the download stream: copy layer ``index``'s gradients into a free parking buffer; returns the event
@@ -850,18 +852,20 @@ class SlidingEngine:
         return checkpoint(self._run_layer, index, forward, *args, use_reentrant=False, **kwargs)
 
     def _run_layer(self, index: int, forward, *args, **kwargs):
-        if self._parked:
-            self._unpark_ready()
-        if self._backward:  # autograd is recomputing this layer for its backward
-            self.window.ensure(range(index, index - self.depth, -1), evict=self._finish_layer_grads)
-            if self.activations is not None:
-                self.activations.prefetch(index - 1)
-            if self.layers[index].trainable:
-                self.window.attach_grads(index)
-                self._pending[index] = len(self.layers[index].trainable)
-        else:
-            self.window.ensure(range(index, index + self.depth), evict=self._finish_layer_grads)
-        return forward(*args, **kwargs)
+        # Named ranges for torch.profiler (benchmarks/profile_step.py reads them); next to nothing when not profiling.
+        with record_function(f"slide.{'backward' if self._backward else 'forward'} layer {index}"):
+            if self._parked:
+                self._unpark_ready()
+            if self._backward:  # autograd is recomputing this layer for its backward
+                self.window.ensure(range(index, index - self.depth, -1), evict=self._finish_layer_grads)
+                if self.activations is not None:
+                    self.activations.prefetch(index - 1)
+                if self.layers[index].trainable:
+                    self.window.attach_grads(index)
+                    self._pending[index] = len(self.layers[index].trainable)
+            else:
+                self.window.ensure(range(index, index + self.depth), evict=self._finish_layer_grads)
+            return forward(*args, **kwargs)
 
     # ---------------------------------------------------------------- backward
     def begin_backward(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
+from torch.profiler import record_function
 
 from lightning_slide.engine.host import Entry, HostUnit
 
@@ -320,12 +321,13 @@ class UpdateWorker:
                     if entry is not None:
                         break
                     self._ready.wait(_POLL_SECONDS)  # every queued task's gradients are on their way: look again
-                _, _, fn, future, _ = entry
+            _, key, fn, future, _ = entry
             if not future.set_running_or_notify_cancel():
                 continue
             start = time.perf_counter()
             try:
-                fn()
+                with record_function(f"slide.update {key}"):  # a named range for torch.profiler
+                    fn()
             except BaseException as error:  # noqa: BLE001 - handed to whoever waits for this task
                 self.failed = True
                 future.set_exception(error)
