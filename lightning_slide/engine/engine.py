@@ -162,10 +162,10 @@ class SlidingEngine:
         parked_grads: layers' gradients the compute device may hold, in the compute dtype, while every host
             gradient buffer is lent during a backward that streams updates (no clipping, last micro-batch): instead
             of waiting for the host, the backward parks them on the device and goes on; they go down later, on their
-            own stream, as host buffers come back (during the backward the lowest layer whose gradients are
-            complete first, after it the first layer first), at the latest when the next forward loads the layer. The host
-            then updates through the next forward instead of idling in it. Costs one layer's gradients (this
-            rank's shard) of device memory each. Default ``0``: the backward waits for the host.
+            own stream, as host buffers come back (the lowest layer whose gradients have landed first), at the
+            latest when the next forward loads the layer. The host then updates through the next forward instead of
+            idling in it. Costs one layer's gradients (this rank's shard) of device memory each, and a copy staging
+            buffer. Default ``0``: the backward waits for the host.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -298,7 +298,8 @@ class SlidingEngine:
         # already complete.
         parking = parked_grads > 0 and self.device.type == "cuda"
         self._unpark_stream = torch.cuda.Stream(self.device) if parking else None
-        self._unpark_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if parking and cast else None
+        self._unpark_staging = (torch.empty(staging, dtype=MASTER_DTYPE, device=self.device)
+                                if parking and cast else None)
         self.parked_total = 0  # layers whose gradients were parked, since construction
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
@@ -927,7 +928,8 @@ class SlidingEngine:
             for entry in self.resident.trainable:
                 entry.param.grad = None
             if self._streaming is not None and not self._resident_updates_on_device():
-                ready = self.resident.grad_event if self._resident_from_device is None else self._resident_from_device[0]
+                chunked = self._resident_from_device
+                ready = self.resident.grad_event if chunked is None else chunked[0]
                 self._submit_update(RESIDENT, self._streaming, ready=ready)
         if self._streaming is not None:
             # What the host has not started yet, it does in the next forward's order — from now on, not after the
