@@ -48,6 +48,7 @@ class RunPlan:
             host_weights="fp32" if strategy.host_weights == "auto" else strategy.host_weights,
             grad_buffers=strategy.grad_buffers, offload=strategy.offload,
             ranks=strategy.num_processes * strategy.num_nodes, parked_grads=strategy.parked_grads,
+            masters_shared_by=strategy.num_processes if strategy.num_nodes == 1 else 1,
         )
         self.plan: Plan | None = None  # the latest, also when refused (the numbers stay inspectable)
 

@@ -132,6 +132,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         parked_grads=int(strategy.get("parked_grads") or 0),
         offload=strategy.get("offload"),
         ranks=_ranks(cfg.trainer),
+        masters_shared_by=_ranks(cfg.trainer) if int(cfg.trainer.get("num_nodes") or 1) == 1 else 1,
     )
     if machine.host_memory is not None and settings.ranks > 1:
         machine.host_memory //= settings.ranks  # the items are one rank's; the ranks share this host

@@ -46,6 +46,7 @@ from lightning_slide.engine.optimizer import (
 )
 from lightning_slide.engine.pinned import host_empty
 from lightning_slide.engine.shard import Shards
+from lightning_slide.engine.shared_masters import shared_masters
 from lightning_slide.engine.plan import (
     STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, grads_in_flight, human,
 )
@@ -250,12 +251,17 @@ class SlidingEngine:
                 for i in range(len(parts.blocks)):
                     self.state_store.add(i, MASTER, sum(p.numel() for _, p in parts.block_parameters(i)))
             self._check_disk_space(parts, masters_on_disk)
+        # The ranks of one host keep one copy of the sharded units' masters, in shared memory (shared_masters.py).
+        sizes = [sum(p.numel() for _, p in parts.block_parameters(i)) for i in range(len(parts.blocks))]
+        sizes.append(0 if resident_on_device else sum(p.numel() for _, p in parts.resident))  # replicated: its own
+        shared = None if masters_on_disk else shared_masters(self.shards, sum(sizes), pin=self.pin)
+        masters = [None] * len(sizes) if shared is None else list(shared.split(sizes))
         self.layers = [
             HostUnit(
                 f"layer {i}", parts.block_parameters(i), pin=self.pin, own_grad=False,
                 weights_dtype=compute_dtype if compute_copy else None,
                 master_path=self.state_store.path(i, MASTER) if masters_on_disk else None,
-                span=self._span(parts.block_parameters(i)),
+                span=self._span(parts.block_parameters(i)), master=masters[i],
             )
             for i in range(len(parts.blocks))
         ]
@@ -268,7 +274,10 @@ class SlidingEngine:
         self.resident = HostUnit(
             RESIDENT, parts.resident, pin=self.pin, own_grad=False,
             span=None if resident_on_device else self._span(parts.resident),
+            master=masters[-1] if sizes[-1] else None,
         )
+        if shared is not None:
+            self.shards.host_barrier()  # every rank's part of the shared masters is written
         # A streamed step's resident gradients left on the device for the update: (event after which they are ready,)
         self._resident_from_device: tuple[object] | None = None
         self._chunk_buffer: torch.Tensor | None = None  # host fp32, two chunks of resident gradients
@@ -1059,10 +1068,13 @@ class SlidingEngine:
 
     def _gather_masters(self) -> None:
         """Complete every rank's copy of the fp32 masters from the owners' shards, unit by unit through the
-        device (one unit's padded fp32 buffer at a time)."""
+        device (one unit's padded fp32 buffer at a time). Masters shared by the ranks of this host are complete
+        once every rank is here (its updates done)."""
+        if any(unit.shared for unit in self._units().values()):
+            self.shards.host_barrier()
         for unit in self._units().values():
-            if (unit.start, unit.stop) == (0, unit.numel) or unit.master is None:
-                continue  # replicated
+            if (unit.start, unit.stop) == (0, unit.numel) or unit.master is None or unit.shared:
+                continue  # replicated, or shared
             span = self.shards.span(unit.numel)
             buffer = torch.empty(span.padded, dtype=MASTER_DTYPE, device=self.device)
             buffer[span.lo : span.lo + unit.stop - unit.start].copy_(unit.master[unit.start : unit.stop])
@@ -1120,9 +1132,11 @@ class SlidingEngine:
                 if unit.master is None:
                     entry.view(self._stored_master(key)).copy_(state[name])
                     self._master_cache.mark_changed()
-                else:
+                elif not unit.shared or self.shards.rank == 0:  # shared by this host's ranks: one writes
                     entry.view(unit.master).copy_(state[name])
         self._master_cache.flush()
+        if any(unit.shared for unit in self._units().values()):
+            self.shards.host_barrier()  # rank 0 has written the shared masters
         for name, buffer in self.root.named_buffers():
             if name in state:
                 buffer.copy_(state[name])
@@ -1147,7 +1161,9 @@ class SlidingEngine:
                       for t in o.state.values() if t.device.type == "cpu")
         caches = self._state_cache.nbytes + self._master_cache.nbytes
         return {
-            "fp32 masters": sum(u.master.nbytes for u in units if u.master is not None),
+            # masters shared by this host's ranks: this rank's share of the one copy
+            "fp32 masters": sum(u.master.nbytes // (self.shards.world if u.shared else 1)
+                                for u in units if u.master is not None),
             "compute copies": sum(u.weights.nbytes for u in units if u.weights is not None),
             "optimizer state": moments,
             "gradients": pool.allocated * pool.numel * 4 + sum(t.nbytes for t in self._host_staging.values())

@@ -63,6 +63,9 @@ class HostUnit:
         span: ``(start, stop)``, the part of the flat vector this process owns when data-parallel ranks share the
             unit (``shard.Shards``): its gradients, updates and uploads; the rest of the masters is refreshed from
             the other ranks only on demand. Default ``None``: everything.
+        master: a flat fp32 buffer of the unit's size to keep the masters in, shared with the other ranks of this
+            host (``shared_masters.py``): this process writes only its ``span`` of it, the other ranks theirs.
+            Default ``None``: a buffer of its own.
 
     Construction moves each parameter's values into the flat master buffer and points the parameter at its view,
     so host memory holds one copy (plus at most one parameter in flight).
@@ -78,6 +81,7 @@ class HostUnit:
         weights_dtype: torch.dtype | None = None,
         master_path: Path | None = None,
         span: tuple[int, int] | None = None,
+        master: torch.Tensor | None = None,
     ) -> None:
         self.name = name
         ordered = [np for np in params if np[1].requires_grad] + [np for np in params if not np[1].requires_grad]
@@ -97,11 +101,20 @@ class HostUnit:
         on_disk = master_path is not None and self.numel > 0
         if on_disk and weights_dtype is None:
             raise ValueError("masters on disk need a compute copy (weights_dtype) to upload from")
+        if master is not None and (on_disk or master.numel() != self.numel):
+            raise ValueError(f"{name}: a shared master buffer must hold the unit's {self.numel} elements, in memory")
+        self.shared = master is not None
         # fp32 masters in memory (None when they live in a file), and what the parameters point at when at rest.
-        self.master: torch.Tensor | None = host_empty(self.numel, MASTER_DTYPE, pin=pin and not on_disk)
+        self.master: torch.Tensor | None = master if self.shared else host_empty(
+            self.numel, MASTER_DTYPE, pin=pin and not on_disk)
         for e in self.entries:
             view = e.view(self.master)
-            view.copy_(e.param.detach())
+            if self.shared:  # this rank's part only: the other ranks write theirs at the same time
+                low, high = max(e.offset, self.start), min(e.offset + e.numel, self.stop)
+                if low < high:
+                    self.master[low:high].copy_(e.param.detach().reshape(-1)[low - e.offset : high - e.offset])
+            else:
+                view.copy_(e.param.detach())
             e.param.data = view
         self.weights: torch.Tensor | None = None  # the compute copy, when kept
         if weights_dtype is not None:

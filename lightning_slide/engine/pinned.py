@@ -24,8 +24,15 @@ def host_empty(numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
     if not pin or size < EXACT_FROM_BYTES:
         return torch.empty(numel, dtype=dtype, pin_memory=pin)
     buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mapped_tensor(buffer, dtype, pin=True)
+
+
+def mapped_tensor(buffer: mmap.mmap, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+    """A flat tensor over the whole of ``buffer`` (which it keeps alive), page-locked in place when ``pin``."""
     tensor = torch.frombuffer(buffer, dtype=dtype)  # keeps `buffer` alive as long as any view of it
-    address = tensor.data_ptr()
+    if not pin or not len(buffer):
+        return tensor
+    address, size = tensor.data_ptr(), len(buffer)
     cudart = torch.cuda.cudart()
     try:
         torch.cuda.check_error(cudart.cudaHostRegister(address, size, 0))

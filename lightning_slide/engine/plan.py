@@ -149,6 +149,7 @@ class Settings:
     grad_buffers: int | None = None  # layer gradient buffers while updates stream (None: window + GRADS_AHEAD)
     offload: tuple[str, ...] | str | None = None  # what lives under offload_dir (disk.parse_offload)
     ranks: int = 1  # data-parallel ranks sharing each unit: each holds 1/ranks of the moments and gradients
+    masters_shared_by: int = 1  # ranks of one host keeping one copy of the sharded fp32 masters (shared_masters.py)
     parked_grads: int = 0  # layers' gradients the device may hold while the host has no free buffer
 
     @property
@@ -367,8 +368,9 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     on_disk = s.on_disk
     if "masters" in on_disk:  # HostUnit.master of the resident parts only; the layers' are files
         items["fp32 masters (resident parts)" + pinned] = 4 * shape.resident_params
-    else:  # HostUnit.master of every unit (host.py)
-        items["fp32 masters" + pinned] = 4 * shape.params
+    else:  # HostUnit.master of every unit (host.py); one copy per host of the sharded units when shared
+        replicated = shape.resident_params if s.resident_on_device and s.ranks > 1 else 0
+        items["fp32 masters" + pinned] = int(4 * (shape.params - replicated) / s.masters_shared_by) + 4 * replicated
     element = s.element if s.compute_dtype != torch.float32 or "masters" not in on_disk else 4
     if s.compute_copy:  # HostUnit.weights of every layer
         items["layer compute copies" + pinned] = shape.layers * shape.layer_params * element

@@ -2,8 +2,9 @@
 
 With several ranks (one process per device, ``torch.distributed`` initialized by the strategy), every rank slides
 the same layers through its own window over its own micro-batches. Each unit's flat parameter vector is cut into
-``world`` equal shards; rank ``r`` owns elements ``[r * size, (r + 1) * size)``. A rank keeps the Adam moments,
-the gradient accumulator and the up-to-date fp32 masters of its shards only, and updates only them:
+``world`` equal shards; rank ``r`` owns elements ``[r * size, (r + 1) * size)``. A rank keeps the Adam moments and
+the gradient accumulator of its shards only, and updates only its shards of the fp32 masters (one copy shared by the
+ranks of a host, ``shared_masters.py``, or a copy each whose other shards are gathered when read):
 
 upload     the rank copies its shard of a layer into the slot, then an all-gather on the device fills the rest
 gradients  as a layer's gradients leave the GPU, a reduce-scatter (mean over ranks) leaves each rank the mean
@@ -116,6 +117,19 @@ class Shards:
         """All-reduce host ``tensor`` in place to its maximum over ranks (the update thread's group)."""
         if self.active:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._host_group)
+
+    def host_barrier(self) -> None:
+        """Wait until every rank reaches this point (the update thread's group; call while that thread is idle)."""
+        if self.active:
+            dist.barrier(group=self._host_group)
+
+    def host_objects(self, value) -> list:
+        """Every rank's ``value`` (picklable), in rank order (the update thread's group, while it is idle)."""
+        if not self.active:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value, group=self._host_group)
+        return values
 
     def close(self) -> None:
         """Let the update thread's group go (the default group is the strategy's)."""

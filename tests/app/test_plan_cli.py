@@ -48,7 +48,8 @@ def test_slide_plan_errors(tmp_path, capsys):
 
 
 def test_slide_plan_per_rank_with_several_devices(tmp_path, capsys):
-    """With trainer.devices=2 the host items are one rank's: half the Adam moments and gradient buffers."""
+    """With trainer.devices=2 the host items are one rank's: half the Adam moments and gradient buffers, and its
+    share of the masters."""
     host, out = {}, {}
     for devices in (1, 2):
         target = tmp_path / f"plan{devices}.json"
@@ -61,4 +62,7 @@ def test_slide_plan_per_rank_with_several_devices(tmp_path, capsys):
     moments = next(k for k in host[1] if k.startswith("Adam moments"))
     assert abs(host[2][moments] - host[1][moments] / 2) <= 8
     masters = next(k for k in host[1] if k.startswith("fp32 masters"))
-    assert host[2][masters] == host[1][masters]  # every rank keeps a full copy of the masters
+    # The two ranks of one host share one copy of the masters (the resident parts, updated on the device, are
+    # replicated: a copy each).
+    assert plan["settings"]["masters_shared_by"] == 2
+    assert host[1][masters] / 2 <= host[2][masters] < host[1][masters]

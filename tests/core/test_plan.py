@@ -278,13 +278,16 @@ def test_parked_gradient_buffers_are_in_the_plan():
 
 def test_several_ranks_plan_per_rank():
     """Each rank keeps its shard of the moments and gradient buffers and moves its shard over its own link; the
-    host's AdamW serves every rank."""
+    host's AdamW serves every rank; the ranks of one host share one copy of the masters."""
     shape = _llama8b_shape()
     one, two = (planner.make_plan(shape, Settings(batch=4, seq=1024, clipping=False, ranks=r), Machine(), suggest=False)
                 for r in (1, 2))
     assert two.host["Adam moments (fp32)"] == one.host["Adam moments (fp32)"] // 2
-    assert two.host[next(k for k in one.host if k.startswith("fp32 masters"))] == one.host[
-        next(k for k in one.host if k.startswith("fp32 masters"))]
+    masters = next(k for k in one.host if k.startswith("fp32 masters"))
+    assert two.host[masters] == one.host[masters]  # on two hosts: a copy each
+    shared = planner.make_plan(shape, Settings(batch=4, seq=1024, clipping=False, ranks=2, masters_shared_by=2),
+                               Machine(), suggest=False)
+    assert shared.host[masters] == one.host[masters] // 2  # one host: one copy for both ranks, half each
     h2d = "H2D weights (forward + recompute)"
     assert two.time[h2d] == pytest.approx(one.time[h2d] / 2)
     assert two.time["host AdamW"] == one.time["host AdamW"]

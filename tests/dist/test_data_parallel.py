@@ -30,7 +30,8 @@ class RecordHostBytes(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         engine = trainer.strategy.engine
-        figures = {**engine.host_bytes(), "world": trainer.world_size}
+        mapped = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+        figures = {**engine.host_bytes(), "world": trainer.world_size, "shared": "lightning-slide-masters" in mapped}
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(figures))
 
 
@@ -81,6 +82,10 @@ def test_two_ranks_train_as_one_process(plain, clip, tmp_path, request):
         assert figures["world"] == 2
         assert figures["optimizer state"] <= 8 * trainable / 2 + 8 * 64  # + a little padding of the last shards
     assert sum(f["optimizer state"] for f in ranks) == 8 * trainable
+    # The two ranks of this host map one copy of the fp32 masters, in shared memory.
+    if Path("/proc/self/maps").exists() and Path("/dev/shm").is_dir():
+        assert all(f["shared"] for f in ranks)
+    assert sum(f["fp32 masters"] for f in ranks) == 4 * sum(p.numel() for p in ours.parameters())
 
 
 def test_frozen_parameters_and_resident_parts_updated_on_the_device():
