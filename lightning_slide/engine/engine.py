@@ -9,8 +9,10 @@ backward   layer i:  autograd recomputes i: upload i (and prefetch the layers be
                      when accumulating) and the slot is free for the next layer
 update               without clipping, on the last micro-batch: each layer's host update is queued as soon as its
                      gradients are downloaded, overlapping the rest of the backward; when the backward ends, the
-                     updates not yet started are reordered first layer first, the order the next forward needs;
-                     with clipping: after backward, the global norm, then the updates in forward order
+                     updates not yet started are reordered first layer first, the order the next forward needs,
+                     and the host thread passes over an update whose gradients are still on their way for one
+                     whose gradients are down; with clipping: after backward, the global norm, then the updates
+                     in forward order
 next forward         uploading layer i waits only for layer i's update
 
 The resident parts (embeddings, final norm, output head) keep one compute copy on the device for the whole step.
