@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_slide
+from lightning_slide.engine import shared_masters
 from tests.core.tiny import TinyLM, batches, initial_state, relative_error, trainer
 
 TOLERANCE = 1e-4  # the mean over ranks sums in another order than one process's mean over the whole batch
@@ -86,6 +87,18 @@ def test_two_ranks_train_as_one_process(plain, clip, tmp_path, request):
     if Path("/proc/self/maps").exists() and Path("/dev/shm").is_dir():
         assert all(f["shared"] for f in ranks)
     assert sum(f["fp32 masters"] for f in ranks) == 4 * sum(p.numel() for p in ours.parameters())
+
+
+def test_without_room_in_shared_memory_each_rank_keeps_its_own_masters(plain, tmp_path, monkeypatch):
+    """Where /dev/shm cannot hold the masters (here: it does not exist), each rank keeps a copy and training is the
+    same. The ranks are forked, so they see the patched location."""
+    monkeypatch.setattr(shared_masters, "SHARED_MEMORY", tmp_path / "no-shm")
+    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="fork")
+    ours = train(strategy, devices=2, gradient_clip_val=0.5, callbacks=[RecordHostBytes(str(tmp_path))])
+    assert_same_weights(ours, plain)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    masters = 4 * sum(p.numel() for p in ours.parameters())
+    assert all(not f["shared"] and f["fp32 masters"] == masters for f in ranks)
 
 
 def test_frozen_parameters_and_resident_parts_updated_on_the_device():
