@@ -60,12 +60,21 @@ def shared_masters(shards: Shards, numel: int, *, pin: bool) -> torch.Tensor | N
             warnings.warn(f"each rank keeps its own copy of the fp32 masters (4 bytes per parameter per rank): {why_not}",
                           stacklevel=2)
         return None
+    masters, failure = None, ""
     try:
         with open(path, "r+b") as file:
             buffer = mmap.mmap(file.fileno(), numel * 4, flags=mmap.MAP_SHARED)
         masters = mapped_tensor(buffer, torch.float32, pin=pin)
+    except (OSError, RuntimeError) as error:  # e.g. the mapping could not be page-locked
+        failure = f"rank {shards.rank}: {error}"
+    try:  # every rank has mapped it, or failed: all decide alike
+        failures = [f for f in shards.host_objects(failure) if f]
     finally:
-        shards.host_barrier()  # every rank has mapped it (or failed): the name can go
         if shards.rank == 0:
-            os.unlink(path)
+            os.unlink(path)  # the mappings keep the memory; the name can go (also when a rank is gone)
+    if failures:
+        if shards.rank == 0:
+            warnings.warn("each rank keeps its own copy of the fp32 masters (4 bytes per parameter per rank): the "
+                          f"shared copy could not be mapped ({failures[0]})", stacklevel=2)
+        return None
     return masters
