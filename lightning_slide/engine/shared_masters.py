@@ -56,9 +56,7 @@ def shared_masters(shards: Shards, numel: int, *, pin: bool) -> torch.Tensor | N
     path, why_not = _create(numel) if shards.rank == 0 else ("", "")
     path, why_not = shards.host_objects((path, why_not))[0]
     if not path:
-        if shards.rank == 0:
-            warnings.warn(f"each rank keeps its own copy of the fp32 masters (4 bytes per parameter per rank): {why_not}",
-                          stacklevel=2)
+        _copy_each(shards, why_not)
         return None
     masters, failure = None, ""
     try:
@@ -73,8 +71,12 @@ def shared_masters(shards: Shards, numel: int, *, pin: bool) -> torch.Tensor | N
         if shards.rank == 0:
             os.unlink(path)  # the mappings keep the memory; the name can go (also when a rank is gone)
     if failures:
-        if shards.rank == 0:
-            warnings.warn("each rank keeps its own copy of the fp32 masters (4 bytes per parameter per rank): the "
-                          f"shared copy could not be mapped ({failures[0]})", stacklevel=2)
+        _copy_each(shards, f"the shared copy could not be mapped ({failures[0]})")
         return None
     return masters
+
+
+def _copy_each(shards: Shards, why: str) -> None:
+    if shards.rank == 0:
+        warnings.warn(f"each rank keeps its own copy of the fp32 masters (4 bytes per parameter per rank): {why}",
+                      stacklevel=3)
