@@ -356,6 +356,13 @@ class SlidingEngine:
         # on the download stream, read on the host before the unit's update.
         self._finite = torch.ones(len(self.layers) + 1, dtype=torch.bool, device=self.device)
         self._finite_host = torch.ones(len(self.layers) + 1, dtype=torch.bool, pin_memory=self.pin)
+        # For clipping by norm: each unit's gradient norm, taken on the device as its gradients of a step's only
+        # micro-batch leave it (this rank's shard) and copied down behind them, so that the host's norm task reads
+        # one number per unit instead of every gradient; ``_norm_down[i]``: unit i's norm of this step is there.
+        self._norms = torch.zeros(len(self.layers) + 1, dtype=MASTER_DTYPE, device=self.device)
+        self._norms_host = torch.zeros(len(self.layers) + 1, dtype=MASTER_DTYPE, pin_memory=self.pin)
+        self._norm_down = [False] * (len(self.layers) + 1)
+        self._clipping = False  # the current backward's step clips gradients (begin_backward)
         self._step_index = 0  # the global step of the current backward, for messages
 
         self._closed = False
@@ -588,7 +595,13 @@ class SlidingEngine:
         norms = []
         for unit in units:
             self.worker.await_device(unit.grad_event)
-            norms.extend(torch.linalg.vector_norm(g) for g in self._optimizers[self._key_of(unit)].bind())
+            key = self._key_of(unit)
+            optimizer = self._optimizers[key]
+            index = -1 if key == RESIDENT else key
+            if self._norm_down[index] and optimizer.steps_whole_gradient:
+                norms.append(self._norms_host[index].clone())  # taken on the device
+            else:
+                norms.extend(torch.linalg.vector_norm(g) for g in optimizer.bind())
         if device_norms is not None and self.shards.rank == 0:  # replicated on every rank: counted once
             self.worker.await_device(device_norms[1])
             norms.extend(device_norms[0].unbind())
@@ -893,6 +906,7 @@ class SlidingEngine:
         """
         self._backward = True
         self._step_index = step
+        self._clipping = clipping
         stream = (last_micro_batch and not clipping and self.nonfinite != "skip" and param_groups is not None
                   and bool(self._optimizers))
         self._streaming = hyperparameters(param_groups) if stream else None
@@ -988,11 +1002,14 @@ class SlidingEngine:
     def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
         """Copy ``device_grads`` into ``unit``'s fp32 accumulator; returns the event after which the device buffer
         may be reused. The first micro-batch lands directly in the accumulator; later ones land in a page-locked
-        staging buffer that the worker adds in. The gradients' finiteness flag goes down ahead of them.
+        staging buffer that the worker adds in. The gradients' finiteness flag goes down ahead of them, and, when
+        the step clips by norm, their norm behind them (the first micro-batch's: a later one makes it the host's).
 
         With several ranks ``device_grads`` is padded for the collectives: a reduce-scatter on the download stream
         leaves this rank's shard averaged over ranks, and only that shard crosses to the host."""
-        self._check_finite_on_device(self._key_of(unit), device_grads[: unit.trainable_numel], unit.grad_empty)
+        key = self._key_of(unit)
+        index = -1 if key == RESIDENT else key
+        self._check_finite_on_device(key, device_grads[: unit.trainable_numel], unit.grad_empty)
         produced = self.streams.record()
         with self.streams.on(self.streams.download):
             self.streams.wait(produced)
@@ -1011,10 +1028,15 @@ class SlidingEngine:
                 if unit.grad is None:
                     unit.grad = self._resident_accumulator() if unit is self.resident else self._lend(
                         self.layers.index(unit))
+                self._norm_down[index] = self._clipping
+                if self._clipping:
+                    self._norms[index].copy_(torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE))
+                    self._norms_host[index].copy_(self._norms[index], non_blocking=True)
                 copy_cast(unit.grad, device_grads, self.download_staging)
                 unit.grad_empty = False
                 unit.grad_event = self.streams.record()
                 return unit.grad_event
+            self._norm_down[index] = False  # a sum of micro-batches: its norm is taken on the host
             self.worker.wait(("add", staging_key))  # the staging buffer's previous contents were added
             staging = self._staging(staging_key, device_grads.numel())
             copy_cast(staging, device_grads, self.download_staging)

@@ -134,6 +134,12 @@ class UnitOptimizer:
                 self.state = self.empty_state(master_flat.device)
                 self._attach(self.state)
 
+    @property
+    def steps_whole_gradient(self) -> bool:
+        """Whether it optimizes every element of the unit's gradient (this rank's part): then the norm of the flat
+        gradient is the norm over the parameters it steps."""
+        return sum(piece.stop - piece.start for piece, _ in self._entries) == self.unit.grad_numel
+
     def empty_state(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {name: torch.zeros(self.unit.grad_numel, dtype=torch.float32, device=device) for name in self.state_names}
 
