@@ -110,12 +110,14 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             lets the host keep updating through more of the next forward: at the Llama-3.1-8B shape 8 instead of 4
             gave 1.05x the speed for 0.4 bytes per parameter of host memory (BENCHMARKS.md). Default ``None``:
             ``window + 2``.
-        parked_grads: layers' gradients the GPU may hold (bf16, one layer each) when every host gradient buffer is
-            lent during a backward that streams updates: the backward parks them and goes on instead of waiting for
-            the host, and they go down as buffers come back (the lowest layer whose gradients have landed first),
-            so the host keeps updating through the next forward instead of idling in it — more overlap without more
-            host memory. Pairs with a small ``grad_buffers`` (2): at the Llama-3.1-8B shape 24 parked layers gave
-            1.09x the speed for 9.8 GiB of GPU memory. Default ``0``: the backward waits for the host.
+        parked_grads: layers' gradients the GPU may hold (bf16, one layer each). When every host gradient buffer
+            is lent during a backward that streams updates: the backward parks them and goes on instead of waiting
+            for the host, and they go down as buffers come back (the lowest layer whose gradients have landed
+            first), so the host keeps updating through the next forward instead of idling in it — more overlap
+            without more host memory. Pairs with a small ``grad_buffers`` (2): at the Llama-3.1-8B shape 24 parked
+            layers gave 1.09x the speed for 9.8 GiB of GPU memory. With clipping (one micro-batch per step), where
+            every layer's gradients wait for the global norm: the parked layers' wait on the GPU instead of in
+            host memory (4 bytes per parameter of those layers less on the host). Default ``0``: no parking.
         host_memory: the host memory this run may count on, e.g. ``"240GiB"``, for the plan's check (shared by the
             ranks of one host). Default ``None``: what the OS reports available at setup (``MemAvailable``); give
             it where that reads low, e.g. a virtual machine whose memory grows as it is used.

@@ -162,13 +162,15 @@ class SlidingEngine:
             they leave the device, weights are all-gathered as they arrive. Every rank must make the same calls
             in the same order. The resident parts, when updated on the device, are replicated instead. Default
             ``False``.
-        parked_grads: layers' gradients the compute device may hold, in the compute dtype, while every host
-            gradient buffer is lent during a backward that streams updates (no clipping, last micro-batch): instead
-            of waiting for the host, the backward parks them on the device and goes on; they go down later, on their
+        parked_grads: layers' gradients the compute device may hold, in the compute dtype. In a backward that
+            streams updates (no clipping, last micro-batch), while every host gradient buffer is lent: instead of
+            waiting for the host, the backward parks them on the device and goes on; they go down later, on their
             own stream, as host buffers come back (the lowest layer whose gradients have landed first), at the
             latest when the next forward loads the layer. The host then updates through the next forward instead of
-            idling in it. Costs one layer's gradients (this rank's shard) of device memory each, and a copy staging
-            buffer. Default ``0``: the backward waits for the host.
+            idling in it. In a step whose updates wait for the end of backward (clipping, ``nonfinite="skip"``; one
+            micro-batch): the first layers to finish park, so the host holds only the others' gradients, and they
+            go down after the step, first layer first, a few at a time. Costs one layer's gradients (this rank's
+            shard) of device memory each, and a copy staging buffer. Default ``0``: no parking.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device.
@@ -303,7 +305,9 @@ class SlidingEngine:
             (torch.empty(self.grad_pool.numel, dtype=compute_dtype, device=self.device), None)
             for _ in range(parked_grads)
         ]
-        self._parked: dict[int, tuple[torch.Tensor, object, list[dict]]] = {}  # in the order they were parked
+        # Parked layers, in the order they were parked: index -> (buffer, event after the gradients landed there,
+        # the arguments of its update: None until the step gives them, for a step that waits for the backward).
+        self._parked: dict[int, tuple[torch.Tensor, object, tuple | None]] = {}
         # Parked gradients go down on their own stream (and staging): the download stream runs as far behind the
         # training thread as the backward's flags and parks issued on it, which would hold back gradients that are
         # already complete.
@@ -363,6 +367,7 @@ class SlidingEngine:
         self._norms_host = torch.zeros(len(self.layers) + 1, dtype=MASTER_DTYPE, pin_memory=self.pin)
         self._norm_down = [False] * (len(self.layers) + 1)
         self._clipping = False  # the current backward's step clips gradients (begin_backward)
+        self._holding = False  # the current backward's step waits for its end to update (begin_backward)
         self._step_index = 0  # the global step of the current backward, for messages
 
         self._closed = False
@@ -491,6 +496,9 @@ class SlidingEngine:
             if self.worker.done(key):
                 unit.grad_empty = True
                 self._give_back(unit)
+        for index in [i for i, (_, _, update) in self._parked.items() if update is None]:  # their step was skipped
+            buffer, parked, _ = self._parked.pop(index)
+            self._park_free.append((buffer, parked))
 
     def skip_step(self) -> None:
         """Skip the current optimizer step: its gradients are dropped when ``step`` comes (a NaN/Inf loss)."""
@@ -518,7 +526,7 @@ class SlidingEngine:
             return
         hyper = hyperparameters(param_groups)
         # Decided here, on the training thread: a unit takes part if gradients reached it since the last step.
-        keys = [key for key, unit in self._units().items() if not unit.grad_empty]
+        keys = [key for key, unit in self._units().items() if not unit.grad_empty or key in self._parked]
         coefficient: dict[str, torch.Tensor | None] = {}
         # Skipping a step needs every unit's flag before any update (the clipping norm sees NaN/Inf by itself).
         check = clip_norm is None and self.nonfinite == "skip"
@@ -543,8 +551,13 @@ class SlidingEngine:
             else:  # needs the global norm: done before the next forward (prepare_forward)
                 self._resident_deferred = (hyper, coefficient, clip_value)
         for key in keys:
-            self._submit_update(key, hyper, coefficient, clip_value)
-        self._step_open = False
+            if key in self._parked:  # queued when it goes down (_unpark), first layer first as host buffers free
+                buffer, parked, _ = self._parked[key]
+                self._parked[key] = (buffer, parked, (hyper, coefficient, clip_value))
+            else:
+                self._submit_update(key, hyper, coefficient, clip_value)
+        self._step_open = bool(self._parked)
+        self._unpark_ready()
 
     def _device_norms(self):
         """Per-parameter gradient norms of the device-updated resident parts, on their way to the host."""
@@ -754,22 +767,35 @@ class SlidingEngine:
     def _lend(self, index: int, bounded: bool | None = None) -> torch.Tensor:
         """A gradient buffer for layer ``index``; while updates stream (or ``bounded``), first wait until few enough
         are lent."""
-        bounded = self._streaming is not None if bounded is None else bounded
-        while self._lent and (self.worker.done(self._lent[0]) or bounded and len(self._lent) >= self.grad_buffers):
-            self.worker.wait(self._lent.popleft())
+        if self._streaming is not None if bounded is None else bounded:
+            self._wait_for_room()
+        else:
+            self._pool_has_room()  # forgets the layers that gave theirs back
         self._lent.append(index)
         return self.grad_pool.take()[: self.layers[index].grad_numel]
 
     def _wait_for_room(self) -> None:
-        """Block until a layer could borrow a gradient buffer within the streaming bound."""
-        while len(self._lent) >= self.grad_buffers:
-            self.worker.wait(self._lent.popleft())
+        """Block until a layer could borrow a gradient buffer within the streaming bound: until one of the layers
+        holding one (whichever first) has given it back."""
+        while not self._pool_has_room():
+            oldest = self._lent[0]
+            if not self.worker.wait(oldest, timeout=_UNPARK_POLL_SECONDS) or self._returned(oldest):
+                continue
+            # done but still holding it: a step waiting for the backward has not queued its update yet
+            self._lent.popleft()
+            return
 
     def _pool_has_room(self) -> bool:
         """Whether a layer could borrow a gradient buffer now, within the streaming bound, without waiting."""
-        while self._lent and self.worker.done(self._lent[0]):
-            self.worker.wait(self._lent.popleft())  # done: returns at once (re-raises its failure)
+        for index in [index for index in self._lent if self._returned(index)]:
+            self._lent.remove(index)
+            self.worker.wait(index)  # done: returns at once (re-raises its failure)
         return len(self._lent) < self.grad_buffers
+
+    def _returned(self, index: int) -> bool:
+        """Whether layer ``index`` has given its lent buffer back: its update is done (in a step that waits for the
+        backward, a layer holds its buffer before its update is queued)."""
+        return self.worker.done(index) and self.layers[index].grad is None
 
     # ---------------------------------------------------------------- parked gradients (parked_grads)
     def _updated(self, index: int) -> bool:
@@ -785,9 +811,23 @@ class SlidingEngine:
         """Wait for unit ``key``'s update, sending parked gradients down meanwhile as host buffers come back: the
         update thread would otherwise run out of gradients to update while this thread waits."""
         with record_function(f"slide.wait update {key}"):
-            while self._parked and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
+            while self._unparkable() and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
                 self._unpark_ready()
             self.worker.wait(key)
+
+    def _parks(self, unit: HostUnit, key) -> bool:
+        """Whether the first micro-batch's gradients of layer ``key``, about to go down, park on the device instead.
+        While updates stream: when no host buffer is free, or layers parked earlier wait (they go first). In a
+        step whose updates wait for the end of backward (clipping, ``nonfinite="skip"``): while a parking buffer
+        is free — the host then holds only the other layers' gradients until the step."""
+        if unit.grad is not None or unit is self.resident:
+            return False
+        if self._streaming is not None:
+            return bool(self._park_free or self._parked) and bool(self._parked or not self._pool_has_room())
+        optimizer = self._optimizers.get(key)
+        # clipping by norm reads a parked layer's norm taken on the device: it must cover all it optimizes
+        return (self._holding and bool(self._park_free) and optimizer is not None
+                and (not self._clipping or optimizer.steps_whole_gradient))
 
     def _park(self, index: int, device_grads: torch.Tensor) -> object:
         """On the download stream: copy layer ``index``'s gradients into a free parking buffer; returns the event
@@ -796,13 +836,14 @@ class SlidingEngine:
         self.streams.wait(free)  # its previous contents went down
         buffer[: device_grads.numel()].copy_(device_grads)
         parked = self.streams.record()
-        self._parked[index] = (buffer, parked, self._streaming)
+        self._parked[index] = (buffer, parked, None if self._streaming is None else (self._streaming, None, None))
+        self.layers[index].grad_event = parked  # its flags (and norm) went down before it
         self.parked_total += 1
         return parked
 
     def _unpark(self, index: int) -> None:
         """Send layer ``index``'s parked gradients down into a host buffer (waiting for one) and queue its update."""
-        buffer, parked, hyper = self._parked.pop(index)
+        buffer, parked, update = self._parked.pop(index)
         unit = self.layers[index]
         unit.grad = self._lend(index, bounded=True)
         with self.streams.on(self._unpark_stream):
@@ -811,7 +852,7 @@ class SlidingEngine:
             unit.grad_empty = False
             unit.grad_event = self.streams.record()
         self._park_free.append((buffer, unit.grad_event))
-        self._submit_update(index, hyper, ready=unit.grad_event)
+        self._submit_update(index, *update, ready=unit.grad_event)
         if self._streaming is None:  # after the backward: the next forward's order, this update among the first
             self._prefer_forward_order()
             self._step_open = bool(self._parked)  # the step's updates are all queued once none is parked
@@ -819,18 +860,23 @@ class SlidingEngine:
     def _unpark_ready(self) -> None:
         """Send parked gradients down while host buffers are free (never waits), in the order ``_next_unpark``
         gives."""
-        while self._parked and self._pool_has_room():
+        while self._unparkable() and self._pool_has_room():
             self._unpark(self._next_unpark())
+
+    def _unparkable(self) -> list[int]:
+        """The parked layers whose update may be queued (a step waiting for the backward gives that at ``step``)."""
+        return [index for index, (_, _, update) in self._parked.items() if update is not None]
 
     def _next_unpark(self) -> int:
         """The parked layer to send down next: of the layers whose gradients have landed in their parking buffer,
         the lowest — the host can start on it at once, and the next forward needs it soonest, so the layers left
         for the end reach up to the last and the host still has updates to run while that forward ends. If none
         has landed: during the backward the oldest (the first to land), after it the first layer."""
-        landed = [index for index, (_, parked, _) in self._parked.items() if parked is None or parked.query()]
+        waiting = self._unparkable()
+        landed = [index for index in waiting if self._parked[index][1] is None or self._parked[index][1].query()]
         if landed:
             return min(landed)
-        return min(self._parked) if self._streaming is None else next(iter(self._parked))
+        return min(waiting) if self._streaming is None else waiting[0]
 
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
@@ -910,6 +956,8 @@ class SlidingEngine:
         stream = (last_micro_batch and not clipping and self.nonfinite != "skip" and param_groups is not None
                   and bool(self._optimizers))
         self._streaming = hyperparameters(param_groups) if stream else None
+        # The step's updates wait for the end of backward: its layers' gradients may park (parked_grads).
+        self._holding = last_micro_batch and not stream and bool(self._optimizers)
         if self.resident.trainable_numel:
             self.worker.wait(RESIDENT)  # a chunked update may still be reading last step's gradients
             self.resident_grads.zero_()
@@ -966,7 +1014,7 @@ class SlidingEngine:
         self._streaming = None
         if self._parked:
             self._unpark_ready()
-        self._step_open = bool(self._parked)  # every update of a streamed step is queued, unless some are parked
+        self._step_open = bool(self._unparkable())  # a streamed step's updates are all queued unless some are parked
 
     def _prefer_forward_order(self) -> None:
         """Run the queued updates (and the disk tier's reads) in the order the next forward needs them."""
@@ -1016,22 +1064,20 @@ class SlidingEngine:
             self.shards.reduce_scatter(device_grads, unit.numel)
             device_grads = device_grads[unit.grad_start : unit.grad_stop]
             if unit.grad_empty:
-                if (unit.grad is None and self._streaming is not None and (self._park_free or self._parked)
-                        and (self._parked or not self._pool_has_room())):
+                self._norm_down[index] = self._clipping
+                if self._clipping:
+                    self._norms[index].copy_(torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE))
+                    self._norms_host[index].copy_(self._norms[index], non_blocking=True)
+                if self._parks(unit, key):
                     # Rather than wait for the host, or take a buffer ahead of gradients parked earlier. With every
                     # parking buffer taken: wait for a host buffer, send a parked layer that has landed down into
                     # it, and park in the buffer that frees (the host never waits on gradients still computing).
                     if not self._park_free:
                         self._wait_for_room()
                         self._unpark_ready()
-                    return self._park(self.layers.index(unit), device_grads)
+                    return self._park(index, device_grads)
                 if unit.grad is None:
-                    unit.grad = self._resident_accumulator() if unit is self.resident else self._lend(
-                        self.layers.index(unit))
-                self._norm_down[index] = self._clipping
-                if self._clipping:
-                    self._norms[index].copy_(torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE))
-                    self._norms_host[index].copy_(self._norms[index], non_blocking=True)
+                    unit.grad = self._resident_accumulator() if unit is self.resident else self._lend(index)
                 copy_cast(unit.grad, device_grads, self.download_staging)
                 unit.grad_empty = False
                 unit.grad_event = self.streams.record()
@@ -1079,8 +1125,8 @@ class SlidingEngine:
         """Finish queued updates and bring device-updated masters back to the host; with several ranks, fetch the
         other ranks' shards of every master (a collective: every rank calls this at the same point)."""
         self._apply_deferred_resident_update()
-        while self._parked:
-            self._unpark(min(self._parked))
+        while self._unparkable():
+            self._unpark(min(self._unparkable()))
         self.worker.wait_all()
         if self.state_store is not None:
             self.state_store.flush()

@@ -385,10 +385,17 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         units += [] if s.resident_on_device else [moments * shape.resident_trainable]
         what = " + ".join(n for n, b in (("Adam moments", moments), ("fp32 masters", masters)) if b)
         items[f"{what} in flight (disk tier)"] = int(sum(sorted(units)[-(grads_in_flight(depth, s.grad_buffers) + 1):]) * share)
-    # GradientPool: with clipping or accumulation every layer keeps its fp32 gradients until the step; otherwise
-    # updates stream out of the backward and at most window + 2 buffers are lent.
+    # GradientPool: with clipping or accumulation every layer keeps its fp32 gradients until the step (but for
+    # those parked on the device, parked_grads, with one micro-batch per step: they come down after the step, at
+    # most window + 2 at a time); otherwise updates stream out of the backward and at most window + 2 are lent.
     streaming = not s.clipping and s.accumulate == 1
-    holders = min(shape.layers, grads_in_flight(depth, s.grad_buffers)) if streaming else shape.layers
+    in_flight = grads_in_flight(depth, s.grad_buffers)
+    if streaming:
+        holders = min(shape.layers, in_flight)
+    elif s.accumulate == 1:
+        holders = min(shape.layers, max(shape.layers - s.parked_grads, in_flight))
+    else:
+        holders = shape.layers
     items["layer gradient buffers (fp32)" + pinned] = int(4 * holders * shape.layer_trainable * share)
     resident_grads = int(4 * shape.resident_trainable * share)
     if s.resident_on_device:

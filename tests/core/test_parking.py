@@ -72,3 +72,36 @@ def test_parked_gradients_train_the_same(slow_host, window, parking):
 def test_parked_grads_option_is_validated():
     with pytest.raises(ValueError, match="parked_grads"):
         lightning_slide.SlideFormerStrategy(parked_grads=-1)
+
+
+class _Pool(L.Callback):
+    """The most host gradient buffers the engine ever allocated."""
+
+    def on_train_end(self, trainer, module):
+        self.allocated = trainer.strategy.engine.grad_pool.allocated
+        self.parked = trainer.strategy.engine.stats()["parked_layers"]
+
+
+@pytest.mark.parametrize("nonfinite", ["error", "skip"])
+def test_a_step_that_waits_for_the_backward_parks_its_gradients_and_trains_the_same(nonfinite):
+    """With clipping by norm (or nonfinite="skip") the updates wait for the end of backward, so every layer's
+    gradients are held until then: parked layers hold theirs on the device instead of in host buffers, and go down
+    after the step, first layer first. Bit for bit as without parking."""
+    def run(parked):
+        torch.manual_seed(123)
+        module = TinyLM("llama_deep", initial_state("llama_deep"))
+        pool = _Pool()
+        strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=2, parked_grads=parked,
+                                                       nonfinite=nonfinite)
+        trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=[pool],
+                gradient_clip_val=0.05 if nonfinite == "error" else None).fit(module, batches(STEPS))
+        return module, pool
+
+    held, held_pool = run(0)
+    parked, parked_pool = run(6)
+    assert parked_pool.parked == 6 * STEPS and held_pool.parked == 0
+    assert held_pool.allocated == 24 and parked_pool.allocated == 24 - 6  # host buffers for the others only
+    assert held.losses == parked.losses
+    theirs = dict(held.named_parameters())
+    for name, param in parked.named_parameters():
+        assert torch.equal(param, theirs[name]), name

@@ -276,6 +276,16 @@ def test_parked_gradient_buffers_are_in_the_plan():
     assert engine_bytes == snap.plan.gpu["parked layer gradients"] == 3 * snap.plan.shape.layer_trainable * 4
 
 
+def test_parked_gradients_of_a_clipped_step_are_off_the_host_in_the_plan():
+    """Clipping by norm with one micro-batch: the parked layers hold no host gradient buffer."""
+    snap = _Snapshot()
+    strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=2, parked_grads=6)
+    trainer(strategy, max_steps=2, gradient_clip_val=0.5, accumulate_grad_batches=1, callbacks=[snap]).fit(
+        TinyLM("llama_deep", initial_state("llama_deep")), batches(4))
+    layer = 4 * snap.plan.shape.layer_trainable
+    assert snap.host["pool"] == _item(snap.plan.host, "layer gradient buffers") == (24 - 6) * layer
+
+
 def test_several_ranks_plan_per_rank():
     """Each rank keeps its shard of the moments and gradient buffers and moves its shard over its own link; the
     host's AdamW serves every rank; the ranks of one host share one copy of the masters."""
