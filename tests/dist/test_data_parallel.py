@@ -32,7 +32,8 @@ class RecordHostBytes(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         engine = trainer.strategy.engine
         mapped = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-        figures = {**engine.host_bytes(), "world": trainer.world_size, "shared": "lightning-slide-masters" in mapped}
+        figures = {**engine.host_bytes(), "world": trainer.world_size, "shared": "lightning-slide-masters" in mapped,
+                   "parked": engine.stats()["parked_layers"]}
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(figures))
 
 
@@ -87,6 +88,21 @@ def test_two_ranks_train_as_one_process(plain, clip, tmp_path, request):
     if Path("/proc/self/maps").exists() and Path("/dev/shm").is_dir():
         assert all(f["shared"] for f in ranks)
     assert sum(f["fp32 masters"] for f in ranks) == 4 * sum(p.numel() for p in ours.parameters())
+
+
+@pytest.mark.parametrize("clip", [0.5, None], ids=["clip-norm", "streamed"])
+def test_parked_gradients_with_two_ranks(clip, tmp_path):
+    """Each rank parks its shard of a layer's gradients (one micro-batch per step: while updates stream, or until
+    the clipping norm) and the two train as one process."""
+    options = dict(gradient_clip_val=clip, accumulate_grad_batches=1, max_steps=STEPS * ACCUMULATE)
+    reference = train("auto", devices=1, **options)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, grad_buffers=1, parked_grads=1, resident_optimizer="host",
+                                                   start_method="spawn")
+    ours = train(strategy, devices=2, callbacks=[RecordHostBytes(str(tmp_path))], **options)
+    assert_same_weights(ours, reference)
+    if clip is not None:  # the step waits for the norm: the first layer to finish parks, on each rank
+        ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+        assert all(f["parked"] == STEPS * ACCUMULATE for f in ranks)
 
 
 def test_without_room_in_shared_memory_each_rank_keeps_its_own_masters(plain, tmp_path, monkeypatch):
