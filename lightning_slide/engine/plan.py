@@ -486,6 +486,7 @@ class Plan:
     time: dict[str, float]
     suggested_batch: int | None = None  # largest batch (at this window) that fits; None: not searched / none fits
     suggested_window: int | None = None  # largest window (at this batch) that fits
+    suggested_parked_grads: int | None = None  # most parked layer gradients (at this batch and window) that fit
     notes: list[str] = field(default_factory=list)
     searched: bool = False  # the suggestions were searched for
 
@@ -592,6 +593,9 @@ class Plan:
             if s.seq is not None and self.machine.gpu_memory is not None:
                 rows.append(f"  largest batch at window {s.window}, seq {s.seq}: {self.suggested_batch or 'none fits'}")
             rows.append(f"  largest window at batch {s.batch}: {self.suggested_window or 'none fits'}")
+            if self.suggested_parked_grads:
+                rows.append(f"  most layer gradients parked on the GPU (parked_grads) at batch {s.batch}, window "
+                            f"{s.window}: {self.suggested_parked_grads}")
         rows.extend(f"note: {n}" for n in self.notes)
         return "\n".join(rows)
 
@@ -605,6 +609,7 @@ class Plan:
             "gpu_total": self.gpu_total, "host_total": self.host_total, "disk_total": self.disk_total,
             "step_seconds": self.step_seconds, "binding": self.binding, "tokens_per_second": self.tokens_per_second,
             "suggested_batch": self.suggested_batch, "suggested_window": self.suggested_window,
+            "suggested_parked_grads": self.suggested_parked_grads,
             "problems": self.problems(), "notes": self.notes,
         }
 
@@ -639,6 +644,16 @@ def largest_window(shape: ModelShape, s: Settings, m: Machine, margin: float = S
     return fitting[-1] if fitting else None
 
 
+def largest_parking(shape: ModelShape, s: Settings, m: Machine, margin: float = SUGGEST_MARGIN) -> int | None:
+    """The most layers' gradients that may park on the GPU (``parked_grads``, at ``s.batch`` and ``s.window``) with
+    the run still fitting as :func:`largest_batch` says; ``None`` when parking does not apply (several micro-batches
+    per step), the GPU or the activations are unknown, or the run does not fit even without parking."""
+    if s.accumulate > 1 or m.gpu_memory is None or s.batch is None or s.seq is None or not shape.has_dims:
+        return None
+    fitting = [p for p in range(shape.layers + 1) if _fits(shape, dataclasses.replace(s, parked_grads=p), m, margin)]
+    return fitting[-1] if fitting else None
+
+
 def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = None, *, suggest: bool = True) -> Plan:
     """The plan of a run: memory by tier and item, step-time terms, and (``suggest``) the largest batch and window
     that fit ``machine`` (sizes ``None`` are not checked)."""
@@ -652,6 +667,7 @@ def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = N
     if suggest:
         plan.suggested_batch = largest_batch(shape, settings, machine)
         plan.suggested_window = largest_window(shape, settings, machine)
+        plan.suggested_parked_grads = largest_parking(shape, settings, machine)
         plan.searched = True
     return plan
 

@@ -19,6 +19,7 @@ from lightning_slide.engine.plan import (
     Settings,
     device_bytes,
     largest_batch,
+    largest_parking,
     largest_window,
     layer_saved_bytes_per_token,
     make_plan,
@@ -213,6 +214,25 @@ def test_suggestions_are_the_largest_that_fit():
     # Offloading the layer inputs lets a larger batch fit.
     assert largest_batch(shape, dataclasses.replace(settings, offload_activations=True), machine) > best
     assert largest_batch(shape, settings, Machine(gpu_memory=2**30)) is None
+
+
+def test_the_most_parked_gradients_that_fit_are_suggested():
+    shape = _llama8b_shape()
+    settings = Settings(window=2, batch=4, seq=1024, kernels=("fused_linear_cross_entropy",))
+    machine = Machine(gpu_memory=24 * 2**30, host_memory=512 * 2**30)
+    margin = planner.SUGGEST_MARGIN * machine.gpu_memory
+    most = largest_parking(shape, settings, machine)
+    assert 0 < most < shape.layers
+    assert sum(device_bytes(shape, dataclasses.replace(settings, parked_grads=most)).values()) <= margin
+    assert sum(device_bytes(shape, dataclasses.replace(settings, parked_grads=most + 1)).values()) > margin
+    plan = make_plan(shape, settings, machine)
+    assert plan.suggested_parked_grads == most and f"(parked_grads) at batch 4, window 2: {most}" in plan.table()
+    # With clipping, parked layers leave the host: on a host too small for every layer's gradients, parking fits.
+    clipped = dataclasses.replace(settings, clipping=True)
+    host = Machine(gpu_memory=24 * 2**30, host_memory=110 * 2**30)
+    assert sum(planner.host_bytes(shape, clipped).values()) > host.host_memory
+    assert sum(planner.host_bytes(shape, dataclasses.replace(clipped, parked_grads=most)).values()) <= host.host_memory
+    assert largest_parking(shape, dataclasses.replace(settings, accumulate=2), machine) is None  # no parking then
 
 
 def test_strategy_refuses_activations_that_cannot_fit_at_the_first_batch():
