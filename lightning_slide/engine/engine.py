@@ -767,7 +767,8 @@ class SlidingEngine:
     def _lend(self, index: int, bounded: bool | None = None) -> torch.Tensor:
         """A gradient buffer for layer ``index``; while updates stream (or ``bounded``), first wait until few enough
         are lent."""
-        if self._streaming is not None if bounded is None else bounded:
+        bounded = self._streaming is not None if bounded is None else bounded
+        if bounded:
             self._wait_for_room()
         else:
             self._pool_has_room()  # forgets the layers that gave theirs back
@@ -803,7 +804,7 @@ class SlidingEngine:
         return index not in self._parked and self.worker.done(index)
 
     def _before_load(self, index: int) -> None:
-        if index in self._parked:
+        if index in self._unparkable():  # (not gradients parked for a step still to come: the masters are current)
             self._unpark(index)
         self._wait_update(index)
 
