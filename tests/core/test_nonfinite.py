@@ -109,13 +109,15 @@ def test_inf_gradient_without_clipping_names_the_unit(where, unit, resident_opti
 
 
 @pytest.mark.parametrize("where", ["grad", "head"])
-@pytest.mark.parametrize("resident_optimizer, accumulate", [("host", 1), ("device", 2)])
-def test_skipped_gradient_step_equals_dropping_its_batches(where, resident_optimizer, accumulate):
+@pytest.mark.parametrize("resident_optimizer, accumulate, parked", [("host", 1, 0), ("device", 2, 0), ("host", 1, 1)])
+def test_skipped_gradient_step_equals_dropping_its_batches(where, resident_optimizer, accumulate, parked):
+    # parked: a layer's gradients wait on the device for the step's verdict (parked_grads), then go down or not.
     # A constant learning rate: the LR scheduler steps on a skipped step too (as in plain torch with a GradScaler).
     steps, poisoned = 6, 1 * accumulate  # the first micro-batch of the second step
     torch.manual_seed(123)
     ours = PoisonedLM({poisoned}, where=where, warmup=1)
-    strategy = lightning_slide.SlideFormerStrategy(window=1, nonfinite="skip", resident_optimizer=resident_optimizer)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, nonfinite="skip", resident_optimizer=resident_optimizer,
+                                                   parked_grads=parked)
     trainer(strategy, max_steps=steps, gradient_clip_val=None, accumulate_grad_batches=accumulate).fit(
         ours, batches(steps * accumulate)
     )
