@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from lightning_slide.engine.plan import Machine, ModelShape, Plan, Settings, device_bytes, largest_batch, make_plan
+from lightning_slide.engine.plan import (
+    Machine, ModelShape, Plan, Settings, device_bytes, largest_batch, largest_parking, make_plan,
+)
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels
 
 if TYPE_CHECKING:
@@ -47,7 +49,8 @@ class RunPlan:
             clipping=clip is not None and clip > 0, accumulate=trainer.accumulate_grad_batches,
             host_weights="fp32" if strategy.host_weights == "auto" else strategy.host_weights,
             grad_buffers=strategy.grad_buffers, offload=strategy.offload,
-            ranks=strategy.num_processes * strategy.num_nodes, parked_grads=strategy.parked_grads,
+            ranks=strategy.num_processes * strategy.num_nodes,
+            parked_grads=0 if strategy.parked_grads == "auto" else strategy.parked_grads,
             masters_shared_by=strategy.num_processes if strategy.num_nodes == 1 else 1,
         )
         self.plan: Plan | None = None  # the latest, also when refused (the numbers stay inspectable)
@@ -80,6 +83,18 @@ class RunPlan:
             plan.suggested_batch = largest_batch(shape, settings, machine)
             plan.check()
         return plan
+
+    def most_parked_grads(self) -> int:
+        """``parked_grads="auto"``: the most layers' gradients that may park, by the latest plan (the first batch's),
+        which then counts them; ``0`` when that plan does not know the batch or the GPU."""
+        plan = self.plan
+        if plan is None:
+            return 0
+        parked = largest_parking(plan.shape, plan.settings, plan.machine) or 0
+        self.settings = dataclasses.replace(self.settings, parked_grads=parked)
+        self.plan = make_plan(plan.shape, dataclasses.replace(plan.settings, parked_grads=parked), plan.machine,
+                              suggest=False)
+        return parked
 
     def check_first_batch(self, module: LightningModule, engine: SlidingEngine, batch: Any) -> None:
         """Check the activations of the first training batch (later batches are not checked: a longer one runs

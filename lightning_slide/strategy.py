@@ -117,7 +117,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             without more host memory. Pairs with a small ``grad_buffers`` (2): at the Llama-3.1-8B shape 24 parked
             layers gave 1.09x the speed for 9.8 GiB of GPU memory. With clipping (one micro-batch per step), where
             every layer's gradients wait for the global norm: the parked layers' wait on the GPU instead of in
-            host memory (4 bytes per parameter of those layers less on the host). Default ``0``: no parking.
+            host memory (4 bytes per parameter of those layers less on the host). ``"auto"``: as many as the plan
+            of the first training batch leaves room for (the GPU peak at most 90% of ``gpu_memory_limit`` or the
+            GPU, and the host within its memory; later, longer batches are not counted). Default ``0``: no
+            parking.
         host_memory: the host memory this run may count on, e.g. ``"240GiB"``, for the plan's check (shared by the
             ranks of one host). Default ``None``: what the OS reports available at setup (``MemAvailable``); give
             it where that reads low, e.g. a virtual machine whose memory grows as it is used.
@@ -148,7 +151,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         nonfinite: str = "error",
         host_weights: str = "auto",
         grad_buffers: int | None = None,
-        parked_grads: int = 0,
+        parked_grads: int | str = 0,
         offload: str | list[str] | None = None,
         host_memory: str | int | None = None,
         start_method: str = "popen",
@@ -193,7 +196,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         self.host_weights = "compute" if host_weights == "auto" and "masters" in on_disk else host_weights
         check_count("SlideFormerStrategy(grad_buffers=...)", grad_buffers, minimum=1, optional=True)
         self.grad_buffers = grad_buffers
-        check_count("SlideFormerStrategy(parked_grads=...)", parked_grads, minimum=0)
+        if parked_grads != "auto":
+            check_count("SlideFormerStrategy(parked_grads=...)", parked_grads, minimum=0)
         self.parked_grads = parked_grads
         self.host_memory = None if host_memory is None else parse_bytes(host_memory)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
@@ -360,7 +364,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             grad_buffers=self.grad_buffers,
             offload=self.offload,
             data_parallel=self.data_parallel,
-            parked_grads=self.parked_grads,
+            parked_grads=0 if self.parked_grads == "auto" else self.parked_grads,  # auto: at the first batch
         )
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
@@ -432,6 +436,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         if not self._batch_checked:
             self._batch_checked = True
             self._run_plan.check_first_batch(self.lightning_module, self.engine, args[0] if args else kwargs.get("batch"))
+            if self.parked_grads == "auto":
+                parked = self._run_plan.most_parked_grads()
+                self.engine.add_parking(parked)
+                rank_zero_info(f"slideformer: parked_grads='auto' -> {parked} (the first batch's plan)")
         return self._forward("training_step", *args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:

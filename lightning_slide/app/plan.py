@@ -129,7 +129,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
         host_weights="compute" if strategy.get("host_weights") == "compute" else "fp32",
         grad_buffers=strategy.get("grad_buffers"),
-        parked_grads=int(strategy.get("parked_grads") or 0),
+        parked_grads=0 if strategy.get("parked_grads") == "auto" else int(strategy.get("parked_grads") or 0),
         offload=strategy.get("offload"),
         ranks=_ranks(cfg.trainer),
         masters_shared_by=_ranks(cfg.trainer) if int(cfg.trainer.get("num_nodes") or 1) == 1 else 1,

@@ -301,21 +301,13 @@ class SlidingEngine:
         self._lent: collections.deque = collections.deque()  # layers holding a pool buffer, oldest first
         # Device buffers for parked gradients, each with the event after which it may be written again, and the
         # parked layers: index -> (buffer, event after the gradients landed there, the step's hyperparameters).
-        self._park_free: list[tuple[torch.Tensor, object]] = [
-            (torch.empty(self.grad_pool.numel, dtype=compute_dtype, device=self.device), None)
-            for _ in range(parked_grads)
-        ]
+        self._park_free: list[tuple[torch.Tensor, object]] = []
         # Parked layers, in the order they were parked: index -> (buffer, event after the gradients landed there,
         # the arguments of its update: None until the step gives them, for a step that waits for the backward).
         self._parked: dict[int, tuple[torch.Tensor, object, tuple | None]] = {}
-        # Parked gradients go down on their own stream (and staging): the download stream runs as far behind the
-        # training thread as the backward's flags and parks issued on it, which would hold back gradients that are
-        # already complete.
-        parking = parked_grads > 0 and self.device.type == "cuda"
-        self._unpark_stream = torch.cuda.Stream(self.device) if parking else None
-        self._unpark_staging = (torch.empty(staging, dtype=MASTER_DTYPE, device=self.device)
-                                if parking and cast else None)
+        self._unpark_stream = self._unpark_staging = None
         self.parked_total = 0  # layers whose gradients were parked, since construction
+        self.add_parking(parked_grads)
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
         self.worker = UpdateWorker()
@@ -815,6 +807,19 @@ class SlidingEngine:
             while self._unparkable() and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
                 self._unpark_ready()
             self.worker.wait(key)
+
+    def add_parking(self, count: int) -> None:
+        """Let ``count`` more layers' gradients park on the device (``parked_grads``; allocated now)."""
+        check_count("parked_grads", count, minimum=0)
+        if count and self._unpark_stream is None and self.device.type == "cuda":
+            # Parked gradients go down on their own stream (and staging): the download stream runs as far behind
+            # the training thread as the backward's flags and parks issued on it, which would hold back gradients
+            # that are already complete.
+            self._unpark_stream = torch.cuda.Stream(self.device)
+            if self.download_staging is not None:
+                self._unpark_staging = torch.empty_like(self.download_staging)
+        self._park_free += [(torch.empty(self.grad_pool.numel, dtype=self.compute_dtype, device=self.device), None)
+                            for _ in range(count)]
 
     def _parks(self, unit: HostUnit, key) -> bool:
         """Whether the first micro-batch's gradients of layer ``key``, about to go down, park on the device instead.

@@ -105,3 +105,27 @@ def test_a_step_that_waits_for_the_backward_parks_its_gradients_and_trains_the_s
     theirs = dict(held.named_parameters())
     for name, param in parked.named_parameters():
         assert torch.equal(param, theirs[name]), name
+
+
+def test_auto_parks_as_many_as_the_first_batch_plan_allows():
+    """parked_grads="auto": the engine starts with none and, at the first batch, takes the most the plan fits."""
+    def run(parked, limit):
+        torch.manual_seed(123)
+        module = TinyLM("llama_deep", initial_state("llama_deep"))
+        pool = _Pool()
+        strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=2, parked_grads=parked,
+                                                       gpu_memory_limit=limit)
+        trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=[pool],
+                gradient_clip_val=0.05).fit(module, batches(STEPS))
+        return module, pool, strategy
+
+    roomy, roomy_pool, roomy_strategy = run("auto", "1GiB")
+    assert roomy_strategy.plan.settings.parked_grads == 24 and roomy_pool.parked == 24 * STEPS  # every layer
+    held, _, _ = run(0, "1GiB")
+    assert held.losses == roomy.losses
+    # A limit that leaves room for a few: as many as the plan fits.
+    plan = roomy_strategy.plan
+    fixed = sum(v for k, v in plan.gpu.items() if k != "parked layer gradients")
+    layer = plan.gpu["parked layer gradients"] // 24
+    _, tight_pool, tight_strategy = run("auto", str(int((fixed + 3.5 * layer) / 0.9)))
+    assert tight_strategy.plan.settings.parked_grads == 3 and tight_pool.parked == 3 * STEPS
