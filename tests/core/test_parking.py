@@ -82,23 +82,25 @@ class _Pool(L.Callback):
         self.parked = trainer.strategy.engine.stats()["parked_layers"]
 
 
+def _held_step_run(parked, nonfinite="error", limit=None):
+    """llama_deep trained with updates that wait for the end of backward: clipping by norm, or nonfinite="skip"."""
+    torch.manual_seed(123)
+    module = TinyLM("llama_deep", initial_state("llama_deep"))
+    pool = _Pool()
+    strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=2, parked_grads=parked, nonfinite=nonfinite,
+                                                   gpu_memory_limit=limit)
+    trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=[pool],
+            gradient_clip_val=0.05 if nonfinite == "error" else None).fit(module, batches(STEPS))
+    return module, pool, strategy
+
+
 @pytest.mark.parametrize("nonfinite", ["error", "skip"])
 def test_a_step_that_waits_for_the_backward_parks_its_gradients_and_trains_the_same(nonfinite):
     """With clipping by norm (or nonfinite="skip") the updates wait for the end of backward, so every layer's
     gradients are held until then: parked layers hold theirs on the device instead of in host buffers, and go down
     after the step, first layer first. Bit for bit as without parking."""
-    def run(parked):
-        torch.manual_seed(123)
-        module = TinyLM("llama_deep", initial_state("llama_deep"))
-        pool = _Pool()
-        strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=2, parked_grads=parked,
-                                                       nonfinite=nonfinite)
-        trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=[pool],
-                gradient_clip_val=0.05 if nonfinite == "error" else None).fit(module, batches(STEPS))
-        return module, pool
-
-    held, held_pool = run(0)
-    parked, parked_pool = run(6)
+    held, held_pool, _ = _held_step_run(0, nonfinite)
+    parked, parked_pool, _ = _held_step_run(6, nonfinite)
     assert parked_pool.parked == 6 * STEPS and held_pool.parked == 0
     assert held_pool.allocated == 24 and parked_pool.allocated == 24 - 6  # host buffers for the others only
     assert held.losses == parked.losses
@@ -109,23 +111,13 @@ def test_a_step_that_waits_for_the_backward_parks_its_gradients_and_trains_the_s
 
 def test_auto_parks_as_many_as_the_first_batch_plan_allows():
     """parked_grads="auto": the engine starts with none and, at the first batch, takes the most the plan fits."""
-    def run(parked, limit):
-        torch.manual_seed(123)
-        module = TinyLM("llama_deep", initial_state("llama_deep"))
-        pool = _Pool()
-        strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=2, parked_grads=parked,
-                                                       gpu_memory_limit=limit)
-        trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=[pool],
-                gradient_clip_val=0.05).fit(module, batches(STEPS))
-        return module, pool, strategy
-
-    roomy, roomy_pool, roomy_strategy = run("auto", "1GiB")
+    roomy, roomy_pool, roomy_strategy = _held_step_run("auto", limit="1GiB")
     assert roomy_strategy.plan.settings.parked_grads == 24 and roomy_pool.parked == 24 * STEPS  # every layer
-    held, _, _ = run(0, "1GiB")
+    held, _, _ = _held_step_run(0, limit="1GiB")
     assert held.losses == roomy.losses
     # A limit that leaves room for a few: as many as the plan fits.
     plan = roomy_strategy.plan
     fixed = sum(v for k, v in plan.gpu.items() if k != "parked layer gradients")
     layer = plan.gpu["parked layer gradients"] // 24
-    _, tight_pool, tight_strategy = run("auto", str(int((fixed + 3.5 * layer) / 0.9)))
+    _, tight_pool, tight_strategy = _held_step_run("auto", limit=str(int((fixed + 3.5 * layer) / 0.9)))
     assert tight_strategy.plan.settings.parked_grads == 3 and tight_pool.parked == 3 * STEPS
