@@ -62,7 +62,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             super().__init__()
             # Random init runs on the GPU (seconds instead of minutes for billions of parameters on the host), then
             # the model starts on the host like a user's model would; the same seed gives every system one model.
-            with torch.device("cuda"):
+            with torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))):  # each rank on its own GPU
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             self.model = model.to("cpu")
             apply_kernels(self.model, "all")
