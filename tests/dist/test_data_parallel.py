@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -51,7 +55,8 @@ def train(strategy, *, devices: int, module=None, callbacks=(), freeze=(), ckpt_
     torch.manual_seed(123)
     module = module or TinyLM("llama", initial_state("llama"), freeze=freeze)
     options = {"max_steps": STEPS, "accumulate_grad_batches": ACCUMULATE, **options}
-    trainer(strategy, devices=devices, callbacks=list(callbacks), **options).fit(module, data(devices), ckpt_path=ckpt_path)
+    ranks = devices * options.get("num_nodes", 1)
+    trainer(strategy, devices=devices, callbacks=list(callbacks), **options).fit(module, data(ranks), ckpt_path=ckpt_path)
     return module
 
 
@@ -187,6 +192,41 @@ def test_checkpoint_and_exact_resume_with_two_ranks(tmp_path):
     single = train(lightning_slide.SlideFormerStrategy(window=2), devices=1, max_epochs=2, max_steps=-1,
                    ckpt_path=str(tmp_path / "last.ckpt"))
     assert_same_weights(single, single_whole)
+
+
+_NODE = """
+import sys, torch, lightning_slide
+from tests.dist.test_data_parallel import train
+module = train(lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host"), devices=1, num_nodes=2)
+if module.trainer.global_rank == 0:
+    torch.save({n: p.detach() for n, p in module.named_parameters()}, sys.argv[1])
+"""
+
+
+def test_two_nodes_train_as_one_process(plain, tmp_path):
+    """num_nodes=2, one device each: two launches of the same script, told apart by NODE_RANK (two "nodes" on this
+    machine), reach the same weights as one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "weights.pt"
+    nodes = [subprocess.Popen([sys.executable, "-c", _NODE, str(out)], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "NODE_RANK": str(rank), "PYTHONPATH": str(root)})
+             for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
+    theirs = dict(plain.named_parameters())
+    for name, param in torch.load(out).items():
+        error = relative_error(param, theirs[name].detach())
+        assert error <= TOLERANCE, f"{name}: relative error {error:.2e}"
 
 
 def test_masters_on_disk_are_refused_with_several_devices(tmp_path):
