@@ -583,6 +583,10 @@ class SlidingEngine:
             if self.state_store is not None:
                 self.worker.wait(key)  # its previous update has handed its files to the writer: read after that
             state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
+            if state is not None:
+                # The disk tier reads ahead in queue order, a bounded number of units: an update run out of that
+                # order could wait for a read that waits for the updates passed over. Keep the order.
+                ready = None
             self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value, state),
                                ready)
 
