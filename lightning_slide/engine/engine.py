@@ -259,6 +259,7 @@ class SlidingEngine:
         sizes = [sum(p.numel() for _, p in parts.block_parameters(i)) for i in range(len(parts.blocks))]
         sizes.append(0 if resident_on_device else sum(p.numel() for _, p in parts.resident))  # replicated: its own
         shared = None if masters_on_disk else shared_masters(self.shards, sum(sizes), pin=self.pin)
+        self._masters_shared = shared is not None
         masters = [None] * len(sizes) if shared is None else list(shared.split(sizes))
         self.layers = [
             HostUnit(
@@ -355,7 +356,6 @@ class SlidingEngine:
         # For clipping by norm: each unit's gradient norm, taken on the device as its gradients of a step's only
         # micro-batch leave it (this rank's shard) and copied down behind them, so that the host's norm task reads
         # one number per unit instead of every gradient; ``_norm_down[i]``: unit i's norm of this step is there.
-        self._norms = torch.zeros(len(self.layers) + 1, dtype=MASTER_DTYPE, device=self.device)
         self._norms_host = torch.zeros(len(self.layers) + 1, dtype=MASTER_DTYPE, pin_memory=self.pin)
         self._norm_down = [False] * (len(self.layers) + 1)
         self._clipping = False  # the current backward's step clips gradients (begin_backward)
@@ -1076,8 +1076,9 @@ class SlidingEngine:
             if unit.grad_empty:
                 self._norm_down[index] = self._clipping
                 if self._clipping:
-                    self._norms[index].copy_(torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE))
-                    self._norms_host[index].copy_(self._norms[index], non_blocking=True)
+                    # (the norm is made on this stream: its memory is reused only after the copy here)
+                    norm = torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE)
+                    self._norms_host[index].copy_(norm, non_blocking=True)
                 if self._parks(unit, key):
                     # Rather than wait for the host, or take a buffer ahead of gradients parked earlier. With every
                     # parking buffer taken: wait for a host buffer, send a parked layer that has landed down into
@@ -1150,7 +1151,7 @@ class SlidingEngine:
         """Complete every rank's copy of the fp32 masters from the owners' shards, unit by unit through the
         device (one unit's padded fp32 buffer at a time). Masters shared by the ranks of this host are complete
         once every rank is here (its updates done)."""
-        if any(unit.shared for unit in self._units().values()):
+        if self._masters_shared:
             self.shards.host_barrier()
         for unit in self._units().values():
             if (unit.start, unit.stop) == (0, unit.numel) or unit.master is None or unit.shared:
@@ -1215,7 +1216,7 @@ class SlidingEngine:
                 elif not unit.shared or self.shards.rank == 0:  # shared by this host's ranks: one writes
                     entry.view(unit.master).copy_(state[name])
         self._master_cache.flush()
-        if any(unit.shared for unit in self._units().values()):
+        if self._masters_shared:
             self.shards.host_barrier()  # rank 0 has written the shared masters
         for name, buffer in self.root.named_buffers():
             if name in state:

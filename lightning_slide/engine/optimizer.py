@@ -8,7 +8,6 @@ layer ``i`` is needed.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import threading
 import time
@@ -262,7 +261,8 @@ class UpdateWorker:
     """
 
     def __init__(self) -> None:
-        self._queue: list[tuple[int, Hashable, Callable[[], None], Future]] = []  # a heap, by rank
+        # (rank, key, task, future, ready event), in rank order: submission order unless `prefer` re-ranks
+        self._queue: list[tuple] = []
         self._ranks = itertools.count()
         self._ready = threading.Condition()
         self._closed = False
@@ -284,7 +284,7 @@ class UpdateWorker:
         with self._ready:
             if self._closed:
                 raise RuntimeError("the update worker is closed")
-            heapq.heappush(self._queue, (next(self._ranks), key, fn, future, ready))
+            self._queue.append((next(self._ranks), key, fn, future, ready))
             self._ready.notify()
         self._pending[key] = future
 
@@ -303,16 +303,13 @@ class UpdateWorker:
             others = [entry for entry in self._queue if entry[1] not in waiting]
             ranked = [(next(self._ranks), *waiting[key][1:]) for key in keys if key in waiting]
             self._queue = others + ranked
-            heapq.heapify(self._queue)
 
     def _next(self):
         """The first queued task whose inputs are there, taken off the queue; ``None`` if every one waits."""
-        for entry in sorted(self._queue, key=lambda entry: entry[0]):
+        for position, entry in enumerate(self._queue):
             ready = entry[4]
             if ready is None or ready.query():
-                self._queue.remove(entry)
-                heapq.heapify(self._queue)
-                return entry
+                return self._queue.pop(position)
         return None
 
     def _run(self) -> None:

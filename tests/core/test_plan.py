@@ -199,18 +199,27 @@ def test_refusals_say_what_to_change():
         make_plan(shape, dataclasses.replace(settings, offload_dir="/x"), Machine(disk_free=2**30)).check()
 
 
+_SUGGESTING = Machine(gpu_memory=24 * 2**30, host_memory=512 * 2**30)
+
+
+def _assert_largest_that_fits(shape, settings, **value):
+    """``settings`` with ``value`` fits under the suggestions' GPU margin; one more does not."""
+    (name, size), = value.items()
+    margin = planner.SUGGEST_MARGIN * _SUGGESTING.gpu_memory
+    assert sum(device_bytes(shape, dataclasses.replace(settings, **{name: size})).values()) <= margin
+    assert sum(device_bytes(shape, dataclasses.replace(settings, **{name: size + 1})).values()) > margin
+
+
 def test_suggestions_are_the_largest_that_fit():
     shape = _llama8b_shape()
     settings = Settings(window=2, batch=4, seq=2048, kernels=("fused_linear_cross_entropy",))
-    machine = Machine(gpu_memory=24 * 2**30, host_memory=512 * 2**30)
-    margin = planner.SUGGEST_MARGIN * machine.gpu_memory
+    machine = _SUGGESTING
     best = largest_batch(shape, settings, machine)
-    assert best and sum(device_bytes(shape, dataclasses.replace(settings, batch=best)).values()) <= margin
-    assert sum(device_bytes(shape, dataclasses.replace(settings, batch=best + 1)).values()) > margin
+    assert best
+    _assert_largest_that_fits(shape, settings, batch=best)
     window = largest_window(shape, settings, machine)
     assert 1 <= window < shape.layers
-    assert sum(device_bytes(shape, dataclasses.replace(settings, window=window)).values()) <= margin
-    assert sum(device_bytes(shape, dataclasses.replace(settings, window=window + 1)).values()) > margin
+    _assert_largest_that_fits(shape, settings, window=window)
     # Offloading the layer inputs lets a larger batch fit.
     assert largest_batch(shape, dataclasses.replace(settings, offload_activations=True), machine) > best
     assert largest_batch(shape, settings, Machine(gpu_memory=2**30)) is None
@@ -219,12 +228,10 @@ def test_suggestions_are_the_largest_that_fit():
 def test_the_most_parked_gradients_that_fit_are_suggested():
     shape = _llama8b_shape()
     settings = Settings(window=2, batch=4, seq=1024, kernels=("fused_linear_cross_entropy",))
-    machine = Machine(gpu_memory=24 * 2**30, host_memory=512 * 2**30)
-    margin = planner.SUGGEST_MARGIN * machine.gpu_memory
+    machine = _SUGGESTING
     most = largest_parking(shape, settings, machine)
     assert 0 < most < shape.layers
-    assert sum(device_bytes(shape, dataclasses.replace(settings, parked_grads=most)).values()) <= margin
-    assert sum(device_bytes(shape, dataclasses.replace(settings, parked_grads=most + 1)).values()) > margin
+    _assert_largest_that_fits(shape, settings, parked_grads=most)
     plan = make_plan(shape, settings, machine)
     assert plan.suggested_parked_grads == most and f"(parked_grads) at batch 4, window 2: {most}" in plan.table()
     # With clipping, parked layers leave the host: on a host too small for every layer's gradients, parking fits.
