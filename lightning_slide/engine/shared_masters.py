@@ -7,7 +7,8 @@ rank's updates done) the masters are whole and current on every rank without a g
 
 The file is unlinked as soon as every rank has mapped it: the memory lives as long as some mapping does, and nothing
 is left in ``/dev/shm`` on any exit. Ranks on several hosts, or a ``/dev/shm`` without the room (a container's
-default is often 64 MiB), keep a copy each, as before.
+default is often 64 MiB), keep a copy each, as before. The environment variable ``LIGHTNING_SLIDE_SHM_DIR`` names
+another memory-backed directory to use instead of ``/dev/shm`` (read when the ranks start).
 """
 
 from __future__ import annotations
@@ -24,20 +25,25 @@ import torch
 from lightning_slide.engine.pinned import mapped_tensor
 from lightning_slide.engine.shard import Shards
 
-SHARED_MEMORY = Path("/dev/shm")
+
+
+def shared_memory_dir() -> Path:
+    """Where the shared masters' file goes: ``$LIGHTNING_SLIDE_SHM_DIR``, default ``/dev/shm``."""
+    return Path(os.environ.get("LIGHTNING_SLIDE_SHM_DIR", "/dev/shm"))
 
 
 def _create(numel: int) -> tuple[str, str]:
     """Make the file (rank 0): ``(path, "")``, or ``("", why not)``."""
     size = numel * 4
-    if not SHARED_MEMORY.is_dir():
-        return "", f"{SHARED_MEMORY} does not exist"
-    stats = os.statvfs(SHARED_MEMORY)
+    directory = shared_memory_dir()
+    if not directory.is_dir():
+        return "", f"{directory} does not exist"
+    stats = os.statvfs(directory)
     free = stats.f_bavail * stats.f_frsize
     if free < size:
-        return "", (f"{SHARED_MEMORY} has {free / 2**30:.2f} GiB free, the masters need {size / 2**30:.2f} GiB "
+        return "", (f"{directory} has {free / 2**30:.2f} GiB free, the masters need {size / 2**30:.2f} GiB "
                     "(in a container: a larger --shm-size)")
-    descriptor, path = tempfile.mkstemp(prefix="lightning-slide-masters-", dir=SHARED_MEMORY)
+    descriptor, path = tempfile.mkstemp(prefix="lightning-slide-masters-", dir=directory)
     try:
         os.ftruncate(descriptor, size)
     finally:

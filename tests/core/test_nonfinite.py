@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 import lightning_slide
 from tests.core.test_parity import assert_same_training
-from tests.core.tiny import TinyLM, batches, initial_state, trainer
+from tests.core.tiny import TinyLM, batches, inf_grad, initial_state, trainer
 
 
 class PoisonedLM(TinyLM):
@@ -31,7 +31,7 @@ class PoisonedLM(TinyLM):
 
     def _poison_layer(self, module, args, output):
         # Also runs when the checkpointed layer is recomputed in backward: the flag holds through this backward.
-        return output + _inf_grad(module.weight) if self.poison_now else None
+        return output + inf_grad(module.weight) if self.poison_now else None
 
     def training_step(self, batch, batch_idx):
         self.poison_now = batch_idx in self.poisoned
@@ -39,24 +39,8 @@ class PoisonedLM(TinyLM):
         if self.poison_now and self.where == "loss":
             return loss * float("nan")
         if self.poison_now and self.where == "head":  # resident: on the compute device through the step
-            return loss + _inf_grad(self.model.lm_head.weight)
+            return loss + inf_grad(self.model.lm_head.weight)
         return loss
-
-
-def _inf_grad(weight):
-    """Zero in forward; an all-Inf gradient for ``weight`` in backward (on its device, in its dtype)."""
-
-    class Inf(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, w):
-            ctx.shape, ctx.dtype, ctx.device = w.shape, w.dtype, w.device
-            return w.new_zeros(())
-
-        @staticmethod
-        def backward(ctx, grad):
-            return torch.full(ctx.shape, float("inf"), dtype=ctx.dtype, device=ctx.device)
-
-    return Inf.apply(weight)
 
 
 def test_nan_loss_stops_with_a_clear_error():

@@ -105,3 +105,19 @@ def trainer(strategy, **kwargs) -> L.Trainer:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def inf_grad(weight):
+    """Zero in forward; an all-Inf gradient for ``weight`` in backward (on its device, in its dtype)."""
+
+    class Inf(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            ctx.shape, ctx.dtype, ctx.device = w.shape, w.dtype, w.device
+            return w.new_zeros(())
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full(ctx.shape, float("inf"), dtype=ctx.dtype, device=ctx.device)
+
+    return Inf.apply(weight)

@@ -18,8 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_slide
-from lightning_slide.engine import shared_masters
-from tests.core.tiny import TinyLM, batches, initial_state, relative_error, trainer
+from tests.core.tiny import ACCELERATOR, TinyLM, inf_grad, batches, initial_state, relative_error, trainer
 
 TOLERANCE = 1e-4  # the mean over ranks sums in another order than one process's mean over the whole batch
 STEPS, ACCUMULATE, GLOBAL_BATCH = 6, 2, 4
@@ -111,10 +110,10 @@ def test_parked_gradients_with_two_ranks(clip, tmp_path):
 
 
 def test_without_room_in_shared_memory_each_rank_keeps_its_own_masters(plain, tmp_path, monkeypatch):
-    """Where /dev/shm cannot hold the masters (here: it does not exist), each rank keeps a copy and training is the
-    same. The ranks are forked, so they see the patched location."""
-    monkeypatch.setattr(shared_masters, "SHARED_MEMORY", tmp_path / "no-shm")
-    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="fork")
+    """Where shared memory cannot hold the masters (here: the directory named does not exist), each rank keeps a
+    copy and training is the same."""
+    monkeypatch.setenv("LIGHTNING_SLIDE_SHM_DIR", str(tmp_path / "no-shm"))  # the spawned ranks inherit it
+    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="spawn")
     ours = train(strategy, devices=2, gradient_clip_val=0.5, callbacks=[RecordHostBytes(str(tmp_path))])
     assert_same_weights(ours, plain)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -135,30 +134,21 @@ def test_frozen_parameters_and_resident_parts_updated_on_the_device():
 
 
 class PoisonedOnRank(TinyLM):
-    """Micro-batch ``batch_idx`` of rank ``rank`` has an all-Inf gradient for layer 1's down projection."""
+    """Micro-batch ``batch_idx`` of rank ``rank`` has an all-Inf gradient for layer 1's down projection, given inside
+    the layer's forward (where its weights are in the window: see ``tests/core/test_nonfinite.py``)."""
 
     def __init__(self, rank: int, batch_idx: int) -> None:
         super().__init__("llama", initial_state("llama"))
         self.rank, self.poisoned = rank, batch_idx
+        self.poison_now = False
+        self.model.model.layers[1].mlp.down_proj.register_forward_hook(self._poison_layer)
+
+    def _poison_layer(self, module, args, output):
+        return output + inf_grad(module.weight) if self.poison_now else None
 
     def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if batch_idx == self.poisoned and self.trainer.global_rank == self.rank:
-            loss = loss + _inf_grad(self.model.model.layers[1].mlp.down_proj.weight)
-        return loss
-
-
-def _inf_grad(weight):
-    class Inf(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, w):
-            return w.new_zeros(())
-
-        @staticmethod
-        def backward(ctx, grad):
-            return torch.full_like(weight, float("inf"))
-
-    return Inf.apply(weight)
+        self.poison_now = batch_idx == self.poisoned and self.trainer.global_rank == self.rank
+        return super().training_step(batch, batch_idx)
 
 
 def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank():
@@ -219,7 +209,9 @@ def test_two_nodes_train_as_one_process(plain, tmp_path):
     nodes = [subprocess.Popen([sys.executable, "-c", _NODE, str(out)], cwd=root, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                   "NODE_RANK": str(rank), "PYTHONPATH": str(root)})
+                                   "NODE_RANK": str(rank), "PYTHONPATH": str(root),
+                                   # one machine: each "node" on a GPU of its own (NCCL refuses two ranks on one)
+                                   **({"CUDA_VISIBLE_DEVICES": str(rank)} if ACCELERATOR == "gpu" else {})})
              for rank in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
