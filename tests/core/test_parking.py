@@ -13,7 +13,7 @@ import lightning_slide
 from lightning_slide.engine.optimizer import UnitOptimizer
 import torch
 
-from tests.core.tiny import TinyLM, batches, initial_state, trainer
+from tests.core.tiny import ACCELERATOR, TinyLM, batches, initial_state, trainer
 
 STEPS = 6
 
@@ -115,7 +115,10 @@ def test_auto_parks_as_many_as_the_first_batch_plan_allows():
     assert roomy_strategy.plan.settings.parked_grads == 24 and roomy_pool.parked == 24 * STEPS  # every layer
     held, _, _ = _held_step_run(0, limit="1GiB")
     assert held.losses == roomy.losses
-    # A limit that leaves room for a few: as many as the plan fits.
+    # A limit that leaves room for a few: as many as the plan fits. Not on a GPU, whose caching allocator reserves
+    # blocks of 2-20 MiB: this model's plan is a few hundred KiB, so no such limit can be met there.
+    if ACCELERATOR != "cpu":
+        return
     plan = roomy_strategy.plan
     fixed = sum(v for k, v in plan.gpu.items() if k != "parked layer gradients")
     layer = plan.gpu["parked layer gradients"] // 24
