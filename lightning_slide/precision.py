@@ -9,12 +9,28 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins.precision.utils import _convert_fp_tensor
 from lightning.fabric.utilities.types import Optimizable
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 
 SUPPORTED_PRECISIONS = ("bf16-true", "32-true")
 _DTYPES = {"bf16-true": torch.bfloat16, "32-true": torch.float32}
+
+
+def planned_clipping(trainer: Trainer, module: LightningModule | None) -> tuple[bool, float | None]:
+    """How each optimizer step will clip, as known before its backward: ``(whole, value)``. ``whole``: by the
+    global norm, or by ``module``'s own ``configure_gradient_clipping``, which may clip any way (the updates must
+    wait for every gradient); ``value``: only by Lightning's clipping by value at this value, elementwise (updates
+    may stream, each clamping its own gradients)."""
+    clip = trainer.gradient_clip_val or None
+    if clip is None:
+        return False, None
+    own_hook = module is not None and is_overridden("configure_gradient_clipping", module, LightningModule)
+    if trainer.gradient_clip_algorithm == "value" and not own_hook:
+        return False, float(clip)
+    return True, None
 
 
 class SlidePrecision(Precision):

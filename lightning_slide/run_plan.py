@@ -18,6 +18,7 @@ from lightning_slide.engine.plan import (
     Machine, ModelShape, Plan, Settings, device_bytes, largest_batch, largest_parking, make_plan,
 )
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels
+from lightning_slide.precision import planned_clipping
 
 if TYPE_CHECKING:
     from lightning_slide.engine.engine import SlidingEngine
@@ -40,13 +41,12 @@ class RunPlan:
         names = [strategy.kernels] if isinstance(strategy.kernels, str) else list(strategy.kernels)
         requested = KERNEL_NAMES if "all" in names else tuple(n for n in names if n != "none")
         active = set(active_kernels(module))  # applied by the user (apply_kernels) or by an earlier run
-        clip = trainer.gradient_clip_val
         self.settings = Settings(
             window=strategy.window, compute_dtype=strategy.precision_plugin.compute_dtype,
             device=strategy.root_device.type, resident_on_device=resident_on_device,
             offload_activations=strategy.offload_activations, offload_dir=strategy.offload_dir,
             kernels=tuple(n for n in KERNEL_NAMES if n in requested or n in active),
-            clipping=clip is not None and clip > 0, accumulate=trainer.accumulate_grad_batches,
+            clipping=planned_clipping(trainer, module)[0], accumulate=trainer.accumulate_grad_batches,
             host_weights="fp32" if strategy.host_weights == "auto" else strategy.host_weights,
             grad_buffers=strategy.grad_buffers, offload=strategy.offload,
             ranks=strategy.num_processes * strategy.num_nodes,

@@ -29,7 +29,7 @@ from lightning_slide.engine.optimizer import HostOptimizer
 from lightning_slide.engine.plan import Plan, human, parse_bytes, resident_on_device_auto
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
 from lightning_slide.monitor import SlideMonitor
-from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision
+from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision, planned_clipping
 from lightning_slide.run_plan import RunPlan
 from lightning_slide.strategy_checkpoints import CheckpointHooks
 
@@ -106,8 +106,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             cross PCIe; 2 bytes per parameter more host memory and a host cast per update). Same training either
             way. ``"auto"`` (default): ``"compute"`` when the masters are on disk (required there), else ``"fp32"``.
         grad_buffers: layer gradient buffers (fp32, one layer each) the host may hold while updates stream out of a
-            backward (no clipping, last micro-batch); the backward waits for the host rather than hold more. More
-            lets the host keep updating through more of the next forward: at the Llama-3.1-8B shape 8 instead of 4
+            backward (no clipping by norm, last micro-batch); the backward waits for the host rather than hold more.
+            More lets the host keep updating through more of the next forward: at the Llama-3.1-8B shape 8 instead of 4
             gave 1.05x the speed for 0.4 bytes per parameter of host memory (BENCHMARKS.md). Default ``None``:
             ``window + 2``.
         parked_grads: layers' gradients the GPU may hold (bf16, one layer each). When every host gradient buffer
@@ -467,10 +467,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 )
             self.engine.skip_step()  # no backward: this optimizer step is dropped
             return closure_loss
-        clip = trainer.gradient_clip_val
+        whole, clip_value = planned_clipping(trainer, self.lightning_module)
         self.engine.begin_backward(
             last_micro_batch=trainer.training and not trainer.fit_loop._should_accumulate(),
-            clipping=clip is not None and clip > 0,
+            clipping=whole, clip_value=clip_value,
             param_groups=self.optimizers[0].param_groups if self.optimizers else None,
             step=trainer.global_step,
         )

@@ -125,7 +125,8 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         compute_dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32,
         device="cpu" if cfg.trainer.get("accelerator") == "cpu" else "cuda", resident_on_device=resident,
         offload_activations=bool(strategy.offload_activations), offload_dir=strategy.offload_dir,
-        kernels=tuple(kernels), clipping=clip is not None and clip > 0,
+        kernels=tuple(kernels),
+        clipping=clip is not None and clip > 0 and cfg.trainer.get("gradient_clip_algorithm") != "value",
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
         host_weights="compute" if strategy.get("host_weights") == "compute" else "fp32",
         grad_buffers=strategy.get("grad_buffers"),
@@ -140,6 +141,12 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     if machine.gpu_memory is None:
         plan.notes.append("no GPU here and no plan.gpu_memory / strategy.gpu_memory_limit: the GPU is not checked")
     return plan
+
+
+def _clipping(trainer) -> str:
+    if not trainer.get("gradient_clip_val"):
+        return "no clipping"
+    return "clipping by value" if trainer.get("gradient_clip_algorithm") == "value" else "clipping by norm"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     s = plan.settings
     print(f"slide-plan: {_count(plan.shape.params)} parameters, {plan.shape.layers} layers; batch {s.batch} x "
           f"seq {s.seq}, window {s.window}, {str(s.compute_dtype).removeprefix('torch.')}, "
-          f"accumulate {s.accumulate}, clipping {'on' if s.clipping else 'off'}, kernels "
+          f"accumulate {s.accumulate}, {_clipping(cfg.trainer)}, kernels "
           f"{', '.join(s.kernels) or 'none'}, resident optimizer on the {'GPU' if s.resident_on_device else 'host'}"
           f"{', offload_activations' if s.offload_activations else ''}"
           f"{f', offload_dir {s.offload_dir}' if s.offload_dir else ''}"

@@ -7,12 +7,12 @@ backward   layer i:  autograd recomputes i: upload i (and prefetch the layers be
                      -> autograd fills them -> when the last parameter's gradient lands, the download stream
                      copies them into the layer's fp32 host accumulator (cast on the device; a host thread adds
                      when accumulating) and the slot is free for the next layer
-update               without clipping, on the last micro-batch: each layer's host update is queued as soon as its
-                     gradients are downloaded, overlapping the rest of the backward; when the backward ends, the
+update               without clipping by norm, on the last micro-batch: each layer's host update is queued as soon
+                     as its gradients are downloaded, overlapping the rest of the backward; when the backward ends, the
                      updates not yet started are reordered first layer first, the order the next forward needs,
                      and the host thread passes over an update whose gradients are still on their way for one
-                     whose gradients are down; with clipping: after backward, the global norm, then the updates
-                     in forward order
+                     whose gradients are down (clipping by value clamps each layer's gradients in its update);
+                     with clipping by norm: after backward, the global norm, then the updates in forward order
 next forward         uploading layer i waits only for layer i's update
 
 The resident parts (embeddings, final norm, output head) keep one compute copy on the device for the whole step.
@@ -163,9 +163,9 @@ class SlidingEngine:
             in the same order. The resident parts, when updated on the device, are replicated instead. Default
             ``False``.
         parked_grads: layers' gradients the compute device may hold, in the compute dtype. In a backward that
-            streams updates (no clipping, last micro-batch), while every host gradient buffer is lent: instead of
-            waiting for the host, the backward parks them on the device and goes on; they go down later, on their
-            own stream, as host buffers come back (the lowest layer whose gradients have landed first), at the
+            streams updates (no clipping by norm, last micro-batch), while every host gradient buffer is lent:
+            instead of waiting for the host, the backward parks them on the device and goes on; they go down later,
+            on their own stream, as host buffers come back (the lowest layer whose gradients have landed first), at the
             latest when the next forward loads the layer. The host then updates through the next forward instead of
             idling in it. In a step whose updates wait for the end of backward (clipping, ``nonfinite="skip"``; one
             micro-batch): the first layers to finish park, so the host holds only the others' gradients, and they
@@ -366,7 +366,8 @@ class SlidingEngine:
         self._step_open = False  # some updates of an optimizer step are queued, not all of them yet
         self._backward = False
         self._streaming: list[dict] | None = None  # hyperparameters while updates stream out of this backward
-        self._streamed = False
+        self._stream_clip: float | None = None  # the value its updates clamp gradients to (clipping by value)
+        self._streamed: tuple[float | None] | None = None  # the last backward streamed: (its clip value,)
         self._pending: dict[int, int] = {}  # layer -> parameter gradients still to land in this backward
         self._wrapped: list[nn.Module] = []
         self._hooks: list = []
@@ -508,12 +509,15 @@ class SlidingEngine:
             self.skipped_steps += 1
             self.zero_grad()
             return
-        if self._streamed:
-            self._streamed = False
-            if clip_norm is not None or clip_value is not None:
+        if self._streamed is not None:
+            (streamed_clip,), self._streamed = self._streamed, None
+            if clip_norm is not None or clip_value != streamed_clip:
                 raise RuntimeError(
-                    "gradients were clipped after the updates had started. slideformer clips exactly when it knows "
-                    "before backward that clipping will happen: set Trainer(gradient_clip_val=...)."
+                    "gradients were clipped after the updates had started"
+                    + ("" if streamed_clip is None else f" with clip value {streamed_clip}")
+                    + ". slideformer clips exactly when it knows before backward how clipping will happen: set "
+                    "Trainer(gradient_clip_val=..., gradient_clip_algorithm=...), and leave "
+                    "configure_gradient_clipping to Lightning or clip in it the same way at every step."
                 )
             return
         hyper = hyperparameters(param_groups)
@@ -697,7 +701,7 @@ class SlidingEngine:
             if not coefficient.get("skip"):
                 self._raise_if_nonfinite(self._key_of(unit))
                 if unit is self.resident and self._resident_from_device is not None:
-                    self._step_resident_in_chunks(optimizer, hyper, state)
+                    self._step_resident_in_chunks(optimizer, hyper, clip_value, state)
                 else:
                     optimizer.step(hyper, coefficient.get("value"), clip_value, state)
                 # before the next upload of the unit, which waits for this task
@@ -728,7 +732,7 @@ class SlidingEngine:
             self.resident.grad = host_empty(self.resident.grad_numel, MASTER_DTYPE, pin=self.pin)
         return self.resident.grad
 
-    def _step_resident_in_chunks(self, optimizer: UnitOptimizer, hyper, state) -> None:
+    def _step_resident_in_chunks(self, optimizer: UnitOptimizer, hyper, clip_value, state) -> None:
         """Worker task part: update the resident parts chunk by chunk from their gradients on the device (this
         rank's shard, already averaged), each chunk cast to fp32 on the device and copied down on the update
         thread's own stream, through its own staging, into the half of ``_chunk_buffer`` the previous chunk's update
@@ -752,7 +756,7 @@ class SlidingEngine:
             if number + 1 < len(spans):
                 coming = fetch(number + 1)  # into the other half: the update that read it last has returned
             self.worker.await_device(copied)
-            optimizer.step(hyper, None, None, state, only=(lo, hi, buffer))
+            optimizer.step(hyper, None, clip_value, state, only=(lo, hi, buffer))
 
     def _give_back(self, unit: HostUnit) -> None:
         """Return a layer's lent gradient buffer to the pool (the resident parts own theirs)."""
@@ -846,7 +850,8 @@ class SlidingEngine:
         self.streams.wait(free)  # its previous contents went down
         buffer[: device_grads.numel()].copy_(device_grads)
         parked = self.streams.record()
-        self._parked[index] = (buffer, parked, None if self._streaming is None else (self._streaming, None, None))
+        streamed = None if self._streaming is None else (self._streaming, None, self._stream_clip)
+        self._parked[index] = (buffer, parked, streamed)
         self.layers[index].grad_event = parked  # its flags (and norm) went down before it
         self.parked_total += 1
         return parked
@@ -950,15 +955,20 @@ class SlidingEngine:
 
     # ---------------------------------------------------------------- backward
     def begin_backward(
-        self, *, last_micro_batch: bool = False, clipping: bool = True, param_groups=None, step: int = 0
+        self, *, last_micro_batch: bool = False, clipping: bool = True, param_groups=None, step: int = 0,
+        clip_value: float | None = None,
     ) -> None:
         """Call right before ``loss.backward()``.
 
         Args:
             last_micro_batch: this backward completes the gradients of an optimizer step.
-            clipping: the step will clip gradients (updates must then wait for the global norm).
+            clipping: the step will clip gradients by their global norm, or in a way not known yet (updates must
+                then wait for the whole gradient).
             param_groups: the optimizer's groups, read now when updates stream out of this backward.
             step: the global step this backward belongs to (named in error messages). Default ``0``.
+            clip_value: the step will clamp every gradient element to ``[-clip_value, clip_value]`` and nothing
+                else (``clip_grad_value`` with this value). Elementwise, so updates may still stream out of the
+                backward, each clamping its own gradients. Default ``None``: no clipping by value.
         """
         self._backward = True
         self._step_index = step
@@ -966,6 +976,7 @@ class SlidingEngine:
         stream = (last_micro_batch and not clipping and self.nonfinite != "skip" and param_groups is not None
                   and bool(self._optimizers))
         self._streaming = hyperparameters(param_groups) if stream else None
+        self._stream_clip = None if clip_value is None else float(clip_value)
         # The step's updates wait for the end of backward: its layers' gradients may park (parked_grads).
         self._holding = last_micro_batch and not stream and bool(self._optimizers)
         if self.resident.trainable_numel:
@@ -1013,14 +1024,14 @@ class SlidingEngine:
             if self._streaming is not None and not self._resident_updates_on_device():
                 chunked = self._resident_from_device
                 ready = self.resident.grad_event if chunked is None else chunked[0]
-                self._submit_update(RESIDENT, self._streaming, ready=ready)
+                self._submit_update(RESIDENT, self._streaming, clip_value=self._stream_clip, ready=ready)
         if self._streaming is not None:
             # What the host has not started yet, it does in the next forward's order — from now on, not after the
             # device update below, which may wait for the end of backward on the device (its NaN/Inf check).
             self._prefer_forward_order()
             if self.resident.trainable_numel and self._resident_updates_on_device():
-                self._update_resident_on_device(self._streaming, None, None)
-        self._streamed = self._streaming is not None
+                self._update_resident_on_device(self._streaming, None, self._stream_clip)
+        self._streamed = None if self._streaming is None else (self._stream_clip,)
         self._streaming = None
         if self._parked:
             self._unpark_ready()
@@ -1055,7 +1066,7 @@ class SlidingEngine:
         for entry in unit.trainable:
             entry.param.grad = None
         if self._streaming is not None and index not in self._parked:
-            self._submit_update(index, self._streaming, ready=unit.grad_event)
+            self._submit_update(index, self._streaming, clip_value=self._stream_clip, ready=unit.grad_event)
 
     def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
         """Copy ``device_grads`` into ``unit``'s fp32 accumulator; returns the event after which the device buffer

@@ -143,7 +143,8 @@ class Settings:
     offload_activations: bool = False
     offload_dir: str | None = None
     kernels: tuple[str, ...] = ()
-    clipping: bool = True  # gradient_clip_val set: every layer keeps its fp32 gradients until the global norm
+    # Clipping by norm: every layer keeps its fp32 gradients until the global norm (clipping by value streams: False)
+    clipping: bool = True
     accumulate: int = 1  # accumulate_grad_batches
     host_weights: str = "fp32"  # "compute": a page-locked compute-dtype copy of each layer is what uploads read
     grad_buffers: int | None = None  # layer gradient buffers while updates stream (None: window + GRADS_AHEAD)

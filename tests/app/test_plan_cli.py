@@ -39,6 +39,16 @@ def test_slide_plan_with_overrides_and_json(tmp_path, capsys):
     assert "lower the batch size (now 8" in out and "set offload_dir" in out
 
 
+def test_clipping_by_value_is_planned_as_streaming(tmp_path, capsys):
+    """Clipping by value lets updates stream out of the backward: no layer keeps its gradients until the step."""
+    assert main(["plan.gpu_memory=1GiB", f"plan.json={tmp_path / 'norm.json'}"]) == 0
+    assert "clipping by norm" in capsys.readouterr().out
+    assert main(["plan.gpu_memory=1GiB", "trainer.gradient_clip_algorithm=value", f"plan.json={tmp_path / 'value.json'}"]) == 0
+    assert "clipping by value" in capsys.readouterr().out
+    planned = [json.loads((tmp_path / f"{how}.json").read_text())["settings"]["clipping"] for how in ("norm", "value")]
+    assert planned == [True, False]
+
+
 def test_slide_plan_errors(tmp_path, capsys):
     assert main(["strategy.windw=3"]) == 2
     assert "Could not override 'strategy.windw'" in capsys.readouterr().err

@@ -18,12 +18,13 @@ from tests.core.tiny import ACCELERATOR, TinyLM, batches, initial_state, trainer
 STEPS = 6
 
 
-def train(strategy, callbacks=()):
-    """Updates stream out of the backward: no clipping, no accumulation."""
+def train(strategy, callbacks=(), **options):
+    """Updates stream out of the backward: no clipping (unless by value), no accumulation."""
     torch.manual_seed(123)
     module = TinyLM("llama_deep", initial_state("llama_deep"))
-    trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, gradient_clip_val=None,
-            callbacks=list(callbacks)).fit(module, batches(STEPS))
+    options = {"gradient_clip_val": None, **options}
+    trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=list(callbacks), **options).fit(
+        module, batches(STEPS))
     return module
 
 
@@ -67,6 +68,20 @@ def test_parked_gradients_train_the_same(slow_host, window, parking):
         assert torch.equal(param, theirs[name]), name
     for name, tensor in seen.weights.items():
         assert torch.equal(tensor, before.weights[name]), name
+
+
+def test_parked_gradients_clipped_by_value_train_the_same(slow_host):
+    """Clipping by value streams too: a parked layer's update, queued when it goes down, clamps its gradients."""
+    clip = dict(gradient_clip_val=0.002, gradient_clip_algorithm="value")
+    waited = train(lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1), **clip)
+    seen = _Parked()
+    parked = train(lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1, parked_grads=6), [seen], **clip)
+    unclipped = train(lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1, parked_grads=6))
+    assert seen.stats["parked_layers"] > 0
+    assert waited.losses == parked.losses != unclipped.losses
+    theirs = dict(waited.named_parameters())
+    for name, param in parked.named_parameters():
+        assert torch.equal(param, theirs[name]), name
 
 
 def test_parked_grads_option_is_validated():

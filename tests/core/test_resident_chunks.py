@@ -10,6 +10,7 @@ import torch
 
 import lightning_slide
 from lightning_slide.engine.engine import SlidingEngine
+from tests.core.test_parity import assert_same_training
 from tests.core.tiny import TinyLM, batches, initial_state, trainer
 
 STEPS = 4
@@ -25,14 +26,14 @@ class _State(L.Callback):
         self.chunk = engine._chunk_buffer
 
 
-def _train(chunk, monkeypatch, **options):
+def _train(chunk, monkeypatch, steps=STEPS, **options):
     monkeypatch.setattr(SlidingEngine, "RESIDENT_CHUNK", chunk)
     torch.manual_seed(123)
     module = TinyLM("llama", initial_state("llama"))
     seen = _State()
     strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host")
-    trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, gradient_clip_val=None, callbacks=[seen],
-            **options).fit(module, batches(STEPS))
+    options = {"gradient_clip_val": None, **options}
+    trainer(strategy, max_steps=steps, accumulate_grad_batches=1, callbacks=[seen], **options).fit(module, batches(steps))
     return module, seen
 
 
@@ -57,3 +58,15 @@ def test_clipping_or_accumulation_keep_a_resident_accumulator(monkeypatch, clip,
     trainer(strategy, max_steps=2, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
             callbacks=[seen]).fit(TinyLM("llama", initial_state("llama")), batches(4))
     assert seen.accumulator is not None
+
+
+def test_clipping_by_value_clamps_each_chunk(monkeypatch):
+    """Clipping by value streams too: each chunk of the resident parts' gradients is clamped, as clip_grad_value_
+    clamps them whole in plain training."""
+    options = dict(gradient_clip_val=0.002, gradient_clip_algorithm="value")
+    chunked, seen = _train(1000, monkeypatch, steps=8, **options)
+    assert seen.accumulator is None
+    torch.manual_seed(123)
+    plain = TinyLM("llama", initial_state("llama"))
+    trainer("auto", max_steps=8, accumulate_grad_batches=1, **options).fit(plain, batches(8))
+    assert_same_training(chunked, plain)

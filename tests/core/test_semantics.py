@@ -39,8 +39,49 @@ def test_frozen_parameters_stay_frozen():
             assert torch.equal(param.detach(), start[name]), name
 
 
-def test_clipping_by_value():
-    assert_same_training(*fit_both(gradient_clip_val=0.002, gradient_clip_algorithm="value"))
+class _WatchStreaming(L.Callback):
+    """Records, before each optimizer step, whether its updates streamed out of the backward (and with what clip)."""
+
+    def __init__(self) -> None:
+        self.streamed = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        engine = getattr(trainer.strategy, "engine", None)
+        if engine is not None:
+            self.streamed.append(engine._streamed)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_clipping_by_value_streams_updates_from_backward(accumulate):
+    """Clipping by value is elementwise: the step's last backward streams its updates, each clamping its own
+    gradients (and the resident parts' chunks), as clip_grad_value_ over every gradient would."""
+    watch = _WatchStreaming()
+    ours, plain = fit_both(window=1, gradient_clip_val=0.002, gradient_clip_algorithm="value",
+                           accumulate_grad_batches=accumulate, max_steps=5, callbacks=[watch])
+    assert_same_training(ours, plain)
+    assert watch.streamed == [(0.002,)] * 5
+
+
+class _ClipsOddSteps(TinyLM):
+    """A LightningModule whose own configure_gradient_clipping clips by value on odd steps only."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.trainer.global_step % 2:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def test_clipping_in_a_users_hook_waits_for_the_backward():
+    """Trainer(gradient_clip_algorithm="value") with the module's own configure_gradient_clipping: how the step clips
+    is known only after the backward, so its updates wait for it, and training equals plain training."""
+    modules, watch = [], _WatchStreaming()
+    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1)):
+        torch.manual_seed(123)
+        module = _ClipsOddSteps("llama", initial_state("llama"))
+        trainer(strategy, gradient_clip_val=0.002, gradient_clip_algorithm="value", accumulate_grad_batches=1,
+                max_steps=8, callbacks=[watch]).fit(module, batches(8))
+        modules.append(module)
+    assert_same_training(modules[1], modules[0])
+    assert watch.streamed == [None] * 8
 
 
 def test_no_clipping_no_accumulation():

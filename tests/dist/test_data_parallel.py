@@ -94,6 +94,15 @@ def test_two_ranks_train_as_one_process(plain, clip, tmp_path, request):
     assert sum(f["fp32 masters"] for f in ranks) == 4 * sum(p.numel() for p in ours.parameters())
 
 
+def test_clipping_by_value_with_two_ranks():
+    """Clipping by value streams: each rank clamps its shard of the averaged gradients as its updates run, as one
+    process clamps the whole gradient of the global batch."""
+    options = dict(gradient_clip_val=0.002, gradient_clip_algorithm="value")
+    reference = train("auto", devices=1, **options)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="spawn")
+    assert_same_weights(train(strategy, devices=2, **options), reference)
+
+
 @pytest.mark.parametrize("clip", [0.5, None], ids=["clip-norm", "streamed"])
 def test_parked_gradients_with_two_ranks(clip, tmp_path):
     """Each rank parks its shard of a layer's gradients (one micro-batch per step: while updates stream, or until
