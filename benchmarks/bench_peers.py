@@ -6,7 +6,7 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8,
                                          slideformer+park24 = parked_grads=24; combine with +)
-                                        [--cap 24GiB] [--steps 3] [--window 2] [--devices 1] [--clip 1.0]
+                                        [--cap 24GiB] [--steps 3] [--window 2] [--devices 1] [--clip 1.0] [--clip-by value]
 
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
 one) and prints one JSON line; the parent prints a markdown table with tokens/s, TFLOP/s (6·N·tokens), peak GPU
@@ -139,8 +139,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         strategy = "ddp"
     trainer = L.Trainer(
         strategy=strategy, accelerator="gpu", devices=devices, precision=precision, max_steps=args.steps + 2,
-        gradient_clip_val=args.clip, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+        gradient_clip_val=args.clip, gradient_clip_algorithm=args.clip_by, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
     )
     try:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=batch))
@@ -176,7 +176,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--window", type=int, default=2)
-    parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val for every system (by norm)")
+    parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val for every system")
+    parser.add_argument("--clip-by", choices=("norm", "value"), default="norm", help="gradient_clip_algorithm")
     parser.add_argument("--cap", default="24GiB")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
     parser.add_argument("--devices", type=int, default=1, help="GPUs per system (data-parallel)")
@@ -193,7 +194,7 @@ def main() -> None:
 
     print(f"seq {args.seq}, cap {args.cap} for offloading systems, kernels=all, per-layer checkpointing everywhere, "
           f"{args.devices} GPU(s) per system, batch per GPU"
-          + (f", gradients clipped by norm at {args.clip}" if args.clip is not None else ", no gradient clipping"))
+          + (f", gradients clipped by {args.clip_by} at {args.clip}" if args.clip is not None else ", no gradient clipping"))
     print("| shape | batch | system | s/step | tokens/s | TFLOP/s | peak GPU GiB | peak host GiB | × all-on-GPU | of bound |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for item in args.shapes.split(","):
@@ -202,7 +203,7 @@ def main() -> None:
         for system in args.systems.split(","):
             command = [sys.executable, __file__, "--child", f"{system}:{shape}:{batch}", "--seq", str(args.seq),
                        "--steps", str(args.steps), "--window", str(args.window), "--cap", args.cap,
-                       *(["--clip", str(args.clip)] if args.clip is not None else []),
+                       *(["--clip", str(args.clip), "--clip-by", args.clip_by] if args.clip is not None else []),
                        "--devices", str(args.devices)] + (["--host-memory", args.host_memory] if args.host_memory else [])
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
