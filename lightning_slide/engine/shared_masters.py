@@ -26,7 +26,6 @@ from lightning_slide.engine.pinned import mapped_tensor
 from lightning_slide.engine.shard import Shards
 
 
-
 def shared_memory_dir() -> Path:
     """Where the shared masters' file goes: ``$LIGHTNING_SLIDE_SHM_DIR``, default ``/dev/shm``."""
     return Path(os.environ.get("LIGHTNING_SLIDE_SHM_DIR", "/dev/shm"))
