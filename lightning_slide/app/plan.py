@@ -119,14 +119,13 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     if resident is None:  # "auto", as the strategy decides it
         resident = resident_on_device_auto(shape.resident_params, machine.gpu_memory)
     precision = str(cfg.trainer.get("precision"))
-    clip = cfg.trainer.get("gradient_clip_val")
     settings = Settings(
         window=int(strategy.window), batch=int(options.get("batch") or cfg.data.batch_size), seq=int(seq),
         compute_dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32,
         device="cpu" if cfg.trainer.get("accelerator") == "cpu" else "cuda", resident_on_device=resident,
         offload_activations=bool(strategy.offload_activations), offload_dir=strategy.offload_dir,
         kernels=tuple(kernels),
-        clipping=clip is not None and clip > 0 and cfg.trainer.get("gradient_clip_algorithm") != "value",
+        clipping=_clipping(cfg.trainer) == "clipping by norm",  # by value, updates stream as without clipping
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
         host_weights="compute" if strategy.get("host_weights") == "compute" else "fp32",
         grad_buffers=strategy.get("grad_buffers"),
@@ -144,6 +143,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
 
 
 def _clipping(trainer) -> str:
+    """How the run clips gradients, in the words the summary line prints."""
     if not trainer.get("gradient_clip_val"):
         return "no clipping"
     return "clipping by value" if trainer.get("gradient_clip_algorithm") == "value" else "clipping by norm"
