@@ -43,7 +43,9 @@ strategy.window=..., strategy.gpu_memory_limit=..., kernels=all, trainer.accumul
   plan.measure=true             measure host AdamW, H2D/D2H, GPU FLOP/s and the disk here instead of the defaults
   plan.h2d, plan.d2h, plan.disk_read, plan.disk_write (bytes/s), plan.adamw (params/s), plan.tflops (TFLOP/s)
   plan.json=FILE                also write the plan as JSON
-Only the model's config.json is read (model.path may hold nothing else). Exit status 1: the run does not fit."""
+Only the model's config.json is read (model.path may hold nothing else); a shape config plans without any
+directory (slide-plan model=llama3_8b). Without a GPU here (and no plan.gpu_memory) it plans the CPU run, as
+slide-train would train here. Exit status 1: the run does not fit."""
 
 _RATES = {"h2d": "h2d_bytes_per_s", "d2h": "d2h_bytes_per_s", "disk_read": "disk_read_bytes_per_s",
           "disk_write": "disk_write_bytes_per_s", "adamw": "host_adamw_params_per_s"}
@@ -68,9 +70,12 @@ def model_config(node: DictConfig) -> Any:
         if "vocab_size" not in fields and node.get("tokenizer"):
             fields["vocab_size"] = len(AutoTokenizer.from_pretrained(node.tokenizer, trust_remote_code=trust))
         config = AutoConfig.for_model(**fields)
+    elif "model_type" in (node.get("expect") or {}):
+        # A shape config (model=llama3_8b) records the model's shape: enough to plan, no directory needed.
+        return AutoConfig.for_model(**OmegaConf.to_container(node.expect, resolve=True))
     else:
         raise SlideAppError("missing required options: the model directory: model.path=/path/to/model "
-                            "(only its config.json is read)")
+                            "(only its config.json is read), or a shape config such as model=llama3_8b")
     wrong = {k: v for k, v in (node.get("expect") or {}).items() if getattr(config, k, None) != v}
     if wrong:
         raise ModelDirError(f"model.path {str(node.path)!r} is not the model this config describes (expected "
@@ -97,6 +102,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     shape = ModelShape.of(meta_root(config, bool(cfg.model.get("trust_remote_code", False))), strategy.blocks)
     options = cfg.get("plan") or {}
     limit = options.get("gpu_memory") or strategy.gpu_memory_limit
+    device = planned_device(cfg.trainer, gpu_memory_given=limit is not None)
     machine = Machine.detect(gpu_memory_limit=None if limit is None else parse_bytes(limit),
                              offload_dir=strategy.offload_dir)
     host_memory = options.get("host_memory") or strategy.get("host_memory")
@@ -118,11 +124,14 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     resident = {"device": True, "host": False}.get(strategy.resident_optimizer)
     if resident is None:  # "auto", as the strategy decides it
         resident = resident_on_device_auto(shape.resident_params, machine.gpu_memory)
-    precision = str(cfg.trainer.get("precision"))
+    if device == "cuda" and OmegaConf.is_interpolation(cfg.trainer, "precision"):
+        precision = "bf16-true"  # the default, ${slide.precision:}, resolved for a GPU rather than this machine
+    else:
+        precision = str(cfg.trainer.get("precision"))
     settings = Settings(
         window=int(strategy.window), batch=int(options.get("batch") or cfg.data.batch_size), seq=int(seq),
         compute_dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32,
-        device="cpu" if cfg.trainer.get("accelerator") == "cpu" else "cuda", resident_on_device=resident,
+        device=device, resident_on_device=resident,
         offload_activations=bool(strategy.offload_activations), offload_dir=strategy.offload_dir,
         kernels=tuple(kernels),
         clipping=_clipping(cfg.trainer) == "clipping by norm",  # by value, updates stream as without clipping
@@ -137,9 +146,25 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     if machine.host_memory is not None and settings.ranks > 1:
         machine.host_memory //= settings.ranks  # the items are one rank's; the ranks share this host
     plan = make_plan(shape, settings, machine)
-    if machine.gpu_memory is None:
+    if cfg.model.get("path") is None and cfg.model.get("config") is None:
+        plan.notes.append("the model's shape comes from its config (model.expect): no model directory was read")
+    if device == "cpu" and cfg.trainer.get("accelerator") != "cpu":
+        plan.notes.append("no GPU here: this is the CPU run slide-train would make (the compute buffers are host "
+                          "memory); plan.gpu_memory=... plans a GPU run")
+    elif machine.gpu_memory is None:
         plan.notes.append("no GPU here and no plan.gpu_memory / strategy.gpu_memory_limit: the GPU is not checked")
     return plan
+
+
+def planned_device(trainer: DictConfig, gpu_memory_given: bool) -> str:
+    """``"cuda"`` or ``"cpu"``: where the run computes. As Lightning's ``accelerator=auto`` does for ``slide-train``,
+    a machine without a GPU runs on the CPU, unless a GPU size is given (a plan for a GPU machine elsewhere)."""
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator == "cpu":
+        return "cpu"
+    if accelerator == "auto" and not torch.cuda.is_available() and not gpu_memory_given:
+        return "cpu"
+    return "cuda"
 
 
 def _clipping(trainer) -> str:
@@ -167,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     s = plan.settings
     print(f"slide-plan: {_count(plan.shape.params)} parameters, {plan.shape.layers} layers; batch {s.batch} x "
           f"seq {s.seq}, window {s.window}, {str(s.compute_dtype).removeprefix('torch.')}, "
-          f"accumulate {s.accumulate}, {_clipping(cfg.trainer)}, kernels "
+          f"accumulate {s.accumulate}, {_clipping(cfg.trainer)}, {'on the CPU, ' if s.device == 'cpu' else ''}kernels "
           f"{', '.join(s.kernels) or 'none'}, resident optimizer on the {'GPU' if s.resident_on_device else 'host'}"
           f"{', offload_activations' if s.offload_activations else ''}"
           f"{f', offload_dir {s.offload_dir}' if s.offload_dir else ''}"
@@ -187,10 +212,6 @@ def console() -> None:
     sys.exit(main())
 
 
-if __name__ == "__main__":
-    console()
-
-
 def _count(n: int) -> str:
     """A parameter count in the largest unit that keeps it at least 1: ``"8.03B"``, ``"3.2M"``, ``"96K"``."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -205,3 +226,7 @@ def _ranks(trainer) -> int:
     devices = trainer.get("devices", 1)
     count = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, ListConfig)) else 1
     return max(1, count) * int(trainer.get("num_nodes") or 1)
+
+
+if __name__ == "__main__":
+    console()

@@ -32,7 +32,10 @@ def test_overrides_take_effect():
 def test_model_shapes_need_a_path(name):
     cfg = compose_cfg(f"model={name}", output_dir="/tmp/x")
     assert OmegaConf.missing_keys(cfg) == {"model.path"}
-    assert set(cfg.model.expect) == {"model_type", "hidden_size", "num_hidden_layers"}
+    # the whole shape (slide-plan plans from it without a directory; a directory must match it)
+    assert set(cfg.model.expect) == {"model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+                                     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                                     "tie_word_embeddings"}
 
 
 def test_shapes_cover_the_issue():

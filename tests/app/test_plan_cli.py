@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
+import torch
 from transformers import LlamaConfig
 
-from lightning_slide.app.plan import main
+from lightning_slide.app.plan import compose_config, main
 
 
 def test_slide_plan_default_demo_fits(capsys):
@@ -76,3 +78,53 @@ def test_slide_plan_per_rank_with_several_devices(tmp_path, capsys):
     # replicated: a copy each).
     assert plan["settings"]["masters_shared_by"] == 2
     assert host[1][masters] / 2 <= host[2][masters] < host[1][masters]
+
+
+# Parameter counts of the model cards (Qwen3's are rounded there to 0.1B; 0.6B is 596M).
+CARD_PARAMS = {"llama3_1b": "1.24B", "llama3_3b": "3.21B", "llama3_8b": "8.03B", "llama3_70b": "70.6B",
+               "qwen3_0_6b": "596M", "qwen3_1_7b": "1.72B", "qwen3_4b": "4.02B", "qwen3_8b": "8.19B",
+               "qwen3_14b": "14.8B", "qwen3_32b": "32.8B", "mistral_7b": "7.24B"}
+
+
+@pytest.mark.parametrize("name", sorted(CARD_PARAMS))
+def test_plan_from_the_shape_config_alone(name, tmp_path, capsys):
+    """``slide-plan model=llama3_8b``: the shape the config records is the model's, no directory needed."""
+    target = tmp_path / "plan.json"
+    status = main([f"model={name}", "plan.gpu_memory=80GiB", "plan.host_memory=4TiB", f"plan.json={target}"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"slide-plan: {CARD_PARAMS[name]} parameters" in out and "no model directory was read" in out
+    cfg = compose_config([f"model={name}"])
+    assert json.loads(target.read_text())["shape"]["layers"] == cfg.model.expect.num_hidden_layers
+
+
+def test_a_model_directory_must_match_the_whole_shape(tmp_path, capsys):
+    # Llama-3.1-8B in every field but the vocabulary: another model (or a resized one), not llama3_8b.
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=32000).save_pretrained(tmp_path)
+    assert main(["model=llama3_8b", f"model.path={tmp_path}", "plan.gpu_memory=24GiB"]) == 2
+    assert "'vocab_size': 128256" in capsys.readouterr().err
+    assert main(["model=llama3_8b", f"model.path={tmp_path}", "model.expect.vocab_size=32000",
+                 "plan.gpu_memory=24GiB", "plan.host_memory=1TiB"]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans the CPU run of a machine without a GPU")
+def test_without_a_gpu_the_cpu_run_is_planned(tmp_path, capsys):
+    """As ``slide-train`` trains on the CPU here, ``slide-plan`` plans that run; a GPU size plans a GPU run."""
+    here, gpu = tmp_path / "here.json", tmp_path / "gpu.json"
+    assert main(["model=qwen3_0_6b", "plan.host_memory=1TiB", f"plan.json={here}"]) == 0
+    out = capsys.readouterr().out
+    assert "on the CPU" in out.splitlines()[0] and "no GPU here: this is the CPU run" in out
+    plan = json.loads(here.read_text())
+    assert plan["settings"]["device"] == "cpu" and plan["problems"] == []
+    assert any(k.startswith("compute-device buffers (the device is the CPU)") for k in plan["host"])
+
+    assert main(["model=qwen3_0_6b", "plan.host_memory=1TiB", "plan.gpu_memory=24GiB", f"plan.json={gpu}"]) == 0
+    plan = json.loads(gpu.read_text())
+    assert "on the CPU" not in capsys.readouterr().out.splitlines()[0]
+    # the default precision is the GPU's (bf16), whatever this CPU would compute in
+    assert plan["settings"]["device"] == "cuda" and plan["settings"]["compute_dtype"] == "torch.bfloat16"
+
+    assert main(["model=qwen3_0_6b", "trainer=cpu", "plan.gpu_memory=24GiB", f"plan.json={gpu}"]) == 0
+    plan = json.loads(gpu.read_text())
+    assert plan["settings"]["device"] == "cpu" and plan["settings"]["compute_dtype"] == "torch.float32"
