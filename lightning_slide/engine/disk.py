@@ -15,6 +15,11 @@ place is also queued after it here (same order), or every outstanding read fits 
 it so for updates streamed out of a backward, the one case whose updates are reordered). The buffers are reused (a pool
 per array size shared by two or more units), so a step does not page-fault fresh memory for every layer.
 
+One run at a time: a store holds an exclusive ``flock`` on ``lightning_slide.lock`` in its directory from creation
+to ``close``, so a second run (or a second fit in the same process) given the same directory is refused instead of
+overwriting the first one's files. The OS drops the lock when the process ends, a crash or ``kill -9`` included:
+a stale lock file never blocks a later run.
+
 Set ``LIGHTNING_SLIDE_DISK_NOCACHE=1`` to make every write reach the device (``fdatasync``) and drop the files from
 the page cache after each read and write (``posix_fadvise(DONTNEED)``): what a machine whose RAM cannot cache the
 files sees. The benchmarks use it to measure the disk, not the page cache.
@@ -22,9 +27,12 @@ files sees. The benchmarks use it to measure the disk, not the page cache.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import heapq
 import itertools
 import os
+import socket
 import shutil
 import threading
 from collections.abc import Callable, Hashable, Iterable
@@ -40,6 +48,7 @@ from lightning_slide.engine.plan import human
 OFFLOAD_KINDS = ("optimizer", "masters")
 MASTER = "master"  # name of the master array of a unit in the store
 NOCACHE_ENV = "LIGHTNING_SLIDE_DISK_NOCACHE"
+LOCK_FILE = "lightning_slide.lock"
 
 
 def parse_offload(offload, offload_dir) -> frozenset[str]:
@@ -123,6 +132,58 @@ def read_array(path: Path, out: torch.Tensor, nocache: bool | None = None) -> to
     return out
 
 
+class DirectoryLock:
+    """An exclusive, non-blocking ``flock`` on ``directory/lightning_slide.lock``, held until ``release``.
+
+    ``flock`` locks belong to an open file: a second lock in the same process conflicts too, and the OS releases
+    the lock when the process dies, so a crashed run leaves no stale lock. The file records who holds it (host and
+    process id), for the refusal's message; it is left in place (deleting it could let two runs lock two files).
+
+    Raises:
+        RuntimeError: another run holds the directory, naming it, the holder and what to change.
+    """
+
+    _fd: int | None = None  # the locked file (None: not held)
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = self._holder()
+            os.close(self._fd)
+            self._fd = None
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RuntimeError(
+                f"offload_dir {str(directory)!r} is in use by another run ({holder}): two runs sharing the disk "
+                "tier's files would overwrite each other's optimizer state and masters. Give this run its own "
+                "offload_dir (e.g. a subdirectory per run), or wait for the other run to finish"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"host {socket.gethostname()}, process {os.getpid()}\n".encode(), 0)
+
+    def _holder(self) -> str:
+        try:
+            return os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "holder unknown"
+        except OSError:
+            return "holder unknown"
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Let the directory go (closing the file drops the lock); only the first call does anything."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:  # a store dropped without close (e.g. a failed construction) still lets go
+        self.release()
+
+
 class StateStore:
     """Flat fp32 arrays of every unit, in files under ``directory``.
 
@@ -134,11 +195,15 @@ class StateStore:
     the ``in_flight`` places) and ``write(key, state)`` writes them behind and frees the place. An array never
     written reads as zeros (fresh optimizer state). ``allocated_bytes``/``peak_bytes``: host bytes of the buffers
     the store holds for reads (in use or pooled) now / at most.
+
+    The store locks ``directory`` (``DirectoryLock``) until ``close``: creating a second store on a directory in use,
+    in this process or another, raises ``RuntimeError`` saying so.
     """
 
     def __init__(self, directory: str | Path, in_flight: int) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.lock = DirectoryLock(self.directory)  # first: nothing below touches the files of another run
         self.layout: dict[Hashable, dict[str, int]] = {}
         self.nocache = nocache_default()
         self._slots = threading.Semaphore(max(1, in_flight))
@@ -261,16 +326,21 @@ class StateStore:
             future.result()
 
     def close(self) -> None:
-        self._closed.set()
-        with self._lock:
-            for *_, future in self._queue:
-                future.cancel()
-        self._reader.shutdown(wait=True, cancel_futures=True)
-        self._writer.shutdown(wait=True)
-        with self._lock:
-            self._queue.clear()
-            self._free.clear()
-            self.allocated_bytes = 0
+        """Stop the threads (pending writes finish) and unlock the directory. ``load`` and ``put`` still work on
+        the files afterwards (a checkpoint saved after the fit), but the directory is no longer reserved."""
+        try:
+            self._closed.set()
+            with self._lock:
+                for *_, future in self._queue:
+                    future.cancel()
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._writer.shutdown(wait=True)
+            with self._lock:
+                self._queue.clear()
+                self._free.clear()
+                self.allocated_bytes = 0
+        finally:
+            self.lock.release()  # after the last write: another run may take the directory now
 
     # ------------------------------------------------------------ internals
     def _wait_write(self, key: Hashable) -> None:

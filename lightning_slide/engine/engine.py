@@ -254,7 +254,11 @@ class SlidingEngine:
             if masters_on_disk:
                 for i in range(len(parts.blocks)):
                     self.state_store.add(i, MASTER, sum(p.numel() for _, p in parts.block_parameters(i)))
-            self._check_disk_space(parts, masters_on_disk)
+            try:
+                self._check_disk_space(parts, masters_on_disk)
+            except BaseException:
+                self.state_store.close()  # unlock offload_dir now, not when the failed engine is collected
+                raise
         # The ranks of one host keep one copy of the sharded units' masters, in shared memory (shared_masters.py).
         sizes = [sum(p.numel() for _, p in parts.block_parameters(i)) for i in range(len(parts.blocks))]
         sizes.append(0 if resident_on_device else sum(p.numel() for _, p in parts.resident))  # replicated: its own
