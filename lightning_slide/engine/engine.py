@@ -50,7 +50,7 @@ from lightning_slide.engine.pinned import host_empty
 from lightning_slide.engine.shard import Shards
 from lightning_slide.engine.shared_masters import shared_masters
 from lightning_slide.engine.plan import (
-    STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, grads_in_flight, human,
+    STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, frozen_in_compute_dtype, grads_in_flight, human,
 )
 from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine.window import Window
@@ -265,12 +265,16 @@ class SlidingEngine:
         shared = None if masters_on_disk else shared_masters(self.shards, sum(sizes), pin=self.pin)
         self._masters_shared = shared is not None
         masters = [None] * len(sizes) if shared is None else list(shared.split(sizes))
+        # Frozen layer parameters (a LoRA run's base weights) need no fp32 master: kept in the compute dtype only
+        # where that is simple (plan.frozen_in_compute_dtype); the resident parts keep theirs.
+        frozen_apart = frozen_in_compute_dtype(compute_dtype, self.shards.world, masters_on_disk)
         self.layers = [
             HostUnit(
                 f"layer {i}", parts.block_parameters(i), pin=self.pin, own_grad=False,
                 weights_dtype=compute_dtype if compute_copy else None,
                 master_path=self.state_store.path(i, MASTER) if masters_on_disk else None,
                 span=self._span(parts.block_parameters(i)), master=masters[i],
+                frozen_dtype=compute_dtype if frozen_apart else None,
             )
             for i in range(len(parts.blocks))
         ]
@@ -1179,7 +1183,8 @@ class SlidingEngine:
             del buffer
 
     def state_dict(self) -> Mapping[str, torch.Tensor]:
-        """The root's state dict with every parameter given by its fp32 master (host memory).
+        """The root's state dict with every parameter given by its fp32 master (host memory); frozen layer
+        parameters kept in the compute dtype (``HostUnit.frozen``) by that copy (bf16 under ``bf16-true``).
 
         With the masters on disk it is a mapping that reads a layer's masters from its file when one of its
         tensors is accessed, keeping only the last layer read: a checkpoint written unit by unit holds one layer's
@@ -1190,7 +1195,7 @@ class SlidingEngine:
         masters = {}
         for key, unit in self._units().items():
             for e in unit.entries:
-                masters[id(e.param)] = (key, e) if unit.master is None else e.view(unit.master)
+                masters[id(e.param)] = (key, e) if unit.master is None else unit.home(e)
         for name, param in self.root.named_parameters(remove_duplicate=False):
             if name in state and id(param) in masters:
                 if isinstance(masters[id(param)], tuple):
@@ -1229,7 +1234,7 @@ class SlidingEngine:
                     entry.view(self._stored_master(key)).copy_(state[name])
                     self._master_cache.mark_changed()
                 elif not unit.shared or self.shards.rank == 0:  # shared by this host's ranks: one writes
-                    entry.view(unit.master).copy_(state[name])
+                    unit.home(entry).copy_(state[name])  # frozen ones kept in the compute dtype: rounded
         self._master_cache.flush()
         if self._masters_shared:
             self.shards.host_barrier()  # rank 0 has written the shared masters
@@ -1261,6 +1266,8 @@ class SlidingEngine:
             "fp32 masters": sum(u.master.nbytes // (self.shards.world if u.shared else 1)
                                 for u in units if u.master is not None),
             "compute copies": sum(u.weights.nbytes for u in units if u.weights is not None),
+            # frozen parameters kept in the compute dtype (no fp32 master); with a compute copy they are part of it
+            "frozen weights": sum(u.frozen.nbytes for u in units if u.frozen is not None and u.weights is None),
             "optimizer state": moments,
             "gradients": pool.allocated * pool.numel * 4 + sum(t.nbytes for t in self._host_staging.values())
             + (self.resident.grad.nbytes if self.resident.grad is not None else 0)

@@ -9,6 +9,12 @@ A unit may also keep a *compute copy*: its weights in the compute dtype (bf16), 
 masters. Uploads then copy it as it is (2 bytes per parameter over PCIe instead of 4, no cast on the device) and
 the host optimizer refreshes it after each update of the masters (``refresh_weights``).
 
+Frozen parameters (``requires_grad=False``: a LoRA run's base weights) need no fp32 master: nothing updates them.
+With ``frozen_dtype`` (the compute dtype, below fp32) a unit keeps them only in that dtype (``frozen``, 2 bytes per
+parameter in bf16, page-locked on a GPU machine), uploaded as they are, and ``master`` holds the trainable part
+only. At rest the frozen parameters point at their views of ``frozen``. This equals Lightning's ``bf16-true``,
+which casts the whole module (frozen weights too) to bf16.
+
 With the masters on disk (``master_path``), the unit holds no fp32 masters in memory: they live in one file, the
 compute copy is the upload source, and the parameters at rest point at views of the file mapped into memory
 (``torch.from_file``, shared): fp32 values that the OS reads only if someone touches them (a user reading the
@@ -66,6 +72,9 @@ class HostUnit:
         master: a flat fp32 buffer of the unit's size to keep the masters in, shared with the other ranks of this
             host (``shared_masters.py``): this process writes only its ``span`` of it, the other ranks theirs.
             Default ``None``: a buffer of its own.
+        frozen_dtype: keep the frozen parameters only in this dtype (``frozen``; the compute dtype) and the fp32
+            masters of the trainable ones only. One process with masters of its own in memory only (``span``
+            the whole unit, no ``master`` or ``master_path``). Default ``None``: every parameter has an fp32 master.
 
     Construction moves each parameter's values into the flat master buffer and points the parameter at its view,
     so host memory holds one copy (plus at most one parameter in flight).
@@ -82,6 +91,7 @@ class HostUnit:
         master_path: Path | None = None,
         span: tuple[int, int] | None = None,
         master: torch.Tensor | None = None,
+        frozen_dtype: torch.dtype | None = None,
     ) -> None:
         self.name = name
         ordered = [np for np in params if np[1].requires_grad] + [np for np in params if not np[1].requires_grad]
@@ -103,23 +113,35 @@ class HostUnit:
             raise ValueError("masters on disk need a compute copy (weights_dtype) to upload from")
         if master is not None and (on_disk or master.numel() != self.numel):
             raise ValueError(f"{name}: a shared master buffer must hold the unit's {self.numel} elements, in memory")
+        whole = (self.start, self.stop) == (0, self.numel)
+        if frozen_dtype is not None and (not whole or master is not None or master_path is not None):
+            raise ValueError(f"{name}: frozen parameters in the compute dtype need one process and masters in memory")
         self.shared = master is not None
+        # Masters only for what is trained, when the frozen parameters have a home of their own.
+        split = frozen_dtype is not None and self.trainable_numel < self.numel
+        master_numel = self.trainable_numel if split else self.numel
         # fp32 masters in memory (None when they live in a file), and what the parameters point at when at rest.
         self.master: torch.Tensor | None = master if self.shared else host_empty(
-            self.numel, MASTER_DTYPE, pin=pin and not on_disk)
+            master_numel, MASTER_DTYPE, pin=pin and not on_disk)
+        self.weights: torch.Tensor | None = None  # the compute copy, when kept
+        if weights_dtype is not None:
+            self.weights = host_empty(self.numel, weights_dtype, pin=pin)
+        # The frozen parameters in the compute dtype: the compute copy's frozen part when there is one (the same
+        # values: nothing refreshes it), else a buffer of their own.
+        self.frozen: torch.Tensor | None = None
+        if split:
+            self.frozen = (self.weights[self.trainable_numel :] if self.weights is not None
+                           else host_empty(self.numel - self.trainable_numel, frozen_dtype, pin=pin))
         for e in self.entries:
-            view = e.view(self.master)
+            home = self.home(e)
             if self.shared:  # this rank's part only: the other ranks write theirs at the same time
                 low, high = max(e.offset, self.start), min(e.offset + e.numel, self.stop)
                 if low < high:
                     self.master[low:high].copy_(e.param.detach().reshape(-1)[low - e.offset : high - e.offset])
             else:
-                view.copy_(e.param.detach())
-            e.param.data = view
-        self.weights: torch.Tensor | None = None  # the compute copy, when kept
-        if weights_dtype is not None:
-            self.weights = host_empty(self.numel, weights_dtype, pin=pin)
-            self.refresh_weights()
+                home.copy_(e.param.detach())  # frozen ones round to the compute dtype here, as Lightning's cast does
+            e.param.data = home
+        self.refresh_weights()
         self.rest = self.master
         self.master_path = master_path if on_disk else None
         if on_disk:
@@ -133,26 +155,44 @@ class HostUnit:
         # Device event after which `grad` holds the last download (None on the CPU, or when nothing is in flight).
         self.grad_event = None
 
+    def home(self, e: Entry) -> torch.Tensor:
+        """Where entry ``e`` lives at rest: its view of the frozen buffer (a frozen parameter, when the unit keeps
+        them apart), else of the fp32 masters (in memory, or the mapped master file)."""
+        if self.frozen is not None and e.offset >= self.trainable_numel:
+            start = e.offset - self.trainable_numel
+            return self.frozen[start : start + e.numel].view(e.shape)
+        return e.view(self.master if self.master is not None else self.rest)
+
     @property
     def upload_source(self) -> torch.Tensor:
-        """What an upload of the unit copies: the compute copy when there is one, else the fp32 masters."""
+        """The one flat buffer laid out like the unit that an upload may copy whole: the compute copy when there is
+        one, else the fp32 masters (with frozen parameters kept apart, see ``upload_pieces``)."""
         return self.master if self.weights is None else self.weights
+
+    def upload_pieces(self) -> list[tuple[int, torch.Tensor]]:
+        """``(offset in the unit's layout, flat host tensor)`` pairs that an upload copies: one buffer, or the
+        trainable masters and the frozen parameters when they are kept apart without a compute copy."""
+        if self.frozen is None or self.weights is not None:
+            return [(0, self.upload_source)]
+        return [(0, self.master), (self.trainable_numel, self.frozen)]
 
     def refresh_weights(self, master: torch.Tensor | None = None) -> None:
         """Bring the compute copy up to date with ``master`` (default: the unit's masters); no-op without one.
-        The cast rounds as the device's cast would (round to nearest even), so uploads carry the same values."""
+        The cast rounds as the device's cast would (round to nearest even), so uploads carry the same values.
+        Frozen parameters kept apart are not touched: their part of the compute copy is their only home."""
         if self.weights is not None:
             source = self.master if master is None else master
-            self.weights[self.start : self.stop].copy_(source[self.start : self.stop])
+            stop = self.stop if self.frozen is None else self.trainable_numel
+            self.weights[self.start : stop].copy_(source[self.start : stop])
 
     @property
     def master_bytes_in_memory(self) -> int:
         return 0 if self.master is None else self.master.nbytes
 
     def park(self) -> None:
-        """Point every parameter back at its master (host, fp32: in memory, or the mapped master file)."""
+        """Point every parameter back at its home on the host (``home``)."""
         for e in self.entries:
-            e.param.data = e.view(self.rest)
+            e.param.data = self.home(e)
             e.param.grad = None
 
 

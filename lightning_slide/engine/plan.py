@@ -85,6 +85,7 @@ class ModelShape:
     layer_trainable: int
     resident_params: int
     resident_trainable: int
+    layers_frozen: int = 0  # frozen parameters of all decoder layers together (a LoRA run's base weights)
     hidden: int | None = None
     intermediate: int | None = None
     heads: int | None = None
@@ -126,7 +127,7 @@ class ModelShape:
             layers=len(parts.blocks), layer_params=max(s[0] for s in sizes), layer_trainable=max(s[1] for s in sizes),
             resident_params=sum(p.numel() for _, p in parts.resident),
             resident_trainable=sum(p.numel() for _, p in parts.resident if p.requires_grad),
-            qk_norm=qk_norm, **dims,
+            layers_frozen=sum(total - trainable for total, trainable in sizes), qk_norm=qk_norm, **dims,
         )
 
 
@@ -161,6 +162,11 @@ class Settings:
         return parse_offload(self.offload, self.offload_dir)
 
     @property
+    def frozen_apart(self) -> bool:
+        """The layers' frozen parameters live in the compute dtype only (:func:`frozen_in_compute_dtype`)."""
+        return frozen_in_compute_dtype(self.compute_dtype, self.ranks, "masters" in self.on_disk)
+
+    @property
     def compute_copy(self) -> bool:
         """The host keeps a compute-dtype copy of every layer (``host_weights="compute"`` with bf16 compute, or
         whenever the masters are on disk)."""
@@ -178,6 +184,14 @@ class Settings:
     def cast(self) -> bool:
         """Copies go through fp32 device staging (a GPU computing in a dtype other than the masters')."""
         return self.device == "cuda" and self.compute_dtype != torch.float32
+
+
+def frozen_in_compute_dtype(compute_dtype: torch.dtype, ranks: int, masters_on_disk: bool) -> bool:
+    """Whether the decoder layers keep their frozen parameters only in the compute dtype (no fp32 master; 2 bytes
+    per parameter in bf16; ``host.HostUnit``'s ``frozen_dtype``): with a compute dtype below fp32, one rank and the
+    masters in memory. Elsewhere (fp32 compute: the master is the compute copy; several ranks; masters on disk) and
+    for the resident parts every parameter keeps its fp32 master."""
+    return compute_dtype != torch.float32 and ranks == 1 and not masters_on_disk
 
 
 def grads_in_flight(depth: int, grad_buffers: int | None = None) -> int:
@@ -369,12 +383,16 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     on_disk = s.on_disk
     if "masters" in on_disk:  # HostUnit.master of the resident parts only; the layers' are files
         items["fp32 masters (resident parts)" + pinned] = 4 * shape.resident_params
+    elif s.frozen_apart:  # HostUnit.master: all but the layers' frozen parameters (one rank)
+        items["fp32 masters" + pinned] = 4 * (shape.params - shape.layers_frozen)
     else:  # HostUnit.master of every unit (host.py); one copy per host of the sharded units when shared
         replicated = shape.resident_params if s.resident_on_device and s.ranks > 1 else 0
         items["fp32 masters" + pinned] = int(4 * (shape.params - replicated) / s.masters_shared_by) + 4 * replicated
     element = s.element if s.compute_dtype != torch.float32 or "masters" not in on_disk else 4
-    if s.compute_copy:  # HostUnit.weights of every layer
+    if s.compute_copy:  # HostUnit.weights of every layer (with frozen_apart, its frozen part is their only home)
         items["layer compute copies" + pinned] = shape.layers * shape.layer_params * element
+    elif s.frozen_apart and shape.layers_frozen:  # HostUnit.frozen of every layer
+        items["layer frozen weights (compute dtype)" + pinned] = shape.layers_frozen * element
     host_updated = _host_updated_trainable(shape, s)
     share = 1 / s.ranks  # with several ranks each keeps its shard of what follows (shard.py)
     if "optimizer" not in on_disk:  # UnitOptimizer.state: exp_avg, exp_avg_sq (fp32) per host-updated unit
@@ -435,7 +453,8 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
 
     GPU compute: 8·N·tokens FLOPs per micro-batch (forward 2, backward 4, recompute 2; N = the layers' and the
     head's parameters). H2D: every layer's weights twice per micro-batch (forward and recompute; the fp32 masters,
-    4 B/param, or with ``host_weights="compute"`` the compute copy, 2 B/param in bf16),
+    4 B/param, or with ``host_weights="compute"`` the compute copy, 2 B/param in bf16; frozen parameters kept in
+    the compute dtype, 2 B/param),
     the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: fp32
     gradients (4 B/param, cast on the device) per micro-batch, offloaded layer inputs going out. Host AdamW: every
     host-updated parameter once per step. Disk: the Adam moments read and written once per step.
@@ -450,9 +469,12 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     resident_host = 0 if s.resident_on_device else 1
     offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
     upload = s.element if s.compute_copy else 4  # bytes per layer parameter per upload
+    # One upload of every layer; frozen parameters kept in the compute dtype go up as they are.
+    frozen = shape.layers_frozen if s.frozen_apart else 0
+    layer_upload = upload * (layer_params - frozen) + s.element * frozen
     times = {
         "GPU compute (8·N·tokens)": a * 8 * (layer_params + head) * tokens / m.gpu_flops,
-        "H2D weights (forward + recompute)": (a * (2 * upload * layer_params / s.ranks + offloaded)
+        "H2D weights (forward + recompute)": (a * (2 * layer_upload / s.ranks + offloaded)
                                               + resident_host * 4 * shape.resident_params / s.ranks) / m.h2d_bytes_per_s,
         "D2H gradients (fp32)": a * ((4 * shape.layers * shape.layer_trainable
                                       + resident_host * 4 * shape.resident_trainable) / s.ranks + offloaded)

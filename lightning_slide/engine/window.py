@@ -3,7 +3,9 @@
 Each slot is one pre-allocated flat weight buffer (compute dtype) and one flat gradient buffer, sized for the
 largest layer and reused for every layer that passes through. A layer is *loaded* while its parameters point into
 a slot; at most ``depth`` layers are loaded at any moment. Loading copies the layer's fp32 masters into the slot on
-the upload stream (cast on the device), or its compute copy as it is when the host keeps one; evicting points the parameters back at their masters, which costs nothing.
+the upload stream (cast on the device), or its compute copy as it is when the host keeps one, and its frozen
+parameters as they are when the host keeps them in the compute dtype; evicting points the parameters back at their
+host homes, which costs nothing.
 
 Events keep the streams honest: an upload into a slot waits until compute is done with its previous occupant
 (``free``); compute waits until the upload has landed (``ready``); zeroing a slot's gradients for a new occupant
@@ -118,7 +120,8 @@ class Window:
         with self.streams.on(self.streams.upload):
             self.streams.wait(slot.free)
             if self.shards is None:
-                copy_cast(slot.weights[: unit.numel], unit.upload_source, self.upload_staging)
+                for offset, source in unit.upload_pieces():  # frozen parameters kept apart go up as they are
+                    copy_cast(slot.weights[offset : offset + source.numel()], source, self.upload_staging)
             else:
                 owned = slice(unit.start, unit.stop)
                 copy_cast(slot.weights[owned], unit.upload_source[owned], self.upload_staging)

@@ -84,6 +84,7 @@ class _Snapshot(L.Callback):
             "resident grad": sum(t.nbytes for t in (engine.resident.grad, engine._chunk_buffer) if t is not None),
             "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
             "copies": sum(u.weights.nbytes for u in engine.layers if u.weights is not None),
+            "frozen": sum(u.frozen.nbytes for u in engine.layers if u.frozen is not None and u.weights is None),
         }
         self.device = {
             "slots": sum(s.weights.nbytes + s.grads.nbytes for s in engine.window.slots),
@@ -140,6 +141,57 @@ def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights, re
     else:
         assert snap.device["resident optimizer"] == 0
         assert not any(k.startswith("resident fp32 masters") for k in plan.gpu)
+
+
+@pytest.mark.parametrize("host_weights", ["auto", "compute"])
+def test_plan_matches_the_engine_with_lora(host_weights):
+    """LoRA (PEFT) in bf16: the frozen base weights cost 2 bytes per parameter on the host (no fp32 master, no
+    optimizer state, no gradient buffer), in the plan as in the engine."""
+    from tests.core.test_peft import LoraLM
+
+    snap = _Snapshot()
+    strategy = lightning_slide.SlideFormerStrategy(window=2, host_weights=host_weights)
+    trainer(strategy, max_steps=2, precision="bf16-true", callbacks=[snap]).fit(LoraLM("llama"), batches(4))
+    plan, shape = snap.plan, snap.plan.shape
+    assert 0 < shape.layer_trainable < shape.layer_params and shape.layers_frozen == shape.layers * (
+        shape.layer_params - shape.layer_trainable)
+    host = plan.host
+    assert snap.host["masters"] == _item(host, "fp32 masters") == 4 * (shape.params - shape.layers_frozen)
+    assert snap.host["moments"] == _item(host, "Adam moments") == 8 * shape.layers * shape.layer_trainable
+    assert snap.host["pool"] == _item(host, "layer gradient buffers") == 4 * shape.layers * shape.layer_trainable
+    if host_weights == "compute":  # the compute copy's frozen part is the frozen weights' only home
+        assert snap.host["copies"] == _item(host, "layer compute copies") == 2 * shape.layers * shape.layer_params
+        assert snap.host["frozen"] == 0 and not any(k.startswith("layer frozen weights") for k in host)
+    else:
+        assert snap.host["frozen"] == _item(host, "layer frozen weights") == 2 * shape.layers_frozen
+    assert snap.device["slots"] == plan.gpu["window slots (weights + gradients)"]
+    assert snap.device["resident"] == plan.gpu["resident weights + gradients"]
+    # The frozen weights go up as they are kept: 2 bytes per parameter, the adapters' masters 4 (or 2 from the copy).
+    upload = 2 if host_weights == "compute" else 4
+    layer_bytes = upload * (shape.layers * shape.layer_params - shape.layers_frozen) + 2 * shape.layers_frozen
+    assert plan.time["H2D weights (forward + recompute)"] == pytest.approx(
+        (2 * 2 * layer_bytes + 4 * shape.resident_params) / plan.machine.h2d_bytes_per_s)
+
+
+def test_planned_lora_of_a_known_shape():
+    """The 8B shape with every layer frozen but its adapters (1% of a layer): about 2 bytes per base parameter."""
+    base = _llama8b_shape()
+    adapters = base.layer_params // 100
+    shape = dataclasses.replace(base, layer_trainable=adapters, resident_trainable=0,
+                                layers_frozen=base.layers * (base.layer_params - adapters))
+    plan = make_plan(shape, Settings(window=2, accumulate=4), suggest=False)
+    layer_params = base.layers * base.layer_params
+    assert _item(plan.host, "layer frozen weights") == 2 * shape.layers_frozen
+    assert _item(plan.host, "fp32 masters") == 4 * (base.layers * adapters + base.resident_params)
+    assert _item(plan.host, "Adam moments") == 8 * base.layers * adapters
+    per_param = (plan.host_total - _item(plan.host, "runtime") - 4 * base.resident_params) / layer_params
+    assert 2 < per_param < 2.5
+    # fp32 compute or several ranks: every parameter keeps its fp32 master, as before.
+    for settings in (dataclasses.replace(plan.settings, compute_dtype=torch.float32),
+                     dataclasses.replace(plan.settings, ranks=2)):
+        other = make_plan(shape, settings, suggest=False)
+        assert not any(k.startswith("layer frozen weights") for k in other.host)
+        assert _item(other.host, "fp32 masters") == 4 * shape.params
 
 
 def _llama8b_shape() -> ModelShape:
