@@ -1,73 +1,165 @@
-"""A LightningDataModule over local JSONL: plain text or prompt/response pairs, batched or packed."""
+"""A LightningDataModule for fine-tuning: text, prompt/completion or chat data, batched or packed, resumable.
+
+Files are read and tokenized with Hugging Face ``datasets`` (Arrow, memory-mapped and cached on disk), so host memory
+does not grow with the data set, and a second run (or another rank on the host) reuses the tokenization.
+"""
 
 import json
-import random
+import logging
 from pathlib import Path
 from typing import Any
 
+import datasets
 import lightning as L
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from lightning_slide.app.errors import DataError
+from lightning_slide.app.formats import FORMATS, IGNORE_INDEX, is_conversational, problem, special_ids, \
+    tokenize_record
+from lightning_slide.app.packing import PackedRows, collate_packed, collate_padded
+from lightning_slide.app.resume import ResumableLoader, ResumableSampler
 
-IGNORE_INDEX = -100  # labels where no loss is taken: prompt and padding tokens
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_LENGTH = 2048  # tokens per sequence unless set: long-context models would otherwise pad to 128k
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}  # datasets' loaders
 Example = dict[str, list[int]]  # input_ids and labels of one sequence
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, str]]]:
-    """``(line number, record)`` for every non-blank line; each record is ``{"text"}`` or ``{"prompt", "response"}``.
+def check_jsonl(path: Path) -> list[int]:
+    """Check every line of a JSONL file is a record of one format; the blank lines' numbers (to name lines later).
 
-    Raises ``DataError`` naming the file and line of the first malformed record.
+    Raises ``DataError`` naming the file and line of the first malformed record. Reads line by line: nothing is kept.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist (set data.path to a JSONL file)")
-    records = []
+    blank, first = [], None
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
+                blank.append(number)
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            keys = set(record) if isinstance(record, dict) else set()
-            fields = ("text",) if "text" in keys else ("prompt", "response")
-            if not (keys >= set(fields) and all(isinstance(record[k], str) for k in fields)):
-                got = f"keys {sorted(keys)}" if isinstance(record, dict) else type(record).__name__
-                raise DataError(f'{path}:{number}: expected {{"text": "..."}} or {{"prompt": "...", "response": '
-                                f'"..."}} with string values, got {got}')
-            records.append((number, record))
-    if not records:
+            wrong = problem(record)
+            if wrong:
+                raise DataError(f"{path}:{number}: {wrong}")
+            if first is None:
+                first = (number, set(record))
+            elif set(record) != first[1]:  # datasets reads a file as a table: one set of columns
+                raise DataError(f"{path}:{number}: keys {sorted(record)} differ from those of line {first[0]} "
+                                f"({sorted(first[1])}); use one format per file")
+    if first is None:
         raise DataError(f"data file {str(path)!r} has no examples")
-    return records
+    return blank
+
+
+class Locator:
+    """Names an example for an error: ``file:line`` for JSONL (blank lines counted), else ``source row N``."""
+
+    def __init__(self, source: str, blank_lines: list[int] | None = None) -> None:
+        self.source, self.blank_lines = source, blank_lines
+
+    def __call__(self, row: int) -> str:
+        if self.blank_lines is None:
+            return f"{self.source} row {row + 1}"
+        line = row + 1
+        for blank in self.blank_lines:  # ascending: each blank line up to here moves the record down one line
+            if blank > line:
+                break
+            line += 1
+        return f"{self.source}:{line}"
+
+
+def load_source(path: str, cache_dir: str | None) -> tuple[datasets.Dataset, Locator]:
+    """A local file (``.jsonl``, ``.json``, ``.parquet``, ``.arrow``), directory, or a Hugging Face hub data set already
+    in the local cache, as an Arrow ``Dataset`` (its ``train`` split)."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix not in BUILDERS:
+            raise DataError(f"data file {path!r}: unknown type {p.suffix!r}; use one of {', '.join(BUILDERS)}")
+        blank = check_jsonl(p) if p.suffix == ".jsonl" else None
+        source, kwargs = BUILDERS[p.suffix], {"data_files": str(p)}
+    else:
+        blank, source, kwargs = None, path, {}
+    try:
+        data = datasets.load_dataset(source, split="train", cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # datasets raises many types; the user's fix is the path either way
+        what = "directory" if p.is_dir() else "file" if p.exists() else "path (not a file, directory or cached data set)"
+        raise DataError(f"data {what} {path!r} could not be read as a data set: {type(e).__name__}: {e}") from None
+    if len(data) == 0:
+        raise DataError(f"data {path!r} has no examples")
+    return data, Locator(path, blank)
+
+
+class Tokenize:
+    """The ``Dataset.map`` function: checks and tokenizes a batch of records into ``input_ids``, ``labels`` and
+    ``length``; too-long examples fail (naming them) or are truncated; examples left with no target are dropped."""
+
+    def __init__(self, tokenizer: Any, max_length: int, truncate: bool, locate: Locator, too_long: Any) -> None:
+        self.tokenizer, self.max_length, self.truncate = tokenizer, max_length, truncate
+        self.locate, self.too_long = locate, too_long
+        self.special = special_ids(tokenizer)
+
+    def __call__(self, batch: dict[str, list], rows: list[int]) -> dict[str, list]:
+        out = {"input_ids": [], "labels": [], "length": []}
+        for i, row in enumerate(rows):
+            record = {k: v[i] for k, v in batch.items() if v[i] is not None}
+            wrong = problem(record)
+            if wrong:
+                raise DataError(f"{self.locate(row)}: {wrong}")
+            if is_conversational(record) and not self.tokenizer.chat_template:
+                raise DataError(f"{self.locate(row)}: conversational data needs a chat template, and this tokenizer "
+                                "has none: use an instruct model's tokenizer (model.tokenizer=...), or give plain "
+                                f"{FORMATS['prompt']} records")
+            try:
+                ids, labels = tokenize_record(self.tokenizer, record, self.special)
+            except ValueError as e:
+                raise DataError(f"{self.locate(row)}: {e}") from None
+            if len(ids) > self.max_length:
+                if not self.truncate:
+                    raise DataError(self.too_long(self.locate(row), len(ids)))
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                continue  # nothing to learn (e.g. truncated before the reply); a batch of these would give NaN
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["length"].append(len(ids))
+        return out
+
+
+FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                              "labels": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32")})
 
 
 class JSONLDataModule(L.LightningDataModule):
-    """Tokenized JSONL for causal-LM training, with a validation split.
+    """Tokenized fine-tuning data for causal LMs, with a validation split; the training loader resumes mid-epoch.
 
-    Each line is ``{"text": ...}`` (loss on every token) or ``{"prompt": ..., "response": ...}`` (loss on the response
-    only). Examples get the tokenizer's special tokens (e.g. BOS) and end with EOS. Sequences are padded per batch to
-    the longest one, or packed: concatenated and cut into ``max_length`` blocks (attention then crosses example
-    borders, the usual trade for no padding). Padding has ``attention_mask`` 0 and label ``-100``, so it is neither
-    trained nor counted.
+    Records are ``{"text"}`` (loss on every token), ``{"prompt", "completion"}`` (or ``"response"``; loss on the
+    completion) or conversational ``{"messages": [{"role", "content"}, ...]}`` (rendered with the tokenizer's chat
+    template; loss on assistant turns): see :mod:`lightning_slide.app.formats`. Non-conversational examples get the
+    tokenizer's special tokens (e.g. BOS) and end with EOS. Sequences are padded per batch to the longest one, or
+    packed: whole examples share rows of ``max_length`` tokens, each with its own positions and attention (see
+    :mod:`lightning_slide.app.packing`). Padding has ``attention_mask`` 0 and label ``-100``.
 
     Args:
-        path: JSONL training file.
+        path: training data: a ``.jsonl``, ``.json``, ``.parquet`` or ``.arrow`` file, a directory of them, or the
+            name of a Hugging Face data set already in the local cache.
         tokenizer: the model's tokenizer (the app passes the model directory's).
-        val_path: JSONL validation file. Default ``None``: hold out ``val_size`` of ``path``.
+        val_path: validation data, as ``path``. Default ``None``: hold out ``val_size`` of ``path``.
         val_size: examples held out of ``path`` for validation: a fraction if below 1, else a count; ``0`` for no
             validation. Default ``0.05``.
-        max_length: tokens per sequence (the block length when packing), at most the model's context.
+        max_length: tokens per sequence (per packed row), at most the model's context.
             Default ``None``: the model's context, capped at ``2048``.
-        pack: pack examples into full blocks instead of padding. Default ``False``.
+        pack: pack whole examples into rows of up to ``max_length`` tokens instead of padding each. Default ``False``.
         truncate: cut examples longer than ``max_length`` instead of failing. Default ``False``.
-        batch_size: sequences per micro-batch. Default ``4``.
-        num_workers: DataLoader worker processes (data is tokenized in memory, so 0 is usually enough). Default ``0``.
-        seed: seed of the validation split. Default ``0``.
+        batch_size: sequences (rows, when packing) per micro-batch. Default ``4``.
+        num_workers: DataLoader worker processes. Default ``0``.
+        seed: seed of the validation split and of the shuffling. Default ``0``.
         context_length: the model's longest sequence, to check ``max_length`` against. Default ``None``.
+        cache_dir: where ``datasets`` caches files and tokenizations. Default ``None``: its own (``HF_DATASETS_CACHE``).
     """
 
     def __init__(
@@ -83,10 +175,11 @@ class JSONLDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         context_length: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         for name, file in (("data.path", path), ("data.val_path", val_path)):
-            if file is not None and not Path(file).is_file():
+            if file is not None and not Path(file).exists() and ("/" in file or Path(file).suffix in BUILDERS):
                 raise DataError(f"{name}: data file {str(file)!r} does not exist")
         if max_length is None:
             max_length = min(DEFAULT_MAX_LENGTH, context_length or DEFAULT_MAX_LENGTH)
@@ -99,106 +192,92 @@ class JSONLDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.max_length, self.pack, self.truncate = max_length, pack, truncate
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.context_length = context_length
-        self.eos_id = tokenizer.eos_token_id
+        self.context_length, self.cache_dir = context_length, cache_dir
         pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.eos_id or 0)  # any id: padding is masked out
-        self.train_set: list[Example] | None = None
-        self.val_set: list[Example] = []
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)  # any id: padding is masked out
+        self.train_examples: datasets.Dataset | None = None  # tokenized examples, one per record
+        self.val_examples: datasets.Dataset | list = []
+        self.train_set: Any = None  # what the loaders draw from: the examples, or rows of them when packing
+        self.val_set: Any = []
 
     # ------------------------------------------------------------------ reading and tokenizing
     def setup(self, stage: str | None = None) -> None:
-        """Read, check and tokenize everything once (it raises ``DataError`` before any model is built)."""
+        """Read, check and tokenize once (raising ``DataError`` before any model is built). The first process on a
+        host tokenizes while the others wait, then they read its cached result."""
         if self.train_set is not None:
             return
-        records = read_jsonl(self.path)
-        if self.val_path is not None:
-            val_records = read_jsonl(self.val_path)
-        else:
-            records, val_records = self._split(records)
-        self.train_set = self._sequences(self._tokenize(records, self.path))
-        self.val_set = self._sequences(self._tokenize(val_records, self.val_path or self.path))
+        cache = Path(self.cache_dir or datasets.config.HF_DATASETS_CACHE)
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache / "lightning_slide_tokenize.lock")):
+            train = self._tokenized(self.path)
+            if self.val_path is not None:
+                val = self._tokenized(self.val_path)
+            else:
+                train, val = self._split(train)
+        self.train_examples, self.val_examples = train, val
+        self.train_set = PackedRows(train, self.max_length) if self.pack else train
+        self.val_set = (PackedRows(val, self.max_length) if self.pack else val) if len(val) else []
 
-    def _split(self, records: list) -> tuple[list, list]:
-        n_val = round(self.val_size * len(records)) if self.val_size < 1 else int(self.val_size)
-        n_val = max(n_val, 1) if self.val_size > 0 else 0
-        if n_val >= len(records):
-            raise DataError(f"data.val_size={self.val_size} leaves no training examples out of {len(records)} in "
+    def _tokenized(self, path: str) -> datasets.Dataset:
+        data, locate = load_source(path, self.cache_dir)
+        tokenize = Tokenize(self.tokenizer, self.max_length, self.truncate, locate, self._too_long)
+        tokenized = data.map(tokenize, batched=True, with_indices=True, remove_columns=data.column_names,
+                             features=FEATURES, desc=f"tokenizing {Path(path).name}")
+        if len(tokenized) < len(data):
+            log.warning("%s: %d of %d examples have no target token left (after truncation) and are skipped", path,
+                        len(data) - len(tokenized), len(data))
+        if len(tokenized) == 0:
+            raise DataError(f"data {path!r} has no example with a target token")
+        return tokenized
+
+    def _split(self, data: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset | list]:
+        if self.val_size == 0:
+            return data, []
+        n_val = max(round(self.val_size * len(data)), 1) if self.val_size < 1 else int(self.val_size)
+        if n_val >= len(data):
+            raise DataError(f"data.val_size={self.val_size} leaves no training examples out of {len(data)} in "
                             f"{self.path}")
-        order = list(range(len(records)))
-        random.Random(self.seed).shuffle(order)
-        held_out = set(order[:n_val])
-        return ([r for i, r in enumerate(records) if i not in held_out],
-                [r for i, r in enumerate(records) if i in held_out])
+        split = data.train_test_split(test_size=n_val, seed=self.seed)
+        return split["train"], split["test"]
 
-    def _tokenize(self, records: list[tuple[int, dict]], path: str) -> list[Example]:
-        if not records:
-            return []
-        tok = self.tokenizer
-        eos = [] if self.eos_id is None else [self.eos_id]
-        heads = [r["text"] if "text" in r else r["prompt"] for _, r in records]
-        tails = ["" if "text" in r else r["response"] for _, r in records]
-        head_ids = tok(heads)["input_ids"]  # one batched call: the Rust tokenizer parallelizes it
-        tail_ids = tok(tails, add_special_tokens=False)["input_ids"]
-        examples = []
-        for (number, record), head, tail in zip(records, head_ids, tail_ids):
-            ids = head + tail + eos
-            labels = ([IGNORE_INDEX] * len(head) if "prompt" in record else list(head)) + tail + eos
-            if len(ids) > self.max_length and not self.pack:
-                if not self.truncate:
-                    raise DataError(self._too_long(path, number, len(ids)))
-                ids, labels = ids[: self.max_length], labels[: self.max_length]
-            examples.append({"input_ids": ids, "labels": labels})
-        return examples
-
-    def _too_long(self, path: str, number: int, length: int) -> str:
+    def _too_long(self, where: str, length: int) -> str:
         context = self.context_length
         if context is not None and length > context:
             what = f"longer than the model's context of {context} tokens"
-            fix = "set data.truncate=true (keeps the first data.max_length tokens) or data.pack=true, or shorten it"
+            fix = "set data.truncate=true (keeps the first data.max_length tokens), or shorten it"
         else:
             what = f"longer than data.max_length={self.max_length}"
             limit = f"up to the model's context of {context}" if context else "higher"
-            fix = f"raise data.max_length ({limit}), or set data.truncate=true or data.pack=true"
-        return f"{path}:{number}: the example has {length} tokens, {what}; {fix}"
-
-    def _sequences(self, examples: list[Example]) -> list[Example]:
-        if not self.pack:
-            return examples
-        ids = [t for e in examples for t in e["input_ids"]]
-        labels = [t for e in examples for t in e["labels"]]
-        n = self.max_length  # the last block may be short: the collator pads it rather than dropping data
-        return [{"input_ids": ids[i : i + n], "labels": labels[i : i + n]} for i in range(0, len(ids), n)]
+            fix = f"raise data.max_length ({limit}), or set data.truncate=true"
+        return f"{where}: the example has {length} tokens, {what}; {fix}"
 
     def sample_prompt(self, text_tokens: int = 16) -> tuple[list[int], str]:
         """The first validation example split for a sampling check: prompt token ids and the reference continuation
-        (the response, or what follows the first ``text_tokens`` tokens of a text)."""
-        example = self.val_set[0]
+        (the first reply or completion, or what follows the first ``text_tokens`` tokens of a text)."""
+        example = self.val_examples[0]
         ids, labels = example["input_ids"], example["labels"]
         cut = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
         if cut == 0:  # plain text: no prompt, so take its beginning
             cut = min(text_tokens, len(ids) // 2)
-        return ids[:cut], self.tokenizer.decode(ids[cut:], skip_special_tokens=True)
+        end = next((i for i in range(cut, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        return ids[:cut], self.tokenizer.decode(ids[cut:end], skip_special_tokens=True)
 
     # ------------------------------------------------------------------ batches
-    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest sequence: ``input_ids``, ``attention_mask`` (0 on padding), ``labels`` (-100)."""
-        longest = max(len(e["input_ids"]) for e in examples)
-        batch = {name: torch.full((len(examples), longest), fill, dtype=torch.long)
-                 for name, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX))}
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(e["input_ids"])
-            batch["attention_mask"][row, :n] = 1
-            batch["labels"][row, :n] = torch.tensor(e["labels"])
-        return batch
-
-    def _loader(self, data: list[Example], shuffle: bool) -> DataLoader:
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        """A batch of examples (:func:`~lightning_slide.app.packing.collate_padded`) or of packed rows of them
+        (:func:`~lightning_slide.app.packing.collate_packed`)."""
+        return collate_packed(examples, self.pad_id) if self.pack else collate_padded(examples, self.pad_id)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        trainer = self.trainer
+        sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
+                                   rank=trainer.global_rank if trainer else 0, seed=self.seed)
+        loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                                 num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if self.val_set else []
+        if not self.val_set:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

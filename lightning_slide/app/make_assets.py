@@ -2,10 +2,11 @@
 
     python -m lightning_slide.app.make_assets
 
-Writes ``demo.jsonl`` (prompt/response pairs about an invented atlas: cities, their countries, rivers and trades)
-and ``tokenizer/`` (a byte-level BPE tokenizer trained on that text). Deterministic and offline: the facts come from
-a seeded random generator and the tokenizer is trained with the ``tokenizers`` library, so nothing is downloaded.
-The facts are invented so that what the demo model learns is visibly learned, not remembered from pre-training.
+Writes ``demo.jsonl`` (conversations about an invented atlas: cities, their countries, rivers and trades, two
+questions and answers each, some with a system message) and ``tokenizer/`` (a byte-level BPE tokenizer trained on
+that text, with role tokens and a chat template). Deterministic and offline: the facts come from a seeded random
+generator and the tokenizer is trained with the ``tokenizers`` library, so nothing is downloaded. The facts are
+invented so that what the demo model learns is visibly learned, not remembered from pre-training.
 """
 
 import json
@@ -17,6 +18,11 @@ SEED = 0
 CITIES = 96
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Each message is its role token, its content and <|eos|>: a reply ends with the token generation stops at.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
+                 "+ eos_token }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+SYSTEM = "You are a guide to the atlas. Answer in one sentence."
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "vel"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
@@ -60,25 +66,39 @@ def _name(rng: random.Random) -> str:
     return "".join(syllables).capitalize()
 
 
-def make_examples(seed: int = SEED, cities: int = CITIES) -> list[dict]:
-    """Every template for every invented city, shuffled: ``cities * len(_TEMPLATES)`` prompt/response pairs."""
-    rng = random.Random(seed)
+def make_city_pairs(rng: random.Random, cities: int = CITIES) -> list[list[dict]]:
+    """For each invented city, every template filled in with its facts: ``{"prompt", "response"}`` pairs."""
     names: list[str] = []
     while len(names) < cities:
         name = _name(rng)
         if name not in names:
             names.append(name)
-    examples = []
+    per_city = []
     for city in names:
         facts = {"city": city, "country": rng.choice(_COUNTRIES), "river": rng.choice(_RIVERS),
                  "trade": rng.choice(_TRADES)}
         for key, options in (("other", _COUNTRIES), ("other_river", _RIVERS), ("other_trade", _TRADES)):
             wrong = {"other": "country", "other_river": "river", "other_trade": "trade"}[key]
             facts[key] = rng.choice([o for o in options if o != facts[wrong]])
-        for prompt, response in _TEMPLATES:
-            examples.append({"prompt": prompt.format(**facts), "response": " " + response.format(**facts)})
-    rng.shuffle(examples)
-    return examples
+        per_city.append([{"prompt": p.format(**facts), "response": r.format(**facts)} for p, r in _TEMPLATES])
+    return per_city
+
+
+def make_conversations(seed: int = SEED, cities: int = CITIES) -> list[dict]:
+    """Two questions and answers about one city per conversation (a third of them open with a system message),
+    shuffled: ``cities * len(_TEMPLATES) / 2`` records ``{"messages": [{"role": ..., "content": ...}, ...]}``."""
+    rng = random.Random(seed)
+    conversations = []
+    for pairs in make_city_pairs(rng, cities):
+        rng.shuffle(pairs)
+        for first, second in zip(pairs[::2], pairs[1::2]):
+            messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 1 / 3 else []
+            for pair in (first, second):
+                messages += [{"role": "user", "content": pair["prompt"]},
+                             {"role": "assistant", "content": pair["response"]}]
+            conversations.append({"messages": messages})
+    rng.shuffle(conversations)
+    return conversations
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZE) -> None:
@@ -89,23 +109,25 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZ
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS.values(), *ROLE_TOKENS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     bos = SPECIAL_TOKENS["bos_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=256, **SPECIAL_TOKENS).save_pretrained(out_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=256, chat_template=CHAT_TEMPLATE,
+                            additional_special_tokens=ROLE_TOKENS, **SPECIAL_TOKENS).save_pretrained(out_dir)
 
 
 def main() -> None:
-    examples = make_examples()
+    conversations = make_conversations()
     ASSETS.mkdir(exist_ok=True)
     with open(ASSETS / "demo.jsonl", "w") as f:
-        for example in examples:
-            f.write(json.dumps(example) + "\n")
-    train_tokenizer([e["prompt"] + e["response"] for e in examples], ASSETS / "tokenizer")
-    print(f"wrote {len(examples)} examples and a tokenizer to {ASSETS}")
+        for conversation in conversations:
+            f.write(json.dumps(conversation) + "\n")
+    texts = [m["content"] for c in conversations for m in c["messages"]]
+    train_tokenizer(texts, ASSETS / "tokenizer")
+    print(f"wrote {len(conversations)} conversations and a tokenizer to {ASSETS}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from lightning_slide.app.data import IGNORE_INDEX
+from lightning_slide.app.packing import model_inputs
 from lightning_slide.app.errors import ModelDirError
 from lightning_slide.app.loading import build_causal_lm, load_causal_lm, load_config
 
@@ -137,7 +138,7 @@ class CausalLMModule(L.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Mean loss over target tokens, the predicted and target tokens (predictions ``None`` when a fused loss
         kernel never built the logits), and the number of target tokens."""
-        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        out = self(**model_inputs(batch))  # a packed batch gives positions instead of a padding mask
         target = batch["labels"][:, 1:]  # the model shifts labels the same way inside its loss
         preds = None if out.logits is None else out.logits[:, :-1].argmax(-1)
         return out.loss, preds, target
