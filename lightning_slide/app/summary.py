@@ -24,6 +24,16 @@ def peak_memory(output_dir: str | Path | None = None) -> dict[str, int | None]:
     return {"gpu": gpu, "host": host, "disk": disk}
 
 
+def batch_tokens(batch: Any) -> int | None:
+    """Trained tokens of a batch: the ones of its ``attention_mask`` (padding is not trained), else every element of
+    its ``input_ids`` or of a tensor batch; ``None`` for a batch of another form."""
+    if isinstance(batch, dict):
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        batch = batch.get("input_ids")
+    return batch.numel() if isinstance(batch, torch.Tensor) else None
+
+
 class RunSummary(L.Callback):
     """Counts real (non-padding) tokens, training time and train losses during ``fit``; :meth:`report` formats them.
 
@@ -38,6 +48,7 @@ class RunSummary(L.Callback):
         self.seconds = 0.0
         self.losses: list[float] = []
         self.ranks = 1
+        self.counts_tokens = True  # False once a batch had no tokens to count
         self._start = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -45,10 +56,15 @@ class RunSummary(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(float(loss))  # syncs with the device, so the time below includes the step's work
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:  # a module may return nothing (manual optimization)
+            self.losses.append(float(loss))  # syncs with the device, so the time below includes the step's work
         self.seconds += time.perf_counter() - self._start
-        self.tokens += int(batch["attention_mask"].sum())
+        tokens = batch_tokens(batch)
+        if tokens is None:
+            self.counts_tokens = False
+        else:
+            self.tokens += tokens
         self.steps += 1
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -61,18 +77,24 @@ class RunSummary(L.Callback):
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
-    def report(self, val_before: float | None, val_after: float | None, output_dir: str | Path | None) -> list[str]:
-        """Lines for the end of a run."""
+    def report(self, before: float | None, after: float | None, output_dir: str | Path | None,
+               metric: str = "val/loss") -> list[str]:
+        """Lines for the end of a run; ``before`` and ``after`` are the values of ``metric`` around training."""
         lines = []
         if self.losses:
             last = self.losses[-_LAST:]
             lines.append(f"train loss: {self.losses[0]:.3f} (first batch) -> {sum(last) / len(last):.3f} "
                          f"(mean of the last {len(last)})")
-        if val_before is not None and val_after is not None:
-            lines.append(f"val loss:   {val_before:.3f} (before training) -> {val_after:.3f} (after)")
+        if after is not None:
+            start = "" if before is None else f"{before:.3f} (before training) -> "
+            lines.append(f"{metric}:".ljust(12) + f"{start}{after:.3f} (after)")
         ranks = f" on {self.ranks} devices" if self.ranks > 1 else ""
-        lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s{ranks} ({self.tokens:,} real tokens in "
-                     f"{self.steps} batches, {self.seconds:.1f} s of training steps; padding not counted)")
+        if self.counts_tokens:
+            lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s{ranks} ({self.tokens:,} real tokens in "
+                         f"{self.steps} batches, {self.seconds:.1f} s of training steps; padding not counted)")
+        else:
+            lines.append(f"throughput: {self.steps / max(self.seconds, 1e-9):.2f} batches/s{ranks} ({self.steps} "
+                         f"batches in {self.seconds:.1f} s of training steps; their tokens are not counted)")
         peak = peak_memory(output_dir)
         gpu = "no CUDA" if peak["gpu"] is None else _gib(peak["gpu"])
         disk = "" if peak["disk"] is None else f", disk {_gib(peak['disk'])} (run outputs)"

@@ -4,6 +4,8 @@ Every object comes from the config through ``hydra.utils.instantiate``; this fil
 cheap checks (config, model files, data) run before anything heavy (weights, the Trainer's device setup).
 """
 
+import importlib.metadata
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -13,8 +15,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel
 
 from lightning_slide.app.errors import SlideAppError
 from lightning_slide.checkpoint import export_hf
@@ -72,6 +76,57 @@ def _build_all(group: DictConfig | None) -> list[Any]:
     return [build(node) for node in (group or {}).values()]
 
 
+def build_loggers(group: DictConfig | None) -> list[Any]:
+    """The loggers of ``cfg.logger``; one whose package is missing names the extra that installs it."""
+    loggers = []
+    for name, node in (group or {}).items():
+        try:
+            loggers.append(build(node))
+        except InstantiationException as e:
+            if not isinstance(e.__cause__, ImportError):
+                raise
+            try:  # the shipped loggers are named after the package's extras (tensorboard, wandb, mlflow)
+                extras = importlib.metadata.metadata("lightning-slide").get_all("Provides-Extra") or []
+            except importlib.metadata.PackageNotFoundError:
+                extras = []
+            fix = f'pip install "lightning-slide[{name}]"' if name in extras else "install the package it names"
+            raise SlideAppError(f"logger={name} needs a package that is not installed ({e.__cause__}); {fix}, or "
+                                "choose another logger (logger=csv)") from None
+    return loggers
+
+
+def build_piece(group: str, node: DictConfig, **extras: Any) -> Any:
+    """Instantiate ``cfg.model`` or ``cfg.data`` with whatever ``_target_`` the user gave, passing only what its
+    signature takes: the group's options (the app's own options, such as ``model.config``, are left out, with a
+    warning, when a target of yours has no such argument) and the app's ``extras`` (the tokenizer, the kernels...),
+    which go only to an argument of that name, never into ``**kwargs``."""
+    target = node._target_
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except ImportError as e:
+        raise SlideAppError(f"{group}._target_={target}: cannot import it ({str(e).splitlines()[0]})") from None
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    options = OmegaConf.to_container(node, resolve=True)  # resolved here: the kept options leave the config tree
+    left_out = [k for k in options if not k.startswith("_") and k not in named and not any_keyword]
+    if left_out:
+        log.warning("%s: %s takes no %s: left out", group, target, ", ".join(left_out))
+    options = {k: v for k, v in options.items() if k not in left_out}
+    given = {k: v for k, v in extras.items() if k in named and k not in options and v is not None}
+    return build(OmegaConf.create(options), **given, _convert_="all")
+
+
+def has_val_data(module: L.LightningModule, datamodule: L.LightningDataModule) -> bool:
+    """Whether the run can validate: the module has a validation step and the data module a non-empty loader."""
+    if not (is_overridden("validation_step", module) and is_overridden("val_dataloader", datamodule)):
+        return False
+    loaders = datamodule.val_dataloader()
+    try:
+        return len(loaders) > 0
+    except TypeError:  # an iterable dataset: no length to tell, so assume it has batches
+        return True
+
+
 def sample(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
     """Greedy completion of ``prompt_ids`` by ``model``, decoded (on the device the model sits on)."""
     device = next(model.parameters()).device
@@ -87,48 +142,70 @@ def setup(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     the weights load in ``configure_model``, inside ``fit``)."""
     check_required(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    loggers, callbacks = build_loggers(cfg.logger), _build_all(cfg.callbacks)
     names = cfg.kernels.names
-    module = build(cfg.model, kernels=OmegaConf.to_object(names) if OmegaConf.is_list(names) else names,
-                   _convert_="all")
-    datamodule = build(cfg.data, tokenizer=module.tokenizer, context_length=module.context_length, _convert_="all")
-    datamodule.setup("fit")  # reads, checks and tokenizes the whole data set
+    kernels = OmegaConf.to_object(names) if OmegaConf.is_list(names) else names
+    module = build_piece("model", cfg.model, kernels=kernels)
+    if kernels != "none" and "kernels" not in inspect.signature(type(module)).parameters:
+        raise SlideAppError(f"kernels={kernels}: {cfg.model._target_} takes no kernels argument; drop kernels=... "
+                            "or apply them in your module (lightning_slide.kernels.apply_kernels)")
+    datamodule = build_piece("data", cfg.data, tokenizer=getattr(module, "tokenizer", None),
+                             context_length=getattr(module, "context_length", None))
+    datamodule.setup("fit")  # the app's data module reads, checks and tokenizes the whole data set here
     summary = RunSummary()
     strategy = build(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
-    trainer = build(cfg.trainer, strategy=strategy, logger=_build_all(cfg.logger) or False,
-                    callbacks=[*_build_all(cfg.callbacks), summary])
+    trainer = build(cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=[*callbacks, summary])
     return module, datamodule, trainer, summary
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as ``cfg`` says, export, and log a summary. Returns the module, data module, Trainer, summary, the
-    validation losses before and after training, and the Hugging Face export directory."""
+    monitored metric (``cfg.monitor``) before and after training (``metric_before``, ``metric``), and the Hugging
+    Face export directory."""
     module, datamodule, trainer, summary = setup(cfg)
     output_dir = Path(cfg.output_dir)
+    validates = trainer.limit_val_batches != 0 and has_val_data(module, datamodule)
 
-    def val_loss(ckpt_path: str | None = None) -> float | None:
-        if not datamodule.val_set or trainer.limit_val_batches == 0:
+    def validate(ckpt_path: str | None = None) -> float | None:
+        if not validates:
             return None
-        return trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]["val/loss"]
+        results = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        value = results[0].get(cfg.monitor) if results else None
+        return None if value is None else float(value)
 
-    before = val_loss(cfg.ckpt_path)  # when resuming, "before" is the checkpoint's loss
+    before = validate(cfg.ckpt_path)  # when resuming, "before" is the checkpoint's
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    after = val_loss()
+    after = validate()
+    if after is None and cfg.monitor in trainer.callback_metrics:  # a training metric, such as train/loss
+        after = float(trainer.callback_metrics[cfg.monitor])
+    if after is None:
+        log.warning("monitor=%s: the run logged no such metric (it logged %s); set monitor= to one of them",
+                    cfg.monitor, ", ".join(sorted(trainer.callback_metrics)) or "none")
     result = {"module": module, "datamodule": datamodule, "trainer": trainer, "summary": summary,
-              "val_loss_before": before, "val_loss_after": after, "hf_dir": None}
+              "metric_before": before, "metric": after, "hf_dir": None}
     if not trainer.is_global_zero:  # with several devices, rank 0 exports and reports
         return result
 
+    # Export and sampling need a Hugging Face model at module.model (the app's module, and most modules wrapping one)
+    model = getattr(module, "model", None)
+    tokenizer = getattr(module, "tokenizer", None)
+    hf_model = model if isinstance(model, PreTrainedModel) else None
     hf_dir = None
-    if cfg.export.enabled:
-        dtype = cfg.export.dtype or module.checkpoint_dtype
-        hf_dir = export_hf(module.model, module.tokenizer, output_dir / "hf_model", dtype=dtype)
+    if cfg.export.enabled and hf_model is None:
+        log.info("export: skipped, %s has no Hugging Face model at .model (export.enabled=false says so quietly)",
+                 type(module).__name__)
+    elif cfg.export.enabled:
+        dtype = cfg.export.dtype or getattr(module, "checkpoint_dtype", None) or torch.float32
+        hf_dir = export_hf(hf_model, tokenizer, output_dir / "hf_model", dtype=dtype)
 
-    lines = ["", "=" * 30 + " slide-train summary " + "=" * 30, *summary.report(before, after, output_dir)]
-    n_params = sum(p.numel() for p in module.model.parameters())
-    if cfg.sample_tokens > 0 and n_params <= SAMPLE_MAX_PARAMS and datamodule.val_set:
+    lines = ["", "=" * 30 + " slide-train summary " + "=" * 30, *summary.report(before, after, output_dir,
+                                                                                  metric=cfg.monitor)]
+    samples = hf_model is not None and tokenizer is not None and hasattr(datamodule, "sample_prompt")
+    n_params = sum(p.numel() for p in module.parameters())
+    if cfg.sample_tokens > 0 and samples and n_params <= SAMPLE_MAX_PARAMS and validates:
         prompt_ids, reference = datamodule.sample_prompt()
-        completion = sample(module.model, module.tokenizer, prompt_ids, cfg.sample_tokens)
-        prompt = module.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        completion = sample(hf_model, tokenizer, prompt_ids, cfg.sample_tokens)
+        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
         lines += [f"sample:     {prompt!r} -> {completion!r}", f"            (reference: {reference!r})"]
     lines.append(f"outputs:    {output_dir}" + (f" (Hugging Face model: {hf_dir})" if hf_dir else ""))
     log.info("\n".join(lines))
@@ -136,9 +213,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One run; returns the monitored metric, which Hydra's sweepers (``--multirun``) compare across runs."""
     try:
-        train(cfg)
+        return train(cfg)["metric"]
     except SlideAppError as e:  # the user's to fix: the message, not a traceback
         sys.exit(f"slide-train: error: {e}")
 

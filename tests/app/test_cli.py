@@ -17,7 +17,7 @@ def test_cli_end_to_end(tmp_path):
     run = _run(*FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout + run.stderr
-    for line in ("slide-train summary", "val loss:", "tokens/s", "peak memory: GPU", "host", "sample:"):
+    for line in ("slide-train summary", "val/loss:", "tokens/s", "peak memory: GPU", "host", "sample:"):
         assert line in out, out[-3000:]
     hf = tmp_path / "run" / "hf_model"
     model, tokenizer = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)

@@ -27,7 +27,7 @@ def test_demo_trains_and_exports(tmp_path):
     assert next(iter(result["datamodule"].train_dataloader()))["input_ids"].shape[0] == 8
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 3e-3
     assert module.model.config.hidden_size == 64  
-    assert result["val_loss_after"] < result["val_loss_before"]
+    assert result["metric"] < result["metric_before"]  # val/loss
     assert result["summary"].tokens > 0
     assert (tmp_path / "checkpoints" / "last.ckpt" / "index.json").is_file()  # a directory checkpoint
     _exported_equals_trained(result)
@@ -41,7 +41,7 @@ def test_finetunes_a_model_directory(tiny_model_dir, text_jsonl, tmp_path):
                                "model.warmup_steps=0", "data=jsonl", f"data.path={text_jsonl}", "data.max_length=32",
                                "data.pack=true", "data.val_size=4", "export.dtype=float32", output_dir=tmp_path))
     assert result["trainer"].global_step == 4
-    assert result["val_loss_after"] < result["val_loss_before"]
+    assert result["metric"] < result["metric_before"]  # val/loss
     _exported_equals_trained(result)
     # without export.dtype the export keeps the checkpoint's dtype (bf16 here)
     assert result["module"].checkpoint_dtype == torch.bfloat16
@@ -52,7 +52,7 @@ def test_resume_from_checkpoint(tmp_path):
     resumed = train(compose_cfg(*FAST, "model.config.hidden_size=64", "sample_tokens=0", "trainer.max_steps=6",
                                 f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}", output_dir=tmp_path / "b"))
     assert resumed["trainer"].global_step == 6
-    assert resumed["val_loss_before"] == pytest.approx(first["val_loss_after"], rel=1e-4)
+    assert resumed["metric_before"] == pytest.approx(first["metric"], rel=1e-4)
 
 
 def test_required_paths_are_named(tmp_path):
