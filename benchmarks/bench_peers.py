@@ -5,14 +5,19 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                         (slideformer options: slideformer+bf16 = host_weights="compute",
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8,
-                                         slideformer+park24 = parked_grads=24; combine with +)
+                                         slideformer+park24 = parked_grads=24; combine with +;
+                                         any system+lora16 = LoRA of rank 16 on every linear layer but the head,
+                                         through peft: the base weights frozen)
                                         [--cap 24GiB] [--steps 3] [--window 2] [--devices 1] [--clip 1.0] [--clip-by value]
 
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
 one) and prints one JSON line; the parent prints a markdown table with tokens/s, TFLOP/s (6·N·tokens), peak GPU
 memory, peak host RSS, the ratio to all-on-GPU and the fraction of the per-step lower bound
 max(GPU compute, 4N bytes / H2D, 2N bytes / D2H, N / host AdamW) reached (bandwidths from BENCHMARKING.md;
-GPU compute is taken as the all-on-GPU step time of the same run when it ran).
+GPU compute is taken as the all-on-GPU step time of the same run when it ran). With LoRA (``+loraK``) N counts every
+parameter and the bound's terms count what moves: the frozen weights go up in bf16 (2 bytes), only the adapters' T
+parameters come down and are updated: max(GPU compute, (2(N - T) + 4T) / H2D, 2T / D2H, T / host AdamW); the
+GPU-compute term and the ratio come from the last all-on-GPU row before (list ``all_on_gpu+lora16`` first for them).
 Same model, batch, sequence length, kernels ("all") and per-layer activation checkpointing for every system; the
 offloading systems run under the GPU memory cap, all-on-GPU uncapped (the ceiling). DeepSpeed is optional: without
 it installed that row says so.
@@ -43,6 +48,13 @@ HOST_ADAMW_PARAMS_PER_S = 3.6e9
 
 def child(system: str, shape: str, batch: int, args) -> dict:
     """Train one system for warm-up + timed steps; returns its measurements."""
+    base, *options = system.split("+")
+    lora = [int(o[len("lora"):]) for o in options if o.startswith("lora")]
+    if lora:
+        try:
+            import peft
+        except ImportError:  # the GPU machine may lack it: carry its wheel (and accelerate's) along
+            return {"error": "peft not installed (../shared/tools/device-wheels.sh peft accelerate)"}
     import lightning as L
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -66,8 +78,11 @@ def child(system: str, shape: str, batch: int, args) -> dict:
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             self.model = model.to("cpu")
             apply_kernels(self.model, "all")
-            if not system.startswith("slideformer"):  # slideformer recomputes every layer by construction
+            if base != "slideformer":  # slideformer recomputes every layer by construction
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if lora:  # after the kernels: they patch the stock modules, LoRA wraps the linear layers inside them
+                adapters = peft.LoraConfig(r=lora[0], lora_alpha=2 * lora[0], target_modules="all-linear")
+                self.model = peft.get_peft_model(self.model, adapters)
             self.times: list[float] = []
             self.engine_stats: list[dict] = []
 
@@ -86,25 +101,27 @@ def child(system: str, shape: str, batch: int, args) -> dict:
                 self.engine_stats.append(engine.stats())
 
         def configure_optimizers(self):
-            return optimizer_class(self.parameters(), lr=1e-5)
+            return optimizer_class([p for p in self.parameters() if p.requires_grad], lr=1e-5)
 
     optimizer_class = torch.optim.AdamW
     torch.manual_seed(0)
     module = LM()
     params = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    if system in ("fsdp_offload", "deepspeed_offload"):
+    if base in ("fsdp_offload", "deepspeed_offload"):
         for device in range(devices):  # this process's rank is not known yet: every GPU it may use
             torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory, device)
-    if system == "all_on_gpu":
+    if base == "all_on_gpu":
         strategy, precision = "auto", "bf16-true"
-    elif system == "fsdp_offload":
+    elif base == "fsdp_offload":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        strategy = FSDPStrategy(cpu_offload=True, auto_wrap_policy={LlamaDecoderLayer})
+        # frozen and trainable parameters in one flat parameter (LoRA) need FSDP's original parameters
+        strategy = FSDPStrategy(cpu_offload=True, auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=bool(lora))
         precision = "bf16-true"
-    elif system == "deepspeed_offload":
+    elif base == "deepspeed_offload":
         try:
             import deepspeed  # noqa: F401
         except ImportError:
@@ -123,7 +140,6 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     else:  # "slideformer", with options: "+bf16" host_weights="compute", "+acts" offload_activations=True,
         # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2),
         # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free)
-        options = system.split("+")[1:]
         buffers = [int(o[len("buffers"):]) for o in options if o.startswith("buffers")]
         parked = [int(o[len("park"):]) for o in options if o.startswith("park")]
         strategy = lightning_slide.SlideFormerStrategy(
@@ -135,7 +151,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         precision = "bf16-true"
 
     ids = torch.randint(0, config.vocab_size, (batch * devices * (args.steps + 2), args.seq))
-    if system == "all_on_gpu" and devices > 1:
+    if base == "all_on_gpu" and devices > 1:
         strategy = "ddp"
     trainer = L.Trainer(
         strategy=strategy, accelerator="gpu", devices=devices, precision=precision, max_steps=args.steps + 2,
@@ -153,6 +169,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     timed = sorted(module.times[2:])
     return {
         "params": params,
+        "trainable": trainable,
         "step_s": timed[len(timed) // 2],
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
@@ -215,18 +232,19 @@ def main() -> None:
             if os.environ.get("OUT"):  # each child's full output, for the record
                 name = f"peers-{system.replace('+', '_')}-{shape}-{batch}-{args.seq}-{args.devices}gpu.log"
                 Path(os.environ["OUT"], name).write_text(log)
-            label = f"{system} ({result['optimizer']})" if system == "deepspeed_offload" and "optimizer" in result else system
+            base = system.split("+")[0]
+            label = f"{system} ({result['optimizer']})" if base == "deepspeed_offload" and "optimizer" in result else system
             row = f"| {shape} | {batch} | {label} |"
             if "error" in result:
                 print(f"{row} {result['error']} | | | | | | |", flush=True)
                 continue
             tokens = int(batch) * args.seq * args.devices
             step, n = result["step_s"], result["params"]
-            if system == "all_on_gpu":
+            t = result.get("trainable", n)  # all of them but with LoRA
+            if base == "all_on_gpu":
                 ceiling = step
-            share = n / args.devices
-            bound = max(ceiling or 0.0, 4 * share / H2D_BYTES_PER_S, 2 * share / D2H_BYTES_PER_S,
-                        n / HOST_ADAMW_PARAMS_PER_S)
+            up, down = (2 * (n - t) + 4 * t) / args.devices, 2 * t / args.devices  # each GPU moves its share
+            bound = max(ceiling or 0.0, up / H2D_BYTES_PER_S, down / D2H_BYTES_PER_S, t / HOST_ADAMW_PARAMS_PER_S)
             ratio = f"{ceiling / step:.2f}" if ceiling else "–"
             if "host_busy" in result:
                 row += (f" (host busy {result['host_busy']:.2f} s of which waiting {result['host_waiting']:.2f} s, "

@@ -330,7 +330,8 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     }
     if s.parked_grads:  # engine._park_free: this rank's shard of the largest layer's gradients, each
         items["parked layer gradients"] = s.parked_grads * -(-shape.layer_trainable // s.ranks) * e
-    if s.resident_on_device:  # fp32 master + gradient + Adam moments on the device (attach_optimizer)
+    # fp32 master + gradient + Adam moments on the device (attach_optimizer; nothing when all of them are frozen)
+    if s.resident_on_device and shape.resident_trainable:
         items["resident fp32 masters, gradients, Adam moments"] = 4 * shape.resident_params + 12 * shape.resident_trainable
     if s.cast:  # upload_staging and download_staging (the engine allocates both whatever the layers upload)
         largest = max(shape.layer_params, shape.resident_params)

@@ -94,7 +94,7 @@ def test_lora_equals_plain_training_in_fp32(family, window):
     ("llama", 2, 1, None),  # no clipping, one micro-batch: the updates stream out of the backward
 ])
 def test_lora_in_bf16_keeps_frozen_weights_in_bf16_only(family, window, accumulate, clip):
-    options = dict(precision="bf16-true", accumulate=accumulate, clip=clip)
+    options = {"precision": "bf16-true", "accumulate": accumulate, "clip": clip}
     reference = plain(family, **options)
     seen = HostBytes()
     ours = train(family, lightning_slide.SlideFormerStrategy(window=window), callbacks=[seen], **options)
@@ -124,7 +124,7 @@ def test_lora_in_bf16_keeps_frozen_weights_in_bf16_only(family, window, accumula
 
 def test_lora_with_a_host_compute_copy_uploads_the_same_values():
     """host_weights="compute": the frozen weights are the compute copy's frozen part (no second bf16 copy)."""
-    options = dict(precision="bf16-true")
+    options = {"precision": "bf16-true"}
     seen = HostBytes()
     copied = train("llama", lightning_slide.SlideFormerStrategy(window=2, host_weights="compute"), callbacks=[seen],
                    **options)
@@ -137,6 +137,19 @@ def test_lora_with_a_host_compute_copy_uploads_the_same_values():
     assert seen.host["compute copies"] == 2 * layer_params and seen.host["frozen weights"] == 0
     for unit in seen.layers:
         assert unit.frozen.data_ptr() == unit.weights[unit.trainable_numel:].data_ptr()
+
+
+@pytest.mark.parametrize("offload", ["optimizer", "both"])
+def test_lora_with_the_disk_tier_trains_as_in_memory(tmp_path, offload):
+    """The adapters' Adam moments on disk; with the masters on disk too the frozen weights keep fp32 masters there
+    (the layers' bf16 compute copy is then what the host holds), and training is the same."""
+    on_disk = train("llama", lightning_slide.SlideFormerStrategy(window=2, offload_dir=str(tmp_path), offload=offload),
+                    precision="bf16-true")
+    in_memory = train("llama", lightning_slide.SlideFormerStrategy(window=2), precision="bf16-true")
+    assert on_disk.losses == in_memory.losses
+    theirs = dict(in_memory.named_parameters())
+    for name, param in on_disk.named_parameters():
+        assert torch.equal(param.detach().to(theirs[name].dtype), theirs[name].detach()), name
 
 
 def test_lora_checkpoint_saves_bf16_frozen_weights_and_resumes_exactly(tmp_path):

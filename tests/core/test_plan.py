@@ -143,14 +143,14 @@ def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights, re
         assert not any(k.startswith("resident fp32 masters") for k in plan.gpu)
 
 
-@pytest.mark.parametrize("host_weights", ["auto", "compute"])
-def test_plan_matches_the_engine_with_lora(host_weights):
+@pytest.mark.parametrize("host_weights,resident", [("auto", "auto"), ("compute", "device")])
+def test_plan_matches_the_engine_with_lora(host_weights, resident):
     """LoRA (PEFT) in bf16: the frozen base weights cost 2 bytes per parameter on the host (no fp32 master, no
     optimizer state, no gradient buffer), in the plan as in the engine."""
     from tests.core.test_peft import LoraLM
 
     snap = _Snapshot()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, host_weights=host_weights)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, host_weights=host_weights, resident_optimizer=resident)
     trainer(strategy, max_steps=2, precision="bf16-true", callbacks=[snap]).fit(LoraLM("llama"), batches(4))
     plan, shape = snap.plan, snap.plan.shape
     assert 0 < shape.layer_trainable < shape.layer_params and shape.layers_frozen == shape.layers * (
@@ -166,11 +166,14 @@ def test_plan_matches_the_engine_with_lora(host_weights):
         assert snap.host["frozen"] == _item(host, "layer frozen weights") == 2 * shape.layers_frozen
     assert snap.device["slots"] == plan.gpu["window slots (weights + gradients)"]
     assert snap.device["resident"] == plan.gpu["resident weights + gradients"]
+    # All frozen, the resident parts have nothing to update on the device, wherever resident_optimizer says.
+    assert snap.device["resident optimizer"] == 0 and not any(k.startswith("resident fp32 masters") for k in plan.gpu)
     # The frozen weights go up as they are kept: 2 bytes per parameter, the adapters' masters 4 (or 2 from the copy).
     upload = 2 if host_weights == "compute" else 4
     layer_bytes = upload * (shape.layers * shape.layer_params - shape.layers_frozen) + 2 * shape.layers_frozen
+    resident = 0 if plan.settings.resident_on_device else 4 * shape.resident_params  # once per step from the host
     assert plan.time["H2D weights (forward + recompute)"] == pytest.approx(
-        (2 * 2 * layer_bytes + 4 * shape.resident_params) / plan.machine.h2d_bytes_per_s)
+        (2 * 2 * layer_bytes + resident) / plan.machine.h2d_bytes_per_s)  # 2 micro-batches
 
 
 def test_planned_lora_of_a_known_shape():
