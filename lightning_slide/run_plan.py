@@ -61,16 +61,17 @@ class RunPlan:
 
         Without ``batch`` x ``seq`` the fixed buffers (window slots, resident parts, staging), the host memory
         (masters, Adam moments, gradient buffers) and the disk tier are checked; with them the activations too.
-        The GPU is checked against ``gpu_memory_limit`` or the whole card (on the CPU only when a limit is given),
+        The GPU is checked against ``strategy.device_memory_limit()`` or the whole card (on the CPU only when a limit is given),
         the host against ``host_memory`` or the memory available now plus what this process already holds that the
         plan counts (shared by the host's ranks), the disk against the free space under ``offload_dir``.
         """
         strategy = self.strategy
         settings = self.settings if batch is None else dataclasses.replace(self.settings, batch=batch, seq=seq)
         shape = ModelShape.of(module, strategy.blocks)
-        machine = Machine.detect(gpu_memory_limit=strategy.gpu_memory_limit, offload_dir=strategy.offload_dir)
+        limit = strategy.device_memory_limit()
+        machine = Machine.detect(gpu_memory_limit=limit, offload_dir=strategy.offload_dir)
         if strategy.root_device.type != "cuda":
-            machine.gpu_memory = strategy.gpu_memory_limit
+            machine.gpu_memory = limit
         if strategy.host_memory is not None:
             machine.host_memory = strategy.host_memory
         plan = make_plan(shape, settings, machine, suggest=False)

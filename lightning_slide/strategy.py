@@ -24,10 +24,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.disk import parse_offload
-from lightning_slide.engine.engine import SlidingEngine, check_count
+from lightning_slide.engine.engine import SlidingEngine, check_count, memory_fraction
 from lightning_slide.engine.optimizer import HostOptimizer
 from lightning_slide.engine.plan import Plan, human, parse_bytes, resident_on_device_auto
-from lightning_slide.kernels import KERNEL_NAMES, active_kernels, apply_kernels
+from lightning_slide.hooks import refuse_weight_averaging, step_observers
+from lightning_slide.kernels import KERNEL_NAMES, apply_kernels, running_kernels
 from lightning_slide.monitor import SlideMonitor
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision, planned_clipping
 from lightning_slide.run_plan import RunPlan
@@ -218,6 +219,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         self._run_plan: RunPlan | None = None  # this run's planner settings and latest plan (run_plan.py)
         self._batch_checked = False
         self._torn = False  # the last run stopped in the middle of an optimizer step
+        self._observers: list[str] = []  # user hooks between a step's backward and its update (hooks.py)
 
     @property
     def plan(self) -> Plan | None:
@@ -334,6 +336,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             raise ValueError("slideformer supports automatic optimization only; set self.automatic_optimization = True")
         optimizers, schedulers = [], []
         if fitting:
+            refuse_weight_averaging(trainer)
             # Before the engine moves parameters: configure_optimizers sees ordinary parameters.
             # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
@@ -356,7 +359,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             compute_dtype=self.precision_plugin.compute_dtype,
             blocks_path=self.blocks,
             resident_on_device=resident_on_device,
-            memory_limit=self.gpu_memory_limit,
+            memory_limit=self.device_memory_limit(),
             offload_activations=self.offload_activations,
             offload_dir=self.offload_dir,
             nonfinite=self.nonfinite,
@@ -366,12 +369,26 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             data_parallel=self.data_parallel,
             parked_grads=0 if self.parked_grads == "auto" else self.parked_grads,  # auto: at the first batch
         )
+        running, fallback = running_kernels(module, self.root_device)
+        self._observers = step_observers(trainer, module) if fitting else []
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
             f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters "
             f"{'on disk' if 'masters' in self.engine.offload else 'on the host'}, "
-            f"kernels: {', '.join(active_kernels(module)) or 'none'}"
+            f"kernels: {', '.join(running) or 'none'}"
         )
+        if fallback:
+            rank_zero_info(f"slideformer: {fallback}")
+        if self.engine.model_checkpointing_off:
+            rank_zero_info(
+                f"slideformer: the model's own gradient checkpointing is off on {self.engine.model_checkpointing_off} "
+                "decoder layers while training (slideformer recomputes each layer once itself)"
+            )
+        if self._observers:
+            rank_zero_info(
+                f"slideformer: {', '.join(self._observers)} may read or change a step between its backward and its "
+                "update, so each step's updates wait for its backward (they stream out of it otherwise)"
+            )
         if fitting and self.monitor and not any(isinstance(c, SlideMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(SlideMonitor())
         if fitting:
@@ -386,11 +403,28 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         if device.type != "cuda":
             return False
         resident = sum(p.numel() for _, p in find_parts(module, self.blocks).resident)
-        memory = self.gpu_memory_limit or torch.cuda.get_device_properties(device).total_memory
-        return resident_on_device_auto(resident, memory)
+        return resident_on_device_auto(resident, self.device_memory_limit())
+
+    def device_memory_limit(self) -> int | None:
+        """The most memory this process may use on its GPU: ``gpu_memory_limit``, or a cap set with
+        ``torch.cuda.set_per_process_memory_fraction``, whichever is smaller (the whole card without either);
+        ``gpu_memory_limit`` on the CPU."""
+        device = self.root_device
+        if device.type != "cuda":
+            return self.gpu_memory_limit
+        total = torch.cuda.get_device_properties(device).total_memory
+        capped = int(memory_fraction(device) * total)
+        return capped if self.gpu_memory_limit is None else min(capped, self.gpu_memory_limit)
 
     def model_to_device(self) -> None:
         pass  # the engine places the resident parts and slides the layers
+
+    def finish_updates(self) -> None:
+        """Finish the last optimizer step's host updates: afterwards the module's parameters hold its fp32 weights,
+        as plain Lightning's do between steps. Call it in a callback before reading weights during training (with
+        several devices, on every rank); it costs the overlap of those updates with the next forward."""
+        if self.engine is not None:
+            self.engine.finish_updates()
 
     def on_exception(self, exception: BaseException) -> None:
         """An exception or Ctrl+C stopped the run (Lightning calls this after the callbacks' ``on_exception``, then
@@ -468,15 +502,25 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             self.engine.skip_step()  # no backward: this optimizer step is dropped
             return closure_loss
         whole, clip_value = planned_clipping(trainer, self.lightning_module)
+        observed = bool(self._observers)
+        module = self.lightning_module
+        # Lightning's Strategy.backward, with the engine's begin and end around the backward itself, so that
+        # on_after_backward (post_backward) sees the gradients.
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         self.engine.begin_backward(
             last_micro_batch=trainer.training and not trainer.fit_loop._should_accumulate(),
             clipping=whole, clip_value=clip_value,
             param_groups=self.optimizers[0].param_groups if self.optimizers else None,
-            step=trainer.global_step,
+            step=trainer.global_step, observed=observed,
         )
-        loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         self.engine.end_backward()  # not after a failure: on_exception closes the engine
-        return loss
+        if observed:
+            self.engine.show_grads()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -69,7 +69,7 @@ def check_count(name: str, value: Any, *, minimum: int, optional: bool = False) 
         raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
 
 
-def _memory_fraction(device: torch.device) -> float:
+def memory_fraction(device: torch.device) -> float:
     """The process's current cap on ``device`` as a fraction of its memory (1.0 where torch cannot say)."""
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     return float(getter(device)) if getter is not None else 1.0
@@ -316,6 +316,7 @@ class SlidingEngine:
         self._parked: dict[int, tuple[torch.Tensor, object, tuple | None]] = {}
         self._unpark_stream = self._unpark_staging = None
         self.parked_total = 0  # layers whose gradients were parked, since construction
+        self.streamed_steps = 0  # optimizer steps whose updates streamed out of their backward, since construction
         self.add_parking(parked_grads)
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
@@ -378,11 +379,13 @@ class SlidingEngine:
         self._streamed: tuple[float | None] | None = None  # the last backward streamed: (its clip value,)
         self._pending: dict[int, int] = {}  # layer -> parameter gradients still to land in this backward
         self._wrapped: list[nn.Module] = []
+        self._model_checkpointing: list[nn.Module] = []  # modules whose own checkpointing the engine turned off
+        self._shown: list[tuple[nn.Parameter, torch.Tensor]] = []  # gradients shown to user code (show_grads)
         self._hooks: list = []
         # The cap is process-wide in torch: set here, where a failing construction still restores it (_release).
         self._fraction_before: float | None = None
         if memory_limit is not None and self.device.type == "cuda":
-            self._fraction_before = _memory_fraction(self.device)
+            self._fraction_before = memory_fraction(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(memory_limit / total, self.device)
         try:
@@ -393,6 +396,12 @@ class SlidingEngine:
             self.close(drain=False)
             raise
         self._wrapped = list(parts.blocks)
+        # The model's own activation checkpointing (Hugging Face's gradient_checkpointing_enable) on the decoder
+        # layers would recompute each layer a second time inside the engine's recompute: off while the engine runs.
+        self._model_checkpointing = [m for block in parts.blocks for m in block.modules()
+                                     if getattr(m, "gradient_checkpointing", False) is True]
+        for module in self._model_checkpointing:
+            module.gradient_checkpointing = False
         for index, block in enumerate(parts.blocks):
             block.forward = functools.partial(self._forward_layer, index, block.forward)
         self._hooks = [
@@ -412,6 +421,11 @@ class SlidingEngine:
     @property
     def depth(self) -> int:
         return self.window.depth
+
+    @property
+    def model_checkpointing_off(self) -> int:
+        """How many modules' own activation checkpointing the engine turned off while it runs."""
+        return len(self._model_checkpointing)
 
     def _span(self, params) -> tuple[int, int]:
         """This rank's ``(start, stop)`` of a unit made of ``params``."""
@@ -493,6 +507,7 @@ class SlidingEngine:
 
         A unit whose update is still queued is left alone: that update empties it when it has consumed it.
         """
+        self.hide_grads()
         for key, unit in self._units().items():
             if self.worker.done(key):
                 unit.grad_empty = True
@@ -507,6 +522,7 @@ class SlidingEngine:
 
     def step(self, param_groups: list[dict]) -> None:
         """Queue the host update of every unit not already updated by this step's backward."""
+        self.hide_grads()
         clip_norm, clip_value = self._clip_norm, self._clip_value
         self._clip_norm = self._clip_value = None
         # Slots hold copies of the weights being updated: drop them (the next forward reloads from the masters).
@@ -901,11 +917,68 @@ class SlidingEngine:
             return min(landed)
         return min(waiting) if self._streaming is None else waiting[0]
 
+    # ---------------------------------------------------------------- what user code between steps sees
+    def show_grads(self) -> None:
+        """Show this optimizer step's gradients so far as plain training does after a backward: every trainable
+        parameter points at its fp32 master and its ``.grad`` at its fp32 gradient (host; the device for resident
+        parts updated there), for user hooks between backward and step. In-place changes, new tensors and
+        ``None`` given to ``.grad`` are what the step then uses (``hide_grads``). Needs a backward begun with
+        ``observed=True``; one rank only (with several, each rank holds a shard of each gradient)."""
+        if self.shards.active:
+            return
+        self.hide_grads()
+        self.window.clear()
+        for key in list(self._host_staging):  # later micro-batches are added in by the update thread
+            self.worker.wait(("add", key))
+        units = [u for u in self._units().values() if u.trainable and not u.grad_empty]
+        for unit in units:
+            if unit is self.resident and self._resident_updates_on_device():
+                master, grad = self._resident_master, self._resident_grad
+            else:
+                self.worker.await_device(unit.grad_event)
+                master, grad = unit.rest, unit.grad
+            for entry in unit.trainable:
+                view = entry.view(grad)
+                entry.param.data = entry.view(master)
+                entry.param.grad = view
+                self._shown.append((entry.param, view))
+            if unit is self.resident:
+                self._resident_loaded = False  # the next forward points the parameters at the compute copy again
+
+    def hide_grads(self) -> None:
+        """Take back the gradients ``show_grads`` gave, keeping what user code did to them."""
+        if not self._shown:
+            return
+        for param, view in self._shown:
+            if param.grad is None:
+                view.zero_()
+            elif param.grad is not view:
+                view.copy_(param.grad)
+            param.grad = None
+        self._shown = []
+        self._norm_down = [False] * len(self._norm_down)  # the norms taken on the device may be stale: the host's
+
+    def finish_updates(self) -> None:
+        """Finish every queued update and point every parameter at its fp32 master: the module then holds the
+        weights of the last optimizer step, as plain training's does between steps. Costs the overlap of those
+        updates with the next forward. With several ranks a collective (every rank calls it)."""
+        self.hide_grads()
+        self._sync_masters()
+        self.window.clear()
+        self.resident.park()
+        self._resident_loaded = False
+
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
         """Make the resident parts' compute copy current; call before every forward."""
+        self.hide_grads()  # before the window moves a layer, which drops its parameters' .grad
         self._apply_deferred_resident_update()
-        if self._resident_loaded or self._resident_updates_on_device():
+        if self._resident_loaded:
+            return
+        if self._resident_updates_on_device():  # its compute copy is refreshed by each update, on the device
+            for entry in self.resident.entries:
+                entry.param.data = entry.view(self.resident_weights)
+            self._resident_loaded = True
             return
         self._wait_update(RESIDENT)
         in_use = self.streams.record()  # whatever compute still reads the old copy
@@ -964,7 +1037,7 @@ class SlidingEngine:
     # ---------------------------------------------------------------- backward
     def begin_backward(
         self, *, last_micro_batch: bool = False, clipping: bool = True, param_groups=None, step: int = 0,
-        clip_value: float | None = None,
+        clip_value: float | None = None, observed: bool = False,
     ) -> None:
         """Call right before ``loss.backward()``.
 
@@ -977,16 +1050,19 @@ class SlidingEngine:
             clip_value: the step will clamp every gradient element to ``[-clip_value, clip_value]`` and nothing
                 else (``clip_grad_value`` with this value). Elementwise, so updates may still stream out of the
                 backward, each clamping its own gradients. Default ``None``: no clipping by value.
+            observed: user code may read or change the gradients or the hyperparameters between this backward and
+                the step (``show_grads``): its updates wait for the step, and no gradient parks on the device.
         """
+        self.hide_grads()
         self._backward = True
         self._step_index = step
         self._clipping = clipping
-        stream = (last_micro_batch and not clipping and self.nonfinite != "skip" and param_groups is not None
-                  and bool(self._optimizers))
+        stream = (last_micro_batch and not clipping and not observed and self.nonfinite != "skip"
+                  and param_groups is not None and bool(self._optimizers))
         self._streaming = hyperparameters(param_groups) if stream else None
         self._stream_clip = None if clip_value is None else float(clip_value)
         # The step's updates wait for the end of backward: its layers' gradients may park (parked_grads).
-        self._holding = last_micro_batch and not stream and bool(self._optimizers)
+        self._holding = last_micro_batch and not stream and bool(self._optimizers) and not observed
         if self.resident.trainable_numel:
             self.worker.wait(RESIDENT)  # a chunked update may still be reading last step's gradients
             self.resident_grads.zero_()
@@ -1040,6 +1116,7 @@ class SlidingEngine:
             if self.resident.trainable_numel and self._resident_updates_on_device():
                 self._update_resident_on_device(self._streaming, None, self._stream_clip)
         self._streamed = None if self._streaming is None else (self._stream_clip,)
+        self.streamed_steps += self._streaming is not None
         self._streaming = None
         if self._parked:
             self._unpark_ready()
@@ -1141,14 +1218,16 @@ class SlidingEngine:
         """Cumulative figures since construction: ``host_busy`` (seconds the update thread ran updates and gradient
         additions), ``host_waiting`` (seconds of those it waited for the device: gradients still on their way),
         ``compute_blocked`` (seconds the training thread waited for an update it needs) and
-        ``skipped_steps`` (optimizer steps skipped for a NaN/Inf loss or gradient) and ``parked_layers`` (layers
-        whose gradients waited on the device for a host buffer, ``parked_grads``)."""
+        ``skipped_steps`` (optimizer steps skipped for a NaN/Inf loss or gradient), ``parked_layers`` (layers
+        whose gradients waited on the device for a host buffer, ``parked_grads``) and ``streamed_steps`` (steps
+        whose updates streamed out of their backward)."""
         return {
             "host_busy": self.worker.busy_seconds,
             "host_waiting": self.worker.waiting_seconds,
             "compute_blocked": self.worker.blocked_seconds,
             "skipped_steps": float(self.skipped_steps),
             "parked_layers": float(self.parked_total),
+            "streamed_steps": float(self.streamed_steps),
         }
 
     def _sync_masters(self, gather: bool = True) -> None:
@@ -1376,6 +1455,9 @@ class SlidingEngine:
         for block in self._wrapped:
             block.__dict__.pop("forward", None)
         self._wrapped = []
+        for module in self._model_checkpointing:  # the model as the user left it
+            module.gradient_checkpointing = True
+        self._model_checkpointing = []
         self.window.clear()
         self.resident.park()
         self._resident_loaded = False

@@ -7,9 +7,9 @@ and otherwise fall back to plain torch.
 """
 
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
-from .patch import KERNEL_NAMES, active_kernels, apply_kernels
+from .patch import KERNEL_NAMES, active_kernels, apply_kernels, running_kernels
 from .rmsnorm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
 
-__all__ = ["KERNEL_NAMES", "active_kernels", "apply_kernels", "apply_rope", "fused_linear_cross_entropy", "rms_norm", "swiglu"]
+__all__ = ["KERNEL_NAMES", "active_kernels", "apply_kernels", "running_kernels", "apply_rope", "fused_linear_cross_entropy", "rms_norm", "swiglu"]

@@ -33,6 +33,7 @@ from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .rmsnorm import rms_norm
 from .rope import apply_rope, supports as rope_supports
 from .swiglu import swiglu
+from ._common import INTERPRETED
 
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_linear_cross_entropy")
 
@@ -264,3 +265,15 @@ def active_kernels(model: nn.Module) -> list[str]:
     applied them)."""
     active = set().union(*(module.__dict__.get(_MARK, ()) for module in model.modules()))
     return [n for n in KERNEL_NAMES if n in active]
+
+
+def running_kernels(model: nn.Module, device: torch.device) -> tuple[list[str], str | None]:
+    """The kernels active inside ``model`` that actually run on ``device``, and why the others (if any) fall back
+    to torch's ops there (``None`` when none does)."""
+    active = active_kernels(model)
+    if not active or device.type == "cuda" or INTERPRETED:
+        return active, None
+    return [], (
+        f"kernels {', '.join(active)} fall back to torch's ops: Triton runs on the CPU only in its interpreter "
+        "(set TRITON_INTERPRET=1 before importing triton)"
+    )
