@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lightning_slide.app.data import DEFAULT_MAX_LENGTH
 from lightning_slide.app.errors import ModelDirError, SlideAppError
-from lightning_slide.app.train import CONF
+from lightning_slide.app.module import CausalLMModule
+from lightning_slide.app.train import CONF, build_piece, target_of
 from lightning_slide.engine.plan import (
     Machine,
     ModelShape,
@@ -93,13 +94,34 @@ def meta_root(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
     return root
 
 
+def own_module_on_meta(cfg: DictConfig) -> torch.nn.Module:
+    """A module of yours (``model._target_=...``), built as ``slide-train`` builds it but on the meta device, with its
+    ``configure_model``: only the shapes of its parameters are needed."""
+    try:
+        with torch.device("meta"):
+            module = build_piece("model", cfg.model)
+            module.configure_model()
+    except SlideAppError:
+        raise
+    except Exception as e:  # its own code: say what failed, and the way around it
+        raise SlideAppError(f"model._target_={cfg.model._target_} cannot be built on the meta device to count its "
+                            f"parameters ({type(e).__name__}: {e}); plan it in Python: "
+                            "lightning_slide.engine.plan.ModelShape.of(module) and make_plan") from None
+    return module
+
+
 def plan_from_config(cfg: DictConfig) -> Plan:
     """The plan of the run ``cfg`` describes (the app's composed config)."""
     strategy = cfg.strategy
     if strategy.get("_target_") != "lightning_slide.SlideFormerStrategy":
         raise SlideAppError("slide-plan plans the slideformer strategy; drop strategy=... or use strategy=slideformer")
-    config = model_config(cfg.model)
-    shape = ModelShape.of(meta_root(config, bool(cfg.model.get("trust_remote_code", False))), strategy.blocks)
+    if issubclass(target_of("model", cfg.model), CausalLMModule):
+        config = model_config(cfg.model)
+        root = meta_root(config, bool(cfg.model.get("trust_remote_code", False)))
+    else:
+        root = own_module_on_meta(cfg)
+        config = getattr(getattr(root, "model", None), "config", None)
+    shape = ModelShape.of(root, strategy.blocks)
     options = cfg.get("plan") or {}
     limit = options.get("gpu_memory") or strategy.gpu_memory_limit
     device = planned_device(cfg.trainer, gpu_memory_given=limit is not None)

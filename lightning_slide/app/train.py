@@ -95,16 +95,21 @@ def build_loggers(group: DictConfig | None) -> list[Any]:
     return loggers
 
 
+def target_of(group: str, node: DictConfig) -> Any:
+    """The class (or function) ``node._target_`` names."""
+    try:
+        return get_object(node._target_)
+    except ImportError as e:
+        raise SlideAppError(f"{group}._target_={node._target_}: cannot import it ({e.__cause__ or e})") from None
+
+
 def build_piece(group: str, node: DictConfig, **extras: Any) -> Any:
     """Instantiate ``cfg.model`` or ``cfg.data`` with whatever ``_target_`` the user gave, passing only what its
     signature takes: the group's options (the app's own options, such as ``model.config``, are left out, with a
     warning, when a target of yours has no such argument) and the app's ``extras`` (the tokenizer, the kernels...),
     which go only to an argument of that name, never into ``**kwargs``."""
     target = node._target_
-    try:
-        params = inspect.signature(get_object(target)).parameters
-    except ImportError as e:
-        raise SlideAppError(f"{group}._target_={target}: cannot import it ({str(e).splitlines()[0]})") from None
+    params = inspect.signature(target_of(group, node)).parameters
     named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     any_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
     options = OmegaConf.to_container(node, resolve=True)  # resolved here: the kept options leave the config tree

@@ -128,3 +128,19 @@ def test_without_a_gpu_the_cpu_run_is_planned(tmp_path, capsys):
     assert main(["model=qwen3_0_6b", "trainer=cpu", "plan.gpu_memory=24GiB", f"plan.json={gpu}"]) == 0
     plan = json.loads(gpu.read_text())
     assert plan["settings"]["device"] == "cpu" and plan["settings"]["compute_dtype"] == "torch.float32"
+
+
+def test_plan_of_your_own_module(tmp_path, capsys):
+    """``model._target_=...``: your module is built as slide-train builds it, on the meta device, and planned."""
+    from .user_pieces import CountingLM
+
+    target = tmp_path / "plan.json"
+    own = ["model._target_=tests.app.user_pieces.CountingLM", "+model.hidden=64"]
+    assert main([*own, "plan.gpu_memory=1GiB", f"plan.json={target}"]) == 0
+    shape = json.loads(target.read_text())["shape"]
+    n = sum(p.numel() for p in CountingLM(hidden=64).parameters())
+    assert shape["layers"] == 2 and shape["hidden"] == 64 and shape["vocab"] == 64
+    assert shape["layers"] * shape["layer_params"] + shape["resident_params"] == n
+    capsys.readouterr()
+    assert main(["model._target_=nopkg.Module"]) == 2
+    assert "model._target_=nopkg.Module: cannot import it (No module named 'nopkg')" in capsys.readouterr().err
