@@ -22,8 +22,13 @@ directory without it is refused on load with an error saying so. A temporary dir
 is never taken for a checkpoint (its name does not end in ``.ckpt``) and is removed by the next save to that path;
 a save stopped by an exception or Ctrl+C removes it at once.
 
+Loading maps the files (``read_mapped``): tensors are read as they are used, so the state dict of a model larger
+than host memory costs no memory until it is copied into the module. Outside the strategy, ``load_from_checkpoint``
+builds a LightningModule from a checkpoint (Lightning's own ``_load_state``), ``SlideCheckpointIO`` lets other
+Lightning strategies read directories, and ``checkpoint_to_lightning`` writes one single-file Lightning checkpoint.
+
 ``export_hf`` writes a model as a Hugging Face directory; ``checkpoint_to_hf`` converts a checkpoint directory into
-one (``python -m lightning_slide.checkpoint CKPT OUT [--dtype bfloat16]``).
+one (``python -m lightning_slide.checkpoint CKPT OUT [--dtype bfloat16]``; ``--lightning`` writes a Lightning file).
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ import errno
 import json
 import os
 import shutil
+import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -371,6 +378,41 @@ def remove(path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_mapped(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors ``file`` as a view of the file mapped into memory, copy-on-write.
+
+    Nothing is read until a tensor is used, and what is read is page cache that the OS may drop again: a whole
+    model's state dict built this way costs no host memory of its own, so ``module.load_state_dict`` (which walks
+    the whole dict) reads it layer by layer, as it copies. Writing to a tensor never changes the file. A tensor
+    whose dtype or alignment does not allow a view is read with ``safetensors`` instead (a copy).
+    """
+    file = Path(file)
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    start = 8 + length  # the data follows the header (safetensors' layout)
+    storage = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=file.stat().st_size)
+    tensors, copies = {}, []
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        offset = start + info["data_offsets"][0]
+        if dtype is None or offset % dtype.itemsize:
+            copies.append(name)
+            continue
+        tensors[name] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, info["shape"])
+    if copies:
+        with safe_open(file, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in copies})
+    return tensors
+
+
 class CheckpointReader:
     """A complete checkpoint directory, read on demand.
 
@@ -379,7 +421,7 @@ class CheckpointReader:
 
     Raises:
         FileNotFoundError / ValueError: with what is wrong, when ``path`` is missing, incomplete (an interrupted
-            save), of another format, or lacks a file its index lists.
+            save), of another format, has a malformed ``index.json``, or lacks a file its index lists.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -395,9 +437,8 @@ class CheckpointReader:
         return bool(self.index["optimizer"])
 
     def read(self, rel: str) -> dict[str, torch.Tensor]:
-        """Every tensor of one file (e.g. ``unit_file("model", "3")``), on the host."""
-        with safe_open(self.path / rel, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        """Every tensor of one file (e.g. ``unit_file("model", "3")``), mapped (see ``read_mapped``)."""
+        return read_mapped(self.path / rel)
 
     def meta(self, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's checkpoint dict without ``state_dict`` and ``optimizer_states``, its tensors put back."""
@@ -406,8 +447,21 @@ class CheckpointReader:
         meta = _load(self.path / META, weights_only=weights_only)
         return _put_tensors(meta, self.read(META_TENSORS))
 
-    def state_dict(self) -> LazyStateDict:
-        return LazyStateDict(self)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's state dict: every tensor mapped from its unit's file (read as it is used), tied names
+        sharing one tensor. A plain dict: ``on_load_checkpoint`` hooks may rename or replace entries."""
+        state: dict[str, torch.Tensor] = {}
+        for _, tensors in self.model_units():
+            state.update(tensors)
+        return state
+
+    def model_units(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """``(unit, {name: tensor})`` one unit at a time, aliases (tied names) included."""
+        aliases = self.index.get("aliases", {})
+        for unit in self.units:
+            tensors = self.read(unit_file("model", unit))
+            tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
+            yield unit, tensors
 
     def optimizer_states(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """``(parameter name, state)`` for every parameter with optimizer state, one unit file at a time."""
@@ -423,46 +477,45 @@ class CheckpointReader:
             yield from states.items()
 
     def meta_optimizer(self) -> dict:
+        """The optimizer's param groups (parameters by name) and non-tensor state values; ``{}`` when none."""
         if not hasattr(self, "_meta_optimizer"):
             self._meta_optimizer = self.meta().get("slide_optimizer", {})
         return self._meta_optimizer
 
+    def optimizer_problem(self) -> str | None:
+        """What makes this checkpoint's optimizer state unfit to resume training from, or ``None``: its index and
+        its metadata must agree on whether the optimizer was saved, and the index must list optimizer files."""
+        groups = self.meta_optimizer().get("param_groups")
+        if groups and not self.has_optimizer:
+            return (f"its metadata records an optimizer ({sum(len(g['params']) for g in groups)} parameters) but "
+                    f"{INDEX} says no optimizer state was saved")
+        if self.has_optimizer and not groups:
+            return f"{INDEX} says optimizer state was saved but {META} records no optimizer param groups"
+        if self.has_optimizer and not any(rel.startswith("optimizer/") for rel in self.index["files"]):
+            return f"{INDEX} says optimizer state was saved but lists no optimizer/ file"
+        return None
 
-class LazyStateDict(Mapping):
-    """The model's state dict of a checkpoint directory; a tensor is read from its unit's file when accessed, so
-    loading it into existing tensors never holds more than one tensor extra."""
+    def refuse_optimizer_problem(self) -> None:
+        """Raise ``ValueError`` naming the checkpoint and what is wrong, when ``optimizer_problem`` finds something."""
+        problem = self.optimizer_problem()
+        if problem:
+            raise ValueError(
+                f"checkpoint {str(self.path)!r} cannot resume training: {problem}. Resuming would restart the "
+                "optimizer (fresh Adam moments) without a word. Resume from another checkpoint, or load the weights "
+                "only: trainer.validate/test/predict(ckpt_path=...) or lightning_slide.load_from_checkpoint"
+            )
 
-    def __init__(self, reader: CheckpointReader) -> None:
-        self.reader = reader
-        self._file_of: dict[str, str] = {}
-        for unit in reader.units:
-            rel = unit_file("model", unit)
-            with safe_open(reader.path / rel, framework="pt") as f:
-                for key in f.keys():
-                    self._file_of[key] = rel
-        self._aliases = dict(reader.index.get("aliases", {}))
-        self._handles: dict[str, Any] = {}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        stored = self._aliases.get(name, name)
-        rel = self._file_of[stored]  # KeyError for unknown names, as a dict
-        if rel not in self._handles:
-            self._handles[rel] = safe_open(self.reader.path / rel, framework="pt")
-        return self._handles[rel].get_tensor(stored)
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._file_of
-        yield from self._aliases
-
-    def __len__(self) -> int:
-        return len(self._file_of) + len(self._aliases)
-
-    def by_unit(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """``(unit, {name: tensor})`` one unit at a time, aliases included."""
-        for unit in self.reader.units:
-            tensors = self.reader.read(unit_file("model", unit))
-            tensors.update({a: tensors[n] for a, n in self._aliases.items() if n in tensors})
-            yield unit, tensors
+    def torch_optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's ``state_dict`` in torch's layout (parameters numbered group by group), as a Lightning
+        checkpoint's ``optimizer_states[0]`` holds it; the state tensors mapped from their files."""
+        groups = self.meta_optimizer()["param_groups"]
+        number = {}
+        for group in groups:
+            for name in group["params"]:
+                number[name] = len(number)
+        state = {number[name]: value for name, value in self.optimizer_states() if name in number}
+        return {"state": dict(sorted(state.items())),
+                "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in groups]}
 
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:
@@ -470,7 +523,8 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is incomplete (an interrupted save), of another format, or lacks a listed file.
+        ValueError: ``path`` is incomplete (an interrupted save), of another format, has a malformed index, or lacks
+            a listed file.
     """
     path = Path(path)
     if not path.exists():
@@ -481,14 +535,7 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
             f"{str(path)!r} is not a complete slideformer checkpoint (no {INDEX}): it is what an interrupted save "
             "leaves behind. Resume from an earlier checkpoint (ckpt_path=...) and delete this directory."
         )
-    index = json.loads(index_file.read_text())
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r}: {INDEX} is not a {FORMAT} index (format {index.get('format')!r})")
-    if index.get("version", 0) > VERSION:
-        raise ValueError(
-            f"{str(path)!r} was written by a newer lightning-slide (format version {index['version']}, this one "
-            f"reads up to {VERSION}); upgrade lightning-slide"
-        )
+    index = _read_index(index_file)
     for rel, size in index["files"].items():
         file = path / rel
         if not file.is_file() or file.stat().st_size != size:
@@ -497,20 +544,217 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
+def _read_index(file: Path) -> dict[str, Any]:
+    """The parsed ``index.json`` at ``file``; ``ValueError`` naming the file and what is wrong with it."""
+    try:
+        index = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _malformed(file, f"it is not valid JSON ({error})") from None
+    if isinstance(index, dict) and index.get("format") == FORMAT and _newer(index.get("version")):
+        raise ValueError(
+            f"{str(file.parent)!r} was written by a newer lightning-slide (format version {index['version']}, this "
+            f"one reads up to {VERSION}); upgrade lightning-slide"
+        )
+    problem = _index_problem(index)
+    if problem is not None:
+        raise _malformed(file, problem)
+    return index
+
+
+def _malformed(file: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"checkpoint index {str(file)!r} is malformed: {problem}. lightning-slide writes it last and never edits it: "
+        "the directory was changed by hand or by another program. Use another checkpoint, or restore this one's "
+        f"{INDEX} from a copy"
+    )
+
+
+def _newer(version: Any) -> bool:
+    return isinstance(version, int) and not isinstance(version, bool) and version > VERSION
+
+
+def _index_problem(index: Any) -> str | None:
+    """What is wrong with a parsed index (a sentence), or ``None``."""
+    if not isinstance(index, dict):
+        return f"it holds a JSON {type(index).__name__}, not an object"
+    if index.get("format") != FORMAT:
+        return f"its format is {index.get('format')!r}, not {FORMAT!r} (not a lightning-slide checkpoint index)"
+    version = index.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+        return f"'version' is {version!r}, not a format version this lightning-slide reads (1 to {VERSION})"
+    expected = {"units": list, "optimizer": bool, "files": dict}
+    for key, kind in expected.items():
+        if key not in index:
+            return f"key {key!r} is missing"
+        if not isinstance(index[key], kind):
+            return f"{key!r} is a {type(index[key]).__name__}, not a {kind.__name__}"
+    bad = [u for u in index["units"] if not (u == RESIDENT or (isinstance(u, str) and u.isdigit()))]
+    if bad:
+        return f"'units' holds {bad[:3]}: each unit is {RESIDENT!r} or a layer number as a string"
+    for rel, size in index["files"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"'files' names {rel!r}, outside the checkpoint directory"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"'files' gives {rel!r} a size of {size!r}, not a number of bytes"
+    unlisted = [unit_file("model", u) for u in index["units"] if unit_file("model", u) not in index["files"]]
+    if unlisted:
+        return f"'files' does not list {unlisted[:3]}, the model file of a unit in 'units'"
+    aliases = index.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        return "'aliases' must map tensor names to tensor names"
+    return None
+
+
 def load(path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-    """Lightning's checkpoint dict of a checkpoint directory: the metadata, ``"state_dict"`` as a ``LazyStateDict``
-    (masters read on access) and the ``CheckpointReader`` under ``READER_KEY`` (for the optimizer state).
+    """Lightning's checkpoint dict of a checkpoint directory for the slideformer strategy: the metadata,
+    ``"state_dict"`` (tensors mapped from the files, see ``read_mapped``) and the ``CheckpointReader`` under
+    ``READER_KEY`` (the strategy restores the optimizer from it, one unit at a time).
 
     Args:
         path: the checkpoint directory.
         weights_only: passed to ``torch.load`` for the (tensor-free) metadata, as Lightning does for its files.
     """
+    reader, checkpoint = _read(path, weights_only)
+    checkpoint[READER_KEY] = reader
+    return checkpoint
+
+
+def _read(path: str | os.PathLike, weights_only: bool | None) -> tuple[CheckpointReader, dict[str, Any]]:
+    """The reader of a checkpoint directory and Lightning's dict of it without the optimizer state."""
     reader = CheckpointReader(path)
     checkpoint = reader.meta(weights_only=weights_only)
     reader._meta_optimizer = checkpoint.pop("slide_optimizer", {})
     checkpoint["state_dict"] = reader.state_dict()
-    checkpoint[READER_KEY] = reader
+    return reader, checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------- Lightning
+def lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = None, weights_only: bool | None = None,
+                         optimizer: bool = True) -> dict[str, Any]:
+    """A checkpoint directory as the dict a single-file Lightning checkpoint holds, for code outside slideformer:
+    metadata, ``"state_dict"`` and (with ``optimizer`` and when saved) ``"optimizer_states"`` in torch's layout.
+
+    Tensors are mapped from the files (``read_mapped``: no host memory until used) and stay on the host unless
+    ``map_location`` (as for ``torch.load``: a device, a string, a ``{"cpu": device}`` dict or a callable) names
+    another device. Optimizer state that the checkpoint's own records contradict (see
+    ``CheckpointReader.optimizer_problem``) is left out with a warning: Lightning then refuses to resume from it.
+    """
+    reader, checkpoint = _read(path, weights_only)
+    if optimizer:
+        problem = reader.optimizer_problem()
+        if problem is None and reader.has_optimizer:
+            state = reader.torch_optimizer_state()
+            missing = sum(len(group["params"]) for group in state["param_groups"]) - len(state["state"])
+            if missing:
+                problem = f"its optimizer files hold no state for {missing} parameters of its param groups"
+            else:
+                checkpoint["optimizer_states"] = [state]
+        if problem is not None:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(f"checkpoint {str(reader.path)!r}: optimizer state left out: {problem}")
+    device = _mapped_device(map_location)
+    if device is not None and device != torch.device("cpu"):
+        moved: dict[int, torch.Tensor] = {}  # by tensor: tied names stay one tensor, as torch.load keeps them
+        checkpoint = _rebuild(checkpoint, lambda x: moved.setdefault(id(x), x.to(device))
+                              if torch.is_tensor(x) else _KEEP_WALKING)
     return checkpoint
+
+
+def _mapped_device(map_location: Any) -> torch.device | None:
+    """Where ``map_location`` (``torch.load``'s argument) sends tensors saved on the host; ``None``: the host."""
+    if map_location is None:
+        return None
+    if callable(map_location):
+        mapped = map_location(torch.UntypedStorage(1), "cpu")
+        return None if mapped is None else mapped.device
+    if isinstance(map_location, dict):
+        map_location = map_location.get("cpu", "cpu")
+    return torch.device(map_location)
+
+
+def load_from_checkpoint(cls: type, checkpoint_path: str | os.PathLike, map_location: Any = None,
+                         hparams_file: str | os.PathLike | None = None, strict: bool | None = None,
+                         weights_only: bool | None = None, **kwargs: Any) -> Any:
+    """``cls.load_from_checkpoint(checkpoint_path, ...)`` for slideformer checkpoint directories (and files).
+
+    ``MyModule.load_from_checkpoint("last.ckpt")`` cannot open a directory; this returns the same thing::
+
+        module = lightning_slide.load_from_checkpoint(MyModule, "last.ckpt", lr=1e-5)
+
+    The module is built by Lightning's own loading code (``lightning.pytorch.core.saving._load_state``): the
+    hyperparameters saved by ``save_hyperparameters()`` with ``kwargs`` overriding them, ``configure_model``,
+    ``on_load_checkpoint`` (which sees the whole checkpoint dict and may change its ``"state_dict"``),
+    ``strict``/``strict_loading`` and the device move behave as in ``load_from_checkpoint``. The trained weights
+    are the fp32 masters, mapped from the checkpoint's files (``read_mapped``): loading reads them as it copies
+    them, so host memory holds the module and no second copy of its weights. Arguments as Lightning's
+    ``load_from_checkpoint``; ``cls`` may also be a ``LightningDataModule``. A single-file checkpoint goes to
+    ``cls.load_from_checkpoint`` unchanged.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.core.saving import _load_state, load_hparams_from_tags_csv, load_hparams_from_yaml
+    from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    if not Path(checkpoint_path).is_dir():
+        return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                        strict=strict, weights_only=weights_only, **kwargs)
+    checkpoint = lightning_checkpoint(checkpoint_path, map_location=map_location, weights_only=weights_only,
+                                      optimizer=False)
+    checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=Path(checkpoint_path))
+    if hparams_file is not None:  # replaces the saved hyperparameters, as in Lightning
+        suffix = Path(hparams_file).suffix.lower()
+        if suffix not in (".csv", ".yml", ".yaml"):
+            raise ValueError(f"hparams_file must be a .csv, .yml or .yaml file, got {str(hparams_file)!r}")
+        read = load_hparams_from_tags_csv if suffix == ".csv" else load_hparams_from_yaml
+        checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = read(hparams_file)
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
+    if issubclass(cls, pl.LightningDataModule):
+        return _load_state(cls, checkpoint, **kwargs)
+    module = _load_state(cls, checkpoint, strict=strict, **kwargs)
+    state = checkpoint["state_dict"]
+    if not state:
+        rank_zero_warn(f"The state dict in {str(checkpoint_path)!r} contains no parameters.")
+        return module
+    return module.to(next((t for t in state.values() if torch.is_tensor(t)), torch.tensor(0)).device)
+
+
+def checkpoint_to_lightning(checkpoint: str | os.PathLike, out_file: str | os.PathLike, *,
+                            weights_only: bool = False) -> Path:
+    """Write a checkpoint directory as one Lightning checkpoint file (``torch.save``), for tools that read only
+    those (``MyModule.load_from_checkpoint``, a plain Lightning strategy, ``torch.load``).
+
+    Args:
+        checkpoint: a slideformer checkpoint directory.
+        out_file: the file to write (replaced atomically).
+        weights_only: leave the optimizer state out. Default ``False``: kept, in torch's layout, so that plain
+            Lightning can also resume training from the file.
+
+    The file holds every tensor once in memory while it is written (as loading it later does): host memory for
+    the whole checkpoint (about 4 bytes per parameter, 12 with the optimizer). Returns ``out_file``.
+    """
+    out_file = Path(out_file)
+    data = lightning_checkpoint(checkpoint, optimizer=not weights_only)
+    copied: dict[int, torch.Tensor] = {}  # own storages (a mapped file holds several dtypes); tied names stay one
+    data = _rebuild(data, lambda x: copied.setdefault(id(x), x.clone()) if torch.is_tensor(x) else _KEEP_WALKING)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    torch.save(data, tmp)
+    _fsync(tmp)
+    os.replace(tmp, out_file)
+    return out_file
+
+
+class SlideCheckpointIO(TorchCheckpointIO):
+    """Lets a Lightning strategy other than slideformer read slideformer checkpoint directories:
+    ``Trainer(plugins=[lightning_slide.SlideCheckpointIO()])``, then ``trainer.validate/test/predict/fit(...,
+    ckpt_path="last.ckpt")`` work as with a single-file checkpoint (``lightning_checkpoint``: the weights mapped
+    from the files, the optimizer in torch's layout). Files are read, and checkpoints written, as by
+    ``TorchCheckpointIO``."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if Path(path).is_dir():
+            return lightning_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -609,7 +853,7 @@ def checkpoint_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
         model = architecture._from_config(config) if architecture else AutoModelForCausalLM.from_config(config)
     expected = set(model.state_dict())
     loaded: set[str] = set()
-    for _, tensors in reader.state_dict().by_unit():
+    for _, tensors in reader.model_units():
         mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix):] in expected}
         converted: dict[int, torch.Tensor] = {}  # tied names keep sharing one tensor
         for key, tensor in mine.items():
@@ -634,19 +878,26 @@ def _main(argv: Iterable[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="python -m lightning_slide.checkpoint",
-        description="Convert a slideformer checkpoint directory into a Hugging Face model directory.",
+        description="Convert a slideformer checkpoint directory into a Hugging Face model directory, or (--lightning) "
+        "into one single-file Lightning checkpoint.",
     )
     parser.add_argument("checkpoint", help="checkpoint directory, e.g. outputs/.../checkpoints/last.ckpt")
-    parser.add_argument("out_dir", help="Hugging Face directory to write")
+    parser.add_argument("out", help="Hugging Face directory to write (with --lightning: the .ckpt file to write)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or 'compute'")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory to save alongside")
+    parser.add_argument("--lightning", action="store_true",
+                        help="write a single-file Lightning checkpoint (fp32 weights and optimizer state) instead")
+    parser.add_argument("--weights-only", action="store_true", help="with --lightning: leave the optimizer out")
     args = parser.parse_args(None if argv is None else list(argv))
+    if args.lightning:
+        print(checkpoint_to_lightning(args.checkpoint, args.out, weights_only=args.weights_only))
+        return
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    print(checkpoint_to_hf(args.checkpoint, args.out_dir, dtype=args.dtype, tokenizer=tokenizer))
+    print(checkpoint_to_hf(args.checkpoint, args.out, dtype=args.dtype, tokenizer=tokenizer))
 
 
 if __name__ == "__main__":

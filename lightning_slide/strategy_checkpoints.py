@@ -126,6 +126,7 @@ class CheckpointHooks:
             if checkpoint.get("optimizer_states"):
                 optimizer.load_state_dict(checkpoint["optimizer_states"][0])
             return
+        reader.refuse_optimizer_problem()  # an index and metadata that disagree: never resume with fresh moments
         if not reader.has_optimizer:
             return  # weights only: Lightning refuses to resume training from it right after this
         module = self.lightning_module
@@ -141,10 +142,18 @@ class CheckpointHooks:
         for group, state in zip(optimizer.param_groups, saved):
             group.update({k: v for k, v in state.items() if k != "params"})
         params = dict(module.named_parameters())
+        unrestored = {name for group in saved for name in group["params"]}
         for name, state in reader.optimizer_states():
             if name not in params:
                 raise KeyError(f"checkpoint {str(reader.path)!r} has optimizer state for unknown parameter {name!r}")
             self.engine.load_optimizer_state(params[name], state)
+            unrestored.discard(name)
+        if unrestored:  # every optimized parameter's state is saved: some file is missing from the index
+            raise ValueError(
+                f"checkpoint {str(reader.path)!r} cannot resume training: its optimizer files hold no state for "
+                f"{sorted(unrestored)[:5]} ({len(unrestored)} parameters of its param groups), so they would restart "
+                "with fresh Adam moments. Resume from another checkpoint, or load the weights only"
+            )
 
     def _optimizer_param_names(self) -> list[str]:
         """The name of each parameter of the optimizer, in its ``state_dict`` index order."""
