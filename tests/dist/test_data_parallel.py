@@ -281,3 +281,17 @@ def test_a_failing_save_on_rank_0_does_not_leave_the_others_waiting(tmp_path):
     with pytest.raises(Exception, match="(?i)not a directory|file exists"):
         train(strategy, devices=2, max_epochs=2, max_steps=-1, callbacks=[SaveInto(str(tmp_path / "a_file" / "ckpt"))])
     assert time.monotonic() - start < HANG.total_seconds()  # not ended by a collective timing out
+
+
+def test_a_hook_that_changes_the_learning_rate_with_two_ranks():
+    """A hook between backward and step makes every rank's step wait for its backward; the ranks see no gradients
+    (each holds a shard) but the learning rate set in the hook is the one each rank's updates use."""
+    from tests.core.test_user_code import _LrZeroOnOddSteps
+
+    options = dict(gradient_clip_val=None, accumulate_grad_batches=1, max_steps=STEPS * ACCUMULATE)
+    torch.manual_seed(123)
+    reference = train("auto", devices=1, module=_LrZeroOnOddSteps("llama", initial_state("llama")), **options)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, resident_optimizer="host", start_method="spawn")
+    torch.manual_seed(123)
+    ours = train(strategy, devices=2, module=_LrZeroOnOddSteps("llama", initial_state("llama")), **options)
+    assert_same_weights(ours, reference)
