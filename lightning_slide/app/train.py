@@ -150,10 +150,10 @@ def setup(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     loggers, callbacks = build_loggers(cfg.logger), _build_all(cfg.callbacks)
     names = cfg.kernels.names
     kernels = OmegaConf.to_object(names) if OmegaConf.is_list(names) else names
-    module = build_piece("model", cfg.model, kernels=kernels)
-    if kernels != "none" and "kernels" not in inspect.signature(type(module)).parameters:
+    if kernels != "none" and "kernels" not in inspect.signature(target_of("model", cfg.model)).parameters:
         raise SlideAppError(f"kernels={kernels}: {cfg.model._target_} takes no kernels argument; drop kernels=... "
                             "or apply them in your module (lightning_slide.kernels.apply_kernels)")
+    module = build_piece("model", cfg.model, kernels=kernels)
     datamodule = build_piece("data", cfg.data, tokenizer=getattr(module, "tokenizer", None),
                              context_length=getattr(module, "context_length", None))
     datamodule.setup("fit")  # the app's data module reads, checks and tokenizes the whole data set here
