@@ -173,7 +173,9 @@ class SlidingEngine:
             shard) of device memory each, and a copy staging buffer. Default ``0``: no parking.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
-    and the resident parts onto the device.
+    and the resident parts onto the device. Frozen decoder-layer parameters (a LoRA run's base weights) get no fp32
+    master when the compute dtype is below fp32, on one rank with the masters in memory: they are kept, and
+    uploaded, in the compute dtype only (``HostUnit.frozen``; 2 bytes per parameter in bf16).
     """
 
     def __init__(

@@ -122,6 +122,29 @@ def test_lora_in_bf16_keeps_frozen_weights_in_bf16_only(family, window, accumula
         assert unit.master.numel() == unit.trainable_numel and unit.frozen.dtype == torch.bfloat16
 
 
+def test_frozen_layers_and_parts_of_layers_in_bf16():
+    """Not only LoRA: a whole frozen layer (no fp32 master at all) and a layer frozen in part, in bf16."""
+    def run(strategy, callbacks=()):
+        module = TinyLM("llama", initial_state("llama"), freeze=("layers.1.", "layers.2.mlp", "embed_tokens"))
+        trainer(strategy, precision="bf16-true", max_steps=STEPS, callbacks=list(callbacks)).fit(
+            module, batches(2 * STEPS))
+        return module
+
+    seen = HostBytes()
+    reference, ours = run("auto"), run(lightning_slide.SlideFormerStrategy(window=1), [seen])
+    for a, b in zip(ours.losses, reference.losses, strict=True):
+        assert abs(a - b) <= LOSS_TOLERANCE_BF16 * abs(b)
+    theirs = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            assert relative_error(param.detach(), theirs[name].detach()) <= ADAPTER_TOLERANCE_BF16, name
+        else:
+            assert torch.equal(param.detach().bfloat16(), theirs[name].detach()), name
+            assert param.dtype == (torch.bfloat16 if ".layers." in name else torch.float32), name
+    assert seen.layers[1].master.numel() == 0 and seen.layers[0].frozen is None
+    assert 0 < seen.layers[2].master.numel() < seen.layers[2].numel
+
+
 def test_lora_with_a_host_compute_copy_uploads_the_same_values():
     """host_weights="compute": the frozen weights are the compute copy's frozen part (no second bf16 copy)."""
     options = {"precision": "bf16-true"}
