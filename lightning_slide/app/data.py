@@ -179,7 +179,7 @@ class JSONLDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, file in (("data.path", path), ("data.val_path", val_path)):
-            if file is not None and not Path(file).exists() and ("/" in file or Path(file).suffix in BUILDERS):
+            if file is not None and Path(file).suffix in BUILDERS and not Path(file).exists():
                 raise DataError(f"{name}: data file {str(file)!r} does not exist")
         if max_length is None:
             max_length = min(DEFAULT_MAX_LENGTH, context_length or DEFAULT_MAX_LENGTH)
@@ -199,6 +199,8 @@ class JSONLDataModule(L.LightningDataModule):
         self.val_examples: datasets.Dataset | list = []
         self.train_set: Any = None  # what the loaders draw from: the examples, or rows of them when packing
         self.val_set: Any = []
+        self._train_loader: ResumableLoader | None = None
+        self._loader_state: dict | None = None  # from a checkpoint, for the next training loader
 
     # ------------------------------------------------------------------ reading and tokenizing
     def setup(self, stage: str | None = None) -> None:
@@ -274,7 +276,21 @@ class JSONLDataModule(L.LightningDataModule):
                                    rank=trainer.global_rank if trainer else 0, seed=self.seed)
         loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                                  num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if self._loader_state is not None:
+            loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        self._train_loader = loader
         return loader
+
+    # Lightning also checkpoints the loader's own state, but restores it only into a loader made after the restore,
+    # and configure_optimizers (estimated_stepping_batches) makes it before: the data module's state comes back first.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loader_state = state.get("train_loader")
+        if self._train_loader is not None and self._loader_state is not None:
+            self._train_loader.load_state_dict(self._loader_state)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_set:
