@@ -94,13 +94,29 @@ def load_source(path: str, cache_dir: str | None) -> tuple[datasets.Dataset, Loc
     return data, Locator(path, blank)
 
 
+def too_long(where: str, length: int, max_length: int, context: int | None) -> str:
+    """What to change when an example does not fit."""
+    if context is not None and length > context:
+        what = f"longer than the model's context of {context} tokens"
+        fix = "set data.truncate=true (keeps the first data.max_length tokens), or shorten it"
+    else:
+        what = f"longer than data.max_length={max_length}"
+        limit = f"up to the model's context of {context}" if context else "higher"
+        fix = f"raise data.max_length ({limit}), or set data.truncate=true"
+    return f"{where}: the example has {length} tokens, {what}; {fix}"
+
+
 class Tokenize:
     """The ``Dataset.map`` function: checks and tokenizes a batch of records into ``input_ids``, ``labels`` and
-    ``length``; too-long examples fail (naming them) or are truncated; examples left with no target are dropped."""
+    ``length``; too-long examples fail (naming them) or are truncated; examples left with no target are dropped.
 
-    def __init__(self, tokenizer: Any, max_length: int, truncate: bool, locate: Locator, too_long: Any) -> None:
-        self.tokenizer, self.max_length, self.truncate = tokenizer, max_length, truncate
-        self.locate, self.too_long = locate, too_long
+    It holds only what the result depends on: ``datasets`` hashes it to name the cached result, so other options
+    (batch size, packing...) reuse the same tokenization.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, truncate: bool, context: int | None, locate: Locator) -> None:
+        self.tokenizer, self.max_length, self.truncate, self.context = tokenizer, max_length, truncate, context
+        self.locate = locate
         self.special = special_ids(tokenizer)
 
     def __call__(self, batch: dict[str, list], rows: list[int]) -> dict[str, list]:
@@ -120,7 +136,7 @@ class Tokenize:
                 raise DataError(f"{self.locate(row)}: {e}") from None
             if len(ids) > self.max_length:
                 if not self.truncate:
-                    raise DataError(self.too_long(self.locate(row), len(ids)))
+                    raise DataError(too_long(self.locate(row), len(ids), self.max_length, self.context))
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
             if all(label == IGNORE_INDEX for label in labels[1:]):
                 continue  # nothing to learn (e.g. truncated before the reply); a batch of these would give NaN
@@ -222,7 +238,7 @@ class JSONLDataModule(L.LightningDataModule):
 
     def _tokenized(self, path: str) -> datasets.Dataset:
         data, locate = load_source(path, self.cache_dir)
-        tokenize = Tokenize(self.tokenizer, self.max_length, self.truncate, locate, self._too_long)
+        tokenize = Tokenize(self.tokenizer, self.max_length, self.truncate, self.context_length, locate)
         tokenized = data.map(tokenize, batched=True, with_indices=True, remove_columns=data.column_names,
                              features=FEATURES, desc=f"tokenizing {Path(path).name}")
         if len(tokenized) < len(data):
@@ -241,17 +257,6 @@ class JSONLDataModule(L.LightningDataModule):
                             f"{self.path}")
         split = data.train_test_split(test_size=n_val, seed=self.seed)
         return split["train"], split["test"]
-
-    def _too_long(self, where: str, length: int) -> str:
-        context = self.context_length
-        if context is not None and length > context:
-            what = f"longer than the model's context of {context} tokens"
-            fix = "set data.truncate=true (keeps the first data.max_length tokens), or shorten it"
-        else:
-            what = f"longer than data.max_length={self.max_length}"
-            limit = f"up to the model's context of {context}" if context else "higher"
-            fix = f"raise data.max_length ({limit}), or set data.truncate=true"
-        return f"{where}: the example has {length} tokens, {what}; {fix}"
 
     def sample_prompt(self, text_tokens: int = 16) -> tuple[list[int], str]:
         """The first validation example split for a sampling check: prompt token ids and the reference continuation
