@@ -1,10 +1,10 @@
 """Page-locked host memory of exactly the size asked for.
 
 torch's pinned allocator (``pin_memory=True``) rounds every block up to a power of two and caches freed blocks: a
-layer-sized buffer can cost up to twice its size (a 0.87 GB layer of the Llama-3.1-8B shape takes 1 GiB; its
-4.2 GB resident parts take 8 GiB) — gigabytes of host memory over a model. Large buffers are instead mapped
-anonymously and page-locked in place with ``cudaHostRegister``; they are unregistered and unmapped when the last
-tensor viewing them is freed (a parameter may still view its master after training).
+layer-sized buffer can cost up to twice its size (measured at the 8B shape in BENCHMARKS.md) — gigabytes of host
+memory over a model. Large buffers are instead mapped anonymously and page-locked in place with
+``cudaHostRegister``; they are unregistered and unmapped when the last tensor viewing them is freed (a parameter
+may still view its master after training).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import triton.language as tl
 from ._common import next_pow2, tanh, triton_ok
 
 REDUCTIONS = ("mean", "sum")
-# Launch parameters (tuned on an H200, BENCHMARKS.md): logits elements held at once (2**29 is one [4096, 128k]
-# chunk, 1 GiB in bf16; 2**30 was 2% faster at V=128k but holds 1 GiB more), the row kernel's vocabulary block and
-# warps.
+# Launch parameters (tuned on an H200; the sweep is in BENCHMARKS.md): logits elements held at once (2**29 is one
+# [4096, 128k] chunk, 1 GiB in bf16; 2**30 was slightly faster at V=128k but holds 1 GiB more), the row kernel's
+# vocabulary block and warps.
 TUNING = {"chunk_elements": 2**29, "block_v": 4096, "num_warps": 8}
 
 
