@@ -5,6 +5,7 @@ import lightning as L
 import pytest
 import torch
 
+from lightning_slide.app.resume import ResumableLoader, ResumableSampler
 from lightning_slide.app.train import train
 
 from .conftest import FAST, compose_cfg
@@ -44,3 +45,27 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path, pack):
     theirs = uninterrupted["module"].model.state_dict()
     for name, value in resumed["module"].model.state_dict().items():
         assert torch.equal(value, theirs[name]), name
+
+
+def _batches(loader):
+    return [batch.tolist() for batch in loader]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_loader_resumes_each_rank_at_its_next_batch(ranks):
+    data = list(range(50))
+    shards = []
+    for rank in range(ranks):
+        def loader():
+            sampler = ResumableSampler(data, num_replicas=ranks, rank=rank, seed=3)
+            sampler.set_epoch(2)  # as Lightning does each epoch: a different order than epoch 0
+            return ResumableLoader(data, batch_size=4, sampler=sampler)
+
+        whole, first = _batches(loader()), loader()
+        taken = [batch.tolist() for _, batch in zip(range(3), first)]  # interrupted after 3 batches
+        resumed = loader()
+        resumed.load_state_dict(first.state_dict())
+        assert first.state_dict() == {"epoch": 2, "batches": 3}
+        assert taken + _batches(resumed) == whole
+        shards.append(sorted(i for batch in whole for i in batch))
+    assert sorted(i for shard in shards for i in shard) == data  # the ranks split the data
