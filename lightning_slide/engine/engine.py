@@ -53,6 +53,7 @@ from lightning_slide.engine.plan import (
     STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, frozen_in_compute_dtype, grads_in_flight, human,
 )
 from lightning_slide.engine.streams import Streams, copy_cast
+from lightning_slide.engine import state
 from lightning_slide.engine.window import Window
 
 RESIDENT = "resident"
@@ -93,26 +94,6 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _STAGING_NUMEL = STAGING_NUMEL
 # What decoder-layer uploads read: the fp32 masters (cast on the device) or a host copy in the compute dtype.
 HOST_WEIGHTS = ("fp32", "compute")
-
-
-class _MastersFromDisk(Mapping):
-    """A state dict whose decoder-layer parameters are read from the master files when accessed (``read(layer)``
-    gives a layer's flat masters); every other entry is as ``root.state_dict()`` gave it."""
-
-    def __init__(self, state: dict, on_disk: dict[str, tuple[int, Any]], read) -> None:
-        self._state, self._on_disk, self._read = state, on_disk, read
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name in self._on_disk:
-            key, entry = self._on_disk[name]
-            return entry.view(self._read(key))
-        return self._state[name]
-
-    def __iter__(self):
-        return iter(self._state)
-
-    def __len__(self) -> int:
-        return len(self._state)
 
 
 class SlidingEngine:
@@ -352,7 +333,7 @@ class SlidingEngine:
             store=lambda key, state: self.state_store.put(key, state),
         )
         self._master_cache = OneUnitCache(
-            load=lambda key: self.state_store.load(key, (MASTER,))[MASTER], store=self._store_master
+            load=lambda key: self.state_store.load(key, (MASTER,))[MASTER], store=functools.partial(state.store_master, self)
         )
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
@@ -1244,174 +1225,32 @@ class SlidingEngine:
         if self._resident_updates_on_device():
             self.resident.master.copy_(self._resident_master)
         if gather and not self._masters_current:
-            self._gather_masters()
+            state.gather_masters(self)
             self._masters_current = True
 
-    def _gather_masters(self) -> None:
-        """Complete every rank's copy of the fp32 masters from the owners' shards, unit by unit through the
-        device (one unit's padded fp32 buffer at a time). Masters shared by the ranks of this host are complete
-        once every rank is here (its updates done)."""
-        if self._masters_shared:
-            self.shards.host_barrier()
-        for unit in self._units().values():
-            if (unit.start, unit.stop) == (0, unit.numel) or unit.master is None or unit.shared:
-                continue  # replicated, or shared
-            span = self.shards.span(unit.numel)
-            buffer = torch.empty(span.padded, dtype=MASTER_DTYPE, device=self.device)
-            buffer[span.lo : span.lo + unit.stop - unit.start].copy_(unit.master[unit.start : unit.stop])
-            self.shards.gather(buffer, unit.numel)
-            unit.master.copy_(buffer[: unit.numel])
-            del buffer
-
     def state_dict(self) -> Mapping[str, torch.Tensor]:
-        """The root's state dict with every parameter given by its fp32 master (host memory); frozen layer
-        parameters kept in the compute dtype (``HostUnit.frozen``) by that copy (bf16 under ``bf16-true``).
+        """The root's state dict, every parameter given by its fp32 master (see ``state.state_dict``)."""
+        return state.state_dict(self)
 
-        With the masters on disk it is a mapping that reads a layer's masters from its file when one of its
-        tensors is accessed, keeping only the last layer read: a checkpoint written unit by unit holds one layer's
-        masters at a time."""
-        self._sync_masters()
-        state = self.root.state_dict()
-        on_disk: dict[str, tuple[int, Any]] = {}
-        masters = {}
-        for key, unit in self._units().items():
-            for e in unit.entries:
-                masters[id(e.param)] = (key, e) if unit.master is None else unit.home(e)
-        for name, param in self.root.named_parameters(remove_duplicate=False):
-            if name in state and id(param) in masters:
-                if isinstance(masters[id(param)], tuple):
-                    on_disk[name] = masters[id(param)]
-                else:
-                    state[name] = masters[id(param)]
-        if not on_disk:
-            return state
-        return _MastersFromDisk(state, on_disk, self._stored_master)
-
-    def _stored_master(self, key: int) -> torch.Tensor:
-        """Layer ``key``'s flat fp32 masters read from its file (cached: the last layer read; changes made through
-        it reach the file, and the compute copy, before that layer is next updated or uploaded)."""
-        return self._master_cache.get(key)
-
-    def _store_master(self, key: int, flat: torch.Tensor) -> None:
-        self.state_store.put(key, {MASTER: flat})
-        self.layers[key].refresh_weights(flat)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Copy ``state`` (names as in ``root.state_dict()``) into the fp32 masters and the root's buffers.
-
-        Every compute copy is dropped and reloaded from the masters before it is used again.
-        """
-        self._sync_masters()
-        units = {id(e.param): (key, u, e) for key, u in self._units().items() for e in u.entries}
-        expected = set(self.root.state_dict())
-        if strict and set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        # Parameters come in module order, a layer's together: a layer on disk is read and written once.
-        for name, param in self.root.named_parameters(remove_duplicate=False):
-            if name in state:
-                key, unit, entry = units[id(param)]
-                if unit.master is None:
-                    entry.view(self._stored_master(key)).copy_(state[name])
-                    self._master_cache.mark_changed()
-                elif not unit.shared or self.shards.rank == 0:  # shared by this host's ranks: one writes
-                    unit.home(entry).copy_(state[name])  # frozen ones kept in the compute dtype: rounded
-        self._master_cache.flush()
-        if self._masters_shared:
-            self.shards.host_barrier()  # rank 0 has written the shared masters
-        for name, buffer in self.root.named_buffers():
-            if name in state:
-                buffer.copy_(state[name])
-        for unit in self.layers:
-            if unit.master is not None:
-                unit.refresh_weights()
-        self.window.clear()
-        self._resident_loaded = False
-        if self._resident_updates_on_device():
-            self._resident_master.copy_(self.resident.master)
-            self.resident_weights.copy_(self._resident_master)
-        else:
-            self.prepare_forward()
+    def load_state_dict(self, values: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy ``values`` (names as in ``root.state_dict()``) into the masters and buffers (``state.load_state_dict``)."""
+        state.load_state_dict(self, values, strict)
 
     def host_bytes(self) -> dict[str, int]:
-        """Bytes of host memory the engine holds in tensors now, by kind (what ``README`` calls host bytes per
-        parameter; page-locked or not). ``"disk tier in flight"`` is the disk tier's read buffers (in use or pooled,
-        at most ``grad_buffers + 1`` units' arrays; ``state_store.peak_bytes`` is their high-water mark)."""
-        units = list(self._units().values())
-        pool = self.grad_pool
-        moments = sum(t.nbytes for o in self._optimizers.values() if o.state is not None and o.inner is not None
-                      for t in o.state.values() if t.device.type == "cpu")
-        caches = self._state_cache.nbytes + self._master_cache.nbytes
-        return {
-            # masters shared by this host's ranks: this rank's share of the one copy
-            "fp32 masters": sum(u.master.nbytes // (self.shards.world if u.shared else 1)
-                                for u in units if u.master is not None),
-            "compute copies": sum(u.weights.nbytes for u in units if u.weights is not None),
-            # frozen parameters kept in the compute dtype (no fp32 master); with a compute copy they are part of it
-            "frozen weights": sum(u.frozen.nbytes for u in units if u.frozen is not None and u.weights is None),
-            "optimizer state": moments,
-            "gradients": pool.allocated * pool.numel * 4 + sum(t.nbytes for t in self._host_staging.values())
-            + (self.resident.grad.nbytes if self.resident.grad is not None else 0)
-            + (self._chunk_buffer.nbytes if self._chunk_buffer is not None else 0),
-            "disk tier in flight": self.state_store.allocated_bytes if self.state_store is not None else 0,
-            "disk tier caches": caches,
-        }
+        """Bytes of host memory the engine holds in tensors now, by kind (``state.host_bytes``)."""
+        return state.host_bytes(self)
+
+    def optimizer_state(self, param: nn.Parameter) -> dict | None:
+        """``param``'s optimizer state, whole (a collective with several ranks; ``state.optimizer_state``)."""
+        return state.optimizer_state(self, param)
+
+    def load_optimizer_state(self, param: nn.Parameter, values: dict) -> None:
+        """Load ``param``'s whole optimizer state (torch's layout; ``state.load_optimizer_state``)."""
+        state.load_optimizer_state(self, param, values)
 
     def units(self) -> dict[Any, HostUnit]:
         """The host state of every unit: ``"resident"`` and each layer index, in forward order."""
         return self._units()
-
-    def _stored_state(self, key, optimizer: UnitOptimizer) -> dict[str, torch.Tensor] | None:
-        """A unit's optimizer state arrays read from the disk tier (``None`` when they are in memory).
-
-        The last unit read stays cached, so that a checkpoint reading or writing a unit parameter by parameter
-        touches its files once; changes made through it reach the disk before that unit's next update."""
-        if optimizer.state is not None or optimizer.inner is None or self.state_store is None:
-            return None
-        return self._state_cache.get(key)  # read for inspection: no place in flight is held
-
-    def optimizer_state(self, param: nn.Parameter) -> dict | None:
-        """The optimizer state of ``param`` (host tensors; ``None`` when nobody optimizes it).
-
-        With several ranks sharing its unit each holds a piece of it: this is then a collective (every rank must
-        ask for the same parameters in the same order) that returns the whole state on every rank."""
-        self._sync_masters()
-        key = self._unit_key.get(id(param))
-        if key is None or id(param) not in self._optimized:
-            return None
-        optimizer = self._optimizers[key]
-        local = optimizer.state_of(param, self._stored_state(key, optimizer))
-        unit = self._units()[key]
-        if (unit.start, unit.stop) == (0, unit.numel):  # one rank, or replicated: whole here
-            return {k: v.cpu() if torch.is_tensor(v) else v for k, v in local.items()}
-        # Every rank adds its piece into zeros: the whole state on every rank.
-        entry = next(e for e in unit.entries if e.param is param)
-        piece = optimizer.piece_of(param)
-        whole: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
-        for name in optimizer.state_names:
-            flat = torch.zeros(entry.numel, dtype=torch.float32)
-            if piece is not None:
-                flat[piece.start - entry.offset : piece.stop - entry.offset] = local[name].reshape(-1)
-            self.shards.host_sum(flat)
-            whole[name] = flat.view(entry.shape)
-        if local is not None:
-            whole["step"].copy_(local["step"])
-        self.shards.host_max(whole["step"])
-        return whole
-
-    def load_optimizer_state(self, param: nn.Parameter, state: dict) -> None:
-        """Load ``param``'s whole optimizer state (torch's layout); with several ranks each keeps its piece."""
-        self._sync_masters()
-        key = self._unit_key.get(id(param))
-        if key is None or id(param) not in self._optimized:
-            raise KeyError("parameter is not optimized by the host optimizer")
-        optimizer = self._optimizers[key]
-        if optimizer.piece_of(param) is None:
-            return  # another rank's shard holds all of it
-        stored = self._stored_state(key, optimizer)
-        optimizer.load_state_of(param, state, stored)
-        if stored is not None:
-            self._state_cache.mark_changed()
 
     def close(self, *, drain: bool = True, gather: bool = True) -> None:
         """Stop the worker and the disk tier's threads, leave every parameter on its host master and let go of the
