@@ -146,8 +146,8 @@ class Tokenize:
         return out
 
 
-FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                              "labels": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32")})
+FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                              "labels": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32")})
 
 
 class JSONLDataModule(L.LightningDataModule):
