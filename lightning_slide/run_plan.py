@@ -22,6 +22,7 @@ from lightning_slide.precision import planned_clipping
 
 if TYPE_CHECKING:
     from lightning_slide.engine.engine import SlidingEngine
+    from lightning_slide.engine.options import SlideOptions
     from lightning_slide.strategy import SlideFormerStrategy
 
 
@@ -29,28 +30,22 @@ class RunPlan:
     """The planner's settings for a run (without the batch shape, unknown at setup) and its latest plan.
 
     Args:
-        strategy: the run's strategy (its options and devices).
+        strategy: the run's strategy (its devices).
         trainer: the run's Trainer (gradient clipping, accumulation).
         module: the LightningModule (its kernels count as much as the ``kernels`` option's).
-        resident_on_device: whether the resident parts are updated on the device.
+        options: the run's options, resolved (``strategy.run_options``).
     """
 
     def __init__(self, strategy: SlideFormerStrategy, trainer: Trainer, module: LightningModule,
-                 resident_on_device: bool) -> None:
+                 options: SlideOptions) -> None:
         self.strategy = strategy
-        names = [strategy.kernels] if isinstance(strategy.kernels, str) else list(strategy.kernels)
-        requested = KERNEL_NAMES if "all" in names else tuple(n for n in names if n != "none")
+        self.options = options
         active = set(active_kernels(module))  # applied by the user (apply_kernels) or by an earlier run
-        self.settings = Settings(
-            window=strategy.window, compute_dtype=strategy.precision_plugin.compute_dtype,
-            device=strategy.root_device.type, resident_on_device=resident_on_device,
-            offload_activations=strategy.offload_activations, offload_dir=strategy.offload_dir,
-            kernels=tuple(n for n in KERNEL_NAMES if n in requested or n in active),
+        self.settings = Settings.of(
+            options, compute_dtype=strategy.precision_plugin.compute_dtype, device=strategy.root_device.type,
+            kernels=tuple(n for n in KERNEL_NAMES if n in options.kernels or n in active),
             clipping=planned_clipping(trainer, module)[0], accumulate=trainer.accumulate_grad_batches,
-            host_weights="fp32" if strategy.host_weights == "auto" else strategy.host_weights,
-            grad_buffers=strategy.grad_buffers, offload=strategy.offload,
             ranks=strategy.num_processes * strategy.num_nodes,
-            parked_grads=0 if strategy.parked_grads == "auto" else strategy.parked_grads,
             masters_shared_by=strategy.num_processes if strategy.num_nodes == 1 else 1,
         )
         self.plan: Plan | None = None  # the latest, also when refused (the numbers stay inspectable)
@@ -62,21 +57,22 @@ class RunPlan:
         Without ``batch`` x ``seq`` the fixed buffers (window slots, resident parts, staging), the host memory
         (masters, Adam moments, gradient buffers) and the disk tier are checked; with them the activations too.
         The GPU is checked against ``strategy.device_memory_limit()`` or the whole card (on the CPU only when a limit is given),
-        the host against ``host_memory`` or the memory available now plus what this process already holds that the
+        the host against ``tuning.host_memory`` or the memory available now plus what this process already holds that the
         plan counts (shared by the host's ranks), the disk against the free space under ``offload_dir``.
         """
         strategy = self.strategy
         settings = self.settings if batch is None else dataclasses.replace(self.settings, batch=batch, seq=seq)
-        shape = ModelShape.of(module, strategy.blocks)
+        host_memory = self.options.tuning.host_memory
+        shape = ModelShape.of(module, self.options.blocks)
         limit = strategy.device_memory_limit()
-        machine = Machine.detect(gpu_memory_limit=limit, offload_dir=strategy.offload_dir)
+        machine = Machine.detect(gpu_memory_limit=limit, offload_dir=self.options.offload_dir)
         if strategy.root_device.type != "cuda":
             machine.gpu_memory = limit
-        if strategy.host_memory is not None:
-            machine.host_memory = strategy.host_memory
+        if host_memory is not None:
+            machine.host_memory = host_memory
         plan = make_plan(shape, settings, machine, suggest=False)
         if machine.host_memory is not None:
-            if strategy.host_memory is None:  # MemAvailable leaves out what this process already holds
+            if host_memory is None:  # MemAvailable leaves out what this process already holds
                 machine.host_memory += _host_held(module, engine, plan) * strategy.num_processes
             machine.host_memory //= strategy.num_processes  # this host's ranks share it
         self.plan = plan
@@ -92,6 +88,7 @@ class RunPlan:
         if plan is None:
             return 0
         parked = largest_parking(plan.shape, plan.settings, plan.machine) or 0
+        self.options = self.options.resolve(parked_grads=parked)
         self.settings = dataclasses.replace(self.settings, parked_grads=parked)
         self.plan = make_plan(plan.shape, dataclasses.replace(plan.settings, parked_grads=parked), plan.machine,
                               suggest=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -23,12 +23,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.disk import parse_offload
-from lightning_slide.engine.engine import SlidingEngine, check_count, memory_fraction
+from lightning_slide.engine.engine import SlidingEngine, memory_fraction
 from lightning_slide.engine.optimizer import HostOptimizer
-from lightning_slide.engine.plan import Plan, human, parse_bytes, resident_on_device_auto
+from lightning_slide.engine.options import SlideOptions, Tuning
+from lightning_slide.engine.plan import Plan, human
 from lightning_slide.hooks import refuse_weight_averaging, step_observers
-from lightning_slide.kernels import KERNEL_NAMES, apply_kernels, running_kernels
+from lightning_slide.kernels import apply_kernels, running_kernels
 from lightning_slide.monitor import SlideMonitor
 from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision, planned_clipping
 from lightning_slide.run_plan import RunPlan
@@ -53,83 +53,27 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
     for optimizer state per rank falls as 1/N; updated weights are all-gathered on the devices when a layer is
     next loaded. N ranks on a global batch train as one process on it, up to floating-point rounding.
 
-    Args:
-        window: decoder layers held on the compute device at once. Default ``2``. Larger windows prefetch deeper;
-            values above the number of layers mean "all layers".
-        blocks: dotted path, inside the LightningModule, of the ``nn.ModuleList`` of decoder layers (e.g.
-            ``"model.model.layers"``). Default ``None``: found automatically for Llama, Qwen2, Qwen3, Mistral, Gemma
-            and any model whose blocks sit in one list of identical blocks.
-        kernels: Triton kernels swapped into Hugging Face Llama/Qwen2/Qwen3/Mistral/Gemma models at setup:
-            ``"all"``, ``"none"`` (default) or a list of ``"rmsnorm"``, ``"rope"``, ``"swiglu"``,
-            ``"fused_linear_cross_entropy"``. With the fused loss, a model called with ``labels`` returns the loss
-            and ``logits=None`` (the B×T×V logits never exist). Other models are left untouched, with a warning.
-        resident_optimizer: where the parameters outside the decoder layers (embeddings, final norm, output head)
-            are updated. ``"device"``: on the GPU, with their fp32 masters and Adam state there (16 bytes per
-            resident parameter of GPU memory); their gradients arrive last and their weights are needed first, so
-            this removes a host update from between two steps. ``"host"``: with the layers, on the host.
-            ``"auto"`` (default): ``"device"`` on a GPU when that memory is at most a quarter of the GPU's (or of
-            ``gpu_memory_limit``), otherwise ``"host"``.
-        gpu_memory_limit: the most device memory this process may use, e.g. ``"24GiB"`` (also ``"22.5GB"`` or
-            bytes): the GPU is capped to it (to emulate a smaller card or share one). Default ``None``: the whole
-            GPU. Either way the run's plan (:mod:`lightning_slide.engine.plan`, what ``slide-plan`` prints) is
-            checked before anything large is allocated: the fixed GPU buffers, host memory and disk at setup, the
-            activations at the first training batch; a run that cannot fit stops with the numbers and what to
-            change.
-        monitor: add a :class:`~lightning_slide.SlideMonitor` to the Trainer (unless it has one), which logs
-            tokens/s, TFLOP/s, peak GPU and host memory and how busy host and GPU were at every optimizer step.
-            Default ``True``.
-        offload_activations: keep each decoder layer's input — the one activation a recomputed layer keeps from
-            forward to backward — in page-locked host memory instead of on the GPU, so long sequences fit (one
-            B×T×H tensor per layer moves each way per step). Default ``False``.
-        offload_dir: a directory for the disk tier: what ``offload`` names lives in files there, read ahead of each
-            layer's update and written behind it, with at most ``grad_buffers + 1`` layers' worth (``window + 3`` by default) in host memory at once.
-            The free space is checked before anything is written. Default ``None``: everything in host memory.
-        offload: what lives under ``offload_dir``: ``"optimizer"`` (the Adam moments, 8 bytes per parameter),
-            ``"masters"`` (the decoder layers' fp32 masters, 4 bytes per parameter; embeddings, final norm and head
-            keep theirs in memory) or ``"both"`` (also ``["optimizer", "masters"]``). With the masters on disk the
-            host keeps a page-locked bf16 copy of every layer (``host_weights="compute"``), refreshed after each
-            update, from which layers are uploaded; after training the module's parameters are fp32 views of the
-            master files mapped into memory (read on access: keep ``offload_dir`` until you have saved the model).
-            Default ``None``: ``"optimizer"`` when ``offload_dir`` is set.
-        nonfinite: what a NaN or Inf loss (checked every micro-batch) or gradient does. Gradients are checked
-            on the device as each layer's arrive (one flag per layer, read on the host before that layer's update:
-            no host sync), or through the global norm when clipping by norm. ``"error"`` (default): training stops
-            with a ``FloatingPointError`` naming the layer (or the norm) and the global step; without clipping,
-            layers updated earlier in that step keep their update (resume from a checkpoint). ``"skip"``: that
-            whole optimizer step is skipped (its gradients are dropped, no weight or optimizer state changes; LR
-            schedulers still step) and counted in ``slide/skipped_steps``. Trade-off: since no layer may be updated
-            before every gradient of the step is known to be finite, ``"skip"`` makes updates wait for the end of
-            backward (as clipping by norm does) instead of streaming out of it, which lengthens a step by up to
-            the host update time of the layers that would have overlapped the backward.
-        host_weights: what each decoder layer's upload reads. ``"fp32"``: the fp32 masters, cast to bf16 on the GPU
-            (4 bytes per parameter cross PCIe). ``"compute"``: a page-locked bf16 copy of every layer kept in host
-            memory and refreshed by the host optimizer after each update, uploaded as it is (2 bytes per parameter
-            cross PCIe; 2 bytes per parameter more host memory and a host cast per update). Same training either
-            way. ``"auto"`` (default): ``"compute"`` when the masters are on disk (required there), else ``"fp32"``.
-        grad_buffers: layer gradient buffers (fp32, one layer each) the host may hold while updates stream out of a
-            backward (no clipping by norm, last micro-batch); the backward waits for the host rather than hold more.
-            More lets the host keep updating through more of the next forward: at the Llama-3.1-8B shape 8 instead of 4
-            gave 1.05x the speed for 0.4 bytes per parameter of host memory (BENCHMARKS.md). Default ``None``:
-            ``window + 2``.
-        parked_grads: layers' gradients the GPU may hold (bf16, one layer each). When every host gradient buffer
-            is lent during a backward that streams updates: the backward parks them and goes on instead of waiting
-            for the host, and they go down as buffers come back (the lowest layer whose gradients have landed
-            first), so the host keeps updating through the next forward instead of idling in it — more overlap
-            without more host memory. Pairs with a small ``grad_buffers`` (2): at the Llama-3.1-8B shape 24 parked
-            layers gave 1.09x the speed for 9.8 GiB of GPU memory. With clipping (one micro-batch per step), where
-            every layer's gradients wait for the global norm: the parked layers' wait on the GPU instead of in
-            host memory (4 bytes per parameter of those layers less on the host). ``"auto"``: as many as the plan
-            of the first training batch leaves room for (the GPU peak at most 90% of ``gpu_memory_limit`` or the
-            GPU, and the host within its memory; later, longer batches are not counted). Default ``0``: no
-            parking.
-        host_memory: the host memory this run may count on, e.g. ``"240GiB"``, for the plan's check (shared by the
-            ranks of one host). Default ``None``: what the OS reports available at setup (``MemAvailable``); give
-            it where that reads low, e.g. a virtual machine whose memory grows as it is used.
-        start_method: how Lightning starts the ranks with several devices: ``"popen"`` (default; the script is
-            run again for each rank, as with DDP), ``"spawn"``, ``"fork"`` or ``"forkserver"`` (notebooks,
-            tests).
-        process_group_backend: ``torch.distributed`` backend with several devices. Default ``None``: NCCL on
-            GPUs, gloo on the CPU.
+    Args (the README's "Options" says more of each):
+        window: decoder layers on the compute device at once (more than there are means all). Default ``2``.
+        blocks: dotted path of the ``nn.ModuleList`` of decoder layers in the module (``"model.model.layers"``).
+            Default ``None``: found for Llama, Qwen2/3, Mistral, Gemma and any one list of identical blocks.
+        kernels: Triton kernels swapped into Hugging Face models at setup: ``"all"``, ``"none"`` (default) or a list
+            of ``"rmsnorm"``, ``"rope"``, ``"swiglu"``, ``"fused_linear_cross_entropy"``.
+        offload_activations: keep each layer's input in page-locked host memory instead of on the GPU, so long
+            sequences fit. Default ``False``.
+        offload_dir: a directory for the disk tier (what ``offload`` names lives in files there). Default ``None``.
+        offload: what lives under ``offload_dir``: ``"optimizer"`` (Adam moments), ``"masters"`` (the layers' fp32
+            masters) or ``"both"``. Default ``None``: ``"optimizer"`` when ``offload_dir`` is set.
+        gpu_memory_limit: the most GPU memory this process may use, e.g. ``"24GiB"``: the GPU is capped to it and
+            the run's plan is checked against it before anything large is allocated. Default ``None``: the GPU.
+        nonfinite: a NaN/Inf loss or gradient: ``"error"`` (default; stop, naming the layer and step) or ``"skip"``
+            (drop that optimizer step; its updates then wait for the end of backward).
+        monitor: add a :class:`~lightning_slide.SlideMonitor` (tokens/s, TFLOP/s, memory, busy shares). Default ``True``.
+        tuning: memory-for-speed choices the planner makes by default, same training whatever they say: a dict (or
+            :class:`~lightning_slide.engine.options.Tuning`) of ``resident_optimizer``, ``host_weights``,
+            ``grad_buffers``, ``parked_grads``, ``host_memory``. Default ``None``: as the planner decides (no parking).
+        start_method: how the ranks start with several devices: ``"popen"`` (default), ``"spawn"``, ``"fork"``,
+            ``"forkserver"`` (notebooks, tests). The backend follows the device: NCCL on GPUs, gloo on the CPU.
         timeout: how long a collective may wait for the other ranks before failing. Default 30 minutes.
 
     Precision: ``Trainer(precision="bf16-true")`` (bf16 compute, fp32 masters; recommended) or ``"32-true"``.
@@ -144,76 +88,24 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         window: int = 2,
         blocks: str | None = None,
         kernels: str | list[str] = "none",
-        resident_optimizer: str = "auto",
-        gpu_memory_limit: str | int | None = None,
-        monitor: bool = True,
         offload_activations: bool = False,
         offload_dir: str | None = None,
-        nonfinite: str = "error",
-        host_weights: str = "auto",
-        grad_buffers: int | None = None,
-        parked_grads: int | str = 0,
         offload: str | list[str] | None = None,
-        host_memory: str | int | None = None,
+        gpu_memory_limit: str | int | None = None,
+        nonfinite: str = "error",
+        monitor: bool = True,
+        tuning: Tuning | Mapping[str, Any] | None = None,
         start_method: str = "popen",
-        process_group_backend: str | None = None,
         timeout: timedelta = timedelta(minutes=30),
     ) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"SlideFormerStrategy(window=...) must be a positive integer, got {window!r}")
-        if blocks is not None and not isinstance(blocks, str):
-            raise ValueError(f"SlideFormerStrategy(blocks=...) must be a dotted module path or None, got {blocks!r}")
-        names = [kernels] if isinstance(kernels, str) else list(kernels)
-        unknown = [n for n in names if n not in (*KERNEL_NAMES, "all", "none")]
-        if unknown:
-            raise ValueError(
-                f"SlideFormerStrategy(kernels=...) got unknown {unknown}; use 'all', 'none' or a list of {list(KERNEL_NAMES)}"
-            )
-        if resident_optimizer not in ("auto", "device", "host"):
-            raise ValueError(
-                f"SlideFormerStrategy(resident_optimizer=...) must be 'auto', 'device' or 'host', got {resident_optimizer!r}"
-            )
-        self.gpu_memory_limit = None if gpu_memory_limit is None else parse_bytes(gpu_memory_limit)
-        self.monitor = monitor
-        self.offload_activations = offload_activations
-        self.offload_dir = None if offload_dir is None else str(offload_dir)
-        try:
-            on_disk = parse_offload(offload, self.offload_dir)
-        except ValueError as error:
-            raise ValueError(f"SlideFormerStrategy(offload=...): {error}") from None
-        self.offload = None if offload is None else tuple(sorted(on_disk))
-        if nonfinite not in ("error", "skip"):
-            raise ValueError(f"SlideFormerStrategy(nonfinite=...) must be 'error' or 'skip', got {nonfinite!r}")
-        self.nonfinite = nonfinite
-        if host_weights not in ("auto", "fp32", "compute"):
-            raise ValueError(
-                f"SlideFormerStrategy(host_weights=...) must be 'auto', 'fp32' or 'compute', got {host_weights!r}"
-            )
-        if host_weights == "fp32" and "masters" in on_disk:
-            raise ValueError(
-                "SlideFormerStrategy(host_weights='fp32') uploads from fp32 masters in host memory, but offload puts "
-                "the masters on disk; use host_weights='compute' or 'auto'"
-            )
-        self.host_weights = "compute" if host_weights == "auto" and "masters" in on_disk else host_weights
-        check_count("SlideFormerStrategy(grad_buffers=...)", grad_buffers, minimum=1, optional=True)
-        self.grad_buffers = grad_buffers
-        if parked_grads != "auto":
-            check_count("SlideFormerStrategy(parked_grads=...)", parked_grads, minimum=0)
-        self.parked_grads = parked_grads
-        self.host_memory = None if host_memory is None else parse_bytes(host_memory)
-        if start_method not in ("popen", "spawn", "fork", "forkserver"):
-            raise ValueError(
-                f"SlideFormerStrategy(start_method=...) must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}"
-            )
+        #: the options as given, validated (engine/options.py); a run resolves its "auto"s at setup (run_options)
+        self.options = SlideOptions(
+            window=window, blocks=blocks, kernels=kernels, offload_activations=offload_activations,
+            offload_dir=offload_dir, offload=offload, gpu_memory_limit=gpu_memory_limit, nonfinite=nonfinite,
+            monitor=monitor, tuning=tuning, start_method=start_method, timeout=timeout,
+        )
         super().__init__()
-        self.start_method = start_method
-        self.process_group_backend = process_group_backend
-        self.timeout = timeout
         self._num_nodes = 1
-        self.resident_optimizer = resident_optimizer
-        self.window = window
-        self.blocks = blocks
-        self.kernels = kernels
         self.engine: SlidingEngine | None = None
         #: the latest plan of this run (lightning_slide.engine.plan.Plan): made at setup, redone at the first batch
         self._run_plan: RunPlan | None = None  # this run's planner settings and latest plan (run_plan.py)
@@ -271,10 +163,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
     def _configure_launcher(self) -> None:
         if not self.data_parallel:
             self._launcher = None  # one process: nothing to launch, no environment variables set
-        elif self.start_method == "popen":
+        elif self.options.start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _MultiProcessingLauncher(self, start_method=self.start_method)
+            self._launcher = _MultiProcessingLauncher(self, start_method=self.options.start_method)
 
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if _distributed_is_initialized():
@@ -313,9 +205,9 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         Strategy.setup_environment(self)  # the device
         if self.data_parallel:
             self.set_world_ranks()
-            backend = self.process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+            backend = _get_default_process_group_backend_for_device(self.root_device)  # NCCL on GPUs, else gloo
             _init_dist_connection(
-                self.cluster_environment, backend, timeout=self.timeout,
+                self.cluster_environment, backend, timeout=self.options.timeout,
                 device_id=self.root_device if self.root_device.type == "cuda" else None,
             )
 
@@ -340,8 +232,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             # Before the engine moves parameters: configure_optimizers sees ordinary parameters.
             # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
-        resident_on_device = self._resident_on_device(module)
-        self._run_plan = RunPlan(self, trainer, module, resident_on_device)
+        options = self.run_options(module)
+        self._run_plan = RunPlan(self, trainer, module, options)
         self._batch_checked = not fitting  # activations are checked at the first training batch
         if fitting:  # before anything large is allocated
             plan = self._run_plan.check(module)
@@ -350,24 +242,11 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 + (f", disk {human(plan.disk_total)}" if plan.disk else "")
                 + " (slide-plan prints every item)"
             )
-        apply_kernels(module, self.kernels)
+        apply_kernels(module, options.kernels)
         self._torn = False
         self.engine = SlidingEngine(
-            module,
-            window=self.window,
-            device=self.root_device,
-            compute_dtype=self.precision_plugin.compute_dtype,
-            blocks_path=self.blocks,
-            resident_on_device=resident_on_device,
-            memory_limit=self.device_memory_limit(),
-            offload_activations=self.offload_activations,
-            offload_dir=self.offload_dir,
-            nonfinite=self.nonfinite,
-            host_weights="fp32" if self.host_weights == "auto" else self.host_weights,
-            grad_buffers=self.grad_buffers,
-            offload=self.offload,
-            data_parallel=self.data_parallel,
-            parked_grads=0 if self.parked_grads == "auto" else self.parked_grads,  # auto: at the first batch
+            module, options, device=self.root_device, compute_dtype=self.precision_plugin.compute_dtype,
+            memory_limit=self.device_memory_limit(), data_parallel=self.data_parallel,
         )
         running, fallback = running_kernels(module, self.root_device)
         self._observers = step_observers(trainer, module) if fitting else []
@@ -389,21 +268,19 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 f"slideformer: {', '.join(self._observers)} may read or change a step between its backward and its "
                 "update, so each step's updates wait for its backward (they stream out of it otherwise)"
             )
-        if fitting and self.monitor and not any(isinstance(c, SlideMonitor) for c in trainer.callbacks):
+        if fitting and options.monitor and not any(isinstance(c, SlideMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(SlideMonitor())
         if fitting:
             self.optimizers = [HostOptimizer.replacing(optimizers[0], self.engine, [c.scheduler for c in schedulers])]
             self.lr_scheduler_configs = schedulers
         self.model = module
 
-    def _resident_on_device(self, module: LightningModule) -> bool:
-        if self.resident_optimizer != "auto":
-            return self.resident_optimizer == "device"
-        device = self.root_device
-        if device.type != "cuda":
-            return False
-        resident = sum(p.numel() for _, p in find_parts(module, self.blocks).resident)
-        return resident_on_device_auto(resident, self.device_memory_limit())
+    def run_options(self, module: LightningModule) -> SlideOptions:
+        """The options of a run on ``module``: :attr:`options` with what ``"auto"`` leaves to this device and model
+        decided (``SlideOptions.resolve``; ``parked_grads="auto"`` waits for the first training batch)."""
+        resident = sum(p.numel() for _, p in find_parts(module, self.options.blocks).resident)
+        return self.options.resolve(device=self.root_device, resident_params=resident,
+                                    gpu_memory=self.device_memory_limit())
 
     def device_memory_limit(self) -> int | None:
         """The most memory this process may use on its GPU: ``gpu_memory_limit``, or a cap set with
@@ -411,10 +288,11 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         ``gpu_memory_limit`` on the CPU."""
         device = self.root_device
         if device.type != "cuda":
-            return self.gpu_memory_limit
+            return self.options.gpu_memory_limit
         total = torch.cuda.get_device_properties(device).total_memory
         capped = int(memory_fraction(device) * total)
-        return capped if self.gpu_memory_limit is None else min(capped, self.gpu_memory_limit)
+        limit = self.options.gpu_memory_limit
+        return capped if limit is None else min(capped, limit)
 
     def model_to_device(self) -> None:
         pass  # the engine places the resident parts and slides the layers
@@ -470,7 +348,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         if not self._batch_checked:
             self._batch_checked = True
             self._run_plan.check_first_batch(self.lightning_module, self.engine, args[0] if args else kwargs.get("batch"))
-            if self.parked_grads == "auto":
+            if self.options.tuning.parked_grads == "auto":
                 parked = self._run_plan.most_parked_grads()
                 self.engine.add_parking(parked)
                 rank_zero_info(f"slideformer: parked_grads='auto' -> {parked} (the first batch's plan)")
@@ -493,7 +371,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             finite = finite.to(torch.uint8)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite:  # one small device sync per micro-batch
-            if self.nonfinite == "error":
+            if self.options.nonfinite == "error":
                 raise FloatingPointError(
                     f"the loss is {closure_loss.item()} at global step {trainer.global_step} (batch "
                     f"{trainer.fit_loop.epoch_loop.batch_idx}). Check the data and the learning rate, or pass "

@@ -170,7 +170,7 @@ class CheckpointHooks:
         if self.engine is not None:
             units = {id(e.param): str(key) for key, unit in self.engine.units().items() for e in unit.entries}
         else:  # after teardown: the same split, found again
-            parts = find_parts(module, self.blocks)
+            parts = find_parts(module, self.options.blocks)
             units = {id(p): str(i) for i in range(len(parts.blocks)) for _, p in parts.block_parameters(i)}
         return {
             n: units.get(id(p), slide_checkpoint.RESIDENT) for n, p in module.named_parameters(remove_duplicate=False)

@@ -23,16 +23,8 @@ from lightning_slide.app.data import DEFAULT_MAX_LENGTH
 from lightning_slide.app.errors import ModelDirError, SlideAppError
 from lightning_slide.app.module import CausalLMModule
 from lightning_slide.app.train import CONF, build_piece, target_of
-from lightning_slide.engine.plan import (
-    Machine,
-    ModelShape,
-    Plan,
-    Settings,
-    make_plan,
-    parse_bytes,
-    resident_on_device_auto,
-)
-from lightning_slide.kernels import KERNEL_NAMES
+from lightning_slide.engine.options import KERNEL_NAMES, SlideOptions, parse_kernels
+from lightning_slide.engine.plan import Machine, ModelShape, Plan, Settings, make_plan, parse_bytes
 
 USAGE = """usage: slide-plan [group=option ...] [key=value ...]
 
@@ -110,11 +102,20 @@ def own_module_on_meta(cfg: DictConfig) -> torch.nn.Module:
     return module
 
 
+def strategy_options(node: DictConfig) -> SlideOptions:
+    """The options of ``cfg.strategy``, validated as ``SlideFormerStrategy`` validates them."""
+    if node.get("_target_") != "lightning_slide.SlideFormerStrategy":
+        raise SlideAppError("slide-plan plans the slideformer strategy; drop strategy=... or use strategy=slideformer")
+    fields = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+    try:
+        return SlideOptions(**fields)
+    except (TypeError, ValueError) as e:
+        raise SlideAppError(f"strategy: {e}") from None
+
+
 def plan_from_config(cfg: DictConfig) -> Plan:
     """The plan of the run ``cfg`` describes (the app's composed config)."""
-    strategy = cfg.strategy
-    if strategy.get("_target_") != "lightning_slide.SlideFormerStrategy":
-        raise SlideAppError("slide-plan plans the slideformer strategy; drop strategy=... or use strategy=slideformer")
+    strategy = strategy_options(cfg.strategy)
     if issubclass(target_of("model", cfg.model), CausalLMModule):
         config = model_config(cfg.model)
         root = meta_root(config, bool(cfg.model.get("trust_remote_code", False)))
@@ -127,7 +128,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     device = planned_device(cfg.trainer, gpu_memory_given=limit is not None)
     machine = Machine.detect(gpu_memory_limit=None if limit is None else parse_bytes(limit),
                              offload_dir=strategy.offload_dir)
-    host_memory = options.get("host_memory") or strategy.get("host_memory")
+    host_memory = options.get("host_memory") or strategy.tuning.host_memory
     if host_memory is not None:
         machine.host_memory = parse_bytes(host_memory)
     if options.get("measure"):
@@ -138,30 +139,26 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     if options.get("tflops") is not None:
         machine.gpu_flops = float(options.tflops) * 1e12
 
-    names = cfg.kernels.names
-    names = [names] if isinstance(names, str) else list(names)
-    kernels = KERNEL_NAMES if "all" in names else tuple(n for n in names if n != "none")
+    names = cfg.kernels.names  # the app's kernels (applied by the module) and the strategy's
+    try:
+        module_kernels = parse_kernels(OmegaConf.to_object(names) if OmegaConf.is_list(names) else names)
+    except ValueError as e:
+        raise SlideAppError(str(e)) from None
+    kernels = tuple(n for n in KERNEL_NAMES if n in module_kernels or n in strategy.kernels)
     context = getattr(config, "max_position_embeddings", None)
     seq = options.get("seq") or cfg.data.get("max_length") or min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
-    resident = {"device": True, "host": False}.get(strategy.resident_optimizer)
-    if resident is None:  # "auto", as the strategy decides it
-        resident = resident_on_device_auto(shape.resident_params, machine.gpu_memory)
+    # "auto", as the strategy decides it for this device
+    strategy = strategy.resolve(device=device, resident_params=shape.resident_params, gpu_memory=machine.gpu_memory)
     if device == "cuda" and OmegaConf.is_interpolation(cfg.trainer, "precision"):
         precision = "bf16-true"  # the default, ${slide.precision:}, resolved for a GPU rather than this machine
     else:
         precision = str(cfg.trainer.get("precision"))
-    settings = Settings(
-        window=int(strategy.window), batch=int(options.get("batch") or cfg.data.batch_size), seq=int(seq),
-        compute_dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32,
-        device=device, resident_on_device=resident,
-        offload_activations=bool(strategy.offload_activations), offload_dir=strategy.offload_dir,
-        kernels=tuple(kernels),
+    settings = Settings.of(
+        strategy, batch=int(options.get("batch") or cfg.data.batch_size), seq=int(seq),
+        compute_dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32, device=device,
+        kernels=kernels,
         clipping=_clipping(cfg.trainer) == "clipping by norm",  # by value, updates stream as without clipping
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
-        host_weights="compute" if strategy.get("host_weights") == "compute" else "fp32",
-        grad_buffers=strategy.get("grad_buffers"),
-        parked_grads=0 if strategy.get("parked_grads") == "auto" else int(strategy.get("parked_grads") or 0),
-        offload=strategy.get("offload"),
         ranks=_ranks(cfg.trainer),
         masters_shared_by=_ranks(cfg.trainer) if int(cfg.trainer.get("num_nodes") or 1) == 1 else 1,
     )

@@ -35,7 +35,7 @@ import os
 import socket
 import shutil
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,20 +53,22 @@ LOCK_FILE = "lightning_slide.lock"
 
 def parse_offload(offload, offload_dir) -> frozenset[str]:
     """The set of things on disk for ``offload`` (``None``, ``"optimizer"``, ``"masters"``, ``"both"`` or a list of
-    ``"optimizer"``/``"masters"``) with ``offload_dir``; ``None`` means ``"optimizer"`` when there is an
-    ``offload_dir``, nothing otherwise. Raises ``ValueError`` with what to change."""
+    ``"optimizer"``/``"masters"``; an empty list: nothing) with ``offload_dir``; ``None`` means ``"optimizer"`` when
+    there is an ``offload_dir``, nothing otherwise. Raises ``ValueError`` with what to change."""
     if offload is None:
         return frozenset(("optimizer",)) if offload_dir is not None else frozenset()
-    names = [offload] if isinstance(offload, str) else list(offload)
+    many = isinstance(offload, Iterable) and not isinstance(offload, (str, Mapping))
+    names = list(offload) if many else [offload]  # anything else is one name, refused below unless it is one
     if names == ["both"]:
         names = list(OFFLOAD_KINDS)
-    unknown = [n for n in names if n not in OFFLOAD_KINDS]
-    if unknown or not names:
+    if any(n not in OFFLOAD_KINDS for n in names):
         raise ValueError(
             f"offload must be 'optimizer', 'masters', 'both' or a list of {list(OFFLOAD_KINDS)}, got {offload!r}"
         )
-    if offload_dir is None:
+    if names and offload_dir is None:
         raise ValueError(f"offload={offload!r} puts state on disk: set offload_dir to a directory for its files")
+    if not names and offload_dir is not None:
+        raise ValueError(f"offload={offload!r} puts nothing under offload_dir: name what goes there or drop offload_dir")
     return frozenset(names)
 
 

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.disk import MASTER, OneUnitCache, StateStore, check_disk_space, existing_bytes, parse_offload
+from lightning_slide.engine.disk import MASTER, OneUnitCache, StateStore, check_disk_space, existing_bytes
 from lightning_slide.engine.host import MASTER_DTYPE, GradientPool, HostUnit
 from lightning_slide.engine.optimizer import (
     UnitOptimizer,
@@ -46,6 +46,7 @@ from lightning_slide.engine.optimizer import (
     hyperparameters,
     state_names,
 )
+from lightning_slide.engine.options import SlideOptions, check_count
 from lightning_slide.engine.pinned import host_empty
 from lightning_slide.engine.shard import Shards
 from lightning_slide.engine.shared_masters import shared_masters
@@ -58,16 +59,6 @@ from lightning_slide.engine.window import Window
 
 RESIDENT = "resident"
 _UNPARK_POLL_SECONDS = 1e-3  # while the training thread waits for an update, how often it sends parked gradients down
-
-
-def check_count(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
-    """Raise ``ValueError`` naming option ``name`` unless ``value`` is an integer of at least ``minimum`` (or
-    ``None`` when ``optional``)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer of at least {minimum}")
-        raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
 
 
 def memory_fraction(device: torch.device) -> float:
@@ -101,57 +92,28 @@ class SlidingEngine:
 
     Args:
         root: the module whose parameters are trained (e.g. a LightningModule wrapping a Hugging Face causal LM).
-        window: decoder layers held on the compute device at once; clamped to the number of layers.
+        options: the run's options (:class:`~lightning_slide.engine.options.SlideOptions`, validated there; the
+            Lightning-only ones are ignored). ``tuning.resident_optimizer="auto"`` is decided here from ``device``
+            and ``memory_limit`` unless the strategy already did; ``parked_grads="auto"`` starts with none.
         device: the compute device (a CUDA device, or the CPU for tests).
         compute_dtype: dtype of the weights used for compute (``torch.bfloat16`` or ``torch.float32``).
-        blocks_path: dotted path of the decoder layer list inside ``root``; ``None`` searches for it.
-        resident_on_device: keep the resident parts' fp32 masters, gradients and optimizer state on the compute
-            device and update them there. Their gradients arrive last in backward and their weights are needed
-            first in the next forward, so a host update of them stalls the next step; costs 16 bytes per resident
-            parameter of device memory. Default ``False``.
         memory_limit: bytes of device memory the process may use (a GPU is capped to it); the window's buffers
             are checked against it before anything is allocated. Default ``None``: no cap, no check.
-        offload_activations: keep each layer's input (the only activation a checkpointed layer keeps) in host
-            memory between forward and backward. Default ``False``.
-        offload_dir: a directory for the disk tier (see ``offload``). Default ``None``: everything in host memory.
-        offload: what lives in files under ``offload_dir``, read ahead of each unit's update and written behind it
-            (at most ``grad_buffers + 1`` units' arrays in host memory, ``window + 3`` by default): ``"optimizer"`` (the Adam moments of every
-            host-updated unit), ``"masters"`` (the decoder layers' fp32 masters; the resident parts keep theirs in
-            memory), ``"both"`` or a list. Default ``None``: ``"optimizer"`` when ``offload_dir`` is set. With the
-            masters on disk the host keeps a compute copy of every layer (``host_weights="compute"``, required)
-            and the parameters at rest are memory-mapped views of the master files (see ``host.HostUnit``).
-        nonfinite: what NaN/Inf gradients do. Each unit's gradients are checked on the device as they are
-            produced (one flag per unit, read on the host before the unit's update: no host sync). ``"error"``
-            (default): a ``FloatingPointError`` naming the unit (or the global norm, when clipping by norm) from
-            the update; layers updated earlier in that step stay updated. ``"skip"``: the whole optimizer step is
-            skipped (no unit updated; counted in ``skipped_steps``), so updates wait for the end of backward as
-            with clipping instead of streaming out of it.
-        host_weights: what a decoder layer's upload reads. ``"fp32"`` (default): the fp32 masters, cast to the
-            compute dtype on the device through a staging buffer (4 bytes per parameter over PCIe). ``"compute"``:
-            a page-locked copy of every layer's weights in the compute dtype, kept by the host optimizer (each
-            update refreshes it), uploaded as it is (2 bytes per parameter with bf16; costs 2 bytes per parameter
-            of host memory and a host cast per update). Same values either way (the host cast rounds as the
-            device's). With fp32 compute the masters are the compute copy. The resident parts always upload
-            their fp32 masters (once per step).
-        grad_buffers: layer gradient buffers the host may hold while updates stream out of a backward (fp32,
-            one layer each; page-locked on a GPU): the backward waits for the host rather than hold more. More lets
-            the host keep updating through more of the next forward. Default ``None``: ``window + 2``. The disk
-            tier holds one unit more (the resident parts) of arrays read from its files.
         data_parallel: this process is one rank of the default ``torch.distributed`` process group, each rank
             training the same model on its own micro-batches (see ``shard.py``): each rank keeps the gradients,
             Adam moments and up-to-date masters of its shard of every unit, gradients are averaged over ranks as
             they leave the device, weights are all-gathered as they arrive. Every rank must make the same calls
             in the same order. The resident parts, when updated on the device, are replicated instead. Default
             ``False``.
-        parked_grads: layers' gradients the compute device may hold, in the compute dtype. In a backward that
-            streams updates (no clipping by norm, last micro-batch), while every host gradient buffer is lent:
-            instead of waiting for the host, the backward parks them on the device and goes on; they go down later,
-            on their own stream, as host buffers come back (the lowest layer whose gradients have landed first), at the
-            latest when the next forward loads the layer. The host then updates through the next forward instead of
-            idling in it. In a step whose updates wait for the end of backward (clipping, ``nonfinite="skip"``; one
-            micro-batch): the first layers to finish park, so the host holds only the others' gradients, and they
-            go down after the step, first layer first, a few at a time. Costs one layer's gradients (this rank's
-            shard) of device memory each, and a copy staging buffer. Default ``0``: no parking.
+
+    How the options act here: with ``offload_dir`` a ``StateStore`` reads each unit's files ahead of its update and
+    writes them behind (at most ``grad_buffers + 1`` units' arrays in host memory); with the masters on disk the
+    parameters at rest are memory-mapped views of the master files (``host.HostUnit``). ``nonfinite``: each unit's
+    gradients are checked on the device as they are produced (one flag per unit, read before its update; no host
+    sync); ``"skip"`` makes updates wait for the end of backward. ``host_weights="compute"``: uploads read a
+    page-locked compute-dtype copy the host optimizer refreshes (with fp32 compute the masters are that copy).
+    ``parked_grads``: with every host gradient buffer lent, the backward parks a layer's gradients on the device
+    instead of waiting, and they go down as buffers come back (or, in a step that waits for its backward, after it).
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device. Frozen decoder-layer parameters (a LoRA run's base weights) get no fp32
@@ -162,34 +124,23 @@ class SlidingEngine:
     def __init__(
         self,
         root: nn.Module,
+        options: SlideOptions = SlideOptions(),
         *,
-        window: int,
         device: torch.device,
         compute_dtype: torch.dtype,
-        blocks_path: str | None = None,
-        resident_on_device: bool = False,
         memory_limit: int | None = None,
-        offload_activations: bool = False,
-        offload_dir: str | None = None,
-        nonfinite: str = "error",
-        host_weights: str = "fp32",
-        grad_buffers: int | None = None,
-        offload: str | tuple[str, ...] | None = None,
         data_parallel: bool = False,
-        parked_grads: int = 0,
     ) -> None:
-        check_count("grad_buffers", grad_buffers, minimum=1, optional=True)
-        check_count("parked_grads", parked_grads, minimum=0)
-        if host_weights not in HOST_WEIGHTS:
-            raise ValueError(f"host_weights must be one of {HOST_WEIGHTS}, got {host_weights!r}")
-        self.offload = parse_offload(offload, offload_dir)
+        parts = find_parts(root, options.blocks)
+        # Validated when built; what "auto" leaves to the device and model is decided here unless it already is.
+        self.options = options = options.resolve(
+            device=device, resident_params=sum(p.numel() for _, p in parts.resident), gpu_memory=memory_limit
+        )
+        self.offload = options.on_disk
         masters_on_disk = "masters" in self.offload
-        if masters_on_disk and host_weights != "compute":
-            raise ValueError(
-                "with the masters on disk, uploads read a compute copy of each layer kept in host memory: "
-                "host_weights must be 'compute' (or 'auto' on the strategy)"
-            )
-        parts = find_parts(root, blocks_path)
+        window, offload_dir, offload_activations = options.window, options.offload_dir, options.offload_activations
+        resident_on_device, host_weights = options.resident_on_device, options.tuning.host_weights
+        grad_buffers, parked_grads, nonfinite = options.tuning.grad_buffers, options.tuning.parked_now, options.nonfinite
         self.root = root
         self.device = torch.device(device)
         # Data-parallel ranks (torch.distributed initialized by the strategy with several processes): each owns a
@@ -208,8 +159,7 @@ class SlidingEngine:
         # The planner's fixed device buffers (lightning_slide/engine/plan.py): what the lines below allocate.
         self.device_plan = device_bytes(
             ModelShape.of(root, parts.blocks_path),
-            Settings(window=depth, compute_dtype=compute_dtype, device=self.device.type,
-                     resident_on_device=resident_on_device, parked_grads=parked_grads, ranks=self.shards.world),
+            Settings.of(options, compute_dtype=compute_dtype, device=self.device.type, ranks=self.shards.world),
         )
         if memory_limit is not None:
             check_device(self.device_plan, memory_limit, window)

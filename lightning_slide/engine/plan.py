@@ -13,16 +13,21 @@ element size (2 for bf16, 4 for fp32); ``tokens`` = batch × sequence length of 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lightning_slide.engine.blocks import find_parts
+
+if TYPE_CHECKING:
+    from lightning_slide.engine.options import SlideOptions
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -43,16 +48,22 @@ FUSED_CE = "fused_linear_cross_entropy"
 
 def parse_bytes(value: str | int | float) -> int:
     """``"24GiB"``, ``"24 GB"``, ``"1.5TiB"`` or a number of bytes -> bytes (``GB`` = 10^9, ``GiB`` = 2^30)."""
+    wrong = f"not a memory size: {value!r}; write e.g. '24GiB', '22.5GB' or a number of bytes"
     if isinstance(value, bool):
-        raise ValueError(f"not a memory size: {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
+        raise ValueError(wrong)
+    if isinstance(value, int):
+        size = value
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"not a memory size: {value!r}; write e.g. '24GiB', '22.5GB' or a number of bytes")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    size = int(number * _UNITS[unit])
+        if isinstance(value, float):
+            number, unit = value, ""
+        else:
+            match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+            if not match or match.group(2).lower() not in _UNITS:
+                raise ValueError(wrong)
+            number, unit = float(match.group(1)), match.group(2).lower()
+        if not math.isfinite(number * _UNITS[unit]):  # "1e400GB", nan, inf
+            raise ValueError(wrong)
+        size = int(number * _UNITS[unit])
     if size <= 0:
         raise ValueError(f"a memory size must be positive, got {value!r}")
     return size
@@ -154,6 +165,21 @@ class Settings:
     masters_shared_by: int = 1  # ranks of one host keeping one copy of the sharded fp32 masters (shared_masters.py)
     parked_grads: int = 0  # layers' gradients the device may hold while the host has no free buffer
 
+    @classmethod
+    def of(cls, options: SlideOptions, **run) -> Settings:
+        """The settings of a run with ``options`` (resolved: ``SlideOptions.resolve``) and the run's own facts ``run``
+        (``batch``, ``seq``, ``compute_dtype``, ``device``, ``clipping``, ``accumulate``, ``ranks`` ...; ``kernels``
+        when the model has more than the option asks for). The one place where options become planner settings."""
+        tuning = options.tuning
+        if tuning.resident_optimizer == "auto":
+            raise ValueError("Settings.of takes resolved options: call options.resolve(...) first")
+        return cls(**{
+            "window": options.window, "offload_activations": options.offload_activations,
+            "offload_dir": options.offload_dir, "offload": options.offload, "kernels": options.kernels,
+            "resident_on_device": options.resident_on_device, "host_weights": tuning.host_weights,
+            "grad_buffers": tuning.grad_buffers, "parked_grads": tuning.parked_now, **run,
+        })
+
     @property
     def on_disk(self) -> frozenset[str]:
         """What lives in files: ``"optimizer"`` (Adam moments) and/or ``"masters"`` (the layers' fp32 masters)."""
@@ -198,12 +224,6 @@ def grads_in_flight(depth: int, grad_buffers: int | None = None) -> int:
     """Layer gradient buffers the host holds at most while updates stream: ``grad_buffers``, or the window's depth
     plus :data:`GRADS_AHEAD` by default. The disk tier holds one unit more of arrays read from its files."""
     return grad_buffers if grad_buffers is not None else depth + GRADS_AHEAD
-
-
-def resident_on_device_auto(resident_params: int, gpu_memory: int | None) -> bool:
-    """``resident_optimizer="auto"``: update the resident parts on the GPU when their fp32 master, gradient and Adam
-    moments (16 bytes per parameter) take at most a quarter of ``gpu_memory`` (``None``: no GPU, so never)."""
-    return gpu_memory is not None and 16 * resident_params <= gpu_memory / 4
 
 
 def host_available() -> int:
@@ -562,7 +582,7 @@ class Plan:
                             + (f"; at most {self.suggested_batch} fits)" if self.suggested_batch else ")"))
             tips.append(f"lower the window (now {s.window})")
             if s.resident_on_device:
-                tips.append("set resident_optimizer='host'")
+                tips.append("set tuning.resident_optimizer='host'")
             if not s.offload_activations and s.batch is not None:
                 tips.append("set offload_activations=True")
             if FUSED_CE not in s.kernels and any(k.startswith("loss head") for k in self.gpu):
@@ -705,6 +725,6 @@ def check_device(items: dict[str, int], limit: int, window: int) -> None:
     lines = "\n".join(f"  {name}: {human(size)}" for name, size in items.items())
     raise PlanError(
         f"slideformer needs {human(total)} of device memory before any activation, more than the "
-        f"{human(limit)} allowed:\n{lines}\nLower the window (now {window}), set resident_optimizer='host', "
+        f"{human(limit)} allowed:\n{lines}\nLower the window (now {window}), set tuning.resident_optimizer='host', "
         "or raise gpu_memory_limit."
     )

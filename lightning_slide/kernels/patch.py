@@ -29,13 +29,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lightning_slide.engine.options import KERNEL_NAMES, parse_kernels
+
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .rmsnorm import rms_norm
 from .rope import apply_rope, supports as rope_supports
 from .swiglu import swiglu
 from ._common import INTERPRETED
-
-KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_linear_cross_entropy")
 
 # transformers model families (the `transformers.models.<name>` package) and their RMSNorm weight offset.
 _FAMILIES = {"llama": 0.0, "qwen2": 0.0, "qwen3": 0.0, "mistral": 0.0, "gemma": 1.0, "gemma2": 1.0, "gemma3": 1.0}
@@ -211,13 +211,7 @@ _PATCHERS = {
 
 
 def _requested(kernels: str | Iterable[str]) -> list[str]:
-    if isinstance(kernels, str):
-        kernels = {"all": KERNEL_NAMES, "none": ()}.get(kernels, [kernels])
-    names = list(kernels)
-    unknown = [n for n in names if n not in KERNEL_NAMES]
-    if unknown:
-        raise ValueError(f"unknown kernel name(s) {unknown}; valid: {list(KERNEL_NAMES)}, or 'all' / 'none'")
-    return names
+    return list(parse_kernels(kernels))  # the one parser of kernel names (engine/options.py)
 
 
 def apply_kernels(model: nn.Module, kernels: str | Iterable[str] = "all") -> list[str]:

@@ -23,7 +23,7 @@ def test_demo_trains_and_exports(tmp_path):
                                "data.batch_size=8",
                                "model.lr=3e-3", "model.config.hidden_size=64", output_dir=tmp_path))
     trainer, module = result["trainer"], result["module"]
-    assert trainer.global_step == 6 and trainer.strategy.window == 3  # overrides took effect
+    assert trainer.global_step == 6 and trainer.strategy.options.window == 3  # overrides took effect
     assert next(iter(result["datamodule"].train_dataloader()))["input_ids"].shape[0] == 8
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 3e-3
     assert module.model.config.hidden_size == 64  

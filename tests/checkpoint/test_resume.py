@@ -100,7 +100,8 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, uninterrupted):
 
 @pytest.mark.parametrize(
     "family, options, save_last",
-    [("gemma_tied", {"window": 2, "resident_optimizer": "device"}, True),  # tied embedding, updated on the device
+    # tied embedding, updated on the device
+    [("gemma_tied", {"window": 2, "tuning": {"resident_optimizer": "device"}}, True),
      ("qwen3", {"window": 1}, "link")],  # last.ckpt as a link to the newest top-k directory
 )
 def test_resume_in_process_is_exact(tmp_path, family, options, save_last):

@@ -35,7 +35,8 @@ def test_a_global_norm_below_the_clip_value_leaves_the_gradients_as_they_are():
 
 def test_a_global_norm_below_the_clip_value_with_the_resident_parts_updated_on_the_device():
     plain = fit("auto", "gemma_tied", gradient_clip_val=1e4)
-    ours = fit(lightning_slide.SlideFormerStrategy(window=1, resident_optimizer="device"), "gemma_tied",
+    on_device = dict(resident_optimizer="device")
+    ours = fit(lightning_slide.SlideFormerStrategy(window=1, tuning=on_device), "gemma_tied",
                gradient_clip_val=1e4)
     assert_same_training(ours, plain)
 
@@ -90,7 +91,7 @@ def test_the_forward_prefetches_the_next_window_minus_one_layers(window):
 def test_resident_parts_updated_on_the_device_train_the_same(accumulate, clip, algorithm):
     options = dict(accumulate_grad_batches=accumulate, gradient_clip_val=clip, gradient_clip_algorithm=algorithm,
                    steps=6)
-    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="device")
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="device"))
     ours = fit(strategy, **options)
     assert strategy.engine is None or strategy.engine.resident_on_device
     assert_same_training(ours, fit("auto", **options))
@@ -113,7 +114,8 @@ def test_every_parameter_has_one_master_tied_embeddings_included(family, residen
     """A tied embedding is one parameter under two names: registered twice, it would get two masters, two
     optimizer states and two updates."""
     watch = _RecordsUnits()
-    module = fit(lightning_slide.SlideFormerStrategy(window=2, resident_optimizer=resident), family, steps=1,
+    tuning = dict(resident_optimizer=resident)
+    module = fit(lightning_slide.SlideFormerStrategy(window=2, tuning=tuning), family, steps=1,
                  callbacks=[watch])
     entries = [entry for unit in watch.units.values() for entry in unit]
     params = list(module.parameters())  # unique parameters
@@ -140,7 +142,7 @@ def _loss_distance(a: TinyLM, b: TinyLM) -> float:
     ("llama", dict(gradient_clip_val=None), dict(window=2)),  # updates stream out of the backward
     ("llama", dict(gradient_clip_val=0.002, gradient_clip_algorithm="value", accumulate_grad_batches=1),
      dict(window=2)),
-    ("gemma_tied", dict(gradient_clip_val=0.5), dict(window=2, resident_optimizer="device")),
+    ("gemma_tied", dict(gradient_clip_val=0.5), dict(window=2, tuning=dict(resident_optimizer="device"))),
 ])
 def test_slideformer_is_as_close_to_float64_training_as_plain_fp32_training(family, options, strategy_options):
     """fp32 rounding moves plain training about 1e-7 (relative) away from the same training in float64; the

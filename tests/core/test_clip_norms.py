@@ -56,7 +56,7 @@ def host_norm_passes(monkeypatch):
 def test_the_clipping_norm_matches_plain_training(host_norm_passes, accumulate):
     plain = _train("auto", accumulate)
     host_norm_passes.clear()
-    ours = _train(lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host"), accumulate)
+    ours = _train(lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="host")), accumulate)
     norm_tasks = list(host_norm_passes)
     assert len(norm_tasks) == STEPS
     if accumulate == 1:  # every unit's norm came down from the device

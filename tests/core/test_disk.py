@@ -108,7 +108,7 @@ def test_masters_on_disk_train_the_same(tmp_path, offload, clip, accumulate):
 def test_masters_on_disk_equal_masters_in_memory_bit_for_bit(tmp_path):
     runs = {}
     for name, strategy in {
-        "memory": lightning_slide.SlideFormerStrategy(window=2, host_weights="compute"),
+        "memory": lightning_slide.SlideFormerStrategy(window=2, tuning=dict(host_weights="compute")),
         "disk": lightning_slide.SlideFormerStrategy(window=2, offload_dir=str(tmp_path), offload="both"),
     }.items():
         runs[name] = _fit(strategy, precision="bf16-true", steps=4)
@@ -186,10 +186,11 @@ def test_masters_on_disk_refused_up_front_when_the_disk_is_too_small(tmp_path, m
         _fit(strategy, steps=1)  # the strategy's plan refuses it at setup
     # The engine checks too (used without the strategy), before it writes anything.
     from lightning_slide.engine.engine import SlidingEngine
+    from lightning_slide.engine.options import SlideOptions
 
     with pytest.raises(ValueError, match=r"needs .* \(fp32 masters .* \+ optimizer state .*\) but only 1000 B is free"):
-        SlidingEngine(TinyLM("llama", initial_state("llama")), window=1, device=torch.device("cpu"),
-                      compute_dtype=torch.float32, offload_dir=str(tmp_path), offload="both", host_weights="compute")
+        SlidingEngine(TinyLM("llama", initial_state("llama")), SlideOptions(window=1, offload_dir=str(tmp_path),
+                      offload="both"), device=torch.device("cpu"), compute_dtype=torch.float32)
     assert not list(tmp_path.glob("*.bin"))
 
 
@@ -199,9 +200,11 @@ def test_offload_options_are_validated(tmp_path):
     with pytest.raises(ValueError, match="set offload_dir"):
         lightning_slide.SlideFormerStrategy(offload="masters")
     with pytest.raises(ValueError, match="host_weights='fp32'.*masters on disk"):
-        lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="masters", host_weights="fp32")
-    assert lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="both").host_weights == "compute"
-    assert lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path)).host_weights == "auto"
+        lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="masters",
+                                            tuning=dict(host_weights="fp32"))
+    both = lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="both")
+    assert both.options.tuning.host_weights == "compute"  # "auto", decided when the options are built
+    assert lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path)).options.tuning.host_weights == "fp32"
 
 
 @pytest.mark.timeout(120)  # a deadlock between reordered updates and their reads would hang here
@@ -222,7 +225,7 @@ def test_slow_host_with_everything_on_disk_streams_reordered_updates(tmp_path, g
 
     plain = _fit("auto", clip=None, accumulate=1, steps=4)
     strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both",
-                                                   grad_buffers=grad_buffers)
+                                                   tuning=dict(grad_buffers=grad_buffers))
     ours = _fit(strategy, clip=None, accumulate=1, steps=4, callbacks=[SlowHost()])
     assert ours.losses == pytest.approx(plain.losses, rel=1e-5)
     theirs = dict(plain.named_parameters())

@@ -75,9 +75,10 @@ def test_the_directory_is_free_again_after_a_fit_a_failed_fit_and_a_failed_setup
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 1000, 1000))
     with pytest.raises(ValueError, match="free"):  # the engine's own disk check fails after it locked the directory
         from lightning_slide.engine.engine import SlidingEngine
+        from lightning_slide.engine.options import SlideOptions
 
-        SlidingEngine(TinyLM("llama", initial_state("llama")), window=1, device=torch.device("cpu"),
-                      compute_dtype=torch.float32, offload_dir=str(directory))
+        SlidingEngine(TinyLM("llama", initial_state("llama")), SlideOptions(window=1, offload_dir=str(directory)),
+                      device=torch.device("cpu"), compute_dtype=torch.float32)
     monkeypatch.setattr(disk.shutil, "disk_usage", real)
     fit(directory)  # nothing above left the directory locked
     assert (directory / LOCK_FILE).exists()  # the file stays; only the lock on it goes

@@ -87,7 +87,7 @@ def test_failed_fit_leaves_the_model_usable():
 
 @pytest.mark.parametrize("text, size", [("24GiB", 24 * 2**30), ("22.5 GB", 22_500_000_000), (1024, 1024), ("1.5KiB", 1536)])
 def test_memory_sizes(text, size):
-    assert lightning_slide.SlideFormerStrategy(gpu_memory_limit=text).gpu_memory_limit == size
+    assert lightning_slide.SlideFormerStrategy(gpu_memory_limit=text).options.gpu_memory_limit == size
 
 
 @pytest.mark.parametrize("text", ["24 gigs", "-1GiB", "", True])

@@ -24,7 +24,7 @@ def test_bf16_host_copy_trains_exactly_like_fp32_uploads(clip, accumulate):
     for host_weights in ("fp32", "compute"):
         torch.manual_seed(123)
         module = TinyLM("llama", initial_state("llama"))
-        strategy = lightning_slide.SlideFormerStrategy(window=1, host_weights=host_weights)
+        strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(host_weights=host_weights))
         trainer(strategy, precision="bf16-true", gradient_clip_val=clip, accumulate_grad_batches=accumulate,
                 max_steps=5, callbacks=[Look()]).fit(module, batches(5 * accumulate))
         modules[host_weights] = module
@@ -39,4 +39,4 @@ def test_bf16_host_copy_trains_exactly_like_fp32_uploads(clip, accumulate):
 
 def test_host_weights_is_validated():
     with pytest.raises(ValueError, match="host_weights.*'auto', 'fp32' or 'compute'"):
-        lightning_slide.SlideFormerStrategy(host_weights="bf16")
+        lightning_slide.SlideFormerStrategy(tuning=dict(host_weights="bf16"))

@@ -85,7 +85,7 @@ def test_inf_gradient_without_clipping_names_the_unit(where, unit, resident_opti
     # Micro-batch 2: the last of step 2 (accumulation 1), or the first of step 1 (accumulation 2: the finite last
     # micro-batch must not hide it).
     module = PoisonedLM({2}, where=where)
-    strategy = lightning_slide.SlideFormerStrategy(window=1, resident_optimizer=resident_optimizer)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(resident_optimizer=resident_optimizer))
     step = 2 // accumulate
     with pytest.raises(FloatingPointError, match=f"{unit} has NaN/Inf gradients at global step {step}.*nonfinite='skip'"):
         trainer(strategy, gradient_clip_val=None, accumulate_grad_batches=accumulate).fit(module, batches(8))
@@ -100,8 +100,8 @@ def test_skipped_gradient_step_equals_dropping_its_batches(where, resident_optim
     steps, poisoned = 6, 1 * accumulate  # the first micro-batch of the second step
     torch.manual_seed(123)
     ours = PoisonedLM({poisoned}, where=where, warmup=1)
-    strategy = lightning_slide.SlideFormerStrategy(window=1, nonfinite="skip", resident_optimizer=resident_optimizer,
-                                                   parked_grads=parked)
+    strategy = lightning_slide.SlideFormerStrategy(
+        window=1, nonfinite="skip", tuning=dict(resident_optimizer=resident_optimizer, parked_grads=parked))
     trainer(strategy, max_steps=steps, gradient_clip_val=None, accumulate_grad_batches=accumulate).fit(
         ours, batches(steps * accumulate)
     )

@@ -58,9 +58,10 @@ def test_parked_gradients_train_the_same(slow_host, window, parking):
     """Bit for bit as without parking (which the parity tests hold equal to plain training). With 2 parking
     buffers for 24 layers the backward runs out of them and sends a parked layer down to park the next."""
     before = _Parked()
-    waited = train(lightning_slide.SlideFormerStrategy(window=window, grad_buffers=1), [before])
+    waited = train(lightning_slide.SlideFormerStrategy(window=window, tuning=dict(grad_buffers=1)), [before])
     seen = _Parked()
-    parked = train(lightning_slide.SlideFormerStrategy(window=window, grad_buffers=1, parked_grads=parking), [seen])
+    tuning = dict(grad_buffers=1, parked_grads=parking)
+    parked = train(lightning_slide.SlideFormerStrategy(window=window, tuning=tuning), [seen])
     assert seen.stats["parked_layers"] > 0  # the backward did park (the last step's go down when fit ends)
     assert waited.losses == parked.losses
     theirs = dict(waited.named_parameters())
@@ -73,10 +74,11 @@ def test_parked_gradients_train_the_same(slow_host, window, parking):
 def test_parked_gradients_clipped_by_value_train_the_same(slow_host):
     """Clipping by value streams too: a parked layer's update, queued when it goes down, clamps its gradients."""
     clip = dict(gradient_clip_val=0.002, gradient_clip_algorithm="value")
-    waited = train(lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1), **clip)
+    waited = train(lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=1)), **clip)
     seen = _Parked()
-    parked = train(lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1, parked_grads=6), [seen], **clip)
-    unclipped = train(lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1, parked_grads=6))
+    parking = dict(grad_buffers=1, parked_grads=6)
+    parked = train(lightning_slide.SlideFormerStrategy(window=2, tuning=parking), [seen], **clip)
+    unclipped = train(lightning_slide.SlideFormerStrategy(window=2, tuning=parking))
     assert seen.stats["parked_layers"] > 0
     assert waited.losses == parked.losses != unclipped.losses
     theirs = dict(waited.named_parameters())
@@ -86,7 +88,7 @@ def test_parked_gradients_clipped_by_value_train_the_same(slow_host):
 
 def test_parked_grads_option_is_validated():
     with pytest.raises(ValueError, match="parked_grads"):
-        lightning_slide.SlideFormerStrategy(parked_grads=-1)
+        lightning_slide.SlideFormerStrategy(tuning=dict(parked_grads=-1))
 
 
 class _Pool(L.Callback):
@@ -102,7 +104,8 @@ def _held_step_run(parked, nonfinite="error", limit=None):
     torch.manual_seed(123)
     module = TinyLM("llama_deep", initial_state("llama_deep"))
     pool = _Pool()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=2, parked_grads=parked, nonfinite=nonfinite,
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=2, parked_grads=parked),
+                                                   nonfinite=nonfinite,
                                                    gpu_memory_limit=limit)
     trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=[pool],
             gradient_clip_val=0.05 if nonfinite == "error" else None).fit(module, batches(STEPS))

@@ -149,9 +149,10 @@ def test_lora_with_a_host_compute_copy_uploads_the_same_values():
     """host_weights="compute": the frozen weights are the compute copy's frozen part (no second bf16 copy)."""
     options = {"precision": "bf16-true"}
     seen = HostBytes()
-    copied = train("llama", lightning_slide.SlideFormerStrategy(window=2, host_weights="compute"), callbacks=[seen],
+    copied = train("llama", lightning_slide.SlideFormerStrategy(window=2, tuning=dict(host_weights="compute")),
+                   callbacks=[seen],
                    **options)
-    masters = train("llama", lightning_slide.SlideFormerStrategy(window=2, host_weights="fp32"), **options)
+    masters = train("llama", lightning_slide.SlideFormerStrategy(window=2, tuning=dict(host_weights="fp32")), **options)
     assert copied.losses == masters.losses
     theirs = dict(masters.named_parameters())
     for name, param in copied.named_parameters():

@@ -108,7 +108,8 @@ def _item(items, prefix):
 ])
 def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights, resident):
     snap = _Snapshot()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, host_weights=host_weights, resident_optimizer=resident)
+    tuning = dict(host_weights=host_weights, resident_optimizer=resident)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=tuning)
     precision = "bf16-true" if host_weights == "compute" else "32-true"
     trainer(strategy, max_steps=3, gradient_clip_val=clip, accumulate_grad_batches=accumulate, precision=precision,
             callbacks=[snap]).fit(TinyLM("llama", initial_state("llama")), batches(8))
@@ -150,7 +151,8 @@ def test_plan_matches_the_engine_with_lora(host_weights, resident):
     from tests.core.test_peft import LoraLM
 
     snap = _Snapshot()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, host_weights=host_weights, resident_optimizer=resident)
+    tuning = dict(host_weights=host_weights, resident_optimizer=resident)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=tuning)
     trainer(strategy, max_steps=2, precision="bf16-true", callbacks=[snap]).fit(LoraLM("llama"), batches(4))
     plan, shape = snap.plan, snap.plan.shape
     assert 0 < shape.layer_trainable < shape.layer_params and shape.layers_frozen == shape.layers * (
@@ -341,17 +343,17 @@ def test_kernels_the_user_applied_count_in_the_plan():
 
 def test_grad_buffers_bounds_the_host_gradient_buffers_and_the_plan_says_so():
     snap = _Snapshot()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=1))
     trainer(strategy, max_steps=2, gradient_clip_val=None, accumulate_grad_batches=1, callbacks=[snap]).fit(
         TinyLM("llama", initial_state("llama")), batches(4))  # no clipping: updates stream
     assert snap.host["pool"] == _item(snap.plan.host, "layer gradient buffers") == 4 * snap.plan.shape.layer_trainable
     with pytest.raises(ValueError, match="grad_buffers"):
-        lightning_slide.SlideFormerStrategy(grad_buffers=0)
+        lightning_slide.SlideFormerStrategy(tuning=dict(grad_buffers=0))
 
 
 def test_parked_gradient_buffers_are_in_the_plan():
     snap = _Snapshot()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=1, parked_grads=3)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=1, parked_grads=3))
     trainer(strategy, max_steps=2, gradient_clip_val=None, accumulate_grad_batches=1, callbacks=[snap]).fit(
         TinyLM("llama", initial_state("llama")), batches(4))
     engine_bytes = snap.parked
@@ -361,7 +363,7 @@ def test_parked_gradient_buffers_are_in_the_plan():
 def test_parked_gradients_of_a_clipped_step_are_off_the_host_in_the_plan():
     """Clipping by norm with one micro-batch: the parked layers hold no host gradient buffer."""
     snap = _Snapshot()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, grad_buffers=2, parked_grads=6)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=2, parked_grads=6))
     trainer(strategy, max_steps=2, gradient_clip_val=0.5, accumulate_grad_batches=1, callbacks=[snap]).fit(
         TinyLM("llama_deep", initial_state("llama_deep")), batches(4))
     layer = 4 * snap.plan.shape.layer_trainable

@@ -31,7 +31,7 @@ def _train(chunk, monkeypatch, steps=STEPS, **options):
     torch.manual_seed(123)
     module = TinyLM("llama", initial_state("llama"))
     seen = _State()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host")
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="host"))
     options = {"gradient_clip_val": None, **options}
     trainer(strategy, max_steps=steps, accumulate_grad_batches=1, callbacks=[seen], **options).fit(module, batches(steps))
     return module, seen
@@ -54,7 +54,7 @@ def test_resident_parts_updated_in_chunks_train_the_same(monkeypatch):
 def test_clipping_or_accumulation_keep_a_resident_accumulator(monkeypatch, clip, accumulate):
     monkeypatch.setattr(SlidingEngine, "RESIDENT_CHUNK", 1000)
     seen = _State()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host")
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="host"))
     trainer(strategy, max_steps=2, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
             callbacks=[seen]).fit(TinyLM("llama", initial_state("llama")), batches(4))
     assert seen.accumulator is not None

@@ -278,7 +278,7 @@ def test_unknown_kernel_name():
 def test_resident_parts_updated_on_the_compute_device(clip):
     # The tied embedding is the resident part here; with clipping its update waits for the global norm.
     modules = []
-    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1, resident_optimizer="device")):
+    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1, tuning=dict(resident_optimizer="device"))):
         torch.manual_seed(123)
         module = TinyLM("gemma_tied", initial_state("gemma_tied"))
         trainer(strategy, gradient_clip_val=clip).fit(module, batches(20))
@@ -289,7 +289,7 @@ def test_resident_parts_updated_on_the_compute_device(clip):
 
 def test_resident_optimizer_choice_is_validated():
     with pytest.raises(ValueError, match="resident_optimizer"):
-        lightning_slide.SlideFormerStrategy(resident_optimizer="gpu")
+        lightning_slide.SlideFormerStrategy(tuning=dict(resident_optimizer="gpu"))
 
 
 @pytest.mark.parametrize("resident_optimizer", ["host", "device"])
@@ -301,7 +301,7 @@ def test_engine_load_state_dict_replaces_the_masters(resident_optimizer):
             if batch_idx == 2:  # after the first optimizer step: put the initial weights back
                 trainer.strategy.engine.load_state_dict({f"model.{k}": v for k, v in initial_state("gemma_tied").items()})
 
-    strategy = lightning_slide.SlideFormerStrategy(window=1, resident_optimizer=resident_optimizer)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(resident_optimizer=resident_optimizer))
     trainer(strategy, max_steps=2, callbacks=[Reload()]).fit(module, batches(4))
     ids = list(batches(4))[2][0]
     expected = TinyLM("gemma_tied", initial_state("gemma_tied")).model(input_ids=ids, labels=ids).loss.item()
@@ -365,7 +365,7 @@ def test_model_called_outside_a_step_sees_the_updated_weights():
                     self.outputs.append(pl_module.model(input_ids=probe.to(pl_module.device)).logits.cpu())
 
     seen = []
-    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1, resident_optimizer="host")):
+    for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1, tuning=dict(resident_optimizer="host"))):
         torch.manual_seed(123)
         module, callback = TinyLM("gemma_tied", initial_state("gemma_tied")), Probe()
         trainer(strategy, max_steps=3, callbacks=[callback]).fit(module, batches(6))

@@ -112,7 +112,7 @@ class _ReadsAndChangesGradients(TinyLM):
 @pytest.mark.parametrize("resident", ["host", "device"])
 def test_hooks_see_and_change_the_gradients(resident):
     ours, plain = fit_both(_ReadsAndChangesGradients, steps=4, accumulate_grad_batches=2, gradient_clip_val=0.05,
-                           strategy_options={"resident_optimizer": resident})
+                           strategy_options={"tuning": {"resident_optimizer": resident}})
     assert_same_training(ours, plain)
     assert len(ours.norms) == len(plain.norms) == 4 * 3  # two micro-batches and one step each
     for mine, theirs in zip(ours.norms, plain.norms):
@@ -177,7 +177,7 @@ class _RecordsWeights(L.Callback):
 
 @pytest.mark.parametrize("resident", ["host", "device"])
 def test_callbacks_read_the_weights_of_the_last_step(resident):
-    ours, plain = fit_both(callbacks=[_RecordsWeights], strategy_options={"resident_optimizer": resident})
+    ours, plain = fit_both(callbacks=[_RecordsWeights], strategy_options={"tuning": {"resident_optimizer": resident}})
     assert_same_training(ours, plain)
     mine, theirs = ours.callbacks[0].seen, plain.callbacks[0].seen
     assert len(mine) == len(theirs) == 6

@@ -24,6 +24,7 @@ TOLERANCE = 1e-4  # the mean over ranks sums in another order than one process's
 STEPS, ACCUMULATE, GLOBAL_BATCH = 6, 2, 4
 # A collective that waits this long for a rank that stopped fails: the stop tests take far less, or they hung.
 HANG = timedelta(seconds=60)
+HOST = dict(resident_optimizer="host")  # the resident parts updated on the host, sharded like the layers
 
 
 class RecordHostBytes(L.Callback):
@@ -78,7 +79,7 @@ def plain():
 def test_two_ranks_train_as_one_process(plain, clip, tmp_path, request):
     reference = plain if clip == 0.5 else train("auto", devices=1, gradient_clip_val=None)
     # The resident parts on the host too (a GPU would update them on the device, replicated): every unit sharded.
-    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="spawn")
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=HOST, start_method="spawn")
     ours = train(strategy, devices=2, gradient_clip_val=clip, callbacks=[RecordHostBytes(str(tmp_path))])
     assert_same_weights(ours, reference)
     # Each rank keeps the Adam moments of half of every unit.
@@ -99,7 +100,7 @@ def test_clipping_by_value_with_two_ranks():
     process clamps the whole gradient of the global batch."""
     options = dict(gradient_clip_val=0.002, gradient_clip_algorithm="value")
     reference = train("auto", devices=1, **options)
-    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="spawn")
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=HOST, start_method="spawn")
     assert_same_weights(train(strategy, devices=2, **options), reference)
 
 
@@ -109,7 +110,7 @@ def test_parked_gradients_with_two_ranks(clip, tmp_path):
     the clipping norm) and the two train as one process."""
     options = dict(gradient_clip_val=clip, accumulate_grad_batches=1, max_steps=STEPS * ACCUMULATE)
     reference = train("auto", devices=1, **options)
-    strategy = lightning_slide.SlideFormerStrategy(window=1, grad_buffers=1, parked_grads=1, resident_optimizer="host",
+    strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(HOST, grad_buffers=1, parked_grads=1),
                                                    start_method="spawn")
     ours = train(strategy, devices=2, callbacks=[RecordHostBytes(str(tmp_path))], **options)
     assert_same_weights(ours, reference)
@@ -122,7 +123,7 @@ def test_without_room_in_shared_memory_each_rank_keeps_its_own_masters(plain, tm
     """Where shared memory cannot hold the masters (here: the directory named does not exist), each rank keeps a
     copy and training is the same."""
     monkeypatch.setenv("LIGHTNING_SLIDE_SHM_DIR", str(tmp_path / "no-shm"))  # the spawned ranks inherit it
-    strategy = lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="spawn")
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=HOST, start_method="spawn")
     ours = train(strategy, devices=2, gradient_clip_val=0.5, callbacks=[RecordHostBytes(str(tmp_path))])
     assert_same_weights(ours, plain)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -133,7 +134,7 @@ def test_without_room_in_shared_memory_each_rank_keeps_its_own_masters(plain, tm
 def test_frozen_parameters_and_resident_parts_updated_on_the_device():
     """The resident parts updated on the device are replicated (gradients averaged, every rank updates them);
     frozen parameters are in no rank's optimizer."""
-    options = dict(window=1, resident_optimizer="device")
+    options = dict(window=1, tuning=dict(resident_optimizer="device"))
     frozen = ("layers.1.mlp", "embed_tokens")
     reference = train("auto", devices=1, freeze=frozen)
     ours = train(lightning_slide.SlideFormerStrategy(**options, start_method="spawn"), devices=2, freeze=frozen)
@@ -175,7 +176,7 @@ def test_checkpoint_and_exact_resume_with_two_ranks(tmp_path):
     """Each rank holds a shard of the optimizer state; a checkpoint holds it whole. Two ranks stopped after an epoch
     and resumed train as two ranks uninterrupted; one process resumes the same checkpoint as it would its own."""
     def strategy():
-        return lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host", start_method="spawn")
+        return lightning_slide.SlideFormerStrategy(window=2, tuning=HOST, start_method="spawn")
 
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     whole = train(strategy(), devices=2, max_epochs=2, max_steps=-1)
@@ -196,7 +197,8 @@ def test_checkpoint_and_exact_resume_with_two_ranks(tmp_path):
 _NODE = """
 import sys, torch, lightning_slide
 from tests.dist.test_data_parallel import train
-module = train(lightning_slide.SlideFormerStrategy(window=2, resident_optimizer="host"), devices=1, num_nodes=2)
+module = train(lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="host")), devices=1,
+               num_nodes=2)
 if module.trainer.global_rank == 0:
     torch.save({n: p.detach() for n, p in module.named_parameters()}, sys.argv[1])
 """
@@ -291,7 +293,7 @@ def test_a_hook_that_changes_the_learning_rate_with_two_ranks():
     options = dict(gradient_clip_val=None, accumulate_grad_batches=1, max_steps=STEPS * ACCUMULATE)
     torch.manual_seed(123)
     reference = train("auto", devices=1, module=_LrZeroOnOddSteps("llama", initial_state("llama")), **options)
-    strategy = lightning_slide.SlideFormerStrategy(window=1, resident_optimizer="host", start_method="spawn")
+    strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=HOST, start_method="spawn")
     torch.manual_seed(123)
     ours = train(strategy, devices=2, module=_LrZeroOnOddSteps("llama", initial_state("llama")), **options)
     assert_same_weights(ours, reference)
