@@ -35,6 +35,7 @@ from lightning_slide.engine.disk import write_array
 from lightning_slide.engine.pinned import host_empty
 
 MASTER_DTYPE = torch.float32
+RESIDENT = "resident"  # the key of the unit holding the resident parts (embeddings, final norm, head)
 
 
 @dataclass
