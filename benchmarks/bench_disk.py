@@ -135,7 +135,7 @@ def child(spec: dict) -> dict:
     ids = torch.randint(0, config.vocab_size, (spec["batch"] * total_steps, spec["seq"]))
     strategy = lightning_slide.SlideFormerStrategy(
         window=spec["window"], offload_dir=spec["dir"] if spec["offload"] else None, offload=spec["offload"],
-        host_weights=spec["host_weights"], grad_buffers=spec.get("grad_buffers"), monitor=False,
+        tuning=dict(host_weights=spec["host_weights"], grad_buffers=spec.get("grad_buffers")), monitor=False,
     )
     trainer = L.Trainer(
         strategy=strategy, accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-true", max_steps=total_steps,
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3_1_8b", choices=SHAPES)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4; the shape's own count: 0)")
     parser.add_argument("--window", type=int, default=1)
-    parser.add_argument("--grad-buffers", type=int, default=None, help="SlideFormerStrategy(grad_buffers=...)")
+    parser.add_argument("--grad-buffers", type=int, default=None, help="SlideFormerStrategy(tuning=dict(grad_buffers=...))")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after --warmup steps")

@@ -143,10 +143,9 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         buffers = [int(o[len("buffers"):]) for o in options if o.startswith("buffers")]
         parked = [int(o[len("park"):]) for o in options if o.startswith("park")]
         strategy = lightning_slide.SlideFormerStrategy(
-            window=args.window, gpu_memory_limit=args.cap, monitor=False,
-            host_weights="compute" if "bf16" in options else "fp32", offload_activations="acts" in options,
-            grad_buffers=buffers[0] if buffers else None, host_memory=args.host_memory,
-            parked_grads=parked[0] if parked else 0,
+            window=args.window, gpu_memory_limit=args.cap, monitor=False, offload_activations="acts" in options,
+            tuning=dict(host_weights="compute" if "bf16" in options else "fp32", host_memory=args.host_memory,
+                        grad_buffers=buffers[0] if buffers else None, parked_grads=parked[0] if parked else 0),
         )
         precision = "bf16-true"
 
@@ -199,7 +198,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
     parser.add_argument("--devices", type=int, default=1, help="GPUs per system (data-parallel)")
     parser.add_argument("--host-memory", default=None,
-                        help="SlideFormerStrategy(host_memory=...) for the plan's check (a VM whose memory grows)")
+                        help="SlideFormerStrategy(tuning=dict(host_memory=...)) for the plan's check (a VM whose memory grows)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

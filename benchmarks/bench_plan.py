@@ -119,7 +119,7 @@ def child(shape: str, args) -> dict:
         result["error"] = "out of GPU memory"
     plan = strategy.plan
     if plan is not None:
-        machine = Machine.detect(gpu_memory_limit=strategy.gpu_memory_limit).measure(seconds=0.2)
+        machine = Machine.detect(gpu_memory_limit=strategy.options.gpu_memory_limit).measure(seconds=0.2)
         timed = make_plan(plan.shape, plan.settings, machine, suggest=False)
         result["plan"] = {**plan.to_dict(), "time": timed.time, "binding": timed.binding,
                           "step_seconds": timed.step_seconds, "machine": timed.to_dict()["machine"]}

@@ -83,7 +83,7 @@ def main():
     parser.add_argument("--windows", default="1,2,4")
     parser.add_argument("--kernels", default="all")
     parser.add_argument("--host-weights", default="fp32",
-                        help="comma-separated SlideFormerStrategy(host_weights=...) values to run for each window: "
+                        help="comma-separated SlideFormerStrategy(tuning=dict(host_weights=...)) values to run for each window: "
                         "fp32 (upload fp32 masters, cast on the GPU), compute (upload a bf16 host copy)")
     parser.add_argument("--no-reference", action="store_true", help="skip all-on-GPU training")
     args = parser.parse_args()
@@ -95,7 +95,7 @@ def main():
         print(run("all-on-GPU Lightning (bf16-true params, GPU AdamW)", "auto", config, args), flush=True)
     for window in map(int, args.windows.split(",")):
         for host_weights in args.host_weights.split(","):
-            strategy = lightning_slide.SlideFormerStrategy(window=window, host_weights=host_weights)
+            strategy = lightning_slide.SlideFormerStrategy(window=window, tuning=dict(host_weights=host_weights))
             print(run(f"slideformer window={window} host_weights={host_weights}", strategy, config, args), flush=True)
 
 

@@ -49,6 +49,8 @@ def run(args) -> Path:
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import LlamaConfig
 
+    from lightning_slide.engine.options import Tuning
+
     import lightning_slide
     from lightning_slide.kernels import apply_kernels
 
@@ -98,7 +100,9 @@ def run(args) -> Path:
             self.profiler.export_chrome_trace(str(trace))
 
     torch.manual_seed(0)
-    options = dict(window=args.window, monitor=False, **dict(_option(o) for o in args.option))
+    given = dict(_option(o) for o in args.option)  # tuning's options (parked_grads=24) go into the group
+    tuning = {k: given.pop(k) for k in Tuning.names() if k in given}
+    options = dict(window=args.window, monitor=False, tuning=tuning, **given)
     if gpu:
         options["gpu_memory_limit"] = args.cap
     strategy = lightning_slide.SlideFormerStrategy(**options)
