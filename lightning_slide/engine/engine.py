@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from dataclasses import dataclass
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,10 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
+from lightning_slide.engine import checks
+from lightning_slide.engine.checks import GradientChecks, Verdict, decide, index_of, raise_if_nonfinite
 from lightning_slide.engine.disk import MASTER, OneUnitCache, StateStore, check_disk_space, existing_bytes
-from lightning_slide.engine.host import MASTER_DTYPE, GradientPool, HostUnit
+from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, GradientPool, HostUnit
 from lightning_slide.engine.optimizer import (
     UnitOptimizer,
     UpdateWorker,
@@ -47,7 +50,9 @@ from lightning_slide.engine.optimizer import (
     state_names,
 )
 from lightning_slide.engine.options import SlideOptions, check_count
+from lightning_slide.engine.parking import Parking
 from lightning_slide.engine.pinned import host_empty
+from lightning_slide.engine.resident import ResidentParts
 from lightning_slide.engine.shard import Shards
 from lightning_slide.engine.shared_masters import shared_masters
 from lightning_slide.engine.plan import (
@@ -57,7 +62,6 @@ from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine import state
 from lightning_slide.engine.window import Window
 
-RESIDENT = "resident"
 _UNPARK_POLL_SECONDS = 1e-3  # while the training thread waits for an update, how often it sends parked gradients down
 
 
@@ -85,6 +89,21 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _STAGING_NUMEL = STAGING_NUMEL
 # What decoder-layer uploads read: the fp32 masters (cast on the device) or a host copy in the compute dtype.
 HOST_WEIGHTS = ("fp32", "compute")
+
+
+@dataclass
+class StepMode:
+    """How the current optimizer step runs, in the order its phases set it."""
+
+    step: int = 0  # the global step of the current backward, for messages
+    backward: bool = False  # autograd is running a backward: a layer's forward now is its recompute
+    clipping: bool = False  # the step clips by the global norm, or in a way not known before its end
+    streaming: list[dict] | None = None  # the hyperparameters while updates stream out of this backward
+    clip_value: float | None = None  # the value streamed updates clamp gradients to (clipping by value)
+    holding: bool = False  # the step's updates wait for the end of its backward: gradients may park meanwhile
+    streamed: bool = False  # the last backward's updates streamed: the step only checks its clipping
+    skip: bool = False  # a NaN/Inf loss: the step drops its gradients
+    open: bool = False  # some of the step's updates are queued, not all of them yet
 
 
 class SlidingEngine:
@@ -215,8 +234,7 @@ class SlidingEngine:
             for i in range(len(self.layers)):
                 self.state_store.mark_written(i, MASTER)
         # Updated on the device, the resident parts are replicated (every rank updates all of them alike).
-        # Their host gradient accumulator is allocated when first needed (_resident_accumulator): updated on the
-        # device they accumulate there, and a streamed step's host update reads them from the device in chunks.
+        # How they are updated, and their compute copy: resident.py.
         self.resident = HostUnit(
             RESIDENT, parts.resident, pin=self.pin, own_grad=False,
             span=None if resident_on_device else self._span(parts.resident),
@@ -224,11 +242,6 @@ class SlidingEngine:
         )
         if shared is not None:
             self.shards.host_barrier()  # every rank's part of the shared masters is written
-        # A streamed step's resident gradients left on the device for the update: (event after which they are ready,)
-        self._resident_from_device: tuple[object] | None = None
-        self._chunk_buffer: torch.Tensor | None = None  # host fp32, two chunks of resident gradients
-        self._chunk_staging: torch.Tensor | None = None  # device fp32, the update thread's own cast staging
-        self._chunk_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
         self._masters_current = True
         self._unit_key = {id(e.param): key for key, unit in self._units().items() for e in unit.entries}
@@ -241,14 +254,7 @@ class SlidingEngine:
         self._host_staging: dict[Any, torch.Tensor] = {}  # pinned fp32, for gradients added into an accumulator
         self.grad_pool = GradientPool(max(u.grad_numel for u in self.layers), pin=self.pin)
         self._lent: collections.deque = collections.deque()  # layers holding a pool buffer, oldest first
-        # Device buffers for parked gradients, each with the event after which it may be written again, and the
-        # parked layers: index -> (buffer, event after the gradients landed there, the step's hyperparameters).
-        self._park_free: list[tuple[torch.Tensor, object]] = []
-        # Parked layers, in the order they were parked: index -> (buffer, event after the gradients landed there,
-        # the arguments of its update: None until the step gives them, for a step that waits for the backward).
-        self._parked: dict[int, tuple[torch.Tensor, object, tuple | None]] = {}
-        self._unpark_stream = self._unpark_staging = None
-        self.parked_total = 0  # layers whose gradients were parked, since construction
+        self.parking = Parking(self)  # layers' gradients held on the device for a host buffer (parked_grads)
         self.streamed_steps = 0  # optimizer steps whose updates streamed out of their backward, since construction
         self.add_parking(parked_grads)
 
@@ -262,20 +268,8 @@ class SlidingEngine:
             may_load=self._updated if not self.shards.active else (lambda index: True),
             shards=self.shards,
         )
-        shard_resident = self.shards.active and not resident_on_device
-        self.resident_weights = torch.empty(
-            self.shards.padded(self.resident.numel) if shard_resident else self.resident.numel,
-            dtype=compute_dtype, device=self.device,
-        )
-        self.resident_grads = torch.zeros(
-            self.shards.padded(self.resident.numel) if shard_resident else self.resident.trainable_numel,
-            dtype=compute_dtype, device=self.device,
-        )
-        self._resident_loaded = False
         self.resident_on_device = resident_on_device
-        self._resident_master: torch.Tensor | None = None  # fp32, on the device, when updated there
-        self._resident_grad: torch.Tensor | None = None
-        self._resident_deferred: tuple | None = None  # a device update waiting for the clipping coefficient
+        self.resident_parts = ResidentParts(self, self.resident, resident_on_device)
         self._optimizers: dict[Any, UnitOptimizer] = {}
         # The disk tier's arrays of the last unit read outside an update (a checkpoint goes parameter by parameter).
         self._state_cache = OneUnitCache(
@@ -289,27 +283,10 @@ class SlidingEngine:
         self._clip_value: float | None = None
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient
-        self._skip_step = False
-        # Whether each unit's gradients of the current optimizer step are all finite (layers, then the resident
-        # parts): folded on the device as each micro-batch's gradients are produced, copied to the host behind them
-        # on the download stream, read on the host before the unit's update.
-        self._finite = torch.ones(len(self.layers) + 1, dtype=torch.bool, device=self.device)
-        self._finite_host = torch.ones(len(self.layers) + 1, dtype=torch.bool, pin_memory=self.pin)
-        # For clipping by norm: each unit's gradient norm, taken on the device as its gradients of a step's only
-        # micro-batch leave it (this rank's shard) and copied down behind them, so that the host's norm task reads
-        # one number per unit instead of every gradient; ``_norm_down[i]``: unit i's norm of this step is there.
-        self._norms_host = torch.zeros(len(self.layers) + 1, dtype=MASTER_DTYPE, pin_memory=self.pin)
-        self._norm_down = [False] * (len(self.layers) + 1)
-        self._clipping = False  # the current backward's step clips gradients (begin_backward)
-        self._holding = False  # the current backward's step waits for its end to update (begin_backward)
-        self._step_index = 0  # the global step of the current backward, for messages
+        self.gradient_checks = GradientChecks(len(self.layers), self.device, self.pin)  # finite flags and norms per unit
+        self.mode = StepMode()  # how the current optimizer step and its backward run
 
         self._closed = False
-        self._step_open = False  # some updates of an optimizer step are queued, not all of them yet
-        self._backward = False
-        self._streaming: list[dict] | None = None  # hyperparameters while updates stream out of this backward
-        self._stream_clip: float | None = None  # the value its updates clamp gradients to (clipping by value)
-        self._streamed: tuple[float | None] | None = None  # the last backward streamed: (its clip value,)
         self._pending: dict[int, int] = {}  # layer -> parameter gradients still to land in this backward
         self._wrapped: list[nn.Module] = []
         self._model_checkpointing: list[nn.Module] = []  # modules whose own checkpointing the engine turned off
@@ -410,22 +387,10 @@ class SlidingEngine:
             check_disk_space(self.offload_dir, moments - existing_bytes(paths), what=f"optimizer state {human(moments)}")
         self._optimizers = {}
         for key, unit in units.items():
-            if key == RESIDENT and on_device:
-                self.worker.wait(RESIDENT)
-                self._resident_master = self.resident.master.to(self.device, copy=True)
-                self._resident_grad = torch.zeros(unit.trainable_numel, dtype=MASTER_DTYPE, device=self.device)
-                self._optimizers[key] = UnitOptimizer(
-                    unit, optimizer, group_of, master=self._resident_master, grad=self._resident_grad
-                )
+            if key == RESIDENT:
+                self._optimizers[key] = self.resident_parts.optimizer(optimizer, group_of, key not in on_disk)
             else:
-                in_memory = key not in on_disk
-                chunk = self._resident_chunk() if key == RESIDENT else None
-                self._optimizers[key] = UnitOptimizer(
-                    unit, optimizer, group_of, state_in_memory=in_memory, chunk=chunk
-                )
-
-    def _resident_updates_on_device(self) -> bool:
-        return self._resident_master is not None
+                self._optimizers[key] = UnitOptimizer(unit, optimizer, group_of, state_in_memory=key not in on_disk)
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Clip the global gradient norm to ``max_norm`` at the next step (exactly as ``clip_grad_norm_``)."""
@@ -445,13 +410,11 @@ class SlidingEngine:
             if self.worker.done(key):
                 unit.grad_empty = True
                 self._give_back(unit)
-        for index in [i for i, (_, _, update) in self._parked.items() if update is None]:  # their step was skipped
-            buffer, parked, _ = self._parked.pop(index)
-            self._park_free.append((buffer, parked))
+        self.parking.drop_unqueued()  # parked for a step that was skipped
 
     def skip_step(self) -> None:
         """Skip the current optimizer step: its gradients are dropped when ``step`` comes (a NaN/Inf loss)."""
-        self._skip_step = True
+        self.mode.skip = True
 
     def step(self, param_groups: list[dict]) -> None:
         """Queue the host update of every unit not already updated by this step's backward."""
@@ -460,14 +423,14 @@ class SlidingEngine:
         self._clip_norm = self._clip_value = None
         # Slots hold copies of the weights being updated: drop them (the next forward reloads from the masters).
         self.window.clear()
-        self._resident_loaded = False
-        if self._skip_step:
-            self._skip_step = False
+        self.resident_parts.loaded = False
+        if self.mode.skip:
+            self.mode.skip = False
             self.skipped_steps += 1
             self.zero_grad()
             return
-        if self._streamed is not None:
-            (streamed_clip,), self._streamed = self._streamed, None
+        if self.mode.streamed:
+            self.mode.streamed, streamed_clip = False, self.mode.clip_value
             if clip_norm is not None or clip_value != streamed_clip:
                 raise RuntimeError(
                     "gradients were clipped after the updates had started"
@@ -479,68 +442,48 @@ class SlidingEngine:
             return
         hyper = hyperparameters(param_groups)
         # Decided here, on the training thread: a unit takes part if gradients reached it since the last step.
-        keys = [key for key, unit in self._units().items() if not unit.grad_empty or key in self._parked]
-        coefficient: dict[str, torch.Tensor | None] = {}
+        keys = [key for key, unit in self._units().items() if not unit.grad_empty or key in self.parking]
+        verdict = Verdict()
         # Skipping a step needs every unit's flag before any update (the clipping norm sees NaN/Inf by itself).
         check = clip_norm is None and self.nonfinite == "skip"
         if check:
             self.worker.submit("norm", functools.partial(
-                self._for_updates, coefficient, functools.partial(self._check_finite, list(keys), coefficient)
+                decide, verdict, functools.partial(checks.finite_task, self, list(keys), verdict)
             ))
-        on_device = self._resident_updates_on_device() and RESIDENT in keys
+        on_device = self.resident_parts.updates_on_device and RESIDENT in keys
         if on_device:
             keys.remove(RESIDENT)
         if clip_norm is not None:
             units = [self._units()[key] for key in keys]
-            device_norms = self._device_norms() if on_device else None
+            device_norms = self.resident_parts.device_norms() if on_device else None
             self.worker.submit(
-                "norm", functools.partial(self._for_updates, coefficient, functools.partial(
-                    self._clip_coefficient, clip_norm, units, device_norms, coefficient
+                "norm", functools.partial(decide, verdict, functools.partial(
+                    checks.clip_task, self, clip_norm, units, device_norms, verdict
                 ))
             )
         if on_device:
             if clip_norm is None and not check:
-                self._update_resident_on_device(hyper, None, clip_value)
-            else:  # needs the global norm: done before the next forward (prepare_forward)
-                self._resident_deferred = (hyper, coefficient, clip_value)
+                self.resident_parts.update_on_device(hyper, None, clip_value)
+            else:  # needs the step's verdict: done before the next forward
+                self.resident_parts.defer(hyper, verdict, clip_value)
         for key in keys:
-            if key in self._parked:  # queued when it goes down (_unpark), first layer first as host buffers free
-                buffer, parked, _ = self._parked[key]
-                self._parked[key] = (buffer, parked, (hyper, coefficient, clip_value))
+            if key in self.parking:  # queued when it goes down, first layer first as host buffers free
+                self.parking.give_update(key, (hyper, verdict, clip_value))
             else:
-                self._submit_update(key, hyper, coefficient, clip_value)
-        self._step_open = bool(self._parked)
-        self._unpark_ready()
+                self._submit_update(key, hyper, verdict, clip_value)
+        self.mode.open = bool(self.parking)
+        self.parking.unpark_ready()
 
-    def _device_norms(self):
-        """Per-parameter gradient norms of the device-updated resident parts, on their way to the host."""
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in self._optimizers[RESIDENT].bind()])
-        host = torch.empty(norms.shape, dtype=norms.dtype, pin_memory=self.pin)
-        host.copy_(norms, non_blocking=True)
-        return host, self.streams.record()
-
-    def _update_resident_on_device(self, hyper, coefficient, clip_value) -> None:
-        """Update the resident parts on the compute device and refresh their compute copy there."""
-        if self.nonfinite == "error":
-            # Waits for the flag, i.e. the end of backward on the device (the resident gradients come last); the
-            # next forward waits about as long for layer 0's update anyway.
-            self._raise_if_nonfinite(RESIDENT)
-        if coefficient is not None:
-            coefficient = coefficient.to(self.device)
-        self._optimizers[RESIDENT].step(hyper, coefficient, clip_value)
-        self.resident.grad_empty = True
-        self.resident_weights.copy_(self._resident_master)
-
-    def _submit_update(self, key, hyper: list[dict], coefficient: dict | None = None, clip_value=None,
+    def _submit_update(self, key, hyper: list[dict], verdict: Verdict | None = None, clip_value=None,
                        ready=None) -> None:
         """Queue unit ``key``'s update. ``ready``: the event its gradients wait for, given for a streamed step's
         updates, which the host may then run in the order their gradients arrive (``UpdateWorker.submit``)."""
         optimizer = self._optimizers.get(key)
         if optimizer is not None:
-            self._step_open = True
+            self.mode.open = True
             self._masters_current = not self.shards.active
-            # `coefficient` is filled in by the norm task queued before: pass the same dict, even while empty.
-            coefficient = {} if coefficient is None else coefficient
+            # filled in by the checks' task queued before, if any (checks.py)
+            verdict = Verdict() if verdict is None else verdict
             if self.state_store is not None:
                 self.worker.wait(key)  # its previous update has handed its files to the writer: read after that
             state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
@@ -548,7 +491,7 @@ class SlidingEngine:
                 # The disk tier reads ahead in queue order, a bounded number of units: an update run out of that
                 # order could wait for a read that waits for the updates passed over. Keep the order.
                 ready = None
-            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, coefficient, clip_value, state),
+            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, verdict, clip_value, state),
                                ready)
 
     def _read_state(self, key, optimizer: UnitOptimizer):
@@ -559,108 +502,23 @@ class SlidingEngine:
         self._master_cache.flush()
         return self.state_store.read(key)
 
-    def _clip_coefficient(self, max_norm: float, units: list[HostUnit], device_norms, out: dict) -> None:
-        """Worker task: the clipping coefficient of ``clip_grad_norm_`` over every optimized gradient of ``units``
-        and the per-parameter norms ``device_norms`` (``(host tensor, event)``) of gradients kept on the device."""
-        norms = []
-        for unit in units:
-            self.worker.await_device(unit.grad_event)
-            key = self._key_of(unit)
-            optimizer = self._optimizers[key]
-            index = -1 if key == RESIDENT else key
-            if self._norm_down[index] and optimizer.steps_whole_gradient:
-                norms.append(self._norms_host[index].clone())  # taken on the device
-            else:
-                norms.extend(torch.linalg.vector_norm(g) for g in optimizer.bind())
-        if device_norms is not None and self.shards.rank == 0:  # replicated on every rank: counted once
-            self.worker.await_device(device_norms[1])
-            norms.extend(device_norms[0].unbind())
-        if self.shards.active:  # the norm over every rank's shards (each rank takes part, even with none)
-            squares = torch.stack(norms).square().sum() if norms else torch.zeros(())
-            self.shards.host_sum(squares)
-            norms = [squares.sqrt()]
-        if norms:
-            total = torch.linalg.vector_norm(torch.stack(norms))
-            if not torch.isfinite(total):
-                if self.nonfinite == "skip":
-                    out["skip"] = True
-                    self.skipped_steps += 1
-                else:
-                    out["error"] = FloatingPointError(
-                        f"the global gradient norm is {total.item()}: a NaN/Inf gradient. Lower the learning rate, "
-                        "check the data, or pass SlideFormerStrategy(nonfinite='skip') to skip such steps"
-                    )
-                return
-            out["value"] = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-
-    @staticmethod
-    def _for_updates(out: dict, task) -> None:
-        """Worker task: run ``task``, which fills ``out`` for the updates queued after it; should it fail, they fail
-        with its error rather than run unclipped or unchecked."""
-        try:
-            task()
-        except BaseException as error:
-            out["error"] = error
-            raise
-
-    def _check_finite(self, keys: list, out: dict) -> None:
-        """Worker task (``nonfinite="skip"`` without norm clipping): the step is skipped (``out["skip"]``) when a
-        gradient of a unit in ``keys`` is NaN/Inf."""
-        units = self._units()
-        for key in keys:
-            self.worker.await_device(units[key].grad_event)
-        if not all(self._finite_host[-1 if key == RESIDENT else key] for key in keys):
-            out["skip"] = True
-            self.skipped_steps += 1
-
-    def _check_finite_on_device(self, key, device_grads: torch.Tensor, first: bool):
-        """Fold whether one micro-batch's ``device_grads`` of unit ``key`` are all finite into the unit's flag for
-        this optimizer step (``first``: the step's first micro-batch), on the device, and copy the flag to the host
-        on the download stream, without a host sync; returns the event after which the host copy is there."""
-        index = -1 if key == RESIDENT else key
-        low, high = torch.aminmax(device_grads)  # one pass, no gradient-sized temporary; NaN propagates
-        finite = torch.isfinite(low) & torch.isfinite(high)
-        if first:
-            self._finite[index].copy_(finite)
-        else:
-            self._finite[index].logical_and_(finite)
-        produced = self.streams.record()
-        with self.streams.on(self.streams.download):
-            self.streams.wait(produced)
-            # Every rank must skip or stop alike: the flag becomes the AND over ranks.
-            self.shards.all_true(self._finite.narrow(0, index % len(self._finite), 1))
-            self._finite_host[index].copy_(self._finite[index], non_blocking=True)
-            return self.streams.record()
-
-    def _raise_if_nonfinite(self, key) -> None:
-        """Raise ``FloatingPointError`` when unit ``key``'s gradients of this step hold a NaN/Inf (after waiting for
-        its flag to reach the host)."""
-        unit = self._units()[key]
-        self.worker.await_device(unit.grad_event)
-        if not self._finite_host[-1 if key == RESIDENT else key]:
-            raise FloatingPointError(
-                f"{unit.name} has NaN/Inf gradients at global step {self._step_index}. Lower the learning rate, check "
-                "the data, or pass SlideFormerStrategy(nonfinite='skip') to skip such steps"
-            )
-
     def _key_of(self, unit: HostUnit):
         return RESIDENT if unit is self.resident else self.layers.index(unit)
 
-    def _update(self, optimizer: UnitOptimizer, hyper, coefficient: dict, clip_value, reading=None) -> None:
+    def _update(self, optimizer: UnitOptimizer, hyper, verdict: Verdict, clip_value, reading=None) -> None:
         """Worker task: one unit's update from its accumulated gradients, which it then marks consumed.
         ``reading``: the disk tier's read of the unit's optimizer state (written back after the update)."""
         unit = optimizer.unit
         state = None if reading is None else reading.result()
         try:
-            if "error" in coefficient:
-                raise coefficient["error"]
+            verdict.raise_error()
             self.worker.await_device(unit.grad_event)
-            if not coefficient.get("skip"):
-                self._raise_if_nonfinite(self._key_of(unit))
-                if unit is self.resident and self._resident_from_device is not None:
-                    self._step_resident_in_chunks(optimizer, hyper, clip_value, state)
+            if not verdict.skip:
+                raise_if_nonfinite(self, self._key_of(unit))
+                if unit is self.resident and self.resident_parts.in_chunks:
+                    self.resident_parts.step_in_chunks(optimizer, hyper, clip_value, state)
                 else:
-                    optimizer.step(hyper, coefficient.get("value"), clip_value, state)
+                    optimizer.step(hyper, verdict.coefficient, clip_value, state)
                 # before the next upload of the unit, which waits for this task
                 unit.refresh_weights(None if state is None else state.get(MASTER))
         except BaseException:
@@ -672,49 +530,6 @@ class SlidingEngine:
         unit.grad_empty = True
         self._give_back(unit)
 
-    # The resident parts (embeddings, head: often larger than a layer) of a streamed step are updated on the host
-    # chunk by chunk, their gradients read from the device through two half-layer buffers (one chunk goes down while
-    # the one before is updated) instead of a host accumulator as large as they are. Tests may set RESIDENT_CHUNK
-    # (elements) to cut smaller chunks.
-    RESIDENT_CHUNK: int | None = None
-
-    def _resident_chunk(self) -> int:
-        """Elements of resident gradients per chunk: half a layer's gradient buffer."""
-        return self.RESIDENT_CHUNK or max(1, self.grad_pool.numel // 2)
-
-    def _resident_accumulator(self) -> torch.Tensor:
-        """The resident parts' host gradient accumulator (accumulation, clipping, ``nonfinite="skip"``), kept once
-        allocated."""
-        if self.resident.grad is None:
-            self.resident.grad = host_empty(self.resident.grad_numel, MASTER_DTYPE, pin=self.pin)
-        return self.resident.grad
-
-    def _step_resident_in_chunks(self, optimizer: UnitOptimizer, hyper, clip_value, state) -> None:
-        """Worker task part: update the resident parts chunk by chunk from their gradients on the device (this
-        rank's shard, already averaged), each chunk cast to fp32 on the device and copied down on the update
-        thread's own stream, through its own staging, into the half of ``_chunk_buffer`` the previous chunk's update
-        is not reading."""
-        unit, chunk = self.resident, self._resident_chunk()
-        (ready,), self._resident_from_device = self._resident_from_device, None
-        spans = [(lo, min(lo + chunk, unit.grad_stop)) for lo in range(unit.grad_start, unit.grad_stop, chunk)]
-
-        def fetch(number: int):
-            lo, hi = spans[number]
-            half = (number % 2) * chunk
-            buffer = self._chunk_buffer[half : half + hi - lo]
-            with self.streams.on(self._chunk_stream):
-                self.streams.wait(ready)
-                copy_cast(buffer, self.resident_grads[lo:hi], self._chunk_staging)
-                return buffer, self.streams.record()
-
-        coming = fetch(0)
-        for number, (lo, hi) in enumerate(spans):
-            buffer, copied = coming
-            if number + 1 < len(spans):
-                coming = fetch(number + 1)  # into the other half: the update that read it last has returned
-            self.worker.await_device(copied)
-            optimizer.step(hyper, None, clip_value, state, only=(lo, hi, buffer))
-
     def _give_back(self, unit: HostUnit) -> None:
         """Return a layer's lent gradient buffer to the pool (the resident parts own theirs)."""
         if unit is not self.resident and unit.grad is not None:
@@ -724,7 +539,7 @@ class SlidingEngine:
     def _lend(self, index: int, bounded: bool | None = None) -> torch.Tensor:
         """A gradient buffer for layer ``index``; while updates stream (or ``bounded``), first wait until few enough
         are lent."""
-        bounded = self._streaming is not None if bounded is None else bounded
+        bounded = self.mode.streaming is not None if bounded is None else bounded
         if bounded:
             self._wait_for_room()
         else:
@@ -758,97 +573,25 @@ class SlidingEngine:
     # ---------------------------------------------------------------- parked gradients (parked_grads)
     def _updated(self, index: int) -> bool:
         """Whether layer ``index``'s masters are current: no update queued or running, no gradients parked."""
-        return index not in self._parked and self.worker.done(index)
+        return index not in self.parking and self.worker.done(index)
 
     def _before_load(self, index: int) -> None:
-        if index in self._unparkable():  # (not gradients parked for a step still to come: the masters are current)
-            self._unpark(index)
+        if index in self.parking.ready():  # (not gradients parked for a step still to come: the masters are current)
+            self.parking.unpark(index)
         self._wait_update(index)
 
     def _wait_update(self, key) -> None:
         """Wait for unit ``key``'s update, sending parked gradients down meanwhile as host buffers come back: the
         update thread would otherwise run out of gradients to update while this thread waits."""
         with record_function(f"slide.wait update {key}"):
-            while self._unparkable() and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
-                self._unpark_ready()
+            while self.parking.ready() and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
+                self.parking.unpark_ready()
             self.worker.wait(key)
 
     def add_parking(self, count: int) -> None:
         """Let ``count`` more layers' gradients park on the device (``parked_grads``; allocated now)."""
         check_count("parked_grads", count, minimum=0)
-        if count and self._unpark_stream is None and self.device.type == "cuda":
-            # Parked gradients go down on their own stream (and staging): the download stream runs as far behind
-            # the training thread as the backward's flags and parks issued on it, which would hold back gradients
-            # that are already complete.
-            self._unpark_stream = torch.cuda.Stream(self.device)
-            if self.download_staging is not None:
-                self._unpark_staging = torch.empty_like(self.download_staging)
-        self._park_free += [(torch.empty(self.grad_pool.numel, dtype=self.compute_dtype, device=self.device), None)
-                            for _ in range(count)]
-
-    def _parks(self, unit: HostUnit, key) -> bool:
-        """Whether the first micro-batch's gradients of layer ``key``, about to go down, park on the device instead.
-        While updates stream: when no host buffer is free, or layers parked earlier wait (they go first). In a
-        step whose updates wait for the end of backward (clipping, ``nonfinite="skip"``): while a parking buffer
-        is free — the host then holds only the other layers' gradients until the step."""
-        if unit.grad is not None or unit is self.resident:
-            return False
-        if self._streaming is not None:
-            return bool(self._park_free or self._parked) and bool(self._parked or not self._pool_has_room())
-        optimizer = self._optimizers.get(key)
-        # clipping by norm reads a parked layer's norm taken on the device: it must cover all it optimizes
-        return (self._holding and bool(self._park_free) and optimizer is not None
-                and (not self._clipping or optimizer.steps_whole_gradient))
-
-    def _park(self, index: int, device_grads: torch.Tensor) -> object:
-        """On the download stream: copy layer ``index``'s gradients into a free parking buffer; returns the event
-        after which ``device_grads`` may be overwritten. Its update waits for ``_unpark``."""
-        buffer, free = self._park_free.pop()
-        self.streams.wait(free)  # its previous contents went down
-        buffer[: device_grads.numel()].copy_(device_grads)
-        parked = self.streams.record()
-        streamed = None if self._streaming is None else (self._streaming, None, self._stream_clip)
-        self._parked[index] = (buffer, parked, streamed)
-        self.layers[index].grad_event = parked  # its flags (and norm) went down before it
-        self.parked_total += 1
-        return parked
-
-    def _unpark(self, index: int) -> None:
-        """Send layer ``index``'s parked gradients down into a host buffer (waiting for one) and queue its update."""
-        buffer, parked, update = self._parked.pop(index)
-        unit = self.layers[index]
-        unit.grad = self._lend(index, bounded=True)
-        with self.streams.on(self._unpark_stream):
-            self.streams.wait(parked)
-            copy_cast(unit.grad, buffer[: unit.grad_numel], self._unpark_staging)
-            unit.grad_empty = False
-            unit.grad_event = self.streams.record()
-        self._park_free.append((buffer, unit.grad_event))
-        self._submit_update(index, *update, ready=unit.grad_event)
-        if self._streaming is None:  # after the backward: the next forward's order, this update among the first
-            self._prefer_forward_order()
-            self._step_open = bool(self._parked)  # the step's updates are all queued once none is parked
-
-    def _unpark_ready(self) -> None:
-        """Send parked gradients down while host buffers are free (never waits), in the order ``_next_unpark``
-        gives."""
-        while self._unparkable() and self._pool_has_room():
-            self._unpark(self._next_unpark())
-
-    def _unparkable(self) -> list[int]:
-        """The parked layers whose update may be queued (a step waiting for the backward gives that at ``step``)."""
-        return [index for index, (_, _, update) in self._parked.items() if update is not None]
-
-    def _next_unpark(self) -> int:
-        """The parked layer to send down next: of the layers whose gradients have landed in their parking buffer,
-        the lowest — the host can start on it at once, and the next forward needs it soonest, so the layers left
-        for the end reach up to the last and the host still has updates to run while that forward ends. If none
-        has landed: during the backward the oldest (the first to land), after it the first layer."""
-        waiting = self._unparkable()
-        landed = [index for index in waiting if self._parked[index][1] is None or self._parked[index][1].query()]
-        if landed:
-            return min(landed)
-        return min(waiting) if self._streaming is None else waiting[0]
+        self.parking.add(count)
 
     # ---------------------------------------------------------------- what user code between steps sees
     def show_grads(self) -> None:
@@ -865,8 +608,8 @@ class SlidingEngine:
             self.worker.wait(("add", key))
         units = [u for u in self._units().values() if u.trainable and not u.grad_empty]
         for unit in units:
-            if unit is self.resident and self._resident_updates_on_device():
-                master, grad = self._resident_master, self._resident_grad
+            if unit is self.resident and self.resident_parts.updates_on_device:
+                master, grad = self.resident_parts.master, self.resident_parts.grad
             else:
                 self.worker.await_device(unit.grad_event)
                 master, grad = unit.rest, unit.grad
@@ -876,7 +619,7 @@ class SlidingEngine:
                 entry.param.grad = view
                 self._shown.append((entry.param, view))
             if unit is self.resident:
-                self._resident_loaded = False  # the next forward points the parameters at the compute copy again
+                self.resident_parts.loaded = False  # the next forward points the parameters at the compute copy again
 
     def hide_grads(self) -> None:
         """Take back the gradients ``show_grads`` gave, keeping what user code did to them."""
@@ -889,7 +632,7 @@ class SlidingEngine:
                 view.copy_(param.grad)
             param.grad = None
         self._shown = []
-        self._norm_down = [False] * len(self._norm_down)  # the norms taken on the device may be stale: the host's
+        self.gradient_checks.forget_norms()  # the norms taken on the device may be stale: the host's
 
     def finish_updates(self) -> None:
         """Finish every queued update and point every parameter at its fp32 master: the module then holds the
@@ -899,44 +642,13 @@ class SlidingEngine:
         self._sync_masters()
         self.window.clear()
         self.resident.park()
-        self._resident_loaded = False
+        self.resident_parts.loaded = False
 
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
         """Make the resident parts' compute copy current; call before every forward."""
         self.hide_grads()  # before the window moves a layer, which drops its parameters' .grad
-        self._apply_deferred_resident_update()
-        if self._resident_loaded:
-            return
-        if self._resident_updates_on_device():  # its compute copy is refreshed by each update, on the device
-            for entry in self.resident.entries:
-                entry.param.data = entry.view(self.resident_weights)
-            self._resident_loaded = True
-            return
-        self._wait_update(RESIDENT)
-        in_use = self.streams.record()  # whatever compute still reads the old copy
-        with self.streams.on(self.streams.upload):
-            self.streams.wait(in_use)
-            owned = slice(self.resident.start, self.resident.stop)
-            copy_cast(self.resident_weights[owned], self.resident.master[owned], self.upload_staging)
-            self.shards.gather(self.resident_weights, self.resident.numel)
-            ready = self.streams.record()
-        self.streams.wait(ready)
-        for entry in self.resident.entries:
-            entry.param.data = entry.view(self.resident_weights)
-        self._resident_loaded = True
-
-    def _apply_deferred_resident_update(self) -> None:
-        if self._resident_deferred is not None:
-            hyper, coefficient, clip_value = self._resident_deferred
-            self._resident_deferred = None
-            self.worker.wait("norm")
-            if "error" in coefficient:
-                raise coefficient["error"]
-            if coefficient.get("skip"):
-                self.resident.grad_empty = True
-                return
-            self._update_resident_on_device(hyper, coefficient.get("value"), clip_value)
+        self.resident_parts.load()
 
     def _forward_layer(self, index: int, forward, *args, **kwargs):
         if not torch.is_grad_enabled():
@@ -953,10 +665,10 @@ class SlidingEngine:
 
     def _run_layer(self, index: int, forward, *args, **kwargs):
         # Named ranges for torch.profiler (benchmarks/profile_step.py reads them); next to nothing when not profiling.
-        with record_function(f"slide.{'backward' if self._backward else 'forward'} layer {index}"):
-            if self._parked:
-                self._unpark_ready()
-            if self._backward:  # autograd is recomputing this layer for its backward
+        with record_function(f"slide.{'backward' if self.mode.backward else 'forward'} layer {index}"):
+            if self.parking:
+                self.parking.unpark_ready()
+            if self.mode.backward:  # autograd is recomputing this layer for its backward
                 self.window.ensure(range(index, index - self.depth, -1), evict=self._finish_layer_grads)
                 if self.activations is not None:
                     self.activations.prefetch(index - 1)
@@ -987,73 +699,34 @@ class SlidingEngine:
                 the step (``show_grads``): its updates wait for the step, and no gradient parks on the device.
         """
         self.hide_grads()
-        self._backward = True
-        self._step_index = step
-        self._clipping = clipping
         stream = (last_micro_batch and not clipping and not observed and self.nonfinite != "skip"
                   and param_groups is not None and bool(self._optimizers))
-        self._streaming = hyperparameters(param_groups) if stream else None
-        self._stream_clip = None if clip_value is None else float(clip_value)
+        mode = self.mode
+        mode.backward, mode.step, mode.clipping = True, step, clipping
+        mode.streaming = hyperparameters(param_groups) if stream else None
+        mode.clip_value = None if clip_value is None else float(clip_value)
         # The step's updates wait for the end of backward: its layers' gradients may park (parked_grads).
-        self._holding = last_micro_batch and not stream and bool(self._optimizers) and not observed
-        if self.resident.trainable_numel:
-            self.worker.wait(RESIDENT)  # a chunked update may still be reading last step's gradients
-            self.resident_grads.zero_()
-            for entry in self.resident.trainable:
-                entry.param.grad = entry.view(self.resident_grads)
+        mode.holding = last_micro_batch and not stream and bool(self._optimizers) and not observed
+        self.resident_parts.begin_backward()
 
     def end_backward(self) -> None:
         """Call right after ``loss.backward()``: collect what is left on the device into the host accumulators."""
-        self._backward = False
+        self.mode.backward = False
         for index in list(self._pending):
             self._finish_layer_grads(index)
-        if self.resident.trainable_numel:
-            if self._resident_updates_on_device():
-                self.resident.grad_event = self._check_finite_on_device(
-                    RESIDENT, self.resident_grads, self.resident.grad_empty
-                )
-                self.shards.mean(self.resident_grads)  # replicated: every rank updates all of it alike
-                if self.resident.grad_empty:
-                    self._resident_grad.copy_(self.resident_grads)
-                else:
-                    self._resident_grad.add_(self.resident_grads)
-                self.resident.grad_empty = False
-            elif self._streaming is not None and self.resident.grad_empty and RESIDENT in self._optimizers:
-                # Left on the device: the update reads them in chunks (_step_resident_in_chunks), through buffers
-                # made here, on the training thread (page-locked for this thread's device).
-                if self._chunk_buffer is None:  # two chunks
-                    numel = min(2 * self._resident_chunk(), self.resident.grad_numel)
-                    self._chunk_buffer = host_empty(numel, MASTER_DTYPE, pin=self.pin)
-                    if self.upload_staging is not None:
-                        self._chunk_staging = torch.empty_like(self.upload_staging)
-                self.resident.grad_event = self._check_finite_on_device(
-                    RESIDENT, self.resident_grads[: self.resident.trainable_numel], True
-                )
-                produced = self.streams.record()
-                with self.streams.on(self.streams.download):
-                    self.streams.wait(produced)
-                    self.shards.reduce_scatter(self.resident_grads, self.resident.numel)
-                    self._resident_from_device = (self.streams.record(),)
-            else:
-                self._download(self.resident, self.resident_grads, RESIDENT)
-            for entry in self.resident.trainable:
-                entry.param.grad = None
-            if self._streaming is not None and not self._resident_updates_on_device():
-                chunked = self._resident_from_device
-                ready = self.resident.grad_event if chunked is None else chunked[0]
-                self._submit_update(RESIDENT, self._streaming, clip_value=self._stream_clip, ready=ready)
-        if self._streaming is not None:
+        self.resident_parts.end_backward(self.mode.streaming, self.mode.clip_value)
+        if self.mode.streaming is not None:
             # What the host has not started yet, it does in the next forward's order — from now on, not after the
             # device update below, which may wait for the end of backward on the device (its NaN/Inf check).
             self._prefer_forward_order()
-            if self.resident.trainable_numel and self._resident_updates_on_device():
-                self._update_resident_on_device(self._streaming, None, self._stream_clip)
-        self._streamed = None if self._streaming is None else (self._stream_clip,)
-        self.streamed_steps += self._streaming is not None
-        self._streaming = None
-        if self._parked:
-            self._unpark_ready()
-        self._step_open = bool(self._unparkable())  # a streamed step's updates are all queued unless some are parked
+            if self.resident.trainable_numel and self.resident_parts.updates_on_device:
+                self.resident_parts.update_on_device(self.mode.streaming, None, self.mode.clip_value)
+        self.mode.streamed = self.mode.streaming is not None
+        self.streamed_steps += self.mode.streamed
+        self.mode.streaming = None
+        if self.parking:
+            self.parking.unpark_ready()
+        self.mode.open = bool(self.parking.ready())  # a streamed step's updates are all queued unless some are parked
 
     def _prefer_forward_order(self) -> None:
         """Run the queued updates (and the disk tier's reads) in the order the next forward needs them."""
@@ -1083,8 +756,8 @@ class SlidingEngine:
         self.window.grads_copied(index, self._download(unit, self.window.grads_of(index), id(slot)))
         for entry in unit.trainable:
             entry.param.grad = None
-        if self._streaming is not None and index not in self._parked:
-            self._submit_update(index, self._streaming, clip_value=self._stream_clip, ready=unit.grad_event)
+        if self.mode.streaming is not None and index not in self.parking:
+            self._submit_update(index, self.mode.streaming, clip_value=self.mode.clip_value, ready=unit.grad_event)
 
     def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
         """Copy ``device_grads`` into ``unit``'s fp32 accumulator; returns the event after which the device buffer
@@ -1095,34 +768,32 @@ class SlidingEngine:
         With several ranks ``device_grads`` is padded for the collectives: a reduce-scatter on the download stream
         leaves this rank's shard averaged over ranks, and only that shard crosses to the host."""
         key = self._key_of(unit)
-        index = -1 if key == RESIDENT else key
-        self._check_finite_on_device(key, device_grads[: unit.trainable_numel], unit.grad_empty)
+        index = index_of(key)
+        self.gradient_checks.fold_finite(index, device_grads[: unit.trainable_numel], unit.grad_empty, self.streams, self.shards)
         produced = self.streams.record()
         with self.streams.on(self.streams.download):
             self.streams.wait(produced)
             self.shards.reduce_scatter(device_grads, unit.numel)
             device_grads = device_grads[unit.grad_start : unit.grad_stop]
             if unit.grad_empty:
-                self._norm_down[index] = self._clipping
-                if self._clipping:
-                    # (the norm is made on this stream: its memory is reused only after the copy here)
-                    norm = torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE)
-                    self._norms_host[index].copy_(norm, non_blocking=True)
-                if self._parks(unit, key):
+                self.gradient_checks.forget_norm(index)
+                if self.mode.clipping:  # (made on this stream: the gradients' memory is reused only after the copy)
+                    self.gradient_checks.take_norm(index, device_grads)
+                if self.parking.wants(unit, key):
                     # Rather than wait for the host, or take a buffer ahead of gradients parked earlier. With every
                     # parking buffer taken: wait for a host buffer, send a parked layer that has landed down into
                     # it, and park in the buffer that frees (the host never waits on gradients still computing).
-                    if not self._park_free:
+                    if not self.parking.free:
                         self._wait_for_room()
-                        self._unpark_ready()
-                    return self._park(index, device_grads)
+                        self.parking.unpark_ready()
+                    return self.parking.park(index, device_grads)
                 if unit.grad is None:
-                    unit.grad = self._resident_accumulator() if unit is self.resident else self._lend(index)
+                    unit.grad = self.resident_parts.accumulator() if unit is self.resident else self._lend(index)
                 copy_cast(unit.grad, device_grads, self.download_staging)
                 unit.grad_empty = False
                 unit.grad_event = self.streams.record()
                 return unit.grad_event
-            self._norm_down[index] = False  # a sum of micro-batches: its norm is taken on the host
+            self.gradient_checks.forget_norm(index)  # a sum of micro-batches: its norm is taken on the host
             self.worker.wait(("add", staging_key))  # the staging buffer's previous contents were added
             staging = self._staging(staging_key, device_grads.numel())
             copy_cast(staging, device_grads, self.download_staging)
@@ -1145,7 +816,7 @@ class SlidingEngine:
     def step_torn(self) -> bool:
         """Whether training stopped in the middle of an optimizer step, so that some units may hold its update and
         others not: a backward streaming updates (or ``step``) was interrupted, or an update failed."""
-        return self._step_open or self.worker.failed
+        return self.mode.open or self.worker.failed
 
     def stats(self) -> dict[str, float]:
         """Cumulative figures since construction: ``host_busy`` (seconds the update thread ran updates and gradient
@@ -1159,21 +830,19 @@ class SlidingEngine:
             "host_waiting": self.worker.waiting_seconds,
             "compute_blocked": self.worker.blocked_seconds,
             "skipped_steps": float(self.skipped_steps),
-            "parked_layers": float(self.parked_total),
+            "parked_layers": float(self.parking.total),
             "streamed_steps": float(self.streamed_steps),
         }
 
     def _sync_masters(self, gather: bool = True) -> None:
         """Finish queued updates and bring device-updated masters back to the host; with several ranks, fetch the
         other ranks' shards of every master (a collective: every rank calls this at the same point)."""
-        self._apply_deferred_resident_update()
-        while self._unparkable():
-            self._unpark(min(self._unparkable()))
+        self.resident_parts.apply_deferred()
+        self.parking.unpark_all()
         self.worker.wait_all()
         if self.state_store is not None:
             self.state_store.flush()
-        if self._resident_updates_on_device():
-            self.resident.master.copy_(self._resident_master)
+        self.resident_parts.to_host()
         if gather and not self._masters_current:
             state.gather_masters(self)
             self._masters_current = True
@@ -1227,9 +896,9 @@ class SlidingEngine:
                 self.state_store.close()
             self.worker.close(drain=False)
             self.shards.close()
-            if not drain and self._resident_updates_on_device():
+            if not drain:
                 try:  # the run failed: still hand back the latest resident weights if the device allows
-                    self.resident.master.copy_(self._resident_master)
+                    self.resident_parts.to_host()
                 except Exception:  # noqa: BLE001 - the original error is the one to report
                     pass
             self._release()
@@ -1238,7 +907,7 @@ class SlidingEngine:
         if self._fraction_before is not None:  # the GPU cap ends with the engine, not with the process
             torch.cuda.set_per_process_memory_fraction(self._fraction_before, self.device)
             self._fraction_before = None
-        self._backward = False
+        self.mode.backward = False
         self._pending.clear()
         for handle in self._hooks:
             handle.remove()
@@ -1251,25 +920,18 @@ class SlidingEngine:
         self._model_checkpointing = []
         self.window.clear()
         self.resident.park()
-        self._resident_loaded = False
         if self.streams.cuda:
             torch.cuda.current_stream(self.device).synchronize()
             self.streams.upload.synchronize()
             self.streams.download.synchronize()
-            self._chunk_stream.synchronize()
-            if self._unpark_stream is not None:
-                self._unpark_stream.synchronize()
         # No copy is in flight any more: drop the scratch buffers (nothing after close uses them).
-        self._resident_deferred = None
+        self.resident_parts.close()
         self.window.slots.clear()
         self.window.upload_staging = self.upload_staging = self.download_staging = None
-        self.resident_weights = self.resident_grads = None
         self._host_staging.clear()
-        self._chunk_buffer = self._chunk_staging = self._unpark_staging = None
         for unit in self.layers:
             unit.grad = None  # buffers lent by the pool
         self._lent.clear()
-        self._parked.clear()
-        self._park_free.clear()
+        self.parking.close()
         self.grad_pool = GradientPool(0, pin=False)
         self.activations = None

@@ -107,7 +107,7 @@ class Parking:
         engine._submit_update(index, *update, ready=unit.grad_event)
         if engine.mode.streaming is None:  # after the backward: the next forward's order, this update among the first
             engine._prefer_forward_order()
-            engine._step_open = bool(self.parked)  # the step's updates are all queued once none is parked
+            engine.mode.open = bool(self.parked)  # the step's updates are all queued once none is parked
 
     def unpark_ready(self) -> None:
         """Send parked gradients down while host buffers are free (never waits), in the order ``next`` gives."""

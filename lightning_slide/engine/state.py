@@ -122,11 +122,8 @@ def load_state_dict(engine: SlidingEngine, state: dict[str, torch.Tensor], stric
         if unit.master is not None:
             unit.refresh_weights()
     engine.window.clear()
-    engine._resident_loaded = False
-    if engine._resident_updates_on_device():
-        engine._resident_master.copy_(engine.resident.master)
-        engine.resident_weights.copy_(engine._resident_master)
-    else:
+    engine.resident_parts.from_host()
+    if not engine.resident_parts.updates_on_device:
         engine.prepare_forward()
 
 
@@ -149,7 +146,7 @@ def host_bytes(engine: SlidingEngine) -> dict[str, int]:
         "optimizer state": moments,
         "gradients": pool.allocated * pool.numel * 4 + sum(t.nbytes for t in engine._host_staging.values())
         + (engine.resident.grad.nbytes if engine.resident.grad is not None else 0)
-        + (engine._chunk_buffer.nbytes if engine._chunk_buffer is not None else 0),
+        + (engine.resident_parts.chunk_buffer.nbytes if engine.resident_parts.chunk_buffer is not None else 0),
         "disk tier in flight": engine.state_store.allocated_bytes if engine.state_store is not None else 0,
         "disk tier caches": caches,
     }

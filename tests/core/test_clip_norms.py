@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lightning_slide
-from lightning_slide.engine.engine import SlidingEngine
+from lightning_slide.engine import checks
 from lightning_slide.engine.optimizer import UnitOptimizer
 from tests.core.tiny import TinyLM, batches, initial_state, relative_error, trainer
 
@@ -29,14 +29,14 @@ def _train(strategy, accumulate):
 def host_norm_passes(monkeypatch):
     """Counts the gradients the norm task reads on the host."""
     read, inside = [], []
-    norm_task, bind = SlidingEngine._clip_coefficient, UnitOptimizer.bind
+    norm_task, bind = checks.clip_task, UnitOptimizer.bind
 
     @functools.wraps(norm_task)
-    def counting_task(self, *args, **kwargs):
+    def counting_task(engine, *args, **kwargs):
         read.append(0)
         inside.append(True)
         try:
-            return norm_task(self, *args, **kwargs)
+            return norm_task(engine, *args, **kwargs)
         finally:
             inside.pop()
 
@@ -47,7 +47,7 @@ def host_norm_passes(monkeypatch):
             read[-1] += len(grads)
         return grads
 
-    monkeypatch.setattr(SlidingEngine, "_clip_coefficient", counting_task)
+    monkeypatch.setattr(checks, "clip_task", counting_task)
     monkeypatch.setattr(UnitOptimizer, "bind", counting_bind)
     return read
 

@@ -84,7 +84,7 @@ def fit_until_it_fails(expected, *, torn, module=None, callbacks=(), steps=4, **
     if torn:
         assert engine is None, "the engine (and its buffers) outlived the run"
     else:  # kept for a checkpoint after the run (masters and optimizer state), its scratch memory gone
-        assert not engine.window.slots and engine.resident_weights is None and engine.activations is None
+        assert not engine.window.slots and engine.resident_parts.weights is None and engine.activations is None
         assert not engine.grad_pool.allocated and all(unit.grad is None for unit in engine.layers)
     return exception, frames
 
@@ -191,17 +191,17 @@ def test_a_failing_update_surfaces_with_its_traceback(monkeypatch, clip):
 
 
 def test_a_failing_clipping_norm_fails_the_updates_that_need_it(monkeypatch):
-    from lightning_slide.engine.engine import SlidingEngine
+    from lightning_slide.engine import checks
 
-    clip_coefficient, calls = SlidingEngine._clip_coefficient, []
+    clip_task, calls = checks.clip_task, []
 
-    def failing_norm(self, *args):
+    def failing_norm(engine, *args):
         calls.append(args)
         if len(calls) == 2:  # the second step's global norm
             raise MemoryError("injected norm failure")
-        return clip_coefficient(self, *args)
+        return clip_task(engine, *args)
 
-    monkeypatch.setattr(SlidingEngine, "_clip_coefficient", failing_norm)
+    monkeypatch.setattr(checks, "clip_task", failing_norm)
     module = TinyLM("llama", initial_state("llama"))
     exception, frames = fit_until_it_fails(MemoryError, torn=True, module=module, gradient_clip_val=0.5)
     assert "failing_norm" in frames

@@ -50,7 +50,7 @@ def test_a_finished_fit_keeps_only_what_a_checkpoint_needs(tmp_path):
     run = trainer(strategy, max_steps=2)
     run.fit(module, batches(4))
     engine = run.optimizers[0].engine  # kept for a checkpoint after the run
-    assert not engine.window.slots and engine.resident_weights is None and engine.activations is None
+    assert not engine.window.slots and engine.resident_parts.weights is None and engine.activations is None
     assert not engine.grad_pool.allocated and all(unit.grad is None for unit in engine.layers)
     run.save_checkpoint(tmp_path / "after_fit.ckpt")
 

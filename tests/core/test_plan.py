@@ -71,7 +71,7 @@ class _Snapshot(L.Callback):
         # With the resident parts updated on the device (resident_optimizer="auto" on a GPU, or "device") their
         # moments are device memory (the CPU's, when it is the device), beside a device copy of their masters and a
         # device gradient accumulator.
-        on_device_key = "resident" if engine._resident_master is not None else None
+        on_device_key = "resident" if engine.resident_parts.updates_on_device else None
         def moments(keys):
             return [t for k, o in engine._optimizers.items() if k in keys and o.state is not None
                     for t in o.state.values()]
@@ -81,20 +81,20 @@ class _Snapshot(L.Callback):
             "masters": sum(u.master.numel() * 4 for u in units.values()),
             "moments": sum(t.numel() * t.element_size() for t in on_host),
             "pool": 4 * engine.grad_pool.allocated * engine.grad_pool.numel,
-            "resident grad": sum(t.nbytes for t in (engine.resident.grad, engine._chunk_buffer) if t is not None),
+            "resident grad": sum(t.nbytes for t in (engine.resident.grad, engine.resident_parts.chunk_buffer) if t is not None),
             "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
             "copies": sum(u.weights.nbytes for u in engine.layers if u.weights is not None),
             "frozen": sum(u.frozen.nbytes for u in engine.layers if u.frozen is not None and u.weights is None),
         }
         self.device = {
             "slots": sum(s.weights.nbytes + s.grads.nbytes for s in engine.window.slots),
-            "resident": engine.resident_weights.nbytes + engine.resident_grads.nbytes,
+            "resident": engine.resident_parts.weights.nbytes + engine.resident_parts.grads.nbytes,
             "resident optimizer": sum(t.numel() * t.element_size() for t in on_device)
-            + sum(t.nbytes for t in (engine._resident_master, engine._resident_grad) if t is not None),
+            + sum(t.nbytes for t in (engine.resident_parts.master, engine.resident_parts.grad) if t is not None),
         }
-        self.parked = sum(buffer.nbytes for buffer, _ in engine._park_free) + sum(
-            entry[0].nbytes for entry in engine._parked.values())
-        self.resident_on_device = engine._resident_master is not None
+        self.parked = sum(buffer.nbytes for buffer, _ in engine.parking.free) + sum(
+            entry[0].nbytes for entry in engine.parking.parked.values())
+        self.resident_on_device = engine.resident_parts.updates_on_device
         self.plan = trainer.strategy.plan
         self.depth = engine.depth
 

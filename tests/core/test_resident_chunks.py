@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lightning_slide
-from lightning_slide.engine.engine import SlidingEngine
+from lightning_slide.engine.resident import ResidentParts
 from tests.core.test_parity import assert_same_training
 from tests.core.tiny import TinyLM, batches, initial_state, trainer
 
@@ -23,11 +23,11 @@ class _State(L.Callback):
         engine = trainer.strategy.engine
         self.state = {n: engine.optimizer_state(p) for n, p in module.named_parameters() if "layers" not in n}
         self.accumulator = engine.resident.grad
-        self.chunk = engine._chunk_buffer
+        self.chunk = engine.resident_parts.chunk_buffer
 
 
 def _train(chunk, monkeypatch, steps=STEPS, **options):
-    monkeypatch.setattr(SlidingEngine, "RESIDENT_CHUNK", chunk)
+    monkeypatch.setattr(ResidentParts, "CHUNK", chunk)
     torch.manual_seed(123)
     module = TinyLM("llama", initial_state("llama"))
     seen = _State()
@@ -52,7 +52,7 @@ def test_resident_parts_updated_in_chunks_train_the_same(monkeypatch):
 
 @pytest.mark.parametrize("clip,accumulate", [(0.5, 1), (None, 2)])
 def test_clipping_or_accumulation_keep_a_resident_accumulator(monkeypatch, clip, accumulate):
-    monkeypatch.setattr(SlidingEngine, "RESIDENT_CHUNK", 1000)
+    monkeypatch.setattr(ResidentParts, "CHUNK", 1000)
     seen = _State()
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="host"))
     trainer(strategy, max_steps=2, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
