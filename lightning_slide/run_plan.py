@@ -56,9 +56,9 @@ class RunPlan:
 
         Without ``batch`` x ``seq`` the fixed buffers (window slots, resident parts, staging), the host memory
         (masters, Adam moments, gradient buffers) and the disk tier are checked; with them the activations too.
-        The GPU is checked against ``strategy.device_memory_limit()`` or the whole card (on the CPU only when a limit is given),
-        the host against ``tuning.host_memory`` or the memory available now plus what this process already holds that the
-        plan counts (shared by the host's ranks), the disk against the free space under ``offload_dir``.
+        The GPU is checked against ``strategy.device_memory_limit()`` or the whole card (on the CPU only when a limit
+        is given), the host against ``tuning.host_memory`` or the memory available now plus what this process already
+        holds that the plan counts (shared by the host's ranks), the disk against the free space under ``offload_dir``.
         """
         strategy = self.strategy
         settings = self.settings if batch is None else dataclasses.replace(self.settings, batch=batch, seq=seq)

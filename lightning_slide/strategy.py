@@ -68,7 +68,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             the run's plan is checked against it before anything large is allocated. Default ``None``: the GPU.
         nonfinite: a NaN/Inf loss or gradient: ``"error"`` (default; stop, naming the layer and step) or ``"skip"``
             (drop that optimizer step; its updates then wait for the end of backward).
-        monitor: add a :class:`~lightning_slide.SlideMonitor` (tokens/s, TFLOP/s, memory, busy shares). Default ``True``.
+        monitor: add a :class:`~lightning_slide.SlideMonitor` (tokens/s, TFLOP/s, memory, busy shares). Default
+            ``True``.
         tuning: memory-for-speed choices the planner makes by default, same training whatever they say: a dict (or
             :class:`~lightning_slide.engine.options.Tuning`) of ``resident_optimizer``, ``host_weights``,
             ``grad_buffers``, ``parked_grads``, ``host_memory``. Default ``None``: as the planner decides (no parking).

@@ -37,8 +37,11 @@ def parse_kernels(kernels: str | Iterable[str]) -> tuple[str, ...]:
         names = tuple(kernels)
     else:
         names = None
-    if names is None or any(n not in (*KERNEL_NAMES, "all", "none") for n in names):
+    if names is None:
         raise ValueError(f"kernels must be 'all', 'none' or a list of {list(KERNEL_NAMES)}, got {kernels!r}")
+    unknown = [n for n in names if n not in (*KERNEL_NAMES, "all", "none")]
+    if unknown:
+        raise ValueError(f"kernels got unknown {unknown}; valid: 'all', 'none' or a list of {list(KERNEL_NAMES)}")
     return KERNEL_NAMES if "all" in names else tuple(n for n in KERNEL_NAMES if n in names)
 
 
@@ -81,7 +84,7 @@ def _directory(value: Any) -> str | None:
     if not isinstance(value, (str, Path)) or not str(value):
         raise ValueError(f"offload_dir must be a directory path or None, got {value!r}")
     if Path(value).exists() and not Path(value).is_dir():
-        raise ValueError(f"offload_dir {str(value)!r} is a file, not a directory; give a directory (created if missing)")
+        raise ValueError(f"offload_dir {str(value)!r} is a file, not a directory; give a directory (made if missing)")
     return str(value)
 
 
@@ -184,8 +187,8 @@ class SlideOptions:
             raise ValueError(f"timeout must be a positive datetime.timedelta, got {self.timeout!r}")
         tuning = Tuning.of(self.tuning)
         if tuning.host_weights == "fp32" and "masters" in self.offload:
-            raise ValueError("tuning.host_weights='fp32' uploads from fp32 masters in host memory, but offload puts the "
-                             "masters on disk; use host_weights='compute' or 'auto'")
+            raise ValueError("tuning.host_weights='fp32' uploads from fp32 masters in host memory, but offload puts "
+                             "the masters on disk; use host_weights='compute' or 'auto'")
         if tuning.host_weights == "auto":
             tuning = dataclasses.replace(tuning, host_weights="compute" if "masters" in self.offload else "fp32")
         set_("tuning", tuning)

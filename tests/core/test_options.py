@@ -48,7 +48,7 @@ def test_defaults_are_built_once_and_rebuilding_changes_nothing(tmp_path):
     (dict(window=True), r"window must be a positive integer, got True"),
     (dict(window="2"), r"window must be a positive integer, got '2'"),
     (dict(blocks=["model.layers"]), r"blocks must be a dotted module path or None"),
-    (dict(kernels=["rmsnorm", "flash"]), r"kernels must be .*got \['rmsnorm', 'flash'\]"),
+    (dict(kernels=["rmsnorm", "flash"]), r"kernels got unknown \['flash'\]; valid: 'all', 'none' or a list of"),
     (dict(kernels={"rope": True}), r"kernels must be"),
     (dict(offload_activations="yes"), r"offload_activations must be True or False, got 'yes'"),
     (dict(offload_dir=3), r"offload_dir must be a directory path or None, got 3"),
@@ -89,7 +89,7 @@ def test_the_strategy_takes_at_most_twelve_options_and_groups_the_tuning():
     assert len(names) <= 12 and "tuning" in names
     assert not set(Tuning.names()) & set(names)  # the planner's choices are only in the group
     assert set(names) - {"tuning"} == {f.name for f in dataclasses.fields(SlideOptions)} - {"tuning"}
-    with pytest.raises(ValueError, match=r"tuning got unknown option\(s\) \['buffers'\]; it takes \['resident_optimizer'"):
+    with pytest.raises(ValueError, match=r"tuning got unknown option\(s\) \['buffers'\]; it takes \['resident_opt"):
         lightning_slide.SlideFormerStrategy(tuning=dict(buffers=4))
     as_dict = lightning_slide.SlideFormerStrategy(tuning=dict(grad_buffers=2, parked_grads=24))
     as_tuning = lightning_slide.SlideFormerStrategy(tuning=Tuning(grad_buffers=2, parked_grads=24))
@@ -126,7 +126,7 @@ def test_kernel_names_are_parsed_in_one_place():
     assert parse_kernels("none") == parse_kernels([]) == parse_kernels(["none"]) == ()
     assert parse_kernels("rope") == ("rope",)
     assert parse_kernels(("fused_linear_cross_entropy", "rmsnorm")) == ("rmsnorm", "fused_linear_cross_entropy")
-    with pytest.raises(ValueError, match=r"kernels must be 'all', 'none' or a list .*got \['flash'\]"):
+    with pytest.raises(ValueError, match=r"kernels got unknown \['flash'\]; valid: 'all', 'none' or a list"):
         apply_kernels(torch.nn.Linear(2, 2), ["flash"])  # apply_kernels parses with the same function
     assert apply_kernels(torch.nn.Linear(2, 2), "none") == []
 
