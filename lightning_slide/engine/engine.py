@@ -23,7 +23,6 @@ strategy drives it through ``prepare_forward``, ``begin_backward``, ``end_backwa
 
 from __future__ import annotations
 
-import collections
 import functools
 from dataclasses import dataclass
 from collections.abc import Mapping
@@ -41,7 +40,7 @@ from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine import checks
 from lightning_slide.engine.checks import GradientChecks, Verdict, decide, index_of, raise_if_nonfinite
 from lightning_slide.engine.disk import MASTER, OneUnitCache, StateStore, check_disk_space, existing_bytes
-from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, GradientPool, HostUnit
+from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit
 from lightning_slide.engine.optimizer import (
     UnitOptimizer,
     UpdateWorker,
@@ -50,6 +49,7 @@ from lightning_slide.engine.optimizer import (
     state_names,
 )
 from lightning_slide.engine.options import SlideOptions, check_count
+from lightning_slide.engine.loans import GradientLoans
 from lightning_slide.engine.parking import Parking
 from lightning_slide.engine.pinned import host_empty
 from lightning_slide.engine.resident import ResidentParts
@@ -252,14 +252,14 @@ class SlidingEngine:
         self.upload_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self.download_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self._host_staging: dict[Any, torch.Tensor] = {}  # pinned fp32, for gradients added into an accumulator
-        self.grad_pool = GradientPool(max(u.grad_numel for u in self.layers), pin=self.pin)
-        self._lent: collections.deque = collections.deque()  # layers holding a pool buffer, oldest first
+        self.worker = UpdateWorker()
+        self.loans = GradientLoans(self.layers, max(u.grad_numel for u in self.layers), self.grad_buffers, self.worker,
+                                   self.pin)
         self.parking = Parking(self)  # layers' gradients held on the device for a host buffer (parked_grads)
         self.streamed_steps = 0  # optimizer steps whose updates streamed out of their backward, since construction
         self.add_parking(parked_grads)
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
-        self.worker = UpdateWorker()
         self.window = Window(
             self.layers, depth, self.device, compute_dtype, self.streams,
             self.upload_staging, before_load=self._before_load,
@@ -327,6 +327,11 @@ class SlidingEngine:
             for module in root.modules()
             if any(id(p) in resident for p in module.parameters(recurse=False))
         ]
+
+    @property
+    def grad_pool(self):
+        """The host's layer gradient buffers (``loans.GradientLoans`` lends them)."""
+        return self.loans.pool
 
     @property
     def depth(self) -> int:
@@ -409,7 +414,7 @@ class SlidingEngine:
         for key, unit in self._units().items():
             if self.worker.done(key):
                 unit.grad_empty = True
-                self._give_back(unit)
+                self.loans.give_back(unit)
         self.parking.drop_unqueued()  # parked for a step that was skipped
 
     def skip_step(self) -> None:
@@ -528,47 +533,7 @@ class SlidingEngine:
         if state is not None:
             self.state_store.write(self._key_of(unit), state)
         unit.grad_empty = True
-        self._give_back(unit)
-
-    def _give_back(self, unit: HostUnit) -> None:
-        """Return a layer's lent gradient buffer to the pool (the resident parts own theirs)."""
-        if unit is not self.resident and unit.grad is not None:
-            buffer, unit.grad = unit.grad, None
-            self.grad_pool.give(buffer)
-
-    def _lend(self, index: int, bounded: bool | None = None) -> torch.Tensor:
-        """A gradient buffer for layer ``index``; while updates stream (or ``bounded``), first wait until few enough
-        are lent."""
-        bounded = self.mode.streaming is not None if bounded is None else bounded
-        if bounded:
-            self._wait_for_room()
-        else:
-            self._pool_has_room()  # forgets the layers that gave theirs back
-        self._lent.append(index)
-        return self.grad_pool.take()[: self.layers[index].grad_numel]
-
-    def _wait_for_room(self) -> None:
-        """Block until a layer could borrow a gradient buffer within the streaming bound: until one of the layers
-        holding one (whichever first) has given it back."""
-        while not self._pool_has_room():
-            oldest = self._lent[0]
-            if not self.worker.wait(oldest, timeout=_UNPARK_POLL_SECONDS) or self._returned(oldest):
-                continue
-            # done but still holding it: a step waiting for the backward has not queued its update yet
-            self._lent.popleft()
-            return
-
-    def _pool_has_room(self) -> bool:
-        """Whether a layer could borrow a gradient buffer now, within the streaming bound, without waiting."""
-        for index in [index for index in self._lent if self._returned(index)]:
-            self._lent.remove(index)
-            self.worker.wait(index)  # done: returns at once (re-raises its failure)
-        return len(self._lent) < self.grad_buffers
-
-    def _returned(self, index: int) -> bool:
-        """Whether layer ``index`` has given its lent buffer back: its update is done (in a step that waits for the
-        backward, a layer holds its buffer before its update is queued)."""
-        return self.worker.done(index) and self.layers[index].grad is None
+        self.loans.give_back(unit)
 
     # ---------------------------------------------------------------- parked gradients (parked_grads)
     def _updated(self, index: int) -> bool:
@@ -595,44 +560,12 @@ class SlidingEngine:
 
     # ---------------------------------------------------------------- what user code between steps sees
     def show_grads(self) -> None:
-        """Show this optimizer step's gradients so far as plain training does after a backward: every trainable
-        parameter points at its fp32 master and its ``.grad`` at its fp32 gradient (host; the device for resident
-        parts updated there), for user hooks between backward and step. In-place changes, new tensors and
-        ``None`` given to ``.grad`` are what the step then uses (``hide_grads``). Needs a backward begun with
-        ``observed=True``; one rank only (with several, each rank holds a shard of each gradient)."""
-        if self.shards.active:
-            return
-        self.hide_grads()
-        self.window.clear()
-        for key in list(self._host_staging):  # later micro-batches are added in by the update thread
-            self.worker.wait(("add", key))
-        units = [u for u in self._units().values() if u.trainable and not u.grad_empty]
-        for unit in units:
-            if unit is self.resident and self.resident_parts.updates_on_device:
-                master, grad = self.resident_parts.master, self.resident_parts.grad
-            else:
-                self.worker.await_device(unit.grad_event)
-                master, grad = unit.rest, unit.grad
-            for entry in unit.trainable:
-                view = entry.view(grad)
-                entry.param.data = entry.view(master)
-                entry.param.grad = view
-                self._shown.append((entry.param, view))
-            if unit is self.resident:
-                self.resident_parts.loaded = False  # the next forward points the parameters at the compute copy again
+        """Show the step's gradients so far to user hooks, as plain training does (``state.show_grads``)."""
+        state.show_grads(self)
 
     def hide_grads(self) -> None:
         """Take back the gradients ``show_grads`` gave, keeping what user code did to them."""
-        if not self._shown:
-            return
-        for param, view in self._shown:
-            if param.grad is None:
-                view.zero_()
-            elif param.grad is not view:
-                view.copy_(param.grad)
-            param.grad = None
-        self._shown = []
-        self.gradient_checks.forget_norms()  # the norms taken on the device may be stale: the host's
+        state.hide_grads(self)
 
     def finish_updates(self) -> None:
         """Finish every queued update and point every parameter at its fp32 master: the module then holds the
@@ -784,11 +717,11 @@ class SlidingEngine:
                     # parking buffer taken: wait for a host buffer, send a parked layer that has landed down into
                     # it, and park in the buffer that frees (the host never waits on gradients still computing).
                     if not self.parking.free:
-                        self._wait_for_room()
+                        self.loans.wait_for_room()
                         self.parking.unpark_ready()
                     return self.parking.park(index, device_grads)
                 if unit.grad is None:
-                    unit.grad = self.resident_parts.accumulator() if unit is self.resident else self._lend(index)
+                    unit.grad = self.resident_parts.accumulator() if unit is self.resident else self.loans.lend(index, bounded=self.mode.streaming is not None)
                 copy_cast(unit.grad, device_grads, self.download_staging)
                 unit.grad_empty = False
                 unit.grad_event = self.streams.record()
@@ -929,9 +862,6 @@ class SlidingEngine:
         self.window.slots.clear()
         self.window.upload_staging = self.upload_staging = self.download_staging = None
         self._host_staging.clear()
-        for unit in self.layers:
-            unit.grad = None  # buffers lent by the pool
-        self._lent.clear()
         self.parking.close()
-        self.grad_pool = GradientPool(0, pin=False)
+        self.loans.close()
         self.activations = None

@@ -61,7 +61,7 @@ class Parking:
         if unit.grad is not None or unit is engine.resident:
             return False
         if mode.streaming is not None:
-            return bool(self.free or self.parked) and bool(self.parked or not engine._pool_has_room())
+            return bool(self.free or self.parked) and bool(self.parked or not engine.loans.has_room())
         optimizer = engine._optimizers.get(key)
         # clipping by norm reads a parked layer's norm taken on the device: it must cover all it optimizes
         return (mode.holding and bool(self.free) and optimizer is not None
@@ -97,7 +97,7 @@ class Parking:
         engine = self.engine
         buffer, landed, update = self.parked.pop(index)
         unit = engine.layers[index]
-        unit.grad = engine._lend(index, bounded=True)
+        unit.grad = engine.loans.lend(index, bounded=True)
         with engine.streams.on(self.stream):
             engine.streams.wait(landed)
             copy_cast(unit.grad, buffer[: unit.grad_numel], self.staging)
@@ -111,7 +111,7 @@ class Parking:
 
     def unpark_ready(self) -> None:
         """Send parked gradients down while host buffers are free (never waits), in the order ``next`` gives."""
-        while self.ready() and self.engine._pool_has_room():
+        while self.ready() and self.engine.loans.has_room():
             self.unpark(self.next())
 
     def unpark_all(self) -> None:

@@ -1,6 +1,7 @@
 """The engine's state as the outside world reads and writes it: state dicts of the fp32 masters (read from the disk
 tier's files when they live there), the optimizer state of one parameter at a time, host memory by kind, and the
-gathering of every rank's shards of the masters."""
+gathering of every rank's shards of the masters; and the gradients user hooks see between a backward and its
+step."""
 
 from __future__ import annotations
 
@@ -205,3 +206,44 @@ def load_optimizer_state(engine: SlidingEngine, param: nn.Parameter, state: dict
     optimizer.load_state_of(param, state, stored)
     if stored is not None:
         engine._state_cache.mark_changed()
+
+
+def show_grads(engine: SlidingEngine) -> None:
+    """Show this optimizer step's gradients so far as plain training does after a backward: every trainable
+    parameter points at its fp32 master and its ``.grad`` at its fp32 gradient (host; the device for resident
+    parts updated there), for user hooks between backward and step. In-place changes, new tensors and
+    ``None`` given to ``.grad`` are what the step then uses (``hide_grads``). Needs a backward begun with
+    ``observed=True``; one rank only (with several, each rank holds a shard of each gradient)."""
+    if engine.shards.active:
+        return
+    hide_grads(engine)
+    engine.window.clear()
+    for key in list(engine._host_staging):  # later micro-batches are added in by the update thread
+        engine.worker.wait(("add", key))
+    units = [u for u in engine._units().values() if u.trainable and not u.grad_empty]
+    for unit in units:
+        if unit is engine.resident and engine.resident_parts.updates_on_device:
+            master, grad = engine.resident_parts.master, engine.resident_parts.grad
+        else:
+            engine.worker.await_device(unit.grad_event)
+            master, grad = unit.rest, unit.grad
+        for entry in unit.trainable:
+            view = entry.view(grad)
+            entry.param.data = entry.view(master)
+            entry.param.grad = view
+            engine._shown.append((entry.param, view))
+        if unit is engine.resident:
+            engine.resident_parts.loaded = False  # the next forward points the parameters at the compute copy again
+
+def hide_grads(engine: SlidingEngine) -> None:
+    """Take back the gradients ``show_grads`` gave, keeping what user code did to them."""
+    if not engine._shown:
+        return
+    for param, view in engine._shown:
+        if param.grad is None:
+            view.zero_()
+        elif param.grad is not view:
+            view.copy_(param.grad)
+        param.grad = None
+    engine._shown = []
+    engine.gradient_checks.forget_norms()  # the norms taken on the device may be stale: the host's
