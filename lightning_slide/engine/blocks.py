@@ -34,6 +34,20 @@ class ModelParts:
         prefix = f"{self.blocks_path}.{index}."
         return [(prefix + name, p) for name, p in self.blocks[index].named_parameters()]
 
+    def check_unshared(self) -> None:
+        """Each decoder layer must own its parameters: a parameter in two units would have two masters."""
+        seen: dict[int, str] = {}
+        units = {"the resident parts": self.resident,
+                 **{f"layer {i}": self.block_parameters(i) for i in range(len(self.blocks))}}
+        for unit, params in units.items():
+            for name, param in params:
+                if seen.get(id(param), unit) != unit:
+                    raise ValueError(
+                        f"parameter {name} is shared between {seen[id(param)]} and {unit}; slideformer needs each "
+                        "decoder layer to own its parameters"
+                    )
+                seen[id(param)] = unit
+
 
 def _identical_blocks(modules: nn.ModuleList) -> bool:
     if len(modules) == 0:

@@ -374,6 +374,23 @@ class StateStore:
                 self.allocated_bytes -= 4 * numel
 
 
+def check_tier_space(store: StateStore, parts, offload: frozenset[str]) -> None:
+    """Before anything is written to ``store``'s directory: room for the masters' files, and for the optimizer state
+    at 8 bytes per trainable parameter of the model split into ``parts`` (Adam's two moments; the optimizer's exact
+    needs are checked again when it is attached)."""
+    needed, what = 0, []
+    if "masters" in offload:
+        masters = 4 * sum(store.layout[i][MASTER] for i in range(len(parts.blocks)))
+        needed += masters - existing_bytes(store.paths())
+        what.append(f"fp32 masters {human(masters)}")
+    if "optimizer" in offload:
+        params = [*parts.resident, *(np for i in range(len(parts.blocks)) for np in parts.block_parameters(i))]
+        moments = 8 * sum(p.numel() for _, p in params if p.requires_grad)
+        needed += moments
+        what.append(f"optimizer state about {human(moments)}")
+    check_disk_space(store.directory, needed, what=" + ".join(what))
+
+
 class OneUnitCache:
     """The disk-tier arrays of the last unit read outside an update, kept until another unit is read.
 

@@ -39,8 +39,8 @@ from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine import checks
 from lightning_slide.engine.checks import GradientChecks, Verdict, decide, index_of, raise_if_nonfinite
-from lightning_slide.engine.disk import MASTER, OneUnitCache, StateStore, check_disk_space, existing_bytes
-from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit
+from lightning_slide.engine.disk import MASTER, OneUnitCache, StateStore, check_disk_space, check_tier_space, existing_bytes
+from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
 from lightning_slide.engine.optimizer import (
     UnitOptimizer,
     UpdateWorker,
@@ -54,9 +54,8 @@ from lightning_slide.engine.parking import Parking
 from lightning_slide.engine.pinned import host_empty
 from lightning_slide.engine.resident import ResidentParts
 from lightning_slide.engine.shard import Shards
-from lightning_slide.engine.shared_masters import shared_masters
 from lightning_slide.engine.plan import (
-    STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, frozen_in_compute_dtype, grads_in_flight, human,
+    STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, grads_in_flight, human,
 )
 from lightning_slide.engine.streams import Streams, copy_cast
 from lightning_slide.engine import state
@@ -71,18 +70,6 @@ def memory_fraction(device: torch.device) -> float:
     return float(getter(device)) if getter is not None else 1.0
 
 
-def _check_unshared(parts) -> None:
-    """Each decoder layer must own its parameters: a parameter in two units would have two masters."""
-    seen: dict[int, str] = {}
-    units = {RESIDENT: parts.resident, **{f"layer {i}": parts.block_parameters(i) for i in range(len(parts.blocks))}}
-    for unit, params in units.items():
-        for name, param in params:
-            if seen.get(id(param), unit) != unit:
-                raise ValueError(
-                    f"parameter {name} is shared between {seen[id(param)]} and {unit}; slideformer needs each "
-                    "decoder layer to own its parameters"
-                )
-            seen[id(param)] = unit
 # Key-value caches written in forward would be written again by the recompute in backward.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Device staging through which copies that change dtype travel (elements of fp32; 128 MiB).
@@ -189,7 +176,7 @@ class SlidingEngine:
                         f"gpu_memory_limit is {memory_limit / 2**30:.2f} GiB but {self.device} has "
                         f"{total / 2**30:.2f} GiB; lower it or leave it unset"
                     )
-        _check_unshared(parts)
+        parts.check_unshared()
         self.compute_dtype = compute_dtype
         self.blocks_path = parts.blocks_path
         self.streams = Streams(self.device)
@@ -207,41 +194,14 @@ class SlidingEngine:
                 for i in range(len(parts.blocks)):
                     self.state_store.add(i, MASTER, sum(p.numel() for _, p in parts.block_parameters(i)))
             try:
-                self._check_disk_space(parts, masters_on_disk)
+                check_tier_space(self.state_store, parts, self.offload)
             except BaseException:
                 self.state_store.close()  # unlock offload_dir now, not when the failed engine is collected
                 raise
-        # The ranks of one host keep one copy of the sharded units' masters, in shared memory (shared_masters.py).
-        sizes = [sum(p.numel() for _, p in parts.block_parameters(i)) for i in range(len(parts.blocks))]
-        sizes.append(0 if resident_on_device else sum(p.numel() for _, p in parts.resident))  # replicated: its own
-        shared = None if masters_on_disk else shared_masters(self.shards, sum(sizes), pin=self.pin)
-        self._masters_shared = shared is not None
-        masters = [None] * len(sizes) if shared is None else list(shared.split(sizes))
-        # Frozen layer parameters (a LoRA run's base weights) need no fp32 master: kept in the compute dtype only
-        # where that is simple (plan.frozen_in_compute_dtype); the resident parts keep theirs.
-        frozen_apart = frozen_in_compute_dtype(compute_dtype, self.shards.world, masters_on_disk)
-        self.layers = [
-            HostUnit(
-                f"layer {i}", parts.block_parameters(i), pin=self.pin, own_grad=False,
-                weights_dtype=compute_dtype if compute_copy else None,
-                master_path=self.state_store.path(i, MASTER) if masters_on_disk else None,
-                span=self._span(parts.block_parameters(i)), master=masters[i],
-                frozen_dtype=compute_dtype if frozen_apart else None,
-            )
-            for i in range(len(parts.blocks))
-        ]
-        if masters_on_disk:
-            for i in range(len(self.layers)):
-                self.state_store.mark_written(i, MASTER)
-        # Updated on the device, the resident parts are replicated (every rank updates all of them alike).
-        # How they are updated, and their compute copy: resident.py.
-        self.resident = HostUnit(
-            RESIDENT, parts.resident, pin=self.pin, own_grad=False,
-            span=None if resident_on_device else self._span(parts.resident),
-            master=masters[-1] if sizes[-1] else None,
+        self.layers, self.resident, self._masters_shared = build_units(
+            parts, shards=self.shards, pin=self.pin, compute_dtype=compute_dtype, compute_copy=compute_copy,
+            state_store=self.state_store if masters_on_disk else None, resident_on_device=resident_on_device,
         )
-        if shared is not None:
-            self.shards.host_barrier()  # every rank's part of the shared masters is written
         # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
         self._masters_current = True
         self._unit_key = {id(e.param): key for key, unit in self._units().items() for e in unit.entries}
@@ -341,27 +301,6 @@ class SlidingEngine:
     def model_checkpointing_off(self) -> int:
         """How many modules' own activation checkpointing the engine turned off while it runs."""
         return len(self._model_checkpointing)
-
-    def _span(self, params) -> tuple[int, int]:
-        """This rank's ``(start, stop)`` of a unit made of ``params``."""
-        span = self.shards.span(sum(p.numel() for _, p in params))
-        return span.start, span.stop
-
-    def _check_disk_space(self, parts, masters_on_disk: bool) -> None:
-        """Before anything is written: the masters' files, and the optimizer state at 8 bytes per trainable
-        parameter (Adam's two moments; ``attach_optimizer`` checks again with the optimizer's exact needs)."""
-        needed, what = 0, []
-        if masters_on_disk:
-            masters = 4 * sum(self.state_store.layout[i][MASTER] for i in range(len(parts.blocks)))
-            needed += masters - existing_bytes(self.state_store.paths())
-            what.append(f"fp32 masters {human(masters)}")
-        if "optimizer" in self.offload:
-            params = [*parts.resident, *(np for i in range(len(parts.blocks)) for np in parts.block_parameters(i))]
-            trainable = sum(p.numel() for _, p in params if p.requires_grad)
-            moments = 8 * trainable
-            needed += moments
-            what.append(f"optimizer state about {human(moments)}")
-        check_disk_space(self.offload_dir, needed, what=" + ".join(what))
 
     def _units(self) -> dict[Any, HostUnit]:
         """Every unit by key, in the order the next forward needs them."""

@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_slide.engine.disk import write_array
+from lightning_slide.engine.disk import MASTER, write_array
 from lightning_slide.engine.pinned import host_empty
+from lightning_slide.engine.plan import frozen_in_compute_dtype
+from lightning_slide.engine.shared_masters import shared_masters
 
 MASTER_DTYPE = torch.float32
 RESIDENT = "resident"  # the key of the unit holding the resident parts (embeddings, final norm, head)
@@ -219,3 +221,46 @@ class GradientPool:
     def give(self, buffer: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buffer)
+
+
+def build_units(parts, *, shards, pin: bool, compute_dtype: torch.dtype, compute_copy: bool, state_store=None,
+                resident_on_device: bool) -> tuple[list[HostUnit], HostUnit, bool]:
+    """Every unit of a model split into ``parts`` (``blocks.ModelParts``): ``(layers, resident, masters_shared)``.
+
+    With several ranks each unit's span is this rank's shard (the resident parts are replicated when updated on the
+    device) and the ranks of one host keep one copy of the sharded masters in shared memory where it fits
+    (``shared_masters.py``). ``state_store``: keep the layers' masters in its files (the disk tier). Frozen layer
+    parameters (a LoRA run's base weights) are kept in the compute dtype only where that is simple
+    (``plan.frozen_in_compute_dtype``); the resident parts keep fp32 masters.
+    """
+    on_disk = state_store is not None
+    sizes = [sum(p.numel() for _, p in parts.block_parameters(i)) for i in range(len(parts.blocks))]
+    sizes.append(0 if resident_on_device else sum(p.numel() for _, p in parts.resident))  # replicated: its own
+    shared = None if on_disk else shared_masters(shards, sum(sizes), pin=pin)
+    masters = [None] * len(sizes) if shared is None else list(shared.split(sizes))
+    frozen_apart = frozen_in_compute_dtype(compute_dtype, shards.world, on_disk)
+
+    def span(params):
+        owned = shards.span(sum(p.numel() for _, p in params))
+        return owned.start, owned.stop
+
+    layers = [
+        HostUnit(
+            f"layer {i}", parts.block_parameters(i), pin=pin, own_grad=False,
+            weights_dtype=compute_dtype if compute_copy else None,
+            master_path=state_store.path(i, MASTER) if on_disk else None,
+            span=span(parts.block_parameters(i)), master=masters[i],
+            frozen_dtype=compute_dtype if frozen_apart else None,
+        )
+        for i in range(len(parts.blocks))
+    ]
+    if on_disk:
+        for i in range(len(layers)):
+            state_store.mark_written(i, MASTER)
+    resident = HostUnit(
+        RESIDENT, parts.resident, pin=pin, own_grad=False,
+        span=None if resident_on_device else span(parts.resident), master=masters[-1] if sizes[-1] else None,
+    )
+    if shared is not None:
+        shards.host_barrier()  # every rank's part of the shared masters is written
+    return layers, resident, shared is not None
