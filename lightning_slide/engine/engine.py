@@ -306,7 +306,7 @@ class SlidingEngine:
         """Every unit by key, in the order the next forward needs them."""
         return {RESIDENT: self.resident, **dict(enumerate(self.layers))}
 
-    # ---------------------------------------------------------------- optimizer
+    # ---------------------------------------------------------------- set-up: the optimizer
     def attach_optimizer(self, optimizer: Optimizer) -> None:
         """Rebuild ``optimizer`` over the host masters, one fused optimizer per unit."""
         check_optimizer(optimizer)
@@ -343,178 +343,6 @@ class SlidingEngine:
     def clip_grad_value(self, clip_value: float) -> None:
         """Clamp every gradient element to ``[-clip_value, clip_value]`` at the next step."""
         self._clip_value = float(clip_value)
-
-    def zero_grad(self) -> None:
-        """Start a new accumulation: the next micro-batch's gradients overwrite the host accumulators.
-
-        A unit whose update is still queued is left alone: that update empties it when it has consumed it.
-        """
-        self.hide_grads()
-        for key, unit in self._units().items():
-            if self.worker.done(key):
-                unit.grad_empty = True
-                self.loans.give_back(unit)
-        self.parking.drop_unqueued()  # parked for a step that was skipped
-
-    def skip_step(self) -> None:
-        """Skip the current optimizer step: its gradients are dropped when ``step`` comes (a NaN/Inf loss)."""
-        self.mode.skip = True
-
-    def step(self, param_groups: list[dict]) -> None:
-        """Queue the host update of every unit not already updated by this step's backward."""
-        self.hide_grads()
-        clip_norm, clip_value = self._clip_norm, self._clip_value
-        self._clip_norm = self._clip_value = None
-        # Slots hold copies of the weights being updated: drop them (the next forward reloads from the masters).
-        self.window.clear()
-        self.resident_parts.loaded = False
-        if self.mode.skip:
-            self.mode.skip = False
-            self.skipped_steps += 1
-            self.zero_grad()
-            return
-        if self.mode.streamed:
-            self.mode.streamed, streamed_clip = False, self.mode.clip_value
-            if clip_norm is not None or clip_value != streamed_clip:
-                raise RuntimeError(
-                    "gradients were clipped after the updates had started"
-                    + ("" if streamed_clip is None else f" with clip value {streamed_clip}")
-                    + ". slideformer clips exactly when it knows before backward how clipping will happen: set "
-                    "Trainer(gradient_clip_val=..., gradient_clip_algorithm=...), and leave "
-                    "configure_gradient_clipping to Lightning or clip in it the same way at every step."
-                )
-            return
-        hyper = hyperparameters(param_groups)
-        # Decided here, on the training thread: a unit takes part if gradients reached it since the last step.
-        keys = [key for key, unit in self._units().items() if not unit.grad_empty or key in self.parking]
-        verdict = Verdict()
-        # Skipping a step needs every unit's flag before any update (the clipping norm sees NaN/Inf by itself).
-        check = clip_norm is None and self.nonfinite == "skip"
-        if check:
-            self.worker.submit("norm", functools.partial(
-                decide, verdict, functools.partial(checks.finite_task, self, list(keys), verdict)
-            ))
-        on_device = self.resident_parts.updates_on_device and RESIDENT in keys
-        if on_device:
-            keys.remove(RESIDENT)
-        if clip_norm is not None:
-            units = [self._units()[key] for key in keys]
-            device_norms = self.resident_parts.device_norms() if on_device else None
-            self.worker.submit(
-                "norm", functools.partial(decide, verdict, functools.partial(
-                    checks.clip_task, self, clip_norm, units, device_norms, verdict
-                ))
-            )
-        if on_device:
-            if clip_norm is None and not check:
-                self.resident_parts.update_on_device(hyper, None, clip_value)
-            else:  # needs the step's verdict: done before the next forward
-                self.resident_parts.defer(hyper, verdict, clip_value)
-        for key in keys:
-            if key in self.parking:  # queued when it goes down, first layer first as host buffers free
-                self.parking.give_update(key, (hyper, verdict, clip_value))
-            else:
-                self._submit_update(key, hyper, verdict, clip_value)
-        self.mode.open = bool(self.parking)
-        self.parking.unpark_ready()
-
-    def _submit_update(self, key, hyper: list[dict], verdict: Verdict | None = None, clip_value=None,
-                       ready=None) -> None:
-        """Queue unit ``key``'s update. ``ready``: the event its gradients wait for, given for a streamed step's
-        updates, which the host may then run in the order their gradients arrive (``UpdateWorker.submit``)."""
-        optimizer = self._optimizers.get(key)
-        if optimizer is not None:
-            self.mode.open = True
-            self._masters_current = not self.shards.active
-            # filled in by the checks' task queued before, if any (checks.py)
-            verdict = Verdict() if verdict is None else verdict
-            if self.state_store is not None:
-                self.worker.wait(key)  # its previous update has handed its files to the writer: read after that
-            state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
-            if state is not None:
-                # The disk tier reads ahead in queue order, a bounded number of units: an update run out of that
-                # order could wait for a read that waits for the updates passed over. Keep the order.
-                ready = None
-            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, verdict, clip_value, state),
-                               ready)
-
-    def _read_state(self, key, optimizer: UnitOptimizer):
-        """Start reading ``key``'s arrays on disk (moments, masters) for its update; ``None`` if none are."""
-        if optimizer.inner is None or self.state_store is None or not self.state_store.holds(key):
-            return None
-        self._state_cache.flush()  # a checkpoint's changes first; the update then reads the files
-        self._master_cache.flush()
-        return self.state_store.read(key)
-
-    def _key_of(self, unit: HostUnit):
-        return RESIDENT if unit is self.resident else self.layers.index(unit)
-
-    def _update(self, optimizer: UnitOptimizer, hyper, verdict: Verdict, clip_value, reading=None) -> None:
-        """Worker task: one unit's update from its accumulated gradients, which it then marks consumed.
-        ``reading``: the disk tier's read of the unit's optimizer state (written back after the update)."""
-        unit = optimizer.unit
-        state = None if reading is None else reading.result()
-        try:
-            verdict.raise_error()
-            self.worker.await_device(unit.grad_event)
-            if not verdict.skip:
-                raise_if_nonfinite(self, self._key_of(unit))
-                if unit is self.resident and self.resident_parts.in_chunks:
-                    self.resident_parts.step_in_chunks(optimizer, hyper, clip_value, state)
-                else:
-                    optimizer.step(hyper, verdict.coefficient, clip_value, state)
-                # before the next upload of the unit, which waits for this task
-                unit.refresh_weights(None if state is None else state.get(MASTER))
-        except BaseException:
-            if state is not None:
-                self.state_store.release(self._key_of(unit), state)
-            raise
-        if state is not None:
-            self.state_store.write(self._key_of(unit), state)
-        unit.grad_empty = True
-        self.loans.give_back(unit)
-
-    # ---------------------------------------------------------------- parked gradients (parked_grads)
-    def _updated(self, index: int) -> bool:
-        """Whether layer ``index``'s masters are current: no update queued or running, no gradients parked."""
-        return index not in self.parking and self.worker.done(index)
-
-    def _before_load(self, index: int) -> None:
-        if index in self.parking.ready():  # (not gradients parked for a step still to come: the masters are current)
-            self.parking.unpark(index)
-        self._wait_update(index)
-
-    def _wait_update(self, key) -> None:
-        """Wait for unit ``key``'s update, sending parked gradients down meanwhile as host buffers come back: the
-        update thread would otherwise run out of gradients to update while this thread waits."""
-        with record_function(f"slide.wait update {key}"):
-            while self.parking.ready() and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
-                self.parking.unpark_ready()
-            self.worker.wait(key)
-
-    def add_parking(self, count: int) -> None:
-        """Let ``count`` more layers' gradients park on the device (``parked_grads``; allocated now)."""
-        check_count("parked_grads", count, minimum=0)
-        self.parking.add(count)
-
-    # ---------------------------------------------------------------- what user code between steps sees
-    def show_grads(self) -> None:
-        """Show the step's gradients so far to user hooks, as plain training does (``state.show_grads``)."""
-        state.show_grads(self)
-
-    def hide_grads(self) -> None:
-        """Take back the gradients ``show_grads`` gave, keeping what user code did to them."""
-        state.hide_grads(self)
-
-    def finish_updates(self) -> None:
-        """Finish every queued update and point every parameter at its fp32 master: the module then holds the
-        weights of the last optimizer step, as plain training's does between steps. Costs the overlap of those
-        updates with the next forward. With several ranks a collective (every rank calls it)."""
-        self.hide_grads()
-        self._sync_masters()
-        self.window.clear()
-        self.resident.park()
-        self.resident_parts.loaded = False
 
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
@@ -682,6 +510,179 @@ class SlidingEngine:
     def _add(self, unit: HostUnit, staging: torch.Tensor, copied) -> None:
         self.worker.await_device(copied)
         unit.grad.add_(staging)
+
+    # ---------------------------------------------------------------- update (the step)
+    def zero_grad(self) -> None:
+        """Start a new accumulation: the next micro-batch's gradients overwrite the host accumulators.
+
+        A unit whose update is still queued is left alone: that update empties it when it has consumed it.
+        """
+        self.hide_grads()
+        for key, unit in self._units().items():
+            if self.worker.done(key):
+                unit.grad_empty = True
+                self.loans.give_back(unit)
+        self.parking.drop_unqueued()  # parked for a step that was skipped
+
+    def skip_step(self) -> None:
+        """Skip the current optimizer step: its gradients are dropped when ``step`` comes (a NaN/Inf loss)."""
+        self.mode.skip = True
+
+    def step(self, param_groups: list[dict]) -> None:
+        """Queue the host update of every unit not already updated by this step's backward."""
+        self.hide_grads()
+        clip_norm, clip_value = self._clip_norm, self._clip_value
+        self._clip_norm = self._clip_value = None
+        # Slots hold copies of the weights being updated: drop them (the next forward reloads from the masters).
+        self.window.clear()
+        self.resident_parts.loaded = False
+        if self.mode.skip:
+            self.mode.skip = False
+            self.skipped_steps += 1
+            self.zero_grad()
+            return
+        if self.mode.streamed:
+            self.mode.streamed, streamed_clip = False, self.mode.clip_value
+            if clip_norm is not None or clip_value != streamed_clip:
+                raise RuntimeError(
+                    "gradients were clipped after the updates had started"
+                    + ("" if streamed_clip is None else f" with clip value {streamed_clip}")
+                    + ". slideformer clips exactly when it knows before backward how clipping will happen: set "
+                    "Trainer(gradient_clip_val=..., gradient_clip_algorithm=...), and leave "
+                    "configure_gradient_clipping to Lightning or clip in it the same way at every step."
+                )
+            return
+        hyper = hyperparameters(param_groups)
+        # Decided here, on the training thread: a unit takes part if gradients reached it since the last step.
+        keys = [key for key, unit in self._units().items() if not unit.grad_empty or key in self.parking]
+        verdict = Verdict()
+        # Skipping a step needs every unit's flag before any update (the clipping norm sees NaN/Inf by itself).
+        check = clip_norm is None and self.nonfinite == "skip"
+        if check:
+            self.worker.submit("norm", functools.partial(
+                decide, verdict, functools.partial(checks.finite_task, self, list(keys), verdict)
+            ))
+        on_device = self.resident_parts.updates_on_device and RESIDENT in keys
+        if on_device:
+            keys.remove(RESIDENT)
+        if clip_norm is not None:
+            units = [self._units()[key] for key in keys]
+            device_norms = self.resident_parts.device_norms() if on_device else None
+            self.worker.submit(
+                "norm", functools.partial(decide, verdict, functools.partial(
+                    checks.clip_task, self, clip_norm, units, device_norms, verdict
+                ))
+            )
+        if on_device:
+            if clip_norm is None and not check:
+                self.resident_parts.update_on_device(hyper, None, clip_value)
+            else:  # needs the step's verdict: done before the next forward
+                self.resident_parts.defer(hyper, verdict, clip_value)
+        for key in keys:
+            if key in self.parking:  # queued when it goes down, first layer first as host buffers free
+                self.parking.give_update(key, (hyper, verdict, clip_value))
+            else:
+                self._submit_update(key, hyper, verdict, clip_value)
+        self.mode.open = bool(self.parking)
+        self.parking.unpark_ready()
+
+    def _submit_update(self, key, hyper: list[dict], verdict: Verdict | None = None, clip_value=None,
+                       ready=None) -> None:
+        """Queue unit ``key``'s update. ``ready``: the event its gradients wait for, given for a streamed step's
+        updates, which the host may then run in the order their gradients arrive (``UpdateWorker.submit``)."""
+        optimizer = self._optimizers.get(key)
+        if optimizer is not None:
+            self.mode.open = True
+            self._masters_current = not self.shards.active
+            # filled in by the checks' task queued before, if any (checks.py)
+            verdict = Verdict() if verdict is None else verdict
+            if self.state_store is not None:
+                self.worker.wait(key)  # its previous update has handed its files to the writer: read after that
+            state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
+            if state is not None:
+                # The disk tier reads ahead in queue order, a bounded number of units: an update run out of that
+                # order could wait for a read that waits for the updates passed over. Keep the order.
+                ready = None
+            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, verdict, clip_value, state),
+                               ready)
+
+    def _read_state(self, key, optimizer: UnitOptimizer):
+        """Start reading ``key``'s arrays on disk (moments, masters) for its update; ``None`` if none are."""
+        if optimizer.inner is None or self.state_store is None or not self.state_store.holds(key):
+            return None
+        self._state_cache.flush()  # a checkpoint's changes first; the update then reads the files
+        self._master_cache.flush()
+        return self.state_store.read(key)
+
+    def _key_of(self, unit: HostUnit):
+        return RESIDENT if unit is self.resident else self.layers.index(unit)
+
+    def _update(self, optimizer: UnitOptimizer, hyper, verdict: Verdict, clip_value, reading=None) -> None:
+        """Worker task: one unit's update from its accumulated gradients, which it then marks consumed.
+        ``reading``: the disk tier's read of the unit's optimizer state (written back after the update)."""
+        unit = optimizer.unit
+        state = None if reading is None else reading.result()
+        try:
+            verdict.raise_error()
+            self.worker.await_device(unit.grad_event)
+            if not verdict.skip:
+                raise_if_nonfinite(self, self._key_of(unit))
+                if unit is self.resident and self.resident_parts.in_chunks:
+                    self.resident_parts.step_in_chunks(optimizer, hyper, clip_value, state)
+                else:
+                    optimizer.step(hyper, verdict.coefficient, clip_value, state)
+                # before the next upload of the unit, which waits for this task
+                unit.refresh_weights(None if state is None else state.get(MASTER))
+        except BaseException:
+            if state is not None:
+                self.state_store.release(self._key_of(unit), state)
+            raise
+        if state is not None:
+            self.state_store.write(self._key_of(unit), state)
+        unit.grad_empty = True
+        self.loans.give_back(unit)
+
+    # ---------------------------------------------------------------- next forward: loading a layer waits for its update
+    def _updated(self, index: int) -> bool:
+        """Whether layer ``index``'s masters are current: no update queued or running, no gradients parked."""
+        return index not in self.parking and self.worker.done(index)
+
+    def _before_load(self, index: int) -> None:
+        if index in self.parking.ready():  # (not gradients parked for a step still to come: the masters are current)
+            self.parking.unpark(index)
+        self._wait_update(index)
+
+    def _wait_update(self, key) -> None:
+        """Wait for unit ``key``'s update, sending parked gradients down meanwhile as host buffers come back: the
+        update thread would otherwise run out of gradients to update while this thread waits."""
+        with record_function(f"slide.wait update {key}"):
+            while self.parking.ready() and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
+                self.parking.unpark_ready()
+            self.worker.wait(key)
+
+    def add_parking(self, count: int) -> None:
+        """Let ``count`` more layers' gradients park on the device (``parked_grads``; allocated now)."""
+        check_count("parked_grads", count, minimum=0)
+        self.parking.add(count)
+
+    # ---------------------------------------------------------------- what user code between steps sees
+    def show_grads(self) -> None:
+        """Show the step's gradients so far to user hooks, as plain training does (``state.show_grads``)."""
+        state.show_grads(self)
+
+    def hide_grads(self) -> None:
+        """Take back the gradients ``show_grads`` gave, keeping what user code did to them."""
+        state.hide_grads(self)
+
+    def finish_updates(self) -> None:
+        """Finish every queued update and point every parameter at its fp32 master: the module then holds the
+        weights of the last optimizer step, as plain training's does between steps. Costs the overlap of those
+        updates with the next forward. With several ranks a collective (every rank calls it)."""
+        self.hide_grads()
+        self._sync_masters()
+        self.window.clear()
+        self.resident.park()
+        self.resident_parts.loaded = False
 
     # ---------------------------------------------------------------- state and lifetime
     @property
