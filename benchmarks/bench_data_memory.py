@@ -65,10 +65,21 @@ def main() -> None:
     rss, anon = status_kib("VmRSS") - rss, status_kib("RssAnon") - anon
     examples = getattr(dm, "train_examples", None) or dm.train_set
     tokens = sum(len(e["input_ids"]) for e in examples) if args.data_module else sum(examples["length"])
-    print(json.dumps({"module": args.data_module or "current", "pack": args.pack, "records": args.records,
-                      "tokens": tokens, "setup_s": round(seconds, 1), "rss_delta_mib": round(rss / 1024, 1),
-                      "anon_delta_mib": round(anon / 1024, 1), "rss_bytes_per_token": round(rss * 1024 / tokens, 2),
-                      "anon_bytes_per_token": round(anon * 1024 / tokens, 2)}))
+    print(
+        json.dumps(
+            {
+                "module": args.data_module or "current",
+                "pack": args.pack,
+                "records": args.records,
+                "tokens": tokens,
+                "setup_s": round(seconds, 1),
+                "rss_delta_mib": round(rss / 1024, 1),
+                "anon_delta_mib": round(anon / 1024, 1),
+                "rss_bytes_per_token": round(rss * 1024 / tokens, 2),
+                "anon_bytes_per_token": round(anon * 1024 / tokens, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

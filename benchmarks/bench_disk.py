@@ -86,8 +86,9 @@ def child(spec: dict) -> dict:
 
     import lightning_slide
 
-    config = LlamaConfig(**{**SHAPES[spec["shape"]], "num_hidden_layers": spec["layers"]},
-                         max_position_embeddings=spec["seq"])
+    config = LlamaConfig(
+        **{**SHAPES[spec["shape"]], "num_hidden_layers": spec["layers"]}, max_position_embeddings=spec["seq"]
+    )
     starts: list[float] = []
     info: dict = {}
     cuda = not spec.get("cpu")
@@ -134,16 +135,26 @@ def child(spec: dict) -> dict:
     total_steps = spec["steps"] + spec["warmup"]
     ids = torch.randint(0, config.vocab_size, (spec["batch"] * total_steps, spec["seq"]))
     strategy = lightning_slide.SlideFormerStrategy(
-        window=spec["window"], offload_dir=spec["dir"] if spec["offload"] else None, offload=spec["offload"],
-        tuning=dict(host_weights=spec["host_weights"], grad_buffers=spec.get("grad_buffers")), monitor=False,
+        window=spec["window"],
+        offload_dir=spec["dir"] if spec["offload"] else None,
+        offload=spec["offload"],
+        tuning=dict(host_weights=spec["host_weights"], grad_buffers=spec.get("grad_buffers")),
+        monitor=False,
     )
     trainer = L.Trainer(
-        strategy=strategy, accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-true", max_steps=total_steps,
-        gradient_clip_val=None, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        strategy=strategy,
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-true",
+        max_steps=total_steps,
+        gradient_clip_val=None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=spec["batch"]))
-    timed = starts[spec["warmup"]:]
+    timed = starts[spec["warmup"] :]
     return {
         "step_s": (timed[-1] - timed[0]) / (len(timed) - 1),
         "peak_rss": _rss("VmHWM"),
@@ -169,13 +180,18 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3_1_8b", choices=SHAPES)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4; the shape's own count: 0)")
     parser.add_argument("--window", type=int, default=1)
-    parser.add_argument("--grad-buffers", type=int, default=None, help="SlideFormerStrategy(tuning=dict(grad_buffers=...))")
+    parser.add_argument(
+        "--grad-buffers", type=int, default=None, help="SlideFormerStrategy(tuning=dict(grad_buffers=...))"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after --warmup steps")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--systems", default="none,optimizer,masters,both",
-                        help="comma-separated offload choices: none, optimizer, masters, both")
+    parser.add_argument(
+        "--systems",
+        default="none,optimizer,masters,both",
+        help="comma-separated offload choices: none, optimizer, masters, both",
+    )
     parser.add_argument("--host-weights", default="auto", help="host_weights for every system (auto, fp32, compute)")
     parser.add_argument("--probe-gib", type=float, default=4.0, help="GiB written and read to measure the disk")
     parser.add_argument("--cache", action="store_true", help="let the page cache hold the files (no NOCACHE)")
@@ -193,41 +209,67 @@ def main() -> None:
     if free < args.probe_gib * 2**30 * 1.1:
         sys.exit(f"{root}: {free / 2**30:.1f} GiB free, not enough for the {args.probe_gib} GiB disk probe")
     write_bw, read_bw = measure_disk(root, args.probe_gib)
-    print(f"{args.shape} with {layers} layers, window {args.window}, batch {args.batch} x {args.seq}, bf16, AdamW, "
-          f"no clipping; disk under {root}: write {write_bw / 1e9:.2f} GB/s, read {read_bw / 1e9:.2f} GB/s "
-          f"(fsync + fadvise DONTNEED, {args.probe_gib} GiB); {free / 2**30:.1f} GiB free; "
-          f"page cache {'allowed' if args.cache else 'dropped (LIGHTNING_SLIDE_DISK_NOCACHE=1)'}", flush=True)
-    print("| offload | s/step | disk bytes/step (read + write) | disk bound s/step | of bound | peak host RSS GiB | "
-          "RSS B/param | engine B/param (per layer + rest) | B/param at full depth | peak GPU GiB |")
+    print(
+        f"{args.shape} with {layers} layers, window {args.window}, batch {args.batch} x {args.seq}, bf16, AdamW, "
+        f"no clipping; disk under {root}: write {write_bw / 1e9:.2f} GB/s, read {read_bw / 1e9:.2f} GB/s "
+        f"(fsync + fadvise DONTNEED, {args.probe_gib} GiB); {free / 2**30:.1f} GiB free; "
+        f"page cache {'allowed' if args.cache else 'dropped (LIGHTNING_SLIDE_DISK_NOCACHE=1)'}",
+        flush=True,
+    )
+    print(
+        "| offload | s/step | disk bytes/step (read + write) | disk bound s/step | of bound | peak host RSS GiB | "
+        "RSS B/param | engine B/param (per layer + rest) | B/param at full depth | peak GPU GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     full_layers = SHAPES[args.shape]["num_hidden_layers"]
     for system in args.systems.split(","):
         offload = OFFLOAD[system]
         directory = root / f"bench-{system}"
-        spec = dict(shape=args.shape, layers=layers, window=args.window, batch=args.batch, seq=args.seq,
-                    steps=args.steps, warmup=args.warmup, offload=offload, dir=str(directory),
-                    host_weights=args.host_weights, grad_buffers=args.grad_buffers, cpu=args.cpu)
+        spec = dict(
+            shape=args.shape,
+            layers=layers,
+            window=args.window,
+            batch=args.batch,
+            seq=args.seq,
+            steps=args.steps,
+            warmup=args.warmup,
+            offload=offload,
+            dir=str(directory),
+            host_weights=args.host_weights,
+            grad_buffers=args.grad_buffers,
+            cpu=args.cpu,
+        )
         if offload is not None:  # the files must fit (the strategy would refuse too, after building the model)
             estimate = _estimate_files(args.shape, layers, offload)
             free = shutil.disk_usage(root).free
             if estimate > free:
-                print(f"| {system} | skipped: files need {estimate / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free "
-                      "(lower --layers) | | | | | | | | |", flush=True)
+                print(
+                    f"| {system} | skipped: files need {estimate / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free "
+                    "(lower --layers) | | | | | | | | |",
+                    flush=True,
+                )
                 continue
         env = dict(os.environ)
         if offload is not None and not args.cache:
             env["LIGHTNING_SLIDE_DISK_NOCACHE"] = "1"
         try:
-            done = subprocess.run([sys.executable, __file__, "--offload-dir", str(root), "--child", json.dumps(spec)],
-                                  env=env, capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--offload-dir", str(root), "--child", json.dumps(spec)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
-            print(f"| {system} | failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]} "
-                  "| | | | | | | | |", flush=True)
+            print(
+                f"| {system} | failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]} "
+                "| | | | | | | | |",
+                flush=True,
+            )
             continue
-        r = json.loads(lines[-1][len("RESULT "):])
+        r = json.loads(lines[-1][len("RESULT ") :])
         print(_row(system, offload, r, layers, full_layers, write_bw, read_bw), flush=True)
 
 
@@ -248,8 +290,11 @@ def _row(system, offload, r, layers, full_layers, write_bw, read_bw) -> str:
     bound = files / read_bw + files / write_bw
     step = r["step_s"]
     held = r.get("host_bytes", {})
-    per_layer = held.get("compute copies", 0) + (held.get("fp32 masters", 0) if offload not in ("masters", "both")
-                                                  else 0) + held.get("optimizer state", 0)
+    per_layer = (
+        held.get("compute copies", 0)
+        + (held.get("fp32 masters", 0) if offload not in ("masters", "both") else 0)
+        + held.get("optimizer state", 0)
+    )
     in_flight = sum(held.values()) - per_layer  # in flight, gradients, the resident parts: not per layer
     # per-layer bytes scale with depth (the resident parts' share is small); the rest does not
     full_params = params + (full_layers - layers) * layer_params
@@ -257,9 +302,11 @@ def _row(system, offload, r, layers, full_layers, write_bw, read_bw) -> str:
     engine = sum(held.values()) / params if held else float("nan")
     bound_cell = f"{bound:.2f}" if files else "-"
     fraction = f"{bound / step:.0%}" if files else "-"
-    return (f"| {system} | {step:.2f} | {files / 1e9:.1f} GB + {files / 1e9:.1f} GB | {bound_cell} | {fraction} | "
-            f"{r['peak_rss'] / 2**30:.1f} | {r['peak_rss'] / params:.2f} | {engine:.2f} "
-            f"({per_layer / params:.2f} + {in_flight / params:.2f}) | {full:.2f} | {r['peak_gpu'] / 2**30:.1f} |")
+    return (
+        f"| {system} | {step:.2f} | {files / 1e9:.1f} GB + {files / 1e9:.1f} GB | {bound_cell} | {fraction} | "
+        f"{r['peak_rss'] / 2**30:.1f} | {r['peak_rss'] / params:.2f} | {engine:.2f} "
+        f"({per_layer / params:.2f} + {in_flight / params:.2f}) | {full:.2f} | {r['peak_gpu'] / 2**30:.1f} |"
+    )
 
 
 if __name__ == "__main__":

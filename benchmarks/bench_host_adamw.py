@@ -30,15 +30,18 @@ def main() -> None:
     parser.add_argument("--threads", default="4,8,16")
     args = parser.parse_args()
     numel = int(args.numel)
-    print(f"fused AdamW over {numel / 1e6:.0f}M fp32 params; torch {torch.__version__}, default threads {torch.get_num_threads()}")
+    print(
+        f"fused AdamW over {numel / 1e6:.0f}M fp32 params; torch {torch.__version__}, "
+        f"default threads {torch.get_num_threads()}"
+    )
     print("| threads | main thread | worker thread | worker, pinned |")
     print("|---|---|---|---|")
     with ThreadPoolExecutor(1) as pool:
         for threads in map(int, args.threads.split(",")):
             torch.set_num_threads(threads)
             main_rate = rate(numel, False)
-            worker_rate = pool.submit(lambda: (torch.set_num_threads(threads), rate(numel, False))[1]).result()
-            pinned_rate = pool.submit(lambda: (torch.set_num_threads(threads), rate(numel, True))[1]).result()
+            worker_rate = pool.submit(lambda t=threads: (torch.set_num_threads(t), rate(numel, False))[1]).result()
+            pinned_rate = pool.submit(lambda t=threads: (torch.set_num_threads(t), rate(numel, True))[1]).result()
             print(f"| {threads} | {main_rate:.2f} | {worker_rate:.2f} | {pinned_rate:.2f} |", flush=True)
 
 

@@ -47,7 +47,7 @@ try:
 except ImportError:
     HAVE_LIGER = False
 
-H, I, V, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 128256, 32, 8, 128  # Llama-3.1-8B
+H, I, V, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 128256, 32, 8, 128  # Llama-3.1-8B  # noqa: E741
 DT = torch.bfloat16
 DEVICE = "cuda"
 GiB = 2**30
@@ -63,7 +63,7 @@ def eager_rmsnorm(x, w, eps=1e-5):
 
 def eager_rope(q, k, cos, sin):
     def rot(x):
-        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+        return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), dim=-1)
 
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
@@ -227,8 +227,10 @@ def main():
     args = parser.parse_args()
     n = args.tokens
     props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}, "
-          f"Liger {'present' if HAVE_LIGER else 'absent'}; {n} tokens, bf16\n")
+    print(
+        f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}, "
+        f"Liger {'present' if HAVE_LIGER else 'absent'}; {n} tokens, bf16\n"
+    )
 
     problems = [rmsnorm_problem(n), swiglu_problem(n), rope_problem(n), lce_problem(n)]
     if args.tune:

@@ -8,7 +8,8 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                          slideformer+park24 = parked_grads=24; combine with +;
                                          any system+lora16 = LoRA of rank 16 on every linear layer but the head,
                                          through peft: the base weights frozen)
-                                        [--cap 24GiB] [--steps 3] [--window 2] [--devices 1] [--clip 1.0] [--clip-by value]
+                                        [--cap 24GiB] [--steps 3] [--window 2] [--devices 1]
+                                        [--clip 1.0] [--clip-by value]
 
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
 one) and prints one JSON line; the parent prints a markdown table with tokens/s, TFLOP/s (6·N·tokens), peak GPU
@@ -49,7 +50,7 @@ HOST_ADAMW_PARAMS_PER_S = 3.6e9
 def child(system: str, shape: str, batch: int, args) -> dict:
     """Train one system for warm-up + timed steps; returns its measurements."""
     base, *options = system.split("+")
-    lora = [int(o[len("lora"):]) for o in options if o.startswith("lora")]
+    lora = [int(o[len("lora") :]) for o in options if o.startswith("lora")]
     if lora:
         try:
             import peft
@@ -112,7 +113,9 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     if base in ("fsdp_offload", "deepspeed_offload"):
         for device in range(devices):  # this process's rank is not known yet: every GPU it may use
-            torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory, device)
+            torch.cuda.set_per_process_memory_fraction(
+                cap / torch.cuda.get_device_properties(device).total_memory, device
+            )
     if base == "all_on_gpu":
         strategy, precision = "auto", "bf16-true"
     elif base == "fsdp_offload":
@@ -140,12 +143,19 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     else:  # "slideformer", with options: "+bf16" host_weights="compute", "+acts" offload_activations=True,
         # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2),
         # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free)
-        buffers = [int(o[len("buffers"):]) for o in options if o.startswith("buffers")]
-        parked = [int(o[len("park"):]) for o in options if o.startswith("park")]
+        buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
+        parked = [int(o[len("park") :]) for o in options if o.startswith("park")]
         strategy = lightning_slide.SlideFormerStrategy(
-            window=args.window, gpu_memory_limit=args.cap, monitor=False, offload_activations="acts" in options,
-            tuning=dict(host_weights="compute" if "bf16" in options else "fp32", host_memory=args.host_memory,
-                        grad_buffers=buffers[0] if buffers else None, parked_grads=parked[0] if parked else 0),
+            window=args.window,
+            gpu_memory_limit=args.cap,
+            monitor=False,
+            offload_activations="acts" in options,
+            tuning=dict(
+                host_weights="compute" if "bf16" in options else "fp32",
+                host_memory=args.host_memory,
+                grad_buffers=buffers[0] if buffers else None,
+                parked_grads=parked[0] if parked else 0,
+            ),
         )
         precision = "bf16-true"
 
@@ -153,9 +163,17 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     if base == "all_on_gpu" and devices > 1:
         strategy = "ddp"
     trainer = L.Trainer(
-        strategy=strategy, accelerator="gpu", devices=devices, precision=precision, max_steps=args.steps + 2,
-        gradient_clip_val=args.clip, gradient_clip_algorithm=args.clip_by, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        strategy=strategy,
+        accelerator="gpu",
+        devices=devices,
+        precision=precision,
+        max_steps=args.steps + 2,
+        gradient_clip_val=args.clip,
+        gradient_clip_algorithm=args.clip_by,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     try:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=batch))
@@ -197,8 +215,11 @@ def main() -> None:
     parser.add_argument("--cap", default="24GiB")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
     parser.add_argument("--devices", type=int, default=1, help="GPUs per system (data-parallel)")
-    parser.add_argument("--host-memory", default=None,
-                        help="SlideFormerStrategy(tuning=dict(host_memory=...)) for the plan's check (a VM whose memory grows)")
+    parser.add_argument(
+        "--host-memory",
+        default=None,
+        help="SlideFormerStrategy(tuning=dict(host_memory=...)) for the plan's check (a VM whose memory grows)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -208,23 +229,45 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
 
-    print(f"seq {args.seq}, cap {args.cap} for offloading systems, kernels=all, per-layer checkpointing everywhere, "
-          f"{args.devices} GPU(s) per system, batch per GPU"
-          + (f", gradients clipped by {args.clip_by} at {args.clip}" if args.clip is not None else ", no gradient clipping"))
-    print("| shape | batch | system | s/step | tokens/s | TFLOP/s | peak GPU GiB | peak host GiB | × all-on-GPU | of bound |")
+    print(
+        f"seq {args.seq}, cap {args.cap} for offloading systems, kernels=all, per-layer checkpointing everywhere, "
+        f"{args.devices} GPU(s) per system, batch per GPU"
+        + (
+            f", gradients clipped by {args.clip_by} at {args.clip}"
+            if args.clip is not None
+            else ", no gradient clipping"
+        )
+    )
+    print(
+        "| shape | batch | system | s/step | tokens/s | TFLOP/s | peak GPU GiB | peak host GiB | × all-on-GPU "
+        "| of bound |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for item in args.shapes.split(","):
         shape, batch = item.split(":")
         ceiling = None
         for system in args.systems.split(","):
-            command = [sys.executable, __file__, "--child", f"{system}:{shape}:{batch}", "--seq", str(args.seq),
-                       "--steps", str(args.steps), "--window", str(args.window), "--cap", args.cap,
-                       *(["--clip", str(args.clip), "--clip-by", args.clip_by] if args.clip is not None else []),
-                       "--devices", str(args.devices)] + (["--host-memory", args.host_memory] if args.host_memory else [])
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                f"{system}:{shape}:{batch}",
+                "--seq",
+                str(args.seq),
+                "--steps",
+                str(args.steps),
+                "--window",
+                str(args.window),
+                "--cap",
+                args.cap,
+                *(["--clip", str(args.clip), "--clip-by", args.clip_by] if args.clip is not None else []),
+                "--devices",
+                str(args.devices),
+            ] + (["--host-memory", args.host_memory] if args.host_memory else [])
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
                 out, log = done.stdout, done.stdout + done.stderr
-                lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+                lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
                 result = json.loads(lines[-1][7:]) if lines else {"error": f"crashed, exit {done.returncode}"}
             except subprocess.TimeoutExpired as timeout:
                 result, log = {"error": f"over {args.timeout} s"}, str(timeout.stdout or "") + str(timeout.stderr or "")
@@ -232,7 +275,9 @@ def main() -> None:
                 name = f"peers-{system.replace('+', '_')}-{shape}-{batch}-{args.seq}-{args.devices}gpu.log"
                 Path(os.environ["OUT"], name).write_text(log)
             base = system.split("+")[0]
-            label = f"{system} ({result['optimizer']})" if base == "deepspeed_offload" and "optimizer" in result else system
+            label = (
+                f"{system} ({result['optimizer']})" if base == "deepspeed_offload" and "optimizer" in result else system
+            )
             row = f"| {shape} | {batch} | {label} |"
             if "error" in result:
                 print(f"{row} {result['error']} | | | | | | |", flush=True)
@@ -246,11 +291,15 @@ def main() -> None:
             bound = max(ceiling or 0.0, up / H2D_BYTES_PER_S, down / D2H_BYTES_PER_S, t / HOST_ADAMW_PARAMS_PER_S)
             ratio = f"{ceiling / step:.2f}" if ceiling else "–"
             if "host_busy" in result:
-                row += (f" (host busy {result['host_busy']:.2f} s of which waiting {result['host_waiting']:.2f} s, "
-                        f"blocked {result['compute_blocked']:.2f} s)")
-            print(f"{row} {step:.3f} | {tokens / step:,.0f} | {6 * n * tokens / step / 1e12:.1f} | "
-                  f"{result['peak_gpu_gib']:.2f} | {result['peak_host_gib']:.1f} | {ratio} | {bound / step:.0%} |",
-                  flush=True)
+                row += (
+                    f" (host busy {result['host_busy']:.2f} s of which waiting {result['host_waiting']:.2f} s, "
+                    f"blocked {result['compute_blocked']:.2f} s)"
+                )
+            print(
+                f"{row} {step:.3f} | {tokens / step:,.0f} | {6 * n * tokens / step / 1e12:.1f} | "
+                f"{result['peak_gpu_gib']:.2f} | {result['peak_host_gib']:.1f} | {ratio} | {bound / step:.0%} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

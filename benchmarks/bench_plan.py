@@ -45,7 +45,7 @@ def fast_model(config):
     model.to_empty(device="cpu")
     block = torch.randn(2**24, generator=torch.Generator().manual_seed(0)) * 0.02
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.ndim == 1:  # norm weights
                 param.fill_(1.0)
                 continue
@@ -99,14 +99,22 @@ def child(shape: str, args) -> dict:
 
     module = LM()
     init_s = time.perf_counter() - started
-    strategy = lightning_slide.SlideFormerStrategy(window=args.window, gpu_memory_limit=args.cap, monitor=False,
-                                                   kernels=args.kernels)
+    strategy = lightning_slide.SlideFormerStrategy(
+        window=args.window, gpu_memory_limit=args.cap, monitor=False, kernels=args.kernels
+    )
     ids = torch.randint(0, config.vocab_size, (args.batch * args.steps, args.seq))
     trainer = L.Trainer(
-        strategy=strategy, accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-true" if gpu else "32-true",
+        strategy=strategy,
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        precision="bf16-true" if gpu else "32-true",
         max_steps=args.steps,
-        gradient_clip_val=None if args.clip == "none" else float(args.clip), logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        gradient_clip_val=None if args.clip == "none" else float(args.clip),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     result: dict = {"params": sum(p.numel() for p in module.parameters()), "init_s": init_s}
     if gpu:
@@ -121,8 +129,13 @@ def child(shape: str, args) -> dict:
     if plan is not None:
         machine = Machine.detect(gpu_memory_limit=strategy.options.gpu_memory_limit).measure(seconds=0.2)
         timed = make_plan(plan.shape, plan.settings, machine, suggest=False)
-        result["plan"] = {**plan.to_dict(), "time": timed.time, "binding": timed.binding,
-                          "step_seconds": timed.step_seconds, "machine": timed.to_dict()["machine"]}
+        result["plan"] = {
+            **plan.to_dict(),
+            "time": timed.time,
+            "binding": timed.binding,
+            "step_seconds": timed.step_seconds,
+            "machine": timed.to_dict()["machine"],
+        }
     result.update(
         step_s=sorted(module.times[1:])[len(module.times[1:]) // 2] if len(module.times) > 1 else None,
         peak_gpu_allocated=torch.cuda.max_memory_allocated() if gpu else None,
@@ -161,14 +174,30 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, args), default=str), flush=True)
         return
 
-    forwarded = ["--batch", str(args.batch), "--seq", str(args.seq), "--window", str(args.window), "--steps",
-                 str(args.steps), "--kernels", args.kernels, "--clip", args.clip] + (["--cpu"] if args.cpu else [])
+    forwarded = [
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--window",
+        str(args.window),
+        "--steps",
+        str(args.steps),
+        "--kernels",
+        args.kernels,
+        "--clip",
+        args.clip,
+    ] + (["--cpu"] if args.cpu else [])
     if args.cap:
         forwarded += ["--cap", args.cap]
-    print(f"batch {args.batch}, seq {args.seq}, window {args.window}, cap {args.cap or 'none'}, kernels "
-          f"{args.kernels}, clip {args.clip}, {args.steps} steps")
-    print("| shape | GPU alloc pred / meas GiB (err) | GPU reserved GiB | host pred / meas GiB (err) | "
-          "step bound / meas s (binds) | init s | total s |")
+    print(
+        f"batch {args.batch}, seq {args.seq}, window {args.window}, cap {args.cap or 'none'}, kernels "
+        f"{args.kernels}, clip {args.clip}, {args.steps} steps"
+    )
+    print(
+        "| shape | GPU alloc pred / meas GiB (err) | GPU reserved GiB | host pred / meas GiB (err) | "
+        "step bound / meas s (binds) | init s | total s |"
+    )
     print("|---|---|---|---|---|---|---|")
     results = {}
     for shape in args.shapes.split(","):
@@ -182,11 +211,13 @@ def main() -> None:
         results[shape] = result
         plan = result.get("plan") or {}
         gpu, host = plan.get("gpu_total"), plan.get("host_total")
-        row = (f"| {shape} | {_gib(gpu)} / {_gib(result.get('peak_gpu_allocated'))} "
-               f"({_err(gpu, result.get('peak_gpu_allocated'))}) | {_gib(result.get('peak_gpu_reserved'))} | "
-               f"{_gib(host)} / {_gib(result.get('peak_host_rss'))} ({_err(host, result.get('peak_host_rss'))}) | ")
+        row = (
+            f"| {shape} | {_gib(gpu)} / {_gib(result.get('peak_gpu_allocated'))} "
+            f"({_err(gpu, result.get('peak_gpu_allocated'))}) | {_gib(result.get('peak_gpu_reserved'))} | "
+            f"{_gib(host)} / {_gib(result.get('peak_host_rss'))} ({_err(host, result.get('peak_host_rss'))}) | "
+        )
         step = result.get("step_s")
-        row += (f"{plan.get('step_seconds', 0):.2f} / {step:.2f} ({plan.get('binding')}) | " if step else "– | ")
+        row += f"{plan.get('step_seconds', 0):.2f} / {step:.2f} ({plan.get('binding')}) | " if step else "– | "
         row += f"{result.get('init_s', 0):.0f} | {result.get('total_s', 0):.0f} |"
         if "error" in result:
             row += f" {result['error']}"

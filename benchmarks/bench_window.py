@@ -12,13 +12,12 @@ import time
 
 import lightning as L
 import torch
+from bench_shapes import SHAPES
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lightning_slide
 from lightning_slide.kernels import apply_kernels
-
-from bench_shapes import SHAPES
 
 
 class LM(L.LightningModule):
@@ -59,8 +58,15 @@ def run(name, strategy, config, args):
     params = sum(p.numel() for p in module.parameters())
     ids = torch.randint(0, config.vocab_size, (args.batch * (args.steps + 2), args.seq))
     trainer = L.Trainer(
-        strategy=strategy, accelerator="gpu", devices=1, precision="bf16-true", max_steps=args.steps + 2,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        strategy=strategy,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-true",
+        max_steps=args.steps + 2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     try:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=args.batch))
@@ -70,8 +76,13 @@ def run(name, strategy, config, args):
     tokens = args.batch * args.seq
     peak = torch.cuda.max_memory_allocated() / 2**30
     timed = module.engine_stats[2:]
-    host = " / ".join(f"{sum(s[k] for s in timed) / len(timed):.3f}" for k in ("host_busy", "compute_blocked")) if timed and timed[0] else "-"
-    return f"| {name} | {step:.3f} | {tokens / step:,.0f} | {6 * params * tokens / step / 1e12:.1f} | {peak:.2f} | {host} |"
+    host = (
+        " / ".join(f"{sum(s[k] for s in timed) / len(timed):.3f}" for k in ("host_busy", "compute_blocked"))
+        if timed and timed[0]
+        else "-"
+    )
+    tflops = 6 * params * tokens / step / 1e12
+    return f"| {name} | {step:.3f} | {tokens / step:,.0f} | {tflops:.1f} | {peak:.2f} | {host} |"
 
 
 def main():
@@ -82,14 +93,22 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--windows", default="1,2,4")
     parser.add_argument("--kernels", default="all")
-    parser.add_argument("--host-weights", default="fp32",
-                        help="comma-separated SlideFormerStrategy(tuning=dict(host_weights=...)) values to run for each window: "
-                        "fp32 (upload fp32 masters, cast on the GPU), compute (upload a bf16 host copy)")
+    parser.add_argument(
+        "--host-weights",
+        default="fp32",
+        help="comma-separated SlideFormerStrategy(tuning=dict(host_weights=...)) values to run for each window: "
+        "fp32 (upload fp32 masters, cast on the GPU), compute (upload a bf16 host copy)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip all-on-GPU training")
     args = parser.parse_args()
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=args.seq)
-    print(f"{args.shape}, batch {args.batch} x {args.seq}, bf16, kernels={args.kernels}, {torch.cuda.get_device_name()}")
-    print("| system | s/step (median) | tokens/s | TFLOP/s (6·N·tokens) | peak GPU GiB | host busy / compute blocked, s/step |")
+    print(
+        f"{args.shape}, batch {args.batch} x {args.seq}, bf16, kernels={args.kernels}, {torch.cuda.get_device_name()}"
+    )
+    print(
+        "| system | s/step (median) | tokens/s | TFLOP/s (6·N·tokens) | peak GPU GiB "
+        "| host busy / compute blocked, s/step |"
+    )
     print("|---|---|---|---|---|---|")
     if not args.no_reference:
         print(run("all-on-GPU Lightning (bf16-true params, GPU AdamW)", "auto", config, args), flush=True)

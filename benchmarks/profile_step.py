@@ -49,9 +49,8 @@ def run(args) -> Path:
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import LlamaConfig
 
-    from lightning_slide.engine.options import Tuning
-
     import lightning_slide
+    from lightning_slide.engine.options import Tuning
     from lightning_slide.kernels import apply_kernels
 
     gpu = not args.cpu
@@ -107,10 +106,18 @@ def run(args) -> Path:
         options["gpu_memory_limit"] = args.cap
     strategy = lightning_slide.SlideFormerStrategy(**options)
     ids = torch.randint(0, config.vocab_size, (args.batch * (args.warmup + args.steps), args.seq))
-    trainer = L.Trainer(strategy=strategy, accelerator="gpu" if gpu else "cpu", devices=1,
-                        precision="bf16-true" if gpu else "32-true", max_steps=args.warmup + args.steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Profiled()])
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        precision="bf16-true" if gpu else "32-true",
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Profiled()],
+    )
     trainer.fit(LM(), DataLoader(TensorDataset(ids), batch_size=args.batch))
     return trace
 
@@ -132,36 +139,55 @@ def summarize(trace: Path) -> str:
     span = lambda e: (float(e["ts"]), float(e["ts"]) + float(e["dur"]))  # noqa: E731
     named = lambda prefix: [e for e in events if str(e.get("name", "")).startswith(prefix)]  # noqa: E731
     steps = sorted(span(e) for e in named("slide.step"))
-    updates = sorted((span(e) + (e["name"][len("slide.update "):],) for e in named("slide.update ")))
+    updates = sorted(span(e) + (e["name"][len("slide.update ") :],) for e in named("slide.update "))
     waits = [span(e) for e in named("slide.wait update")]
-    doing = [span(e) + (e["name"][len("slide."):],) for e in named("slide.forward") + named("slide.backward")
-             + named("slide.wait")]
+    doing = [
+        span(e) + (e["name"][len("slide.") :],)
+        for e in named("slide.forward") + named("slide.backward") + named("slide.wait")
+    ]
     kernels = [span(e) for e in events if e.get("cat") == "kernel"]
-    copies = {way: [span(e) for e in events if e.get("cat") == "gpu_memcpy" and way in e.get("name", "")]
-              for way in ("HtoD", "DtoH")}
+    copies = {
+        way: [span(e) for e in events if e.get("cat") == "gpu_memcpy" and way in e.get("name", "")]
+        for way in ("HtoD", "DtoH")
+    }
 
-    lines = ["| step | wall ms | host updating ms (updates) | host idle ms | training thread waiting for updates ms "
-             "| GPU kernels ms | H2D copies ms | D2H copies ms |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| step | wall ms | host updating ms (updates) | host idle ms | training thread waiting for updates ms "
+        "| GPU kernels ms | H2D copies ms | D2H copies ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     gaps = []
     for number, (low, high) in enumerate(steps):
         inside = [(max(a, low), min(b, high), key) for a, b, key in updates if b > low and a < high]
         busy = _union_ms([(a, b) for a, b, _ in inside], low, high)
-        lines.append(f"| {number} | {(high - low) / 1000:.1f} | {busy:.1f} ({len(inside)}) | "
-                     f"{(high - low) / 1000 - busy:.1f} | {_union_ms(waits, low, high):.1f} | "
-                     f"{_union_ms(kernels, low, high):.1f} | {_union_ms(copies['HtoD'], low, high):.1f} | "
-                     f"{_union_ms(copies['DtoH'], low, high):.1f} |")
+        lines.append(
+            f"| {number} | {(high - low) / 1000:.1f} | {busy:.1f} ({len(inside)}) | "
+            f"{(high - low) / 1000 - busy:.1f} | {_union_ms(waits, low, high):.1f} | "
+            f"{_union_ms(kernels, low, high):.1f} | {_union_ms(copies['HtoD'], low, high):.1f} | "
+            f"{_union_ms(copies['DtoH'], low, high):.1f} |"
+        )
         edges = [(low, low, "step start")] + inside + [(high, high, "step end")]
         for (_, gap_start, before), (gap_end, _, after) in zip(edges, edges[1:]):
             if (gap_end - gap_start) / 1000 >= GAP_MS:
                 middle = (gap_start + gap_end) / 2
                 around = sorted((b - a, name) for a, b, name in doing if a <= middle < b)
-                gaps.append((gap_end - gap_start, number, gap_start - low, before, after,
-                             around[0][1] if around else "no slide.* range"))
+                gaps.append(
+                    (
+                        gap_end - gap_start,
+                        number,
+                        gap_start - low,
+                        before,
+                        after,
+                        around[0][1] if around else "no slide.* range",
+                    )
+                )
     lines.append("")
     lines.append(f"Longest idle stretches of the update thread (>= {GAP_MS:g} ms):")
     for length, number, offset, before, after, doing in sorted(gaps, reverse=True)[:SHOWN_GAPS]:
-        lines.append(f"- step {number}, at {offset / 1000:.1f} ms: {length / 1000:.1f} ms between {before!r} and "
-                     f"{after!r}; the training thread: {doing}")
+        lines.append(
+            f"- step {number}, at {offset / 1000:.1f} ms: {length / 1000:.1f} ms between {before!r} and "
+            f"{after!r}; the training thread: {doing}"
+        )
     return "\n".join(lines)
 
 

@@ -17,8 +17,15 @@ import lightning_slide  # registers strategy="slideformer"
 class CausalLM(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+        config = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=128,
+        )
         self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # fp32: these become the masters
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

@@ -121,8 +121,14 @@ def save(
     return path
 
 
-def _write_directory(tmp: Path, checkpoint: dict[str, Any], unit_of: Mapping[str, str],
-                     optimizer_params: list[str] | None, hf: dict[str, Any] | None, info: dict[str, Any] | None) -> None:
+def _write_directory(
+    tmp: Path,
+    checkpoint: dict[str, Any],
+    unit_of: Mapping[str, str],
+    optimizer_params: list[str] | None,
+    hf: dict[str, Any] | None,
+    info: dict[str, Any] | None,
+) -> None:
     """Write the complete checkpoint directory ``tmp`` (``save``'s arguments), every file and directory fsynced."""
     tmp.mkdir(parents=True)
     (tmp / "model").mkdir()
@@ -209,8 +215,9 @@ def _write_tensors(file: Path, tensors: dict[str, torch.Tensor], copy_shared: bo
     return aliases
 
 
-def _write_optimizer(tmp: Path, state: Mapping, params: list[str] | None, unit_of: Mapping[str, str],
-                     files: dict[str, int], delay: float) -> dict:
+def _write_optimizer(
+    tmp: Path, state: Mapping, params: list[str] | None, unit_of: Mapping[str, str], files: dict[str, int], delay: float
+) -> dict:
     """Write the optimizer's per-parameter state unit by unit (``state["state"]`` may compute each parameter's
     state when it is read, e.g. ``LazyOptimizerState``: only one unit's is held at a time); returns the tensor-free
     part (param groups with parameter names, non-tensor state values)."""
@@ -218,7 +225,9 @@ def _write_optimizer(tmp: Path, state: Mapping, params: list[str] | None, unit_o
         raise ValueError("save(optimizer_params=...) is required with optimizer states")
     groups = []
     for group in state["param_groups"]:
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [params[i] for i in group["params"]]})
+        groups.append(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [params[i] for i in group["params"]]}
+        )
     scalars: dict[str, dict] = {}
     (tmp / "optimizer").mkdir()
     for unit, indices in optimizer_read_order(params, unit_of).items():
@@ -379,8 +388,16 @@ def remove(path: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------------------------------------------- loading
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -487,8 +504,10 @@ class CheckpointReader:
         its metadata must agree on whether the optimizer was saved, and the index must list optimizer files."""
         groups = self.meta_optimizer().get("param_groups")
         if groups and not self.has_optimizer:
-            return (f"its metadata records an optimizer ({sum(len(g['params']) for g in groups)} parameters) but "
-                    f"{INDEX} says no optimizer state was saved")
+            return (
+                f"its metadata records an optimizer ({sum(len(g['params']) for g in groups)} parameters) but "
+                f"{INDEX} says no optimizer state was saved"
+            )
         if self.has_optimizer and not groups:
             return f"{INDEX} says optimizer state was saved but {META} records no optimizer param groups"
         if self.has_optimizer and not any(rel.startswith("optimizer/") for rel in self.index["files"]):
@@ -514,8 +533,10 @@ class CheckpointReader:
             for name in group["params"]:
                 number[name] = len(number)
         state = {number[name]: value for name, value in self.optimizer_states() if name in number}
-        return {"state": dict(sorted(state.items())),
-                "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in groups]}
+        return {
+            "state": dict(sorted(state.items())),
+            "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in groups],
+        }
 
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:
@@ -629,8 +650,9 @@ def _read(path: str | os.PathLike, weights_only: bool | None) -> tuple[Checkpoin
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning
-def lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = None, weights_only: bool | None = None,
-                         optimizer: bool = True) -> dict[str, Any]:
+def lightning_checkpoint(
+    path: str | os.PathLike, *, map_location: Any = None, weights_only: bool | None = None, optimizer: bool = True
+) -> dict[str, Any]:
     """A checkpoint directory as the dict a single-file Lightning checkpoint holds, for code outside slideformer:
     metadata, ``"state_dict"`` and (with ``optimizer`` and when saved) ``"optimizer_states"`` in torch's layout.
 
@@ -656,8 +678,9 @@ def lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = None, w
     device = _mapped_device(map_location)
     if device is not None and device != torch.device("cpu"):
         moved: dict[int, torch.Tensor] = {}  # by tensor: tied names stay one tensor, as torch.load keeps them
-        checkpoint = _rebuild(checkpoint, lambda x: moved.setdefault(id(x), x.to(device))
-                              if torch.is_tensor(x) else _KEEP_WALKING)
+        checkpoint = _rebuild(
+            checkpoint, lambda x: moved.setdefault(id(x), x.to(device)) if torch.is_tensor(x) else _KEEP_WALKING
+        )
     return checkpoint
 
 
@@ -673,9 +696,15 @@ def _mapped_device(map_location: Any) -> torch.device | None:
     return torch.device(map_location)
 
 
-def load_from_checkpoint(cls: type, checkpoint_path: str | os.PathLike, map_location: Any = None,
-                         hparams_file: str | os.PathLike | None = None, strict: bool | None = None,
-                         weights_only: bool | None = None, **kwargs: Any) -> Any:
+def load_from_checkpoint(
+    cls: type,
+    checkpoint_path: str | os.PathLike,
+    map_location: Any = None,
+    hparams_file: str | os.PathLike | None = None,
+    strict: bool | None = None,
+    weights_only: bool | None = None,
+    **kwargs: Any,
+) -> Any:
     """``cls.load_from_checkpoint(checkpoint_path, ...)`` for slideformer checkpoint directories (and files).
 
     ``MyModule.load_from_checkpoint("last.ckpt")`` cannot open a directory; this returns the same thing::
@@ -697,10 +726,17 @@ def load_from_checkpoint(cls: type, checkpoint_path: str | os.PathLike, map_loca
     from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
     if not Path(checkpoint_path).is_dir():
-        return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                        strict=strict, weights_only=weights_only, **kwargs)
-    checkpoint = lightning_checkpoint(checkpoint_path, map_location=map_location, weights_only=weights_only,
-                                      optimizer=False)
+        return cls.load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=weights_only,
+            **kwargs,
+        )
+    checkpoint = lightning_checkpoint(
+        checkpoint_path, map_location=map_location, weights_only=weights_only, optimizer=False
+    )
     checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=Path(checkpoint_path))
     if hparams_file is not None:  # replaces the saved hyperparameters, as in Lightning
         suffix = Path(hparams_file).suffix.lower()
@@ -719,8 +755,9 @@ def load_from_checkpoint(cls: type, checkpoint_path: str | os.PathLike, map_loca
     return module.to(next((t for t in state.values() if torch.is_tensor(t)), torch.tensor(0)).device)
 
 
-def checkpoint_to_lightning(checkpoint: str | os.PathLike, out_file: str | os.PathLike, *,
-                            weights_only: bool = False) -> Path:
+def checkpoint_to_lightning(
+    checkpoint: str | os.PathLike, out_file: str | os.PathLike, *, weights_only: bool = False
+) -> Path:
     """Write a checkpoint directory as one Lightning checkpoint file (``torch.save``), for tools that read only
     those (``MyModule.load_from_checkpoint``, a plain Lightning strategy, ``torch.load``).
 
@@ -758,8 +795,13 @@ class SlideCheckpointIO(TorchCheckpointIO):
 
 
 # ---------------------------------------------------------------------------------------------------- export
-def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, dtype: torch.dtype | str = torch.float32,
-              max_shard_size: str = "5GB") -> Path:
+def export_hf(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    max_shard_size: str = "5GB",
+) -> Path:
     """Write ``model`` (and ``tokenizer``) so that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them.
 
     Args:
@@ -801,14 +843,24 @@ def hf_info(module: torch.nn.Module) -> dict[str, Any] | None:
         return None
     for name, sub in module.named_modules():
         if isinstance(sub, PreTrainedModel):
-            return {"prefix": f"{name}." if name else "", "architecture": type(sub).__name__,
-                    "config": sub.config.to_dict()}
+            return {
+                "prefix": f"{name}." if name else "",
+                "architecture": type(sub).__name__,
+                "config": sub.config.to_dict(),
+            }
     return None
 
 
-def checkpoint_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     dtype: torch.dtype | str = torch.float32, tokenizer=None, config=None, prefix: str | None = None,
-                     max_shard_size: str = "5GB") -> Path:
+def checkpoint_to_hf(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer=None,
+    config=None,
+    prefix: str | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
     """Convert a checkpoint directory into a Hugging Face model directory (safetensors shards with their index,
     and the config) that ``AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -854,7 +906,9 @@ def checkpoint_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     expected = set(model.state_dict())
     loaded: set[str] = set()
     for _, tensors in reader.model_units():
-        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix):] in expected}
+        mine = {
+            k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in expected
+        }
         converted: dict[int, torch.Tensor] = {}  # tied names keep sharing one tensor
         for key, tensor in mine.items():
             if id(tensor) not in converted:
@@ -885,8 +939,11 @@ def _main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("out", help="Hugging Face directory to write (with --lightning: the .ckpt file to write)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or 'compute'")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory to save alongside")
-    parser.add_argument("--lightning", action="store_true",
-                        help="write a single-file Lightning checkpoint (fp32 weights and optimizer state) instead")
+    parser.add_argument(
+        "--lightning",
+        action="store_true",
+        help="write a single-file Lightning checkpoint (fp32 weights and optimizer state) instead",
+    )
     parser.add_argument("--weights-only", action="store_true", help="with --lightning: leave the optimizer out")
     args = parser.parse_args(None if argv is None else list(argv))
     if args.lightning:

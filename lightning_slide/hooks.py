@@ -19,10 +19,13 @@ _CALLBACK_HOOKS = ("on_after_backward", "on_before_optimizer_step")
 
 def step_observers(trainer: Trainer, module: LightningModule) -> list[str]:
     """The user hooks that run between a step's backward and its optimizer step, as ``"Owner.hook"``."""
-    found = [f"{type(module).__name__}.{hook}" for hook in _MODULE_HOOKS if is_overridden(hook, module, LightningModule)]
+    found = [
+        f"{type(module).__name__}.{hook}" for hook in _MODULE_HOOKS if is_overridden(hook, module, LightningModule)
+    ]
     for callback in trainer.callbacks:
-        found += [f"{type(callback).__name__}.{hook}" for hook in _CALLBACK_HOOKS
-                  if is_overridden(hook, callback, Callback)]
+        found += [
+            f"{type(callback).__name__}.{hook}" for hook in _CALLBACK_HOOKS if is_overridden(hook, callback, Callback)
+        ]
     return found
 
 

@@ -20,7 +20,9 @@ def count_tokens(batch: Any) -> int:
             return batch["input_ids"].numel()
         batch = list(batch.values())
     if isinstance(batch, (list, tuple)):
-        return next((count_tokens(item) for item in batch if torch.is_tensor(item) or isinstance(item, (dict, list, tuple))), 0)
+        return next(
+            (count_tokens(item) for item in batch if torch.is_tensor(item) or isinstance(item, (dict, list, tuple))), 0
+        )
     return batch.numel() if torch.is_tensor(batch) else 0
 
 
@@ -53,8 +55,9 @@ class SlideMonitor(L.Callback):
             self._start = time.perf_counter()
             self._stats0 = self._engine_stats(trainer)
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._tokens += count_tokens(batch)
         if trainer.fit_loop._should_accumulate():
             return  # an optimizer step spans the whole accumulation window: no device sync in between

@@ -15,7 +15,14 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_slide.engine.plan import (
-    Machine, ModelShape, Plan, Settings, device_bytes, largest_batch, largest_parking, make_plan,
+    Machine,
+    ModelShape,
+    Plan,
+    Settings,
+    device_bytes,
+    largest_batch,
+    largest_parking,
+    make_plan,
 )
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels
 from lightning_slide.precision import planned_clipping
@@ -36,22 +43,31 @@ class RunPlan:
         options: the run's options, resolved (``strategy.run_options``).
     """
 
-    def __init__(self, strategy: SlideFormerStrategy, trainer: Trainer, module: LightningModule,
-                 options: SlideOptions) -> None:
+    def __init__(
+        self, strategy: SlideFormerStrategy, trainer: Trainer, module: LightningModule, options: SlideOptions
+    ) -> None:
         self.strategy = strategy
         self.options = options
         active = set(active_kernels(module))  # applied by the user (apply_kernels) or by an earlier run
         self.settings = Settings.of(
-            options, compute_dtype=strategy.precision_plugin.compute_dtype, device=strategy.root_device.type,
+            options,
+            compute_dtype=strategy.precision_plugin.compute_dtype,
+            device=strategy.root_device.type,
             kernels=tuple(n for n in KERNEL_NAMES if n in options.kernels or n in active),
-            clipping=planned_clipping(trainer, module)[0], accumulate=trainer.accumulate_grad_batches,
+            clipping=planned_clipping(trainer, module)[0],
+            accumulate=trainer.accumulate_grad_batches,
             ranks=strategy.num_processes * strategy.num_nodes,
             masters_shared_by=strategy.num_processes if strategy.num_nodes == 1 else 1,
         )
         self.plan: Plan | None = None  # the latest, also when refused (the numbers stay inspectable)
 
-    def check(self, module: LightningModule, engine: SlidingEngine | None = None, batch: int | None = None,
-              seq: int | None = None) -> Plan:
+    def check(
+        self,
+        module: LightningModule,
+        engine: SlidingEngine | None = None,
+        batch: int | None = None,
+        seq: int | None = None,
+    ) -> Plan:
         """Plan the run and refuse it (``PlanError``, with the numbers and what to change) when it cannot fit.
 
         Without ``batch`` x ``seq`` the fixed buffers (window slots, resident parts, staging), the host memory
@@ -90,8 +106,9 @@ class RunPlan:
         parked = largest_parking(plan.shape, plan.settings, plan.machine) or 0
         self.options = self.options.resolve(parked_grads=parked)
         self.settings = dataclasses.replace(self.settings, parked_grads=parked)
-        self.plan = make_plan(plan.shape, dataclasses.replace(plan.settings, parked_grads=parked), plan.machine,
-                              suggest=False)
+        self.plan = make_plan(
+            plan.shape, dataclasses.replace(plan.settings, parked_grads=parked), plan.machine, suggest=False
+        )
         return parked
 
     def check_first_batch(self, module: LightningModule, engine: SlidingEngine, batch: Any) -> None:

@@ -10,14 +10,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized, _get_default_process_group_backend_for_device, _init_dist_connection,
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.plugins.precision import HalfPrecision, Precision
-from lightning.pytorch.strategies import ParallelStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies import ParallelStrategy, Strategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -101,9 +103,18 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
     ) -> None:
         #: the options as given, validated (engine/options.py); a run resolves its "auto"s at setup (run_options)
         self.options = SlideOptions(
-            window=window, blocks=blocks, kernels=kernels, offload_activations=offload_activations,
-            offload_dir=offload_dir, offload=offload, gpu_memory_limit=gpu_memory_limit, nonfinite=nonfinite,
-            monitor=monitor, tuning=tuning, start_method=start_method, timeout=timeout,
+            window=window,
+            blocks=blocks,
+            kernels=kernels,
+            offload_activations=offload_activations,
+            offload_dir=offload_dir,
+            offload=offload,
+            gpu_memory_limit=gpu_memory_limit,
+            nonfinite=nonfinite,
+            monitor=monitor,
+            tuning=tuning,
+            start_method=start_method,
+            timeout=timeout,
         )
         super().__init__()
         self._num_nodes = 1
@@ -208,7 +219,9 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             self.set_world_ranks()
             backend = _get_default_process_group_backend_for_device(self.root_device)  # NCCL on GPUs, else gloo
             _init_dist_connection(
-                self.cluster_environment, backend, timeout=self.options.timeout,
+                self.cluster_environment,
+                backend,
+                timeout=self.options.timeout,
                 device_id=self.root_device if self.root_device.type == "cuda" else None,
             )
 
@@ -246,8 +259,12 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         apply_kernels(module, options.kernels)
         self._torn = False
         self.engine = SlidingEngine(
-            module, options, device=self.root_device, compute_dtype=self.precision_plugin.compute_dtype,
-            memory_limit=self.device_memory_limit(), data_parallel=self.data_parallel,
+            module,
+            options,
+            device=self.root_device,
+            compute_dtype=self.precision_plugin.compute_dtype,
+            memory_limit=self.device_memory_limit(),
+            data_parallel=self.data_parallel,
         )
         running, fallback = running_kernels(module, self.root_device)
         self._observers = step_observers(trainer, module) if fitting else []
@@ -280,8 +297,9 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         """The options of a run on ``module``: :attr:`options` with what ``"auto"`` leaves to this device and model
         decided (``SlideOptions.resolve``; ``parked_grads="auto"`` waits for the first training batch)."""
         resident = sum(p.numel() for _, p in find_parts(module, self.options.blocks).resident)
-        return self.options.resolve(device=self.root_device, resident_params=resident,
-                                    gpu_memory=self.device_memory_limit())
+        return self.options.resolve(
+            device=self.root_device, resident_params=resident, gpu_memory=self.device_memory_limit()
+        )
 
     def device_memory_limit(self) -> int | None:
         """The most memory this process may use on its GPU: ``gpu_memory_limit``, or a cap set with
@@ -348,7 +366,9 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._batch_checked:
             self._batch_checked = True
-            self._run_plan.check_first_batch(self.lightning_module, self.engine, args[0] if args else kwargs.get("batch"))
+            self._run_plan.check_first_batch(
+                self.lightning_module, self.engine, args[0] if args else kwargs.get("batch")
+            )
             if self.options.tuning.parked_grads == "auto":
                 parked = self._run_plan.most_parked_grads()
                 self.engine.add_parking(parked)
@@ -389,9 +409,11 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         self.engine.begin_backward(
             last_micro_batch=trainer.training and not trainer.fit_loop._should_accumulate(),
-            clipping=whole, clip_value=clip_value,
+            clipping=whole,
+            clip_value=clip_value,
             param_groups=self.optimizers[0].param_groups if self.optimizers else None,
-            step=trainer.global_step, observed=observed,
+            step=trainer.global_step,
+            observed=observed,
         )
         self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         self.engine.end_backward()  # not after a failure: on_exception closes the engine
@@ -406,4 +428,3 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="sliding-window full fine-tuning (SlideFormer)", override=True
         )
-

@@ -39,9 +39,7 @@ class CheckpointHooks:
     def _step_torn(self) -> bool:
         return self._torn or (self.engine is not None and self.engine.step_torn)
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` as a directory at ``filepath``: per-layer safetensors files of the fp32 masters and
         the optimizer state, and Lightning's metadata with no tensor pickled; layer by layer, atomically."""
         if storage_options is not None:
@@ -95,8 +93,10 @@ class CheckpointHooks:
             indices = list(range(len(params), len(params) + len(group["params"])))
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
             params.extend(group["params"])
-        return {"state": slide_checkpoint.LazyOptimizerState(params, optimizer.engine.optimizer_state),
-                "param_groups": groups}
+        return {
+            "state": slide_checkpoint.LazyOptimizerState(params, optimizer.engine.optimizer_state),
+            "param_groups": groups,
+        }
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """A checkpoint directory (masters read lazily in ``load_model_state_dict``), or a single-file checkpoint

@@ -16,8 +16,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from lightning_slide.app.errors import DataError
-from lightning_slide.app.formats import FORMATS, IGNORE_INDEX, is_conversational, problem, special_ids, \
-    tokenize_record
+from lightning_slide.app.formats import FORMATS, IGNORE_INDEX, is_conversational, problem, special_ids, tokenize_record
 from lightning_slide.app.packing import PackedRows, collate_packed, collate_padded
 from lightning_slide.app.resume import ResumableLoader, ResumableSampler
 
@@ -49,8 +48,10 @@ def check_jsonl(path: Path) -> list[int]:
             if first is None:
                 first = (number, set(record))
             elif set(record) != first[1]:  # datasets reads a file as a table: one set of columns
-                raise DataError(f"{path}:{number}: keys {sorted(record)} differ from those of line {first[0]} "
-                                f"({sorted(first[1])}); use one format per file")
+                raise DataError(
+                    f"{path}:{number}: keys {sorted(record)} differ from those of line {first[0]} "
+                    f"({sorted(first[1])}); use one format per file"
+                )
     if first is None:
         raise DataError(f"data file {str(path)!r} has no examples")
     return blank
@@ -87,7 +88,9 @@ def load_source(path: str, cache_dir: str | None) -> tuple[datasets.Dataset, Loc
     try:
         data = datasets.load_dataset(source, split="train", cache_dir=cache_dir, **kwargs)
     except Exception as e:  # datasets raises many types; the user's fix is the path either way
-        what = "directory" if p.is_dir() else "file" if p.exists() else "path (not a file, directory or cached data set)"
+        what = (
+            "directory" if p.is_dir() else "file" if p.exists() else "path (not a file, directory or cached data set)"
+        )
         raise DataError(f"data {what} {path!r} could not be read as a data set: {type(e).__name__}: {e}") from None
     if len(data) == 0:
         raise DataError(f"data {path!r} has no examples")
@@ -127,9 +130,11 @@ class Tokenize:
             if wrong:
                 raise DataError(f"{self.locate(row)}: {wrong}")
             if is_conversational(record) and not self.tokenizer.chat_template:
-                raise DataError(f"{self.locate(row)}: conversational data needs a chat template, and this tokenizer "
-                                "has none: use an instruct model's tokenizer (model.tokenizer=...), or give plain "
-                                f"{FORMATS['prompt']} records")
+                raise DataError(
+                    f"{self.locate(row)}: conversational data needs a chat template, and this tokenizer "
+                    "has none: use an instruct model's tokenizer (model.tokenizer=...), or give plain "
+                    f"{FORMATS['prompt']} records"
+                )
             try:
                 ids, labels = tokenize_record(self.tokenizer, record, self.special)
             except ValueError as e:
@@ -146,8 +151,13 @@ class Tokenize:
         return out
 
 
-FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                              "labels": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32")})
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+    }
+)
 
 
 class JSONLDataModule(L.LightningDataModule):
@@ -200,8 +210,10 @@ class JSONLDataModule(L.LightningDataModule):
         if max_length is None:
             max_length = min(DEFAULT_MAX_LENGTH, context_length or DEFAULT_MAX_LENGTH)
         elif context_length is not None and max_length > context_length:
-            raise DataError(f"data.max_length={max_length} is longer than the model's context of {context_length} "
-                            f"tokens (its max_position_embeddings): set data.max_length<={context_length}")
+            raise DataError(
+                f"data.max_length={max_length} is longer than the model's context of {context_length} "
+                f"tokens (its max_position_embeddings): set data.max_length<={context_length}"
+            )
         if val_size < 0:
             raise DataError(f"data.val_size must be >= 0, got {val_size}")
         self.path, self.val_path, self.val_size = path, val_path, val_size
@@ -239,11 +251,21 @@ class JSONLDataModule(L.LightningDataModule):
     def _tokenized(self, path: str) -> datasets.Dataset:
         data, locate = load_source(path, self.cache_dir)
         tokenize = Tokenize(self.tokenizer, self.max_length, self.truncate, self.context_length, locate)
-        tokenized = data.map(tokenize, batched=True, with_indices=True, remove_columns=data.column_names,
-                             features=FEATURES, desc=f"tokenizing {Path(path).name}")
+        tokenized = data.map(
+            tokenize,
+            batched=True,
+            with_indices=True,
+            remove_columns=data.column_names,
+            features=FEATURES,
+            desc=f"tokenizing {Path(path).name}",
+        )
         if len(tokenized) < len(data):
-            log.warning("%s: %d of %d examples have no target token left (after truncation) and are skipped", path,
-                        len(data) - len(tokenized), len(data))
+            log.warning(
+                "%s: %d of %d examples have no target token left (after truncation) and are skipped",
+                path,
+                len(data) - len(tokenized),
+                len(data),
+            )
         if len(tokenized) == 0:
             raise DataError(f"data {path!r} has no example with a target token")
         return tokenized
@@ -253,8 +275,9 @@ class JSONLDataModule(L.LightningDataModule):
             return data, []
         n_val = max(round(self.val_size * len(data)), 1) if self.val_size < 1 else int(self.val_size)
         if n_val >= len(data):
-            raise DataError(f"data.val_size={self.val_size} leaves no training examples out of {len(data)} in "
-                            f"{self.path}")
+            raise DataError(
+                f"data.val_size={self.val_size} leaves no training examples out of {len(data)} in {self.path}"
+            )
         split = data.train_test_split(test_size=n_val, seed=self.seed)
         return split["train"], split["test"]
 
@@ -277,10 +300,20 @@ class JSONLDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
-                                   rank=trainer.global_rank if trainer else 0, seed=self.seed)
-        loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                                 num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        sampler = ResumableSampler(
+            self.train_set,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            seed=self.seed,
+        )
+        loader = ResumableLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
         if self._loader_state is not None:
             loader.load_state_dict(self._loader_state)
             self._loader_state = None
@@ -300,5 +333,11 @@ class JSONLDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_set:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

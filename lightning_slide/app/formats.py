@@ -68,8 +68,7 @@ def problem(record: Any) -> str | None:
     if isinstance(prompt, list) and isinstance(completion, list):
         wrong = _messages_problem(prompt) or _messages_problem(completion)
         return None if wrong is None else f'"prompt" and "completion" must each be {wrong}'
-    return (f'{expected} with "prompt" and "completion" both strings or both message lists, got keys '
-            f"{sorted(record)}")
+    return f'{expected} with "prompt" and "completion" both strings or both message lists, got keys {sorted(record)}'
 
 
 def _overlapping(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
@@ -81,8 +80,10 @@ def _offsets(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[
     try:
         enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     except NotImplementedError:
-        raise DataError("prompt/completion and conversational data need a fast tokenizer (one with "
-                        "tokenizer.json): character offsets tell which tokens are the completion") from None
+        raise DataError(
+            "prompt/completion and conversational data need a fast tokenizer (one with "
+            "tokenizer.json): character offsets tell which tokens are the completion"
+        ) from None
     return enc["input_ids"], enc["offset_mapping"]
 
 
@@ -104,8 +105,12 @@ def special_ids(tokenizer: Any) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
 
 
-def chat_example(tokenizer: Any, messages: list[dict], trained_from: int, special: set[int],
-                 ) -> tuple[list[int], list[int]]:
+def chat_example(
+    tokenizer: Any,
+    messages: list[dict],
+    trained_from: int,
+    special: set[int],
+) -> tuple[list[int], list[int]]:
     """Token ids and labels of a conversation: the loss is on the assistant messages from index ``trained_from``.
 
     Raises ``ValueError`` (with what went wrong) when an assistant message is not found in the rendering.
@@ -121,8 +126,10 @@ def chat_example(tokenizer: Any, messages: list[dict], trained_from: int, specia
         start = text.find(content, cursor) if content else -1
         if start < 0:
             if message["role"] == "assistant" and content:
-                raise ValueError(f"assistant message {index} was not found in the chat template's rendering of "
-                                 "the conversation (the template changes its text)")
+                raise ValueError(
+                    f"assistant message {index} was not found in the chat template's rendering of "
+                    "the conversation (the template changes its text)"
+                )
             continue  # some templates move or rewrite system and user messages: only replies must be found
         cursor = start + len(content)
         if message["role"] != "assistant" or index < trained_from:
@@ -134,7 +141,7 @@ def chat_example(tokenizer: Any, messages: list[dict], trained_from: int, specia
         for i in range(tokens[-1] + 1, len(ids)):
             a, b = offsets[i]
             if ids[i] in special:
-                labels[tokens[-1] + 1: i + 1] = ids[tokens[-1] + 1: i + 1]
+                labels[tokens[-1] + 1 : i + 1] = ids[tokens[-1] + 1 : i + 1]
                 break
             if text[a:b].strip():
                 break

@@ -26,8 +26,10 @@ def weight_files(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     if not path.is_dir():
-        raise ModelDirError(f"model directory {str(path)!r} does not exist (set model.path to a local Hugging Face "
-                            "model directory: config.json, *.safetensors, tokenizer files)")
+        raise ModelDirError(
+            f"model directory {str(path)!r} does not exist (set model.path to a local Hugging Face "
+            "model directory: config.json, *.safetensors, tokenizer files)"
+        )
     if not (path / "config.json").is_file():
         raise ModelDirError(f"model directory {str(path)!r} has no config.json")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -36,8 +38,9 @@ def weight_files(path: str | Path) -> list[Path]:
         shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
         missing = [name for name in shards if not (path / name).is_file()]
         if missing:
-            raise ModelDirError(f"model directory {str(path)!r}: {INDEX} lists shards that are missing: "
-                                f"{', '.join(missing)}")
+            raise ModelDirError(
+                f"model directory {str(path)!r}: {INDEX} lists shards that are missing: {', '.join(missing)}"
+            )
         return [path / name for name in shards]
     if (path / SINGLE).is_file():
         return [path / SINGLE]
@@ -80,8 +83,10 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> torch.n
             tensors = {key: f.get_tensor(key).to(torch.float32) for key in f.keys()}
         unexpected = sorted(set(tensors) - expected)
         if unexpected:
-            raise ModelDirError(f"{shard}: tensors {unexpected[:5]} are not parameters of {type(model).__name__} "
-                                "(a different architecture, or a checkpoint layout this loader does not convert)")
+            raise ModelDirError(
+                f"{shard}: tensors {unexpected[:5]} are not parameters of {type(model).__name__} "
+                "(a different architecture, or a checkpoint layout this loader does not convert)"
+            )
         model.load_state_dict(tensors, strict=False, assign=True)
         loaded |= tensors.keys()
         del tensors
@@ -89,15 +94,18 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> torch.n
     _materialize_buffers(model)
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
-        raise ModelDirError(f"model directory {str(path)!r}: the weights lack {still_meta[:5]} "
-                            f"({len(still_meta)} tensors in all)")
+        raise ModelDirError(
+            f"model directory {str(path)!r}: the weights lack {still_meta[:5]} ({len(still_meta)} tensors in all)"
+        )
     return model
 
 
 def _materialize_buffers(model: torch.nn.Module) -> None:
     """Recompute buffers that are not in checkpoints (rotary ``inv_freq``) on the CPU: they were born on meta."""
     for module in model.modules():
-        if any(buf.is_meta and name in module._non_persistent_buffers_set
-               for name, buf in module.named_buffers(recurse=False)):
+        if any(
+            buf.is_meta and name in module._non_persistent_buffers_set
+            for name, buf in module.named_buffers(recurse=False)
+        ):
             module.to_empty(device="cpu", recurse=False)
             model._init_weights(module)  # the model's own init recomputes them, as from_pretrained does

@@ -20,8 +20,10 @@ VOCAB_SIZE = 1024
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 # Each message is its role token, its content and <|eos|>: a reply ends with the token generation stops at.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
-                 "+ eos_token }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
+    "+ eos_token }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 SYSTEM = "You are a guide to the atlas. Answer in one sentence."
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "vel"]
@@ -29,8 +31,24 @@ _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "n", "r", "s", "l", "m", "th", "nd", "rk", "sk"]
 _COUNTRIES = ["Arvenia", "Beloria", "Castavar", "Dunmere", "Estoria", "Fennwick", "Galdera", "Halvorn"]
 _RIVERS = ["Oll", "Sarn", "Ivel", "Tamsa", "Rhune", "Kest", "Wend", "Moryn", "Lethe", "Ambra", "Tor", "Velka"]
-_TRADES = ["glass", "salt", "wool", "copper", "silk", "clocks", "bread", "paper", "ships", "cheese", "maps",
-           "bells", "honey", "lanterns", "rope", "tea"]
+_TRADES = [
+    "glass",
+    "salt",
+    "wool",
+    "copper",
+    "silk",
+    "clocks",
+    "bread",
+    "paper",
+    "ships",
+    "cheese",
+    "maps",
+    "bells",
+    "honey",
+    "lanterns",
+    "rope",
+    "tea",
+]
 
 _TEMPLATES = [
     ("Where is {city}?", "{city} lies in {country}, on the river {river}."),
@@ -40,8 +58,10 @@ _TEMPLATES = [
     ("What does {city} make?", "The people of {city} make {trade}."),
     ("Which river flows through {city}?", "The river {river} flows through {city}."),
     ("On which river is {city}?", "{city} is on the river {river}."),
-    ("Tell me about {city}.", "{city} is a city in {country}. It lies on the river {river} and is known for its "
-                              "{trade}."),
+    (
+        "Tell me about {city}.",
+        "{city} is a city in {country}. It lies on the river {river} and is known for its {trade}.",
+    ),
     ("Describe {city} in one sentence.", "{city} is a {trade} town on the {river} in {country}."),
     ("I am travelling to {city}. What should I buy?", "Buy {trade}: {city} is famous for it."),
     ("Name the river and the country of {city}.", "River {river}, country {country}."),
@@ -75,8 +95,12 @@ def make_city_pairs(rng: random.Random, cities: int = CITIES) -> list[list[dict]
             names.append(name)
     per_city = []
     for city in names:
-        facts = {"city": city, "country": rng.choice(_COUNTRIES), "river": rng.choice(_RIVERS),
-                 "trade": rng.choice(_TRADES)}
+        facts = {
+            "city": city,
+            "country": rng.choice(_COUNTRIES),
+            "river": rng.choice(_RIVERS),
+            "trade": rng.choice(_TRADES),
+        }
         for key, options in (("other", _COUNTRIES), ("other_river", _RIVERS), ("other_trade", _TRADES)):
             wrong = {"other": "country", "other_river": "river", "other_trade": "trade"}[key]
             facts[key] = rng.choice([o for o in options if o != facts[wrong]])
@@ -94,8 +118,10 @@ def make_conversations(seed: int = SEED, cities: int = CITIES) -> list[dict]:
         for first, second in zip(pairs[::2], pairs[1::2]):
             messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 1 / 3 else []
             for pair in (first, second):
-                messages += [{"role": "user", "content": pair["prompt"]},
-                             {"role": "assistant", "content": pair["response"]}]
+                messages += [
+                    {"role": "user", "content": pair["prompt"]},
+                    {"role": "assistant", "content": pair["response"]},
+                ]
             conversations.append({"messages": messages})
     rng.shuffle(conversations)
     return conversations
@@ -109,14 +135,23 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZ
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS.values(), *ROLE_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[*SPECIAL_TOKENS.values(), *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
     bos = SPECIAL_TOKENS["bos_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=256, chat_template=CHAT_TEMPLATE,
-                            additional_special_tokens=ROLE_TOKENS, **SPECIAL_TOKENS).save_pretrained(out_dir)
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=256,
+        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=ROLE_TOKENS,
+        **SPECIAL_TOKENS,
+    ).save_pretrained(out_dir)
 
 
 def main() -> None:

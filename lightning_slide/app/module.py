@@ -13,9 +13,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from lightning_slide.app.data import IGNORE_INDEX
-from lightning_slide.app.packing import model_inputs
 from lightning_slide.app.errors import ModelDirError
 from lightning_slide.app.loading import build_causal_lm, load_causal_lm, load_config
+from lightning_slide.app.packing import model_inputs
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> float:
@@ -108,17 +108,20 @@ class CausalLMModule(L.LightningModule):
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             fields.setdefault(name, getattr(tok, name))
         if fields["vocab_size"] < len(tok):
-            raise ModelDirError(f"model.config.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
-                                f"{len(tok)} tokens")
+            raise ModelDirError(
+                f"model.config.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {len(tok)} tokens"
+            )
         return AutoConfig.for_model(**fields)
 
     def _check_expected(self, expect: dict) -> None:
         wrong = {k: getattr(self.config, k, None) for k, v in expect.items() if getattr(self.config, k, None) != v}
         if wrong:
             found = ", ".join(f"{k}={v!r} (expected {expect[k]!r})" for k, v in wrong.items())
-            raise ModelDirError(f"model directory {str(self.path)!r} is not the model this config describes: "
-                                f"config.json has {found}. Pick the matching model=..., or model=causal_lm for any "
-                                "causal LM.")
+            raise ModelDirError(
+                f"model directory {str(self.path)!r} is not the model this config describes: "
+                f"config.json has {found}. Pick the matching model=..., or model=causal_lm for any "
+                "causal LM."
+            )
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -192,15 +195,15 @@ class CausalLMModule(L.LightningModule):
         for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 0  # unbounded training: no decay
-        schedule = functools.partial(warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total, decay=hp.decay,
-                                     min_lr_ratio=hp.min_lr_ratio)
+        schedule = functools.partial(
+            warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total, decay=hp.decay, min_lr_ratio=hp.min_lr_ratio
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -51,8 +51,10 @@ class PackedRows(Dataset):
 def collate_padded(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence: ``input_ids``, ``attention_mask`` (0 on padding), ``labels`` (-100)."""
     longest = max(len(e["input_ids"]) for e in examples)
-    batch = {name: torch.full((len(examples), longest), fill, dtype=torch.long)
-             for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX))}
+    batch = {
+        name: torch.full((len(examples), longest), fill, dtype=torch.long)
+        for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX))
+    }
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         batch["input_ids"][row, :n] = torch.tensor(e["input_ids"])
@@ -66,8 +68,10 @@ def collate_packed(rows: list[list[dict[str, list[int]]]], pad_id: int) -> dict[
     it counts them, the model is not given it, see :func:`model_inputs`). Padding closes each row as an example of
     its own that nothing attends to."""
     longest = max(sum(len(e["input_ids"]) for e in row) for row in rows)
-    batch = {name: torch.full((len(rows), longest), fill, dtype=torch.long) for name, fill in
-             (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("position_ids", 0), ("attention_mask", 0))}
+    batch = {
+        name: torch.full((len(rows), longest), fill, dtype=torch.long)
+        for name, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("position_ids", 0), ("attention_mask", 0))
+    }
     for r, row in enumerate(rows):
         at = 0
         for e in row:
@@ -89,5 +93,9 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
     """
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": batch["labels"],
-            "use_cache": False}
+    return {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "labels": batch["labels"],
+        "use_cache": False,
+    }

@@ -40,8 +40,13 @@ Only the model's config.json is read (model.path may hold nothing else); a shape
 directory (slide-plan model=llama3_8b). Without a GPU here (and no plan.gpu_memory) it plans the CPU run, as
 slide-train would train here. Exit status 1: the run does not fit."""
 
-_RATES = {"h2d": "h2d_bytes_per_s", "d2h": "d2h_bytes_per_s", "disk_read": "disk_read_bytes_per_s",
-          "disk_write": "disk_write_bytes_per_s", "adamw": "host_adamw_params_per_s"}
+_RATES = {
+    "h2d": "h2d_bytes_per_s",
+    "d2h": "d2h_bytes_per_s",
+    "disk_read": "disk_read_bytes_per_s",
+    "disk_write": "disk_write_bytes_per_s",
+    "adamw": "host_adamw_params_per_s",
+}
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -67,12 +72,16 @@ def model_config(node: DictConfig) -> Any:
         # A shape config (model=llama3_8b) records the model's shape: enough to plan, no directory needed.
         return AutoConfig.for_model(**OmegaConf.to_container(node.expect, resolve=True))
     else:
-        raise SlideAppError("missing required options: the model directory: model.path=/path/to/model "
-                            "(only its config.json is read), or a shape config such as model=llama3_8b")
+        raise SlideAppError(
+            "missing required options: the model directory: model.path=/path/to/model "
+            "(only its config.json is read), or a shape config such as model=llama3_8b"
+        )
     wrong = {k: v for k, v in (node.get("expect") or {}).items() if getattr(config, k, None) != v}
     if wrong:
-        raise ModelDirError(f"model.path {str(node.path)!r} is not the model this config describes (expected "
-                            f"{dict(wrong)}); pick the matching model=..., or model=causal_lm")
+        raise ModelDirError(
+            f"model.path {str(node.path)!r} is not the model this config describes (expected "
+            f"{dict(wrong)}); pick the matching model=..., or model=causal_lm"
+        )
     return config
 
 
@@ -96,9 +105,11 @@ def own_module_on_meta(cfg: DictConfig) -> torch.nn.Module:
     except SlideAppError:
         raise
     except Exception as e:  # its own code: say what failed, and the way around it
-        raise SlideAppError(f"model._target_={cfg.model._target_} cannot be built on the meta device to count its "
-                            f"parameters ({type(e).__name__}: {e}); plan it in Python: "
-                            "lightning_slide.engine.plan.ModelShape.of(module) and make_plan") from None
+        raise SlideAppError(
+            f"model._target_={cfg.model._target_} cannot be built on the meta device to count its "
+            f"parameters ({type(e).__name__}: {e}); plan it in Python: "
+            "lightning_slide.engine.plan.ModelShape.of(module) and make_plan"
+        ) from None
     return module
 
 
@@ -126,8 +137,9 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     options = cfg.get("plan") or {}
     limit = options.get("gpu_memory") or strategy.gpu_memory_limit
     device = planned_device(cfg.trainer, gpu_memory_given=limit is not None)
-    machine = Machine.detect(gpu_memory_limit=None if limit is None else parse_bytes(limit),
-                             offload_dir=strategy.offload_dir)
+    machine = Machine.detect(
+        gpu_memory_limit=None if limit is None else parse_bytes(limit), offload_dir=strategy.offload_dir
+    )
     host_memory = options.get("host_memory") or strategy.tuning.host_memory
     if host_memory is not None:
         machine.host_memory = parse_bytes(host_memory)
@@ -154,8 +166,11 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     else:
         precision = str(cfg.trainer.get("precision"))
     settings = Settings.of(
-        strategy, batch=int(options.get("batch") or cfg.data.batch_size), seq=int(seq),
-        compute_dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32, device=device,
+        strategy,
+        batch=int(options.get("batch") or cfg.data.batch_size),
+        seq=int(seq),
+        compute_dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32,
+        device=device,
         kernels=kernels,
         clipping=_clipping(cfg.trainer) == "clipping by norm",  # by value, updates stream as without clipping
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
@@ -168,8 +183,10 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     if cfg.model.get("path") is None and cfg.model.get("config") is None:
         plan.notes.append("the model's shape comes from its config (model.expect): no model directory was read")
     if device == "cpu" and cfg.trainer.get("accelerator") != "cpu":
-        plan.notes.append("no GPU here: this is the CPU run slide-train would make (the compute buffers are host "
-                          "memory); plan.gpu_memory=... plans a GPU run")
+        plan.notes.append(
+            "no GPU here: this is the CPU run slide-train would make (the compute buffers are host "
+            "memory); plan.gpu_memory=... plans a GPU run"
+        )
     elif machine.gpu_memory is None:
         plan.notes.append("no GPU here and no plan.gpu_memory / strategy.gpu_memory_limit: the GPU is not checked")
     return plan
@@ -209,13 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slide-plan: error: {e}", file=sys.stderr)
         return 2
     s = plan.settings
-    print(f"slide-plan: {_count(plan.shape.params)} parameters, {plan.shape.layers} layers; batch {s.batch} x "
-          f"seq {s.seq}, window {s.window}, {str(s.compute_dtype).removeprefix('torch.')}, "
-          f"accumulate {s.accumulate}, {_clipping(cfg.trainer)}, {'on the CPU, ' if s.device == 'cpu' else ''}kernels "
-          f"{', '.join(s.kernels) or 'none'}, resident optimizer on the {'GPU' if s.resident_on_device else 'host'}"
-          f"{', offload_activations' if s.offload_activations else ''}"
-          f"{f', offload_dir {s.offload_dir}' if s.offload_dir else ''}"
-          f"{f'; {s.ranks} ranks (memory per rank, the host shared by them)' if s.ranks > 1 else ''}")
+    print(
+        f"slide-plan: {_count(plan.shape.params)} parameters, {plan.shape.layers} layers; batch {s.batch} x "
+        f"seq {s.seq}, window {s.window}, {str(s.compute_dtype).removeprefix('torch.')}, "
+        f"accumulate {s.accumulate}, {_clipping(cfg.trainer)}, {'on the CPU, ' if s.device == 'cpu' else ''}kernels "
+        f"{', '.join(s.kernels) or 'none'}, resident optimizer on the {'GPU' if s.resident_on_device else 'host'}"
+        f"{', offload_activations' if s.offload_activations else ''}"
+        f"{f', offload_dir {s.offload_dir}' if s.offload_dir else ''}"
+        f"{f'; {s.ranks} ranks (memory per rank, the host shared by them)' if s.ranks > 1 else ''}"
+    )
     print(plan.table())
     target = (cfg.get("plan") or {}).get("json")
     if target:

@@ -54,8 +54,9 @@ class RunSummary(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:  # a module may return nothing (manual optimization)
             self.losses.append(float(loss))  # syncs with the device, so the time below includes the step's work
@@ -77,24 +78,31 @@ class RunSummary(L.Callback):
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
-    def report(self, before: float | None, after: float | None, output_dir: str | Path | None,
-               metric: str = "val/loss") -> list[str]:
+    def report(
+        self, before: float | None, after: float | None, output_dir: str | Path | None, metric: str = "val/loss"
+    ) -> list[str]:
         """Lines for the end of a run; ``before`` and ``after`` are the values of ``metric`` around training."""
         lines = []
         if self.losses:
             last = self.losses[-_LAST:]
-            lines.append(f"train loss: {self.losses[0]:.3f} (first batch) -> {sum(last) / len(last):.3f} "
-                         f"(mean of the last {len(last)})")
+            lines.append(
+                f"train loss: {self.losses[0]:.3f} (first batch) -> {sum(last) / len(last):.3f} "
+                f"(mean of the last {len(last)})"
+            )
         if after is not None:
             start = "" if before is None else f"{before:.3f} (before training) -> "
             lines.append(f"{metric}:".ljust(12) + f"{start}{after:.3f} (after)")
         ranks = f" on {self.ranks} devices" if self.ranks > 1 else ""
         if self.counts_tokens:
-            lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s{ranks} ({self.tokens:,} real tokens in "
-                         f"{self.steps} batches, {self.seconds:.1f} s of training steps; padding not counted)")
+            lines.append(
+                f"throughput: {self.tokens_per_second:,.0f} tokens/s{ranks} ({self.tokens:,} real tokens in "
+                f"{self.steps} batches, {self.seconds:.1f} s of training steps; padding not counted)"
+            )
         else:
-            lines.append(f"throughput: {self.steps / max(self.seconds, 1e-9):.2f} batches/s{ranks} ({self.steps} "
-                         f"batches in {self.seconds:.1f} s of training steps; their tokens are not counted)")
+            lines.append(
+                f"throughput: {self.steps / max(self.seconds, 1e-9):.2f} batches/s{ranks} ({self.steps} "
+                f"batches in {self.seconds:.1f} s of training steps; their tokens are not counted)"
+            )
         peak = peak_memory(output_dir)
         gpu = "no CUDA" if peak["gpu"] is None else _gib(peak["gpu"])
         disk = "" if peak["disk"] is None else f", disk {_gib(peak['disk'])} (run outputs)"

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 from lightning_slide.app.errors import SlideAppError
-from lightning_slide.checkpoint import export_hf
 from lightning_slide.app.summary import RunSummary
+from lightning_slide.checkpoint import export_hf
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ SAMPLE_MAX_PARAMS = 500e6  # sampling runs on the host after training: keep it t
 
 _MISSING_HINTS = {
     "model.path": "the model directory: model.path=/path/to/model (config.json, *.safetensors, tokenizer files)",
-    "data.path": "the training data: data.path=train.jsonl (one {\"text\"} or {\"prompt\", \"response\"} per line)",
+    "data.path": 'the training data: data.path=train.jsonl (one {"text"} or {"prompt", "response"} per line)',
 }
 
 
@@ -57,8 +57,9 @@ def check_required(cfg: DictConfig) -> None:
     """Name each mandatory option (``???``) left unset, with what to set it to."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
-        raise SlideAppError("missing required options: " + "; ".join(
-            _MISSING_HINTS.get(key, f"{key}=...") for key in sorted(missing)))
+        raise SlideAppError(
+            "missing required options: " + "; ".join(_MISSING_HINTS.get(key, f"{key}=...") for key in sorted(missing))
+        )
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -90,8 +91,10 @@ def build_loggers(group: DictConfig | None) -> list[Any]:
             except importlib.metadata.PackageNotFoundError:
                 extras = []
             fix = f'pip install "lightning-slide[{name}]"' if name in extras else "install the package it names"
-            raise SlideAppError(f"logger={name} needs a package that is not installed ({e.__cause__}); {fix}, or "
-                                "choose another logger (logger=csv)") from None
+            raise SlideAppError(
+                f"logger={name} needs a package that is not installed ({e.__cause__}); {fix}, or "
+                "choose another logger (logger=csv)"
+            ) from None
     return loggers
 
 
@@ -137,9 +140,13 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], max_ne
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+        out = model.generate(
+            torch.tensor([prompt_ids], device=device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
 def setup(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer, RunSummary]:
@@ -151,11 +158,17 @@ def setup(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     names = cfg.kernels.names
     kernels = OmegaConf.to_object(names) if OmegaConf.is_list(names) else names
     if kernels != "none" and "kernels" not in inspect.signature(target_of("model", cfg.model)).parameters:
-        raise SlideAppError(f"kernels={kernels}: {cfg.model._target_} takes no kernels argument; drop kernels=... "
-                            "or apply them in your module (lightning_slide.kernels.apply_kernels)")
+        raise SlideAppError(
+            f"kernels={kernels}: {cfg.model._target_} takes no kernels argument; drop kernels=... "
+            "or apply them in your module (lightning_slide.kernels.apply_kernels)"
+        )
     module = build_piece("model", cfg.model, kernels=kernels)
-    datamodule = build_piece("data", cfg.data, tokenizer=getattr(module, "tokenizer", None),
-                             context_length=getattr(module, "context_length", None))
+    datamodule = build_piece(
+        "data",
+        cfg.data,
+        tokenizer=getattr(module, "tokenizer", None),
+        context_length=getattr(module, "context_length", None),
+    )
     datamodule.setup("fit")  # the app's data module reads, checks and tokenizes the whole data set here
     summary = RunSummary()
     strategy = build(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
@@ -184,10 +197,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if after is None and cfg.monitor in trainer.callback_metrics:  # a training metric, such as train/loss
         after = float(trainer.callback_metrics[cfg.monitor])
     if after is None:
-        log.warning("monitor=%s: the run logged no such metric (it logged %s); set monitor= to one of them",
-                    cfg.monitor, ", ".join(sorted(trainer.callback_metrics)) or "none")
-    result = {"module": module, "datamodule": datamodule, "trainer": trainer, "summary": summary,
-              "metric_before": before, "metric": after, "hf_dir": None}
+        log.warning(
+            "monitor=%s: the run logged no such metric (it logged %s); set monitor= to one of them",
+            cfg.monitor,
+            ", ".join(sorted(trainer.callback_metrics)) or "none",
+        )
+    result = {
+        "module": module,
+        "datamodule": datamodule,
+        "trainer": trainer,
+        "summary": summary,
+        "metric_before": before,
+        "metric": after,
+        "hf_dir": None,
+    }
     if not trainer.is_global_zero:  # with several devices, rank 0 exports and reports
         return result
 
@@ -197,14 +220,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     hf_model = model if isinstance(model, PreTrainedModel) else None
     hf_dir = None
     if cfg.export.enabled and hf_model is None:
-        log.info("export: skipped, %s has no Hugging Face model at .model (export.enabled=false says so quietly)",
-                 type(module).__name__)
+        log.info(
+            "export: skipped, %s has no Hugging Face model at .model (export.enabled=false says so quietly)",
+            type(module).__name__,
+        )
     elif cfg.export.enabled:
         dtype = cfg.export.dtype or getattr(module, "checkpoint_dtype", None) or torch.float32
         hf_dir = export_hf(hf_model, tokenizer, output_dir / "hf_model", dtype=dtype)
 
-    lines = ["", "=" * 30 + " slide-train summary " + "=" * 30, *summary.report(before, after, output_dir,
-                                                                                  metric=cfg.monitor)]
+    lines = [
+        "",
+        "=" * 30 + " slide-train summary " + "=" * 30,
+        *summary.report(before, after, output_dir, metric=cfg.monitor),
+    ]
     samples = hf_model is not None and tokenizer is not None and hasattr(datamodule, "sample_prompt")
     n_params = sum(p.numel() for p in module.parameters())
     if cfg.sample_tokens > 0 and samples and n_params <= SAMPLE_MAX_PARAMS and validates:

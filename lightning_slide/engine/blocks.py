@@ -37,8 +37,10 @@ class ModelParts:
     def check_unshared(self) -> None:
         """Each decoder layer must own its parameters: a parameter in two units would have two masters."""
         seen: dict[int, str] = {}
-        units = {"the resident parts": self.resident,
-                 **{f"layer {i}": self.block_parameters(i) for i in range(len(self.blocks))}}
+        units = {
+            "the resident parts": self.resident,
+            **{f"layer {i}": self.block_parameters(i) for i in range(len(self.blocks))},
+        }
         for unit, params in units.items():
             for name, param in params:
                 if seen.get(id(param), unit) != unit:
@@ -78,7 +80,9 @@ def find_parts(root: nn.Module, blocks_path: str | None = None) -> ModelParts:
         try:
             blocks = root.get_submodule(blocks_path)
         except AttributeError as err:
-            raise ValueError(f"blocks={blocks_path!r} does not name a submodule of {type(root).__name__}: {err}") from err
+            raise ValueError(
+                f"blocks={blocks_path!r} does not name a submodule of {type(root).__name__}: {err}"
+            ) from err
         if not isinstance(blocks, nn.ModuleList) or not _identical_blocks(blocks):
             raise ValueError(
                 f"blocks={blocks_path!r} must name an nn.ModuleList of identical blocks with parameters, "

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from lightning_slide.engine.engine import SlidingEngine
 
 
-
 def index_of(key) -> int:
     """A unit's place in the flags: layers by index, the resident parts last."""
     return -1 if key == RESIDENT else key

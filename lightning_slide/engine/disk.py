@@ -32,8 +32,8 @@ import fcntl
 import heapq
 import itertools
 import os
-import socket
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,7 +68,9 @@ def parse_offload(offload, offload_dir) -> frozenset[str]:
     if names and offload_dir is None:
         raise ValueError(f"offload={offload!r} puts state on disk: set offload_dir to a directory for its files")
     if not names and offload_dir is not None:
-        raise ValueError(f"offload={offload!r} puts nothing under offload_dir: name what goes there or drop offload_dir")
+        raise ValueError(
+            f"offload={offload!r} puts nothing under offload_dir: name what goes there or drop offload_dir"
+        )
     return frozenset(names)
 
 
@@ -311,9 +313,7 @@ class StateStore:
         checkpoints, ``state_dict``); waits for a pending write of ``key`` first."""
         self._wait_write(key)
         names = list(self.layout[key]) if names is None else list(names)
-        return {
-            name: self._fill(key, name, torch.empty(self.layout[key][name], dtype=torch.float32)) for name in names
-        }
+        return {name: self._fill(key, name, torch.empty(self.layout[key][name], dtype=torch.float32)) for name in names}
 
     def put(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
         """Write ``key``'s arrays in ``state`` now (e.g. when a checkpoint is loaded, or a layer's first masters)."""

@@ -24,8 +24,8 @@ strategy drives it through ``prepare_forward``, ``begin_backward``, ``end_backwa
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,20 @@ from torch.optim import Optimizer
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
+from lightning_slide.engine import checks, state
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine import checks
 from lightning_slide.engine.checks import GradientChecks, Verdict, decide, index_of, raise_if_nonfinite
-from lightning_slide.engine.disk import MASTER, OneUnitCache, StateStore, check_disk_space, check_tier_space, existing_bytes
+from lightning_slide.engine.disk import (
+    MASTER,
+    OneUnitCache,
+    StateStore,
+    check_disk_space,
+    check_tier_space,
+    existing_bytes,
+)
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
+from lightning_slide.engine.loans import GradientLoans
 from lightning_slide.engine.optimizer import (
     UnitOptimizer,
     UpdateWorker,
@@ -49,16 +57,20 @@ from lightning_slide.engine.optimizer import (
     state_names,
 )
 from lightning_slide.engine.options import SlideOptions, check_count
-from lightning_slide.engine.loans import GradientLoans
 from lightning_slide.engine.parking import Parking
 from lightning_slide.engine.pinned import host_empty
+from lightning_slide.engine.plan import (
+    STAGING_NUMEL,
+    ModelShape,
+    Settings,
+    check_device,
+    device_bytes,
+    grads_in_flight,
+    human,
+)
 from lightning_slide.engine.resident import ResidentParts
 from lightning_slide.engine.shard import Shards
-from lightning_slide.engine.plan import (
-    STAGING_NUMEL, ModelShape, Settings, check_device, device_bytes, grads_in_flight, human,
-)
 from lightning_slide.engine.streams import Streams, copy_cast
-from lightning_slide.engine import state
 from lightning_slide.engine.window import Window
 
 _UNPARK_POLL_SECONDS = 1e-3  # while the training thread waits for an update, how often it sends parked gradients down
@@ -146,7 +158,11 @@ class SlidingEngine:
         masters_on_disk = "masters" in self.offload
         window, offload_dir, offload_activations = options.window, options.offload_dir, options.offload_activations
         resident_on_device, host_weights = options.resident_on_device, options.tuning.host_weights
-        grad_buffers, parked_grads, nonfinite = options.tuning.grad_buffers, options.tuning.parked_now, options.nonfinite
+        grad_buffers, parked_grads, nonfinite = (
+            options.tuning.grad_buffers,
+            options.tuning.parked_now,
+            options.nonfinite,
+        )
         self.root = root
         self.device = torch.device(device)
         # Data-parallel ranks (torch.distributed initialized by the strategy with several processes): each owns a
@@ -199,8 +215,13 @@ class SlidingEngine:
                 self.state_store.close()  # unlock offload_dir now, not when the failed engine is collected
                 raise
         self.layers, self.resident, self._masters_shared = build_units(
-            parts, shards=self.shards, pin=self.pin, compute_dtype=compute_dtype, compute_copy=compute_copy,
-            state_store=self.state_store if masters_on_disk else None, resident_on_device=resident_on_device,
+            parts,
+            shards=self.shards,
+            pin=self.pin,
+            compute_dtype=compute_dtype,
+            compute_copy=compute_copy,
+            state_store=self.state_store if masters_on_disk else None,
+            resident_on_device=resident_on_device,
         )
         # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
         self._masters_current = True
@@ -213,16 +234,22 @@ class SlidingEngine:
         self.download_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self._host_staging: dict[Any, torch.Tensor] = {}  # pinned fp32, for gradients added into an accumulator
         self.worker = UpdateWorker()
-        self.loans = GradientLoans(self.layers, max(u.grad_numel for u in self.layers), self.grad_buffers, self.worker,
-                                   self.pin)
+        self.loans = GradientLoans(
+            self.layers, max(u.grad_numel for u in self.layers), self.grad_buffers, self.worker, self.pin
+        )
         self.parking = Parking(self)  # layers' gradients held on the device for a host buffer (parked_grads)
         self.streamed_steps = 0  # optimizer steps whose updates streamed out of their backward, since construction
         self.add_parking(parked_grads)
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
         self.window = Window(
-            self.layers, depth, self.device, compute_dtype, self.streams,
-            self.upload_staging, before_load=self._before_load,
+            self.layers,
+            depth,
+            self.device,
+            compute_dtype,
+            self.streams,
+            self.upload_staging,
+            before_load=self._before_load,
             # Prefetching only what is already updated depends on timing; with several ranks every rank must issue
             # the same all-gathers in the same order, so each load waits for its update instead.
             may_load=self._updated if not self.shards.active else (lambda index: True),
@@ -237,13 +264,16 @@ class SlidingEngine:
             store=lambda key, state: self.state_store.put(key, state),
         )
         self._master_cache = OneUnitCache(
-            load=lambda key: self.state_store.load(key, (MASTER,))[MASTER], store=functools.partial(state.store_master, self)
+            load=lambda key: self.state_store.load(key, (MASTER,))[MASTER],
+            store=functools.partial(state.store_master, self),
         )
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient
-        self.gradient_checks = GradientChecks(len(self.layers), self.device, self.pin)  # finite flags and norms per unit
+        self.gradient_checks = GradientChecks(
+            len(self.layers), self.device, self.pin
+        )  # finite flags and norms per unit
         self.mode = StepMode()  # how the current optimizer step and its backward run
 
         self._closed = False
@@ -268,8 +298,9 @@ class SlidingEngine:
         self._wrapped = list(parts.blocks)
         # The model's own activation checkpointing (Hugging Face's gradient_checkpointing_enable) on the decoder
         # layers would recompute each layer a second time inside the engine's recompute: off while the engine runs.
-        self._model_checkpointing = [m for block in parts.blocks for m in block.modules()
-                                     if getattr(m, "gradient_checkpointing", False) is True]
+        self._model_checkpointing = [
+            m for block in parts.blocks for m in block.modules() if getattr(m, "gradient_checkpointing", False) is True
+        ]
         for module in self._model_checkpointing:
             module.gradient_checkpointing = False
         for index, block in enumerate(parts.blocks):
@@ -328,7 +359,9 @@ class SlidingEngine:
                     self.state_store.add(key, name, units[key].grad_numel)
             paths = [self.state_store.path(key, name) for key in on_disk for name in names]
             moments = 4 * len(names) * sum(units[key].grad_numel for key in on_disk)
-            check_disk_space(self.offload_dir, moments - existing_bytes(paths), what=f"optimizer state {human(moments)}")
+            check_disk_space(
+                self.offload_dir, moments - existing_bytes(paths), what=f"optimizer state {human(moments)}"
+            )
         self._optimizers = {}
         for key, unit in units.items():
             if key == RESIDENT:
@@ -381,8 +414,14 @@ class SlidingEngine:
 
     # ---------------------------------------------------------------- backward
     def begin_backward(
-        self, *, last_micro_batch: bool = False, clipping: bool = True, param_groups=None, step: int = 0,
-        clip_value: float | None = None, observed: bool = False,
+        self,
+        *,
+        last_micro_batch: bool = False,
+        clipping: bool = True,
+        param_groups=None,
+        step: int = 0,
+        clip_value: float | None = None,
+        observed: bool = False,
     ) -> None:
         """Call right before ``loss.backward()``.
 
@@ -399,8 +438,14 @@ class SlidingEngine:
                 the step (``show_grads``): its updates wait for the step, and no gradient parks on the device.
         """
         self.hide_grads()
-        stream = (last_micro_batch and not clipping and not observed and self.nonfinite != "skip"
-                  and param_groups is not None and bool(self._optimizers))
+        stream = (
+            last_micro_batch
+            and not clipping
+            and not observed
+            and self.nonfinite != "skip"
+            and param_groups is not None
+            and bool(self._optimizers)
+        )
         mode = self.mode
         mode.backward, mode.step, mode.clipping = True, step, clipping
         mode.streaming = hyperparameters(param_groups) if stream else None
@@ -469,7 +514,9 @@ class SlidingEngine:
         leaves this rank's shard averaged over ranks, and only that shard crosses to the host."""
         key = self._key_of(unit)
         index = index_of(key)
-        self.gradient_checks.fold_finite(index, device_grads[: unit.trainable_numel], unit.grad_empty, self.streams, self.shards)
+        self.gradient_checks.fold_finite(
+            index, device_grads[: unit.trainable_numel], unit.grad_empty, self.streams, self.shards
+        )
         produced = self.streams.record()
         with self.streams.on(self.streams.download):
             self.streams.wait(produced)
@@ -488,7 +535,11 @@ class SlidingEngine:
                         self.parking.unpark_ready()
                     return self.parking.park(index, device_grads)
                 if unit.grad is None:
-                    unit.grad = self.resident_parts.accumulator() if unit is self.resident else self.loans.lend(index, bounded=self.mode.streaming is not None)
+                    unit.grad = (
+                        self.resident_parts.accumulator()
+                        if unit is self.resident
+                        else self.loans.lend(index, bounded=self.mode.streaming is not None)
+                    )
                 copy_cast(unit.grad, device_grads, self.download_staging)
                 unit.grad_empty = False
                 unit.grad_event = self.streams.record()
@@ -559,9 +610,10 @@ class SlidingEngine:
         # Skipping a step needs every unit's flag before any update (the clipping norm sees NaN/Inf by itself).
         check = clip_norm is None and self.nonfinite == "skip"
         if check:
-            self.worker.submit("norm", functools.partial(
-                decide, verdict, functools.partial(checks.finite_task, self, list(keys), verdict)
-            ))
+            self.worker.submit(
+                "norm",
+                functools.partial(decide, verdict, functools.partial(checks.finite_task, self, list(keys), verdict)),
+            )
         on_device = self.resident_parts.updates_on_device and RESIDENT in keys
         if on_device:
             keys.remove(RESIDENT)
@@ -569,9 +621,10 @@ class SlidingEngine:
             units = [self._units()[key] for key in keys]
             device_norms = self.resident_parts.device_norms() if on_device else None
             self.worker.submit(
-                "norm", functools.partial(decide, verdict, functools.partial(
-                    checks.clip_task, self, clip_norm, units, device_norms, verdict
-                ))
+                "norm",
+                functools.partial(
+                    decide, verdict, functools.partial(checks.clip_task, self, clip_norm, units, device_norms, verdict)
+                ),
             )
         if on_device:
             if clip_norm is None and not check:
@@ -586,8 +639,9 @@ class SlidingEngine:
         self.mode.open = bool(self.parking)
         self.parking.unpark_ready()
 
-    def _submit_update(self, key, hyper: list[dict], verdict: Verdict | None = None, clip_value=None,
-                       ready=None) -> None:
+    def _submit_update(
+        self, key, hyper: list[dict], verdict: Verdict | None = None, clip_value=None, ready=None
+    ) -> None:
         """Queue unit ``key``'s update. ``ready``: the event its gradients wait for, given for a streamed step's
         updates, which the host may then run in the order their gradients arrive (``UpdateWorker.submit``)."""
         optimizer = self._optimizers.get(key)
@@ -603,8 +657,9 @@ class SlidingEngine:
                 # The disk tier reads ahead in queue order, a bounded number of units: an update run out of that
                 # order could wait for a read that waits for the updates passed over. Keep the order.
                 ready = None
-            self.worker.submit(key, functools.partial(self._update, optimizer, hyper, verdict, clip_value, state),
-                               ready)
+            self.worker.submit(
+                key, functools.partial(self._update, optimizer, hyper, verdict, clip_value, state), ready
+            )
 
     def _read_state(self, key, optimizer: UnitOptimizer):
         """Start reading ``key``'s arrays on disk (moments, masters) for its update; ``None`` if none are."""
@@ -642,7 +697,7 @@ class SlidingEngine:
         unit.grad_empty = True
         self.loans.give_back(unit)
 
-    # ---------------------------------------------------------------- next forward: loading a layer waits for its update
+    # ---------------------------------------------------------------- next forward: a load waits for its update
     def _updated(self, index: int) -> bool:
         """Whether layer ``index``'s masters are current: no update queued or running, no gradients parked."""
         return index not in self.parking and self.worker.done(index)
@@ -725,7 +780,7 @@ class SlidingEngine:
         return state.state_dict(self)
 
     def load_state_dict(self, values: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Copy ``values`` (names as in ``root.state_dict()``) into the masters and buffers (``state.load_state_dict``)."""
+        """Copy ``values`` (names as in ``root.state_dict()``) into the masters and buffers."""
         state.load_state_dict(self, values, strict)
 
     def host_bytes(self) -> dict[str, int]:

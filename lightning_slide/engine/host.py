@@ -124,8 +124,9 @@ class HostUnit:
         split = frozen_dtype is not None and self.trainable_numel < self.numel
         master_numel = self.trainable_numel if split else self.numel
         # fp32 masters in memory (None when they live in a file), and what the parameters point at when at rest.
-        self.master: torch.Tensor | None = master if self.shared else host_empty(
-            master_numel, MASTER_DTYPE, pin=pin and not on_disk)
+        self.master: torch.Tensor | None = (
+            master if self.shared else host_empty(master_numel, MASTER_DTYPE, pin=pin and not on_disk)
+        )
         self.weights: torch.Tensor | None = None  # the compute copy, when kept
         if weights_dtype is not None:
             self.weights = host_empty(self.numel, weights_dtype, pin=pin)
@@ -133,8 +134,11 @@ class HostUnit:
         # values: nothing refreshes it), else a buffer of their own.
         self.frozen: torch.Tensor | None = None
         if split:
-            self.frozen = (self.weights[self.trainable_numel :] if self.weights is not None
-                           else host_empty(self.numel - self.trainable_numel, frozen_dtype, pin=pin))
+            self.frozen = (
+                self.weights[self.trainable_numel :]
+                if self.weights is not None
+                else host_empty(self.numel - self.trainable_numel, frozen_dtype, pin=pin)
+            )
         for e in self.entries:
             home = self.home(e)
             if self.shared:  # this rank's part only: the other ranks write theirs at the same time
@@ -223,8 +227,16 @@ class GradientPool:
             self._free.append(buffer)
 
 
-def build_units(parts, *, shards, pin: bool, compute_dtype: torch.dtype, compute_copy: bool, state_store=None,
-                resident_on_device: bool) -> tuple[list[HostUnit], HostUnit, bool]:
+def build_units(
+    parts,
+    *,
+    shards,
+    pin: bool,
+    compute_dtype: torch.dtype,
+    compute_copy: bool,
+    state_store=None,
+    resident_on_device: bool,
+) -> tuple[list[HostUnit], HostUnit, bool]:
     """Every unit of a model split into ``parts`` (``blocks.ModelParts``): ``(layers, resident, masters_shared)``.
 
     With several ranks each unit's span is this rank's shard (the resident parts are replicated when updated on the
@@ -246,10 +258,14 @@ def build_units(parts, *, shards, pin: bool, compute_dtype: torch.dtype, compute
 
     layers = [
         HostUnit(
-            f"layer {i}", parts.block_parameters(i), pin=pin, own_grad=False,
+            f"layer {i}",
+            parts.block_parameters(i),
+            pin=pin,
+            own_grad=False,
             weights_dtype=compute_dtype if compute_copy else None,
             master_path=state_store.path(i, MASTER) if on_disk else None,
-            span=span(parts.block_parameters(i)), master=masters[i],
+            span=span(parts.block_parameters(i)),
+            master=masters[i],
             frozen_dtype=compute_dtype if frozen_apart else None,
         )
         for i in range(len(parts.blocks))
@@ -258,8 +274,12 @@ def build_units(parts, *, shards, pin: bool, compute_dtype: torch.dtype, compute
         for i in range(len(layers)):
             state_store.mark_written(i, MASTER)
     resident = HostUnit(
-        RESIDENT, parts.resident, pin=pin, own_grad=False,
-        span=None if resident_on_device else span(parts.resident), master=masters[-1] if sizes[-1] else None,
+        RESIDENT,
+        parts.resident,
+        pin=pin,
+        own_grad=False,
+        span=None if resident_on_device else span(parts.resident),
+        master=masters[-1] if sizes[-1] else None,
     )
     if shared is not None:
         shards.host_barrier()  # every rank's part of the shared masters is written

@@ -54,6 +54,7 @@ def measure_rates(directory: str | None = None, seconds: float = 0.2) -> dict[st
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".bench", delete=False) as f:
             name = f.name
         try:
+
             def write():
                 with open(name, "wb") as out:
                     data.tofile(out)

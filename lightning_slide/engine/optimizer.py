@@ -38,7 +38,9 @@ def check_optimizer(optimizer: Optimizer) -> None:
     for group in optimizer.param_groups:
         for flag in ("differentiable", "capturable"):
             if group.get(flag):
-                raise ValueError(f"slideformer does not support {type(optimizer).__name__}({flag}=True); set it to False.")
+                raise ValueError(
+                    f"slideformer does not support {type(optimizer).__name__}({flag}=True); set it to False."
+                )
 
 
 def hyperparameters(param_groups: list[dict]) -> list[dict]:
@@ -111,8 +113,13 @@ class UnitOptimizer:
             stop = min(entry.offset + entry.numel, unit.grad_stop)
             if group is None or start >= stop:
                 continue
-            cuts = [start, stop] if chunk is None else sorted({start, stop, *range(
-                unit.grad_start + -(-(start - unit.grad_start) // chunk) * chunk, stop, chunk)})
+            cuts = (
+                [start, stop]
+                if chunk is None
+                else sorted(
+                    {start, stop, *range(unit.grad_start + -(-(start - unit.grad_start) // chunk) * chunk, stop, chunk)}
+                )
+            )
             for lo, hi in zip(cuts, cuts[1:]):
                 piece = _Piece(entry, lo, hi)
                 master = piece.view(master_flat)
@@ -140,7 +147,9 @@ class UnitOptimizer:
         return sum(piece.stop - piece.start for piece, _ in self._entries) == self.unit.grad_numel
 
     def empty_state(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        return {name: torch.zeros(self.unit.grad_numel, dtype=torch.float32, device=device) for name in self.state_names}
+        return {
+            name: torch.zeros(self.unit.grad_numel, dtype=torch.float32, device=device) for name in self.state_names
+        }
 
     def _attach(self, state: dict[str, torch.Tensor]) -> None:
         """Point torch's per-parameter state at views of the flat arrays ``state``."""
@@ -231,7 +240,9 @@ class UnitOptimizer:
         base = self.unit.grad_start
         return {"step": self.inner.state[first]["step"], **{n: piece.view(flat[n], base) for n in self.state_names}}
 
-    def load_state_of(self, param: torch.nn.Parameter, saved: dict, state: dict[str, torch.Tensor] | None = None) -> None:
+    def load_state_of(
+        self, param: torch.nn.Parameter, saved: dict, state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Copy ``saved`` (torch's per-parameter layout, the whole parameter's) into ``param``'s state (the owned
         piece of it when ranks share the unit)."""
         current = self.state_of(param, state)
@@ -469,7 +480,9 @@ class HostOptimizer(Optimizer):
         start = 0
         for group in self.param_groups:
             count = len(group["params"])
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + count))})
+            groups.append(
+                {**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + count))}
+            )
             start += count
         return {"state": state, "param_groups": groups}
 

@@ -187,8 +187,10 @@ class SlideOptions:
             raise ValueError(f"timeout must be a positive datetime.timedelta, got {self.timeout!r}")
         tuning = Tuning.of(self.tuning)
         if tuning.host_weights == "fp32" and "masters" in self.offload:
-            raise ValueError("tuning.host_weights='fp32' uploads from fp32 masters in host memory, but offload puts "
-                             "the masters on disk; use host_weights='compute' or 'auto'")
+            raise ValueError(
+                "tuning.host_weights='fp32' uploads from fp32 masters in host memory, but offload puts "
+                "the masters on disk; use host_weights='compute' or 'auto'"
+            )
         if tuning.host_weights == "auto":
             tuning = dataclasses.replace(tuning, host_weights="compute" if "masters" in self.offload else "fp32")
         set_("tuning", tuning)
@@ -198,15 +200,24 @@ class SlideOptions:
         """What lives in files under ``offload_dir``: ``"optimizer"`` (Adam moments) and/or ``"masters"``."""
         return frozenset(self.offload)
 
-    def resolve(self, *, device: torch.device | str | None = None, resident_params: int = 0,
-                gpu_memory: int | None = None, parked_grads: int | None = None) -> SlideOptions:
+    def resolve(
+        self,
+        *,
+        device: torch.device | str | None = None,
+        resident_params: int = 0,
+        gpu_memory: int | None = None,
+        parked_grads: int | None = None,
+    ) -> SlideOptions:
         """These options with each ``"auto"`` decided that the run's facts given here decide: with the ``device``,
         ``resident_optimizer`` (``"device"`` on a GPU when ``resident_params`` x 16 bytes take at most a quarter of
         ``gpu_memory``, else ``"host"``); with the first batch's count, ``parked_grads``. Else unchanged."""
         tuning = self.tuning
         if tuning.resident_optimizer == "auto" and device is not None:
-            on_device = (torch.device(device).type == "cuda" and gpu_memory is not None
-                         and 16 * resident_params <= RESIDENT_SHARE * gpu_memory)
+            on_device = (
+                torch.device(device).type == "cuda"
+                and gpu_memory is not None
+                and 16 * resident_params <= RESIDENT_SHARE * gpu_memory
+            )
             tuning = dataclasses.replace(tuning, resident_optimizer="device" if on_device else "host")
         if tuning.parked_grads == "auto" and parked_grads is not None:
             tuning = dataclasses.replace(tuning, parked_grads=parked_grads)

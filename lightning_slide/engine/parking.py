@@ -50,8 +50,10 @@ class Parking:
             self.stream = torch.cuda.Stream(engine.device)
             if engine.download_staging is not None:
                 self.staging = torch.empty_like(engine.download_staging)
-        self.free += [(torch.empty(engine.grad_pool.numel, dtype=engine.compute_dtype, device=engine.device), None)
-                      for _ in range(count)]
+        self.free += [
+            (torch.empty(engine.grad_pool.numel, dtype=engine.compute_dtype, device=engine.device), None)
+            for _ in range(count)
+        ]
 
     def wants(self, unit: HostUnit, key) -> bool:
         """Whether the first micro-batch's gradients of layer ``key``, about to go down, park instead. While updates
@@ -64,8 +66,12 @@ class Parking:
             return bool(self.free or self.parked) and bool(self.parked or not engine.loans.has_room())
         optimizer = engine._optimizers.get(key)
         # clipping by norm reads a parked layer's norm taken on the device: it must cover all it optimizes
-        return (mode.holding and bool(self.free) and optimizer is not None
-                and (not mode.clipping or optimizer.steps_whole_gradient))
+        return (
+            mode.holding
+            and bool(self.free)
+            and optimizer is not None
+            and (not mode.clipping or optimizer.steps_whole_gradient)
+        )
 
     def park(self, index: int, device_grads: torch.Tensor) -> object:
         """On the download stream: copy layer ``index``'s gradients into a free buffer; returns the event after

@@ -29,8 +29,18 @@ from lightning_slide.engine.blocks import find_parts
 if TYPE_CHECKING:
     from lightning_slide.engine.options import SlideOptions
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 # Device staging through which copies that change dtype travel (elements of fp32; 128 MiB each way).
 STAGING_NUMEL = 32 * 2**20
@@ -119,8 +129,10 @@ class ModelShape:
         """The shape of ``root`` (a LightningModule, a causal LM, or one built on the meta device: only shapes are
         read). Dimensions come from the first submodule with a ``config`` that has ``hidden_size``."""
         parts = find_parts(root, blocks_path)
-        sizes = [(sum(p.numel() for p in b.parameters()), sum(p.numel() for p in b.parameters() if p.requires_grad))
-                 for b in parts.blocks]
+        sizes = [
+            (sum(p.numel() for p in b.parameters()), sum(p.numel() for p in b.parameters() if p.requires_grad))
+            for b in parts.blocks
+        ]
         dims: dict = {}
         config = next((m.config for m in root.modules() if hasattr(getattr(m, "config", None), "hidden_size")), None)
         if config is not None:
@@ -128,17 +140,24 @@ class ModelShape:
             hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
             head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
             dims = dict(
-                hidden=hidden, intermediate=getattr(text, "intermediate_size", None), heads=heads,
-                kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                hidden=hidden,
+                intermediate=getattr(text, "intermediate_size", None),
+                heads=heads,
+                kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                head_dim=head_dim,
                 vocab=getattr(text, "vocab_size", None),
                 attention=str(getattr(config, "_attn_implementation", None) or "sdpa"),
             )
         qk_norm = any(name.endswith("q_norm") for name, _ in parts.blocks[0].named_modules())
         return cls(
-            layers=len(parts.blocks), layer_params=max(s[0] for s in sizes), layer_trainable=max(s[1] for s in sizes),
+            layers=len(parts.blocks),
+            layer_params=max(s[0] for s in sizes),
+            layer_trainable=max(s[1] for s in sizes),
             resident_params=sum(p.numel() for _, p in parts.resident),
             resident_trainable=sum(p.numel() for _, p in parts.resident if p.requires_grad),
-            layers_frozen=sum(total - trainable for total, trainable in sizes), qk_norm=qk_norm, **dims,
+            layers_frozen=sum(total - trainable for total, trainable in sizes),
+            qk_norm=qk_norm,
+            **dims,
         )
 
 
@@ -173,12 +192,20 @@ class Settings:
         tuning = options.tuning
         if tuning.resident_optimizer == "auto":
             raise ValueError("Settings.of takes resolved options: call options.resolve(...) first")
-        return cls(**{
-            "window": options.window, "offload_activations": options.offload_activations,
-            "offload_dir": options.offload_dir, "offload": options.offload, "kernels": options.kernels,
-            "resident_on_device": options.resident_on_device, "host_weights": tuning.host_weights,
-            "grad_buffers": tuning.grad_buffers, "parked_grads": tuning.parked_now, **run,
-        })
+        return cls(
+            **{
+                "window": options.window,
+                "offload_activations": options.offload_activations,
+                "offload_dir": options.offload_dir,
+                "offload": options.offload,
+                "kernels": options.kernels,
+                "resident_on_device": options.resident_on_device,
+                "host_weights": tuning.host_weights,
+                "grad_buffers": tuning.grad_buffers,
+                "parked_grads": tuning.parked_now,
+                **run,
+            }
+        )
 
     @property
     def on_disk(self) -> frozenset[str]:
@@ -352,7 +379,9 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         items["parked layer gradients"] = s.parked_grads * -(-shape.layer_trainable // s.ranks) * e
     # fp32 master + gradient + Adam moments on the device (attach_optimizer; nothing when all of them are frozen)
     if s.resident_on_device and shape.resident_trainable:
-        items["resident fp32 masters, gradients, Adam moments"] = 4 * shape.resident_params + 12 * shape.resident_trainable
+        items["resident fp32 masters, gradients, Adam moments"] = (
+            4 * shape.resident_params + 12 * shape.resident_trainable
+        )
     if s.cast:  # upload_staging and download_staging (the engine allocates both whatever the layers upload)
         largest = max(shape.layer_params, shape.resident_params)
         copies = ["upload", "download"]
@@ -424,7 +453,9 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         units = [moments * shape.layer_trainable + masters * shape.layer_params] * shape.layers
         units += [] if s.resident_on_device else [moments * shape.resident_trainable]
         what = " + ".join(n for n, b in (("Adam moments", moments), ("fp32 masters", masters)) if b)
-        items[f"{what} in flight (disk tier)"] = int(sum(sorted(units)[-(grads_in_flight(depth, s.grad_buffers) + 1):]) * share)
+        items[f"{what} in flight (disk tier)"] = int(
+            sum(sorted(units)[-(grads_in_flight(depth, s.grad_buffers) + 1) :]) * share
+        )
     # GradientPool: with clipping or accumulation every layer keeps its fp32 gradients until the step (but for
     # those parked on the device, parked_grads, with one micro-batch per step: they come down after the step, at
     # most window + 2 at a time); otherwise updates stream out of the backward and at most window + 2 are lent.
@@ -440,7 +471,9 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     resident_grads = int(4 * shape.resident_trainable * share)
     if s.resident_on_device:
         pass  # updated on the device, they accumulate there
-    elif streaming:  # engine._chunk_buffer: a streamed step reads them from the device in half-layer chunks, two at a time
+    elif (
+        streaming
+    ):  # engine._chunk_buffer: a streamed step reads them from the device in half-layer chunks, two at a time
         items["resident gradient chunk (fp32)" + pinned] = min(resident_grads, int(4 * shape.layer_trainable * share))
     else:  # engine._resident_accumulator
         items["resident gradient accumulator (fp32)" + pinned] = resident_grads
@@ -495,16 +528,23 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     layer_upload = upload * (layer_params - frozen) + s.element * frozen
     times = {
         "GPU compute (8·N·tokens)": a * 8 * (layer_params + head) * tokens / m.gpu_flops,
-        "H2D weights (forward + recompute)": (a * (2 * layer_upload / s.ranks + offloaded)
-                                              + resident_host * 4 * shape.resident_params / s.ranks) / m.h2d_bytes_per_s,
-        "D2H gradients (fp32)": a * ((4 * shape.layers * shape.layer_trainable
-                                      + resident_host * 4 * shape.resident_trainable) / s.ranks + offloaded)
+        "H2D weights (forward + recompute)": (
+            a * (2 * layer_upload / s.ranks + offloaded) + resident_host * 4 * shape.resident_params / s.ranks
+        )
+        / m.h2d_bytes_per_s,
+        "D2H gradients (fp32)": a
+        * (
+            (4 * shape.layers * shape.layer_trainable + resident_host * 4 * shape.resident_trainable) / s.ranks
+            + offloaded
+        )
         / m.d2h_bytes_per_s,
         "host AdamW": _host_updated_trainable(shape, s) / m.host_adamw_params_per_s,
     }
     files = sum(disk_bytes(shape, s).values()) * s.ranks  # every rank's, each read and written once per step
     if files:
-        what = " + ".join(n for n in ("Adam moments", "masters") if any(n.split()[-1] in k for k in disk_bytes(shape, s)))
+        what = " + ".join(
+            n for n in ("Adam moments", "masters") if any(n.split()[-1] in k for k in disk_bytes(shape, s))
+        )
         times[f"disk read ({what})"] = files / m.disk_read_bytes_per_s
         times[f"disk write ({what})"] = files / m.disk_write_bytes_per_s
     if not tokens:
@@ -566,8 +606,11 @@ class Plan:
         """Each memory tier that does not fit, as one line with the numbers."""
         m, out = self.machine, []
         gpu_limit = m.gpu_memory if self.settings.device == "cuda" or m.gpu_memory is not None else None
-        for name, total, limit in (("GPU", self.gpu_total, gpu_limit), ("host", self.host_total, m.host_memory),
-                                   ("disk", self.disk_total, m.disk_free)):
+        for name, total, limit in (
+            ("GPU", self.gpu_total, gpu_limit),
+            ("host", self.host_total, m.host_memory),
+            ("disk", self.disk_total, m.disk_free),
+        ):
             if limit is not None and total > limit:
                 out.append(f"{name}: needs {human(total)}, more than the {human(limit)} available")
         return out
@@ -578,8 +621,10 @@ class Plan:
         problems = " ".join(self.problems())
         if "GPU" in problems:
             if s.batch is not None:
-                tips.append(f"lower the batch size (now {s.batch}"
-                            + (f"; at most {self.suggested_batch} fits)" if self.suggested_batch else ")"))
+                tips.append(
+                    f"lower the batch size (now {s.batch}"
+                    + (f"; at most {self.suggested_batch} fits)" if self.suggested_batch else ")")
+                )
             tips.append(f"lower the window (now {s.window})")
             if s.resident_on_device:
                 tips.append("set tuning.resident_optimizer='host'")
@@ -605,8 +650,13 @@ class Plan:
         problems = self.problems()
         if problems:
             raise PlanError(
-                "slideformer cannot fit this run: " + "; ".join(problems) + ".\n" + self.table()
-                + "\nTo fit: " + "; ".join(self.advice()) + "."
+                "slideformer cannot fit this run: "
+                + "; ".join(problems)
+                + ".\n"
+                + self.table()
+                + "\nTo fit: "
+                + "; ".join(self.advice())
+                + "."
             )
 
     def table(self) -> str:
@@ -627,19 +677,24 @@ class Plan:
         if self.disk:
             block("disk (offload_dir)", self.disk, self.machine.disk_free)
         rows.append("-- step time lower bound (per optimizer step; each resource alone)")
-        rows.extend(f"  {k:<56} {_seconds(v):>16}" + ("  <- binds" if k == self.binding else "")
-                    for k, v in self.time.items())
+        rows.extend(
+            f"  {k:<56} {_seconds(v):>16}" + ("  <- binds" if k == self.binding else "") for k, v in self.time.items()
+        )
         if self.tokens_per_second:
-            rows.append(f"  {'step bound':<56} {_seconds(self.step_seconds):>16}  "
-                        f"({self.tokens_per_second:,.0f} tokens/s at most)")
+            rows.append(
+                f"  {'step bound':<56} {_seconds(self.step_seconds):>16}  "
+                f"({self.tokens_per_second:,.0f} tokens/s at most)"
+            )
         if self.searched:
             rows.append(f"-- suggestions (GPU peak at most {SUGGEST_MARGIN:.0%} of the GPU, host within its memory)")
             if s.seq is not None and self.machine.gpu_memory is not None:
                 rows.append(f"  largest batch at window {s.window}, seq {s.seq}: {self.suggested_batch or 'none fits'}")
             rows.append(f"  largest window at batch {s.batch}: {self.suggested_window or 'none fits'}")
             if self.suggested_parked_grads:
-                rows.append(f"  most layer gradients parked on the GPU (parked_grads) at batch {s.batch}, window "
-                            f"{s.window}: {self.suggested_parked_grads}")
+                rows.append(
+                    f"  most layer gradients parked on the GPU (parked_grads) at batch {s.batch}, window "
+                    f"{s.window}: {self.suggested_parked_grads}"
+                )
         rows.extend(f"note: {n}" for n in self.notes)
         return "\n".join(rows)
 
@@ -649,12 +704,21 @@ class Plan:
             "shape": dataclasses.asdict(self.shape),
             "settings": {**dataclasses.asdict(self.settings), "compute_dtype": str(self.settings.compute_dtype)},
             "machine": dataclasses.asdict(self.machine),
-            "gpu": self.gpu, "host": self.host, "disk": self.disk, "time": self.time,
-            "gpu_total": self.gpu_total, "host_total": self.host_total, "disk_total": self.disk_total,
-            "step_seconds": self.step_seconds, "binding": self.binding, "tokens_per_second": self.tokens_per_second,
-            "suggested_batch": self.suggested_batch, "suggested_window": self.suggested_window,
+            "gpu": self.gpu,
+            "host": self.host,
+            "disk": self.disk,
+            "time": self.time,
+            "gpu_total": self.gpu_total,
+            "host_total": self.host_total,
+            "disk_total": self.disk_total,
+            "step_seconds": self.step_seconds,
+            "binding": self.binding,
+            "tokens_per_second": self.tokens_per_second,
+            "suggested_batch": self.suggested_batch,
+            "suggested_window": self.suggested_window,
             "suggested_parked_grads": self.suggested_parked_grads,
-            "problems": self.problems(), "notes": self.notes,
+            "problems": self.problems(),
+            "notes": self.notes,
         }
 
 
@@ -664,8 +728,9 @@ def _fits(shape: ModelShape, s: Settings, m: Machine, margin: float) -> bool:
     return gpu_ok and host_ok
 
 
-def largest_batch(shape: ModelShape, s: Settings, m: Machine, margin: float = SUGGEST_MARGIN,
-                  most: int = 2**16) -> int | None:
+def largest_batch(
+    shape: ModelShape, s: Settings, m: Machine, margin: float = SUGGEST_MARGIN, most: int = 2**16
+) -> int | None:
     """The largest batch size (at ``s.seq`` and ``s.window``) whose GPU peak is at most ``margin`` of the GPU and
     whose host peak fits; ``None`` when not even 1 fits (or ``s.seq`` is unknown)."""
     if m.gpu_memory is None or s.seq is None or not shape.has_dims:
@@ -702,8 +767,15 @@ def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = N
     """The plan of a run: memory by tier and item, step-time terms, and (``suggest``) the largest batch and window
     that fit ``machine`` (sizes ``None`` are not checked)."""
     machine = machine or Machine()
-    plan = Plan(shape, settings, machine, device_bytes(shape, settings), host_bytes(shape, settings),
-                disk_bytes(shape, settings), step_times(shape, settings, machine))
+    plan = Plan(
+        shape,
+        settings,
+        machine,
+        device_bytes(shape, settings),
+        host_bytes(shape, settings),
+        disk_bytes(shape, settings),
+        step_times(shape, settings, machine),
+    )
     if not shape.has_dims:
         plan.notes.append("no model config with hidden_size etc. was found: activations are not planned")
     elif settings.batch is None or settings.seq is None:

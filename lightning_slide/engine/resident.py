@@ -37,10 +37,16 @@ class ResidentParts:
         self.unit = unit
         self.on_device = on_device  # asked for; ``updates_on_device`` once an optimizer is attached
         sharded = engine.shards.active and not on_device
-        self.weights = torch.empty(engine.shards.padded(unit.numel) if sharded else unit.numel,
-                                   dtype=engine.compute_dtype, device=engine.device)
-        self.grads = torch.zeros(engine.shards.padded(unit.numel) if sharded else unit.trainable_numel,
-                                 dtype=engine.compute_dtype, device=engine.device)
+        self.weights = torch.empty(
+            engine.shards.padded(unit.numel) if sharded else unit.numel,
+            dtype=engine.compute_dtype,
+            device=engine.device,
+        )
+        self.grads = torch.zeros(
+            engine.shards.padded(unit.numel) if sharded else unit.trainable_numel,
+            dtype=engine.compute_dtype,
+            device=engine.device,
+        )
         self.loaded = False  # the parameters point at a current compute copy
         self.master: torch.Tensor | None = None  # fp32 on the device, when updated there
         self.grad: torch.Tensor | None = None

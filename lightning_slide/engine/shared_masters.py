@@ -40,8 +40,10 @@ def _create(numel: int) -> tuple[str, str]:
     stats = os.statvfs(directory)
     free = stats.f_bavail * stats.f_frsize
     if free < size:
-        return "", (f"{directory} has {free / 2**30:.2f} GiB free, the masters need {size / 2**30:.2f} GiB "
-                    "(in a container: a larger --shm-size)")
+        return "", (
+            f"{directory} has {free / 2**30:.2f} GiB free, the masters need {size / 2**30:.2f} GiB "
+            "(in a container: a larger --shm-size)"
+        )
     descriptor, path = tempfile.mkstemp(prefix="lightning-slide-masters-", dir=directory)
     try:
         os.ftruncate(descriptor, size)
@@ -83,5 +85,6 @@ def shared_masters(shards: Shards, numel: int, *, pin: bool) -> torch.Tensor | N
 
 def _copy_each(shards: Shards, why: str) -> None:
     if shards.rank == 0:
-        warnings.warn(f"each rank keeps its own copy of the fp32 masters (4 bytes per parameter per rank): {why}",
-                      stacklevel=3)
+        warnings.warn(
+            f"each rank keeps its own copy of the fp32 masters (4 bytes per parameter per rank): {why}", stacklevel=3
+        )

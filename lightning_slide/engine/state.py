@@ -134,18 +134,25 @@ def host_bytes(engine: SlidingEngine) -> dict[str, int]:
     at most ``grad_buffers + 1`` units' arrays; ``state_store.peak_bytes`` is their high-water mark)."""
     units = list(engine._units().values())
     pool = engine.grad_pool
-    moments = sum(t.nbytes for o in engine._optimizers.values() if o.state is not None and o.inner is not None
-                  for t in o.state.values() if t.device.type == "cpu")
+    moments = sum(
+        t.nbytes
+        for o in engine._optimizers.values()
+        if o.state is not None and o.inner is not None
+        for t in o.state.values()
+        if t.device.type == "cpu"
+    )
     caches = engine._state_cache.nbytes + engine._master_cache.nbytes
     return {
         # masters shared by this host's ranks: this rank's share of the one copy
-        "fp32 masters": sum(u.master.nbytes // (engine.shards.world if u.shared else 1)
-                            for u in units if u.master is not None),
+        "fp32 masters": sum(
+            u.master.nbytes // (engine.shards.world if u.shared else 1) for u in units if u.master is not None
+        ),
         "compute copies": sum(u.weights.nbytes for u in units if u.weights is not None),
         # frozen parameters kept in the compute dtype (no fp32 master); with a compute copy they are part of it
         "frozen weights": sum(u.frozen.nbytes for u in units if u.frozen is not None and u.weights is None),
         "optimizer state": moments,
-        "gradients": pool.allocated * pool.numel * 4 + sum(t.nbytes for t in engine._host_staging.values())
+        "gradients": pool.allocated * pool.numel * 4
+        + sum(t.nbytes for t in engine._host_staging.values())
         + (engine.resident.grad.nbytes if engine.resident.grad is not None else 0)
         + (engine.resident_parts.chunk_buffer.nbytes if engine.resident_parts.chunk_buffer is not None else 0),
         "disk tier in flight": engine.state_store.allocated_bytes if engine.state_store is not None else 0,
@@ -234,6 +241,7 @@ def show_grads(engine: SlidingEngine) -> None:
             engine._shown.append((entry.param, view))
         if unit is engine.resident:
             engine.resident_parts.loaded = False  # the next forward points the parameters at the compute copy again
+
 
 def hide_grads(engine: SlidingEngine) -> None:
     """Take back the gradients ``show_grads`` gave, keeping what user code did to them."""

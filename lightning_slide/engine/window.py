@@ -78,7 +78,10 @@ class Window:
         else:  # the gradients are reduce-scattered over the same shards as the weights
             weight_numel = grad_numel = max(self.shards.padded(u.numel) for u in layers)
         self.slots = [
-            Slot(torch.empty(weight_numel, dtype=dtype, device=device), torch.empty(grad_numel, dtype=dtype, device=device))
+            Slot(
+                torch.empty(weight_numel, dtype=dtype, device=device),
+                torch.empty(grad_numel, dtype=dtype, device=device),
+            )
             for _ in range(depth)
         ]
         self.slot_of: dict[int, Slot] = {}

@@ -12,4 +12,13 @@ from .rmsnorm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
 
-__all__ = ["KERNEL_NAMES", "active_kernels", "apply_kernels", "running_kernels", "apply_rope", "fused_linear_cross_entropy", "rms_norm", "swiglu"]
+__all__ = [
+    "KERNEL_NAMES",
+    "active_kernels",
+    "apply_kernels",
+    "running_kernels",
+    "apply_rope",
+    "fused_linear_cross_entropy",
+    "rms_norm",
+    "swiglu",
+]

@@ -33,8 +33,17 @@ def _capped(raw, softcap, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _ce_rows(
-    z_ptr, stride_z, y_ptr, loss_ptr, scale_ptr, V, ignore_index, softcap,
-    SOFTCAP: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr,
+    stride_z,
+    y_ptr,
+    loss_ptr,
+    scale_ptr,
+    V,
+    ignore_index,
+    softcap,
+    SOFTCAP: tl.constexpr,
+    GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.cast(tl.program_id(0), tl.int64)
     z_row = z_ptr + row * stride_z
@@ -116,8 +125,18 @@ def _launch_rows(z, labels, loss_rows, scale, ignore_index, softcap, grad):
     block = min(next_pow2(V), TUNING["block_v"])
     warps = TUNING["num_warps"] if block >= 2048 else 4
     _ce_rows[(z.shape[0],)](
-        z, z.stride(0), labels, loss_rows, scale, V, ignore_index, float(softcap or 1.0),
-        SOFTCAP=softcap is not None, GRAD=grad, BLOCK_V=block, num_warps=warps,
+        z,
+        z.stride(0),
+        labels,
+        loss_rows,
+        scale,
+        V,
+        ignore_index,
+        float(softcap or 1.0),
+        SOFTCAP=softcap is not None,
+        GRAD=grad,
+        BLOCK_V=block,
+        num_warps=warps,
     )
 
 
@@ -215,5 +234,14 @@ def fused_linear_cross_entropy(
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction, softcap)
     grad_on = torch.is_grad_enabled()
     need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
-    return _FusedLinearCE.apply(hidden, weight, labels, int(ignore_index), reduction,
-                                None if softcap is None else float(softcap), chunk_size, need_dh, need_dw)
+    return _FusedLinearCE.apply(
+        hidden,
+        weight,
+        labels,
+        int(ignore_index),
+        reduction,
+        None if softcap is None else float(softcap),
+        chunk_size,
+        need_dh,
+        need_dw,
+    )

@@ -31,17 +31,21 @@ from torch import nn
 
 from lightning_slide.engine.options import KERNEL_NAMES, parse_kernels
 
+from ._common import INTERPRETED
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .rmsnorm import rms_norm
-from .rope import apply_rope, supports as rope_supports
+from .rope import apply_rope
+from .rope import supports as rope_supports
 from .swiglu import swiglu
-from ._common import INTERPRETED
 
 # transformers model families (the `transformers.models.<name>` package) and their RMSNorm weight offset.
 _FAMILIES = {"llama": 0.0, "qwen2": 0.0, "qwen3": 0.0, "mistral": 0.0, "gemma": 1.0, "gemma2": 1.0, "gemma3": 1.0}
 _ACTIVATIONS = {  # activation module class name -> swiglu() activation
-    "SiLU": "silu", "SiLUActivation": "silu",
-    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
     "FastGELUActivation": "gelu_tanh",
 }
 _MARK = "_lightning_slide_kernels"  # per-instance set of the kernels applied to that module
@@ -174,7 +178,10 @@ def _causal_lm_forward(self, *args, **kwargs):
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     num_items = extra.get("num_items_in_batch")
     loss = fused_linear_cross_entropy(
-        hidden, self.lm_head.weight, shift_labels.to(hidden.device), ignore_index=ignore_index,
+        hidden,
+        self.lm_head.weight,
+        shift_labels.to(hidden.device),
+        ignore_index=ignore_index,
         reduction="mean" if num_items is None else "sum",
         softcap=getattr(self.config, "final_logit_softcapping", None),
     )
@@ -185,8 +192,11 @@ def _causal_lm_forward(self, *args, **kwargs):
 
     field = _cache_field(CausalLMOutputWithPast)
     out = CausalLMOutputWithPast(
-        loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
-        attentions=getattr(outputs, "attentions", None), **{field: getattr(outputs, field, None)},
+        loss=loss,
+        logits=None,
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+        **{field: getattr(outputs, field, None)},
     )
     return out if return_dict else out.to_tuple()
 
@@ -195,7 +205,11 @@ def _patch_causal_lm(module: nn.Module, family: str) -> bool:
     if not type(module).__name__.endswith("ForCausalLM"):
         return False
     head = getattr(module, "lm_head", None)
-    if not isinstance(head, nn.Linear) or head.bias is not None or not isinstance(getattr(module, "model", None), nn.Module):
+    if (
+        not isinstance(head, nn.Linear)
+        or head.bias is not None
+        or not isinstance(getattr(module, "model", None), nn.Module)
+    ):
         return False
     if _mark(module, "fused_linear_cross_entropy"):
         module.forward = types.MethodType(_causal_lm_forward, module)
@@ -249,8 +263,10 @@ def apply_kernels(model: nn.Module, kernels: str | Iterable[str] = "all") -> lis
             unsupported.append(type(module).__name__)
     if unsupported or not applied:
         found = f"unsupported model(s) {sorted(set(unsupported))}" if unsupported else "no Hugging Face model"
-        warnings.warn(f"apply_kernels: {found} in {type(model).__name__} left untouched; supported families: "
-                      f"{sorted(_FAMILIES)}", stacklevel=2)
+        warnings.warn(
+            f"apply_kernels: {found} in {type(model).__name__} left untouched; supported families: {sorted(_FAMILIES)}",
+            stacklevel=2,
+        )
     return [n for n in KERNEL_NAMES if n in applied]
 
 

@@ -36,8 +36,18 @@ def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, H, eps, offs
 
 @triton.jit
 def _rmsnorm_bwd(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
-    stride_dy, stride_x, stride_dx, N, H, offset,
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_part_ptr,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    N,
+    H,
+    offset,
     BLOCK_H: tl.constexpr,
 ):
     # A persistent grid: each program walks rows pid, pid + P, ... and keeps its share of the weight gradient in
@@ -76,8 +86,9 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(N, dtype=torch.float32, device=x.device)
         block = next_pow2(H)
         if N > 0:
-            _rmsnorm_fwd[(N,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), H, eps, offset,
-                               BLOCK_H=block, num_warps=_warps(block))
+            _rmsnorm_fwd[(N,)](
+                x2, weight, y, rstd, x2.stride(0), y.stride(0), H, eps, offset, BLOCK_H=block, num_warps=_warps(block)
+            )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset = offset
         return y.view(x.shape)
@@ -92,9 +103,22 @@ class _RMSNorm(torch.autograd.Function):
         dw_part = torch.empty((programs, H), dtype=torch.float32, device=x2.device)
         block = next_pow2(H)
         if N > 0:
-            _rmsnorm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
-                                      dx.stride(0), N, H, ctx.offset, BLOCK_H=block,
-                                      num_warps=_warps(block))
+            _rmsnorm_bwd[(programs,)](
+                dy2,
+                x2,
+                weight,
+                rstd,
+                dx,
+                dw_part,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                N,
+                H,
+                ctx.offset,
+                BLOCK_H=block,
+                num_warps=_warps(block),
+            )
         else:
             dw_part.zero_()
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None

@@ -18,8 +18,25 @@ from ._common import next_pow2, triton_ok
 
 @triton.jit
 def _rope_heads(
-    x_ptr, o_ptr, b, t, sxb, sxh, sxt, sob, soh, sot, n_heads, c1, c2, s1, s2,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+    x_ptr,
+    o_ptr,
+    b,
+    t,
+    sxb,
+    sxh,
+    sxt,
+    sob,
+    soh,
+    sot,
+    n_heads,
+    c1,
+    c2,
+    s1,
+    s2,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
@@ -40,10 +57,33 @@ def _rope_heads(
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T,
-    sqb, sqh, sqt, skb, skh, skt, sqob, sqoh, sqot, skob, skoh, skot, scb, sct,
-    HQ, HK,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    cos_ptr,
+    sin_ptr,
+    T,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    sqob,
+    sqoh,
+    sqot,
+    skob,
+    skoh,
+    skot,
+    scb,
+    sct,
+    HQ,
+    HK,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
     # One program per (batch, position): cos/sin are read once and applied to every q and k head there.
@@ -58,10 +98,12 @@ def _rope_kernel(
     c2 = tl.load(cs + HALF, mask=dmask, other=0.0).to(tl.float32)
     s1 = tl.load(ss, mask=dmask, other=0.0).to(tl.float32)
     s2 = tl.load(ss + HALF, mask=dmask, other=0.0).to(tl.float32)
-    _rope_heads(q_ptr, qo_ptr, b, t, sqb, sqh, sqt, sqob, sqoh, sqot, HQ, c1, c2, s1, s2,
-                HALF, BLOCK_HQ, BLOCK_D, BACKWARD)
-    _rope_heads(k_ptr, ko_ptr, b, t, skb, skh, skt, skob, skoh, skot, HK, c1, c2, s1, s2,
-                HALF, BLOCK_HK, BLOCK_D, BACKWARD)
+    _rope_heads(
+        q_ptr, qo_ptr, b, t, sqb, sqh, sqt, sqob, sqoh, sqot, HQ, c1, c2, s1, s2, HALF, BLOCK_HQ, BLOCK_D, BACKWARD
+    )
+    _rope_heads(
+        k_ptr, ko_ptr, b, t, skb, skh, skt, skob, skoh, skot, HK, c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_D, BACKWARD
+    )
 
 
 def _launch(q, k, cos, sin, backward: bool):
@@ -73,11 +115,35 @@ def _launch(q, k, cos, sin, backward: bool):
     if q.numel() and k.numel():
         scb = 0 if cos.shape[0] == 1 else cos.stride(0)  # a batch of 1 broadcasts over B
         _rope_kernel[(B * T,)](
-            q, k, qo, ko, cos, sin, T,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2), scb, cos.stride(1),
-            HQ, HK, HALF=D // 2, BLOCK_HQ=next_pow2(HQ), BLOCK_HK=next_pow2(HK), BLOCK_D=next_pow2(D // 2),
-            BACKWARD=backward, num_warps=4,
+            q,
+            k,
+            qo,
+            ko,
+            cos,
+            sin,
+            T,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            qo.stride(0),
+            qo.stride(1),
+            qo.stride(2),
+            ko.stride(0),
+            ko.stride(1),
+            ko.stride(2),
+            scb,
+            cos.stride(1),
+            HQ,
+            HK,
+            HALF=D // 2,
+            BLOCK_HQ=next_pow2(HQ),
+            BLOCK_HK=next_pow2(HK),
+            BLOCK_D=next_pow2(D // 2),
+            BACKWARD=backward,
+            num_warps=4,
         )
     return qo, ko
 
@@ -120,10 +186,14 @@ def supports(q, k, cos, sin, unsqueeze_dim: int = 1) -> bool:
     """Whether :func:`apply_rope` runs the kernel for these arguments (else it takes the reference path)."""
     return (
         unsqueeze_dim == 1
-        and q.dim() == 4 and k.dim() == 4
-        and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]
+        and q.dim() == 4
+        and k.dim() == 4
+        and q.shape[0] == k.shape[0]
+        and q.shape[2:] == k.shape[2:]
         and q.shape[-1] % 2 == 0
-        and q.dtype == k.dtype and cos.dtype == sin.dtype and cos.shape == sin.shape
+        and q.dtype == k.dtype
+        and cos.dtype == sin.dtype
+        and cos.shape == sin.shape
         and not (cos.requires_grad or sin.requires_grad)
         and _cos_sin_3d(cos, q) is not None
         and triton_ok(q, k, cos, sin)

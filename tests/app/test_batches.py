@@ -19,8 +19,9 @@ def tokenizer():
 @pytest.mark.parametrize("pack", [False, True])
 def test_training_batches_mask_the_prompt_and_label_the_completion(tmp_path, tokenizer, pack):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": PROMPT, "completion": COMPLETION}] * 6)
-    dm = JSONLDataModule(str(path), tokenizer, val_size=0, batch_size=2, pack=pack, max_length=64,
-                         cache_dir=str(tmp_path / "cache"))
+    dm = JSONLDataModule(
+        str(path), tokenizer, val_size=0, batch_size=2, pack=pack, max_length=64, cache_dir=str(tmp_path / "cache")
+    )
     dm.setup("fit")
     example = tokenizer(PROMPT + COMPLETION)["input_ids"] + [tokenizer.eos_token_id]
     prompt = len(tokenizer(PROMPT)["input_ids"])

@@ -9,8 +9,9 @@ from .conftest import FAST
 
 
 def _run(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lightning_slide", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_slide", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_end_to_end(tmp_path):

@@ -21,8 +21,15 @@ def test_defaults_are_the_demo_on_slideformer():
 
 
 def test_overrides_take_effect():
-    cfg = compose_cfg("model=qwen3_0_6b", "model.path=/models/Qwen3-0.6B", "strategy.window=3", "trainer.max_steps=200",
-                      "data=jsonl", "data.path=train.jsonl", "kernels=all")
+    cfg = compose_cfg(
+        "model=qwen3_0_6b",
+        "model.path=/models/Qwen3-0.6B",
+        "strategy.window=3",
+        "trainer.max_steps=200",
+        "data=jsonl",
+        "data.path=train.jsonl",
+        "kernels=all",
+    )
     assert cfg.model.path == "/models/Qwen3-0.6B" and cfg.model.expect.hidden_size == 1024
     assert cfg.strategy.window == 3 and cfg.trainer.max_steps == 200
     assert cfg.data.path == "train.jsonl" and cfg.kernels.names == "all"
@@ -33,14 +40,33 @@ def test_model_shapes_need_a_path(name):
     cfg = compose_cfg(f"model={name}", output_dir="/tmp/x")
     assert OmegaConf.missing_keys(cfg) == {"model.path"}
     # the whole shape (slide-plan plans from it without a directory; a directory must match it)
-    assert set(cfg.model.expect) == {"model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
-                                     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-                                     "tie_word_embeddings"}
+    assert set(cfg.model.expect) == {
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+    }
 
 
 def test_shapes_cover_the_issue():
-    wanted = {"llama3_1b", "llama3_3b", "llama3_8b", "llama3_70b", "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b",
-              "qwen3_14b", "qwen3_32b", "mistral_7b"}
+    wanted = {
+        "llama3_1b",
+        "llama3_3b",
+        "llama3_8b",
+        "llama3_70b",
+        "qwen3_0_6b",
+        "qwen3_1_7b",
+        "qwen3_4b",
+        "qwen3_8b",
+        "qwen3_14b",
+        "qwen3_32b",
+        "mistral_7b",
+    }
     assert wanted <= set(SHAPES)
 
 

@@ -30,7 +30,7 @@ def test_prompt_completion_loss_on_completion_only(tmp_path, tokenizer, completi
     prompt = tokenizer("Where is Oll?")["input_ids"]
     assert e["input_ids"] == whole + [tokenizer.eos_token_id]
     assert e["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert e["labels"][len(prompt):] == e["input_ids"][len(prompt):]
+    assert e["labels"][len(prompt) :] == e["input_ids"][len(prompt) :]
     assert len(dm.val_set) == 1 and len(dm.train_set) == 2
 
 
@@ -42,8 +42,8 @@ def test_padding_is_masked_and_not_counted(tmp_path, tokenizer):
     lengths = [len(e["input_ids"]) for e in examples]
     assert batch["attention_mask"].sum().item() == sum(lengths)  # real tokens only
     short = lengths.index(min(lengths))
-    assert (batch["labels"][short, min(lengths):] == IGNORE_INDEX).all()
-    assert (batch["attention_mask"][short, min(lengths):] == 0).all()
+    assert (batch["labels"][short, min(lengths) :] == IGNORE_INDEX).all()
+    assert (batch["attention_mask"][short, min(lengths) :] == 0).all()
 
 
 def test_packing_keeps_whole_examples(text_jsonl, tokenizer):
@@ -51,8 +51,9 @@ def test_packing_keeps_whole_examples(text_jsonl, tokenizer):
     plain = _data(text_jsonl, tokenizer, val_size=0)
     rows = [dm.train_set[r] for r in range(len(dm.train_set))]
     assert all(sum(len(e["input_ids"]) for e in row) <= 48 for row in rows) and len(rows) < len(plain.train_set)
-    assert [e for row in rows for e in row] == [{"input_ids": e["input_ids"], "labels": e["labels"]}
-                                                for e in plain.train_examples]
+    assert [e for row in rows for e in row] == [
+        {"input_ids": e["input_ids"], "labels": e["labels"]} for e in plain.train_examples
+    ]
     batch = dm.collate(rows[:2])
     starts = (batch["position_ids"] == 0).nonzero().tolist()  # each example restarts at 0, padding too
     assert len(starts) == len(rows[0]) + len(rows[1]) + (batch["attention_mask"] == 0).any(1).sum().item()

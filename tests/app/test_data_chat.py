@@ -10,15 +10,21 @@ from lightning_slide.app.train import ASSETS
 
 from .conftest import write_jsonl
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Oll?"},
-        {"role": "assistant", "content": "In Arvenia."}, {"role": "user", "content": "And Sarn?"},
-        {"role": "assistant", "content": "In Beloria."}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Where is Oll?"},
+    {"role": "assistant", "content": "In Arvenia."},
+    {"role": "user", "content": "And Sarn?"},
+    {"role": "assistant", "content": "In Beloria."},
+]
 
 # Like Qwen3's template: the last assistant turn gets an empty <think> block the earlier ones do not, so rendering
 # prefixes of the conversation and comparing them would not find the earlier turns. No {% generation %} markers.
-QWEN3_LIKE = ("{% for m in messages %}{{ '<|user|>' if m.role != 'assistant' else '<|assistant|>' }}"
-              "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
-              "{{ m.content | trim }}{{ eos_token }}\n{% endfor %}")
+QWEN3_LIKE = (
+    "{% for m in messages %}{{ '<|user|>' if m.role != 'assistant' else '<|assistant|>' }}"
+    "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content | trim }}{{ eos_token }}\n{% endfor %}"
+)
 
 
 @pytest.fixture
@@ -27,8 +33,13 @@ def tokenizer():
 
 
 def _examples(tmp_path, tokenizer, records, **kwargs):
-    dm = JSONLDataModule(str(write_jsonl(tmp_path / "chat.jsonl", records)), tokenizer, val_size=0,
-                         cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm = JSONLDataModule(
+        str(write_jsonl(tmp_path / "chat.jsonl", records)),
+        tokenizer,
+        val_size=0,
+        cache_dir=str(tmp_path / "cache"),
+        **kwargs,
+    )
     dm.setup("fit")
     return dm.train_examples
 

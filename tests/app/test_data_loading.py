@@ -61,8 +61,12 @@ print([f["filename"] for f in dm.train_examples.cache_files])
 
 def test_tokenization_is_cached_and_shared_between_processes(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    child = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ASSETS / "tokenizer"), str(tmp_path / "c")],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(ASSETS / "tokenizer"), str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     examples = _examples(path, tokenizer, tmp_path / "c")  # as a second rank on the host would: from the cache
     assert child.stdout.strip() == str([f["filename"] for f in examples.cache_files])
     assert all(str(tmp_path / "c") in f["filename"] for f in examples.cache_files)  # memory-mapped from disk

@@ -86,8 +86,12 @@ def test_packed_step_equals_unpacked_through_slideformer(family):
     updated = {}
     for name, batch in zip(("packed", "padded"), packed_and_padded(examples(seed=1))):
         module = OneStep(family)
-        trainer(lightning_slide.SlideFormerStrategy(window=1), max_steps=1, accumulate_grad_batches=1,
-                gradient_clip_val=None).fit(module, DataLoader([batch], batch_size=None))
+        trainer(
+            lightning_slide.SlideFormerStrategy(window=1),
+            max_steps=1,
+            accumulate_grad_batches=1,
+            gradient_clip_val=None,
+        ).fit(module, DataLoader([batch], batch_size=None))
         updated[name] = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     initial = initial_state(family)
     for k, value in updated["packed"].items():

@@ -11,9 +11,19 @@ from lightning_slide.app.train import train
 from .conftest import FAST, compose_cfg
 
 CRASH_STEP = 8  # epoch 1 (of 6 batches), its third batch: mid-epoch, and not the first epoch's order
-RUN = [*FAST, "model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.warmup_steps=2",
-       "data.batch_size=4", "data.val_size=8", "trainer.limit_train_batches=6", "trainer.max_steps=10",
-       "+callbacks.model_checkpoint.every_n_train_steps=4", "sample_tokens=0", "export.enabled=false"]
+RUN = [
+    *FAST,
+    "model.config.hidden_size=64",
+    "model.config.num_hidden_layers=2",
+    "model.warmup_steps=2",
+    "data.batch_size=4",
+    "data.val_size=8",
+    "trainer.limit_train_batches=6",
+    "trainer.max_steps=10",
+    "+callbacks.model_checkpoint.every_n_train_steps=4",
+    "sample_tokens=0",
+    "export.enabled=false",
+]
 
 
 class Crash(RuntimeError):
@@ -36,10 +46,19 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path, pack):
     run = [*RUN, f"data.pack={pack}"]
     uninterrupted = train(compose_cfg(*run, output_dir=tmp_path / "whole"))
     with pytest.raises(Crash):
-        train(compose_cfg(*run, f"+callbacks.crash._target_={__name__}.CrashAt", f"+callbacks.crash.step={CRASH_STEP}",
-                          output_dir=tmp_path / "run"))
-    resumed = train(compose_cfg(*run, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
-                                output_dir=tmp_path / "resumed"))
+        train(
+            compose_cfg(
+                *run,
+                f"+callbacks.crash._target_={__name__}.CrashAt",
+                f"+callbacks.crash.step={CRASH_STEP}",
+                output_dir=tmp_path / "run",
+            )
+        )
+    resumed = train(
+        compose_cfg(
+            *run, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", output_dir=tmp_path / "resumed"
+        )
+    )
     assert resumed["trainer"].global_step == 10
     assert resumed["metric"] == uninterrupted["metric"]  # val/loss
     theirs = uninterrupted["module"].model.state_dict()
@@ -56,7 +75,8 @@ def test_loader_resumes_each_rank_at_its_next_batch(ranks):
     data = list(range(50))
     shards = []
     for rank in range(ranks):
-        def loader():
+
+        def loader(rank=rank):
             sampler = ResumableSampler(data, num_replicas=ranks, rank=rank, seed=3)
             sampler.set_epoch(2)  # as Lightning does each epoch: a different order than epoch 0
             return ResumableLoader(data, batch_size=4, sampler=sampler)

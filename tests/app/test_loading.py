@@ -26,11 +26,14 @@ def _copy(src, dst, skip=()):
     return dst
 
 
-@pytest.mark.parametrize("missing, message", [
-    ("config.json", "no config.json"),
-    ("tokenizer.json", "no tokenizer"),
-    ("model-00002-of-", "lists shards that are missing: model-00002-of-"),
-])
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        ("config.json", "no config.json"),
+        ("tokenizer.json", "no tokenizer"),
+        ("model-00002-of-", "lists shards that are missing: model-00002-of-"),
+    ],
+)
 def test_missing_files_are_named(tiny_model_dir, tmp_path, missing, message):
     skip = [p.name for p in tiny_model_dir.iterdir() if p.name.startswith(missing)]
     if missing == "tokenizer.json":

@@ -2,16 +2,23 @@
 
 import math
 
-import torch
-
 from lightning_slide.app.module import CausalLMModule, warmup_cosine
 from lightning_slide.app.train import ASSETS
 
 
 def test_weight_decay_groups():
-    module = CausalLMModule(config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2, "attention_bias": True},
-                            tokenizer=str(ASSETS / "tokenizer"), weight_decay=0.1)
+    module = CausalLMModule(
+        config={
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "attention_bias": True,
+        },
+        tokenizer=str(ASSETS / "tokenizer"),
+        weight_decay=0.1,
+    )
     module.configure_model()
     decay, no_decay = module.parameter_groups()
     names = {id(p): n for n, p in module.model.named_parameters()}

@@ -12,18 +12,43 @@ from lightning_slide.app.plan import compose_config, main
 def test_slide_plan_default_demo_fits(capsys):
     assert main(["plan.gpu_memory=1GiB"]) == 0
     out = capsys.readouterr().out
-    for text in ("-- GPU (peak)", "window slots", "-- host (peak)", "fp32 masters", "<- binds", "largest batch at window 2"):
+    for text in (
+        "-- GPU (peak)",
+        "window slots",
+        "-- host (peak)",
+        "fp32 masters",
+        "<- binds",
+        "largest batch at window 2",
+    ):
         assert text in out, out
 
 
 def test_slide_plan_with_overrides_and_json(tmp_path, capsys):
     # A model directory with only config.json: the plan never reads weights.
-    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+    ).save_pretrained(tmp_path)
     target = tmp_path / "plan.json"
-    status = main(["model=llama3_8b", f"model.path={tmp_path}", "strategy.window=3", "strategy.gpu_memory_limit=24GiB",
-                   "data.batch_size=2", "data.max_length=4096", "kernels=all", "plan.host_memory=512GiB",
-                   "plan.adamw=4e9", f"plan.json={target}"])
+    status = main(
+        [
+            "model=llama3_8b",
+            f"model.path={tmp_path}",
+            "strategy.window=3",
+            "strategy.gpu_memory_limit=24GiB",
+            "data.batch_size=2",
+            "data.max_length=4096",
+            "kernels=all",
+            "plan.host_memory=512GiB",
+            "plan.adamw=4e9",
+            f"plan.json={target}",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0, out
     plan = json.loads(target.read_text())
@@ -33,8 +58,16 @@ def test_slide_plan_with_overrides_and_json(tmp_path, capsys):
     assert "fused" in out and "8.03B parameters" in out
 
     # The same run on a 12 GiB card and 64 GiB of host memory does not fit: exit status 1 and what to change.
-    status = main(["model=llama3_8b", f"model.path={tmp_path}", "plan.gpu_memory=12GiB", "plan.host_memory=64GiB",
-                   "data.batch_size=8", "data.max_length=4096"])
+    status = main(
+        [
+            "model=llama3_8b",
+            f"model.path={tmp_path}",
+            "plan.gpu_memory=12GiB",
+            "plan.host_memory=64GiB",
+            "data.batch_size=8",
+            "data.max_length=4096",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 1
     assert "does not fit: GPU: needs" in out and "host: needs" in out
@@ -45,7 +78,10 @@ def test_clipping_by_value_is_planned_as_streaming(tmp_path, capsys):
     """Clipping by value lets updates stream out of the backward: no layer keeps its gradients until the step."""
     assert main(["plan.gpu_memory=1GiB", f"plan.json={tmp_path / 'norm.json'}"]) == 0
     assert "clipping by norm" in capsys.readouterr().out
-    assert main(["plan.gpu_memory=1GiB", "trainer.gradient_clip_algorithm=value", f"plan.json={tmp_path / 'value.json'}"]) == 0
+    assert (
+        main(["plan.gpu_memory=1GiB", "trainer.gradient_clip_algorithm=value", f"plan.json={tmp_path / 'value.json'}"])
+        == 0
+    )
     assert "clipping by value" in capsys.readouterr().out
     planned = [json.loads((tmp_path / f"{how}.json").read_text())["settings"]["clipping"] for how in ("norm", "value")]
     assert planned == [True, False]
@@ -81,9 +117,19 @@ def test_slide_plan_per_rank_with_several_devices(tmp_path, capsys):
 
 
 # Parameter counts of the model cards (Qwen3's are rounded there to 0.1B; 0.6B is 596M).
-CARD_PARAMS = {"llama3_1b": "1.24B", "llama3_3b": "3.21B", "llama3_8b": "8.03B", "llama3_70b": "70.6B",
-               "qwen3_0_6b": "596M", "qwen3_1_7b": "1.72B", "qwen3_4b": "4.02B", "qwen3_8b": "8.19B",
-               "qwen3_14b": "14.8B", "qwen3_32b": "32.8B", "mistral_7b": "7.24B"}
+CARD_PARAMS = {
+    "llama3_1b": "1.24B",
+    "llama3_3b": "3.21B",
+    "llama3_8b": "8.03B",
+    "llama3_70b": "70.6B",
+    "qwen3_0_6b": "596M",
+    "qwen3_1_7b": "1.72B",
+    "qwen3_4b": "4.02B",
+    "qwen3_8b": "8.19B",
+    "qwen3_14b": "14.8B",
+    "qwen3_32b": "32.8B",
+    "mistral_7b": "7.24B",
+}
 
 
 @pytest.mark.parametrize("name", sorted(CARD_PARAMS))
@@ -100,12 +146,28 @@ def test_plan_from_the_shape_config_alone(name, tmp_path, capsys):
 
 def test_a_model_directory_must_match_the_whole_shape(tmp_path, capsys):
     # Llama-3.1-8B in every field but the vocabulary: another model (or a resized one), not llama3_8b.
-    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=32000).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ).save_pretrained(tmp_path)
     assert main(["model=llama3_8b", f"model.path={tmp_path}", "plan.gpu_memory=24GiB"]) == 2
     assert "'vocab_size': 128256" in capsys.readouterr().err
-    assert main(["model=llama3_8b", f"model.path={tmp_path}", "model.expect.vocab_size=32000",
-                 "plan.gpu_memory=24GiB", "plan.host_memory=1TiB"]) == 0
+    assert (
+        main(
+            [
+                "model=llama3_8b",
+                f"model.path={tmp_path}",
+                "model.expect.vocab_size=32000",
+                "plan.gpu_memory=24GiB",
+                "plan.host_memory=1TiB",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="plans the CPU run of a machine without a GPU")

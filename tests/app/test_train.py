@@ -19,14 +19,23 @@ def _exported_equals_trained(result):
 
 
 def test_demo_trains_and_exports(tmp_path):
-    result = train(compose_cfg(*FAST, "strategy.window=3", "trainer.max_steps=6", "trainer.val_check_interval=3",
-                               "data.batch_size=8",
-                               "model.lr=3e-3", "model.config.hidden_size=64", output_dir=tmp_path))
+    result = train(
+        compose_cfg(
+            *FAST,
+            "strategy.window=3",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            "data.batch_size=8",
+            "model.lr=3e-3",
+            "model.config.hidden_size=64",
+            output_dir=tmp_path,
+        )
+    )
     trainer, module = result["trainer"], result["module"]
     assert trainer.global_step == 6 and trainer.strategy.options.window == 3  # overrides took effect
     assert next(iter(result["datamodule"].train_dataloader()))["input_ids"].shape[0] == 8
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 3e-3
-    assert module.model.config.hidden_size == 64  
+    assert module.model.config.hidden_size == 64
     assert result["metric"] < result["metric_before"]  # val/loss
     assert result["summary"].tokens > 0
     assert (tmp_path / "checkpoints" / "last.ckpt" / "index.json").is_file()  # a directory checkpoint
@@ -37,9 +46,22 @@ def test_demo_trains_and_exports(tmp_path):
 
 
 def test_finetunes_a_model_directory(tiny_model_dir, text_jsonl, tmp_path):
-    result = train(compose_cfg(*FAST, "model=causal_lm", f"model.path={tiny_model_dir}", "model.lr=1e-3",
-                               "model.warmup_steps=0", "data=jsonl", f"data.path={text_jsonl}", "data.max_length=32",
-                               "data.pack=true", "data.val_size=4", "export.dtype=float32", output_dir=tmp_path))
+    result = train(
+        compose_cfg(
+            *FAST,
+            "model=causal_lm",
+            f"model.path={tiny_model_dir}",
+            "model.lr=1e-3",
+            "model.warmup_steps=0",
+            "data=jsonl",
+            f"data.path={text_jsonl}",
+            "data.max_length=32",
+            "data.pack=true",
+            "data.val_size=4",
+            "export.dtype=float32",
+            output_dir=tmp_path,
+        )
+    )
     assert result["trainer"].global_step == 4
     assert result["metric"] < result["metric_before"]  # val/loss
     _exported_equals_trained(result)
@@ -49,8 +71,16 @@ def test_finetunes_a_model_directory(tiny_model_dir, text_jsonl, tmp_path):
 
 def test_resume_from_checkpoint(tmp_path):
     first = train(compose_cfg(*FAST, "model.config.hidden_size=64", "sample_tokens=0", output_dir=tmp_path / "a"))
-    resumed = train(compose_cfg(*FAST, "model.config.hidden_size=64", "sample_tokens=0", "trainer.max_steps=6",
-                                f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}", output_dir=tmp_path / "b"))
+    resumed = train(
+        compose_cfg(
+            *FAST,
+            "model.config.hidden_size=64",
+            "sample_tokens=0",
+            "trainer.max_steps=6",
+            f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+            output_dir=tmp_path / "b",
+        )
+    )
     assert resumed["trainer"].global_step == 6
     assert resumed["metric_before"] == pytest.approx(first["metric"], rel=1e-4)
 
@@ -82,9 +112,21 @@ def test_data_errors_come_before_training(tmp_path):
 
 def test_kernels_option_reaches_the_model(tmp_path):
     # Small, as the kernels run in Triton's interpreter on a CPU
-    result = train(compose_cfg(*FAST, "kernels=all", "trainer.max_steps=1", "trainer.limit_val_batches=1",
-                               "model.config.hidden_size=32", "model.config.num_hidden_layers=1", "data.batch_size=2",
-                               "data.val_size=2", "export.enabled=false", "sample_tokens=0", output_dir=tmp_path))
+    result = train(
+        compose_cfg(
+            *FAST,
+            "kernels=all",
+            "trainer.max_steps=1",
+            "trainer.limit_val_batches=1",
+            "model.config.hidden_size=32",
+            "model.config.num_hidden_layers=1",
+            "data.batch_size=2",
+            "data.val_size=2",
+            "export.enabled=false",
+            "sample_tokens=0",
+            output_dir=tmp_path,
+        )
+    )
     batch = next(iter(result["datamodule"].val_dataloader()))
     out = result["module"](batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
     assert out.logits is None and torch.isfinite(out.loss)  # the fused loss never builds the logits

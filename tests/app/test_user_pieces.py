@@ -18,14 +18,28 @@ from .conftest import FAST, compose_cfg
 from .user_pieces import VOCAB
 
 ROOT = Path(__file__).parents[2]
-OWN = ["model._target_=tests.app.user_pieces.CountingLM", "data._target_=tests.app.user_pieces.CountingData",
-       "monitor=val_loss"]
+OWN = [
+    "model._target_=tests.app.user_pieces.CountingLM",
+    "data._target_=tests.app.user_pieces.CountingData",
+    "monitor=val_loss",
+]
 
 
 def test_own_module_data_and_callback(tmp_path):
     early = "+callbacks.early_stop={_target_:lightning.pytorch.callbacks.EarlyStopping,monitor:val_loss,patience:9}"
-    result = train(compose_cfg(*FAST, *OWN, "model.lr=3e-3", "+model.hidden=48", "data.batch_size=4", "+data.seq=12",
-                               early, "trainer.val_check_interval=2", output_dir=tmp_path))
+    result = train(
+        compose_cfg(
+            *FAST,
+            *OWN,
+            "model.lr=3e-3",
+            "+model.hidden=48",
+            "data.batch_size=4",
+            "+data.seq=12",
+            early,
+            "trainer.val_check_interval=2",
+            output_dir=tmp_path,
+        )
+    )
     module, trainer = result["module"], result["trainer"]
     # the app's options that your pieces share (lr, batch_size) reach them, their own (hidden, seq) come with +
     assert module.hparams.lr == 3e-3 and module.model.config.hidden_size == 48
@@ -40,17 +54,33 @@ def test_own_module_data_and_callback(tmp_path):
 
 def test_export_only_when_the_module_has_a_hugging_face_model(tmp_path):
     # The network at .net: nothing to export; the monitored metric may be a training one.
-    result = train(compose_cfg(*FAST, *OWN, "+model.hf_attribute=net", "monitor=train_loss",
-                               "trainer.limit_val_batches=0", output_dir=tmp_path))
+    result = train(
+        compose_cfg(
+            *FAST,
+            *OWN,
+            "+model.hf_attribute=net",
+            "monitor=train_loss",
+            "trainer.limit_val_batches=0",
+            output_dir=tmp_path,
+        )
+    )
     assert result["hf_dir"] is None and not (tmp_path / "hf_model").exists()
     assert result["metric_before"] is None and result["metric"] == pytest.approx(
-        float(result["trainer"].callback_metrics["train_loss"]))
+        float(result["trainer"].callback_metrics["train_loss"])
+    )
 
 
 def test_the_app_module_with_your_data(tmp_path):
     """The app's module takes a data module of yours: it is given no tokenizer it does not ask for."""
-    result = train(compose_cfg(*FAST, "data._target_=tests.app.user_pieces.CountingData", "sample_tokens=0",
-                               "model.config.hidden_size=32", output_dir=tmp_path))
+    result = train(
+        compose_cfg(
+            *FAST,
+            "data._target_=tests.app.user_pieces.CountingData",
+            "sample_tokens=0",
+            "model.config.hidden_size=32",
+            output_dir=tmp_path,
+        )
+    )
     assert result["trainer"].global_step == 4 and result["metric"] is not None  # the app's val/loss
     assert result["module"].model.config.vocab_size >= VOCAB
 
@@ -72,8 +102,11 @@ def test_several_loggers(tmp_path):
 def test_a_logger_without_its_package_names_the_extra(name, tmp_path):
     if importlib.util.find_spec(name) is not None:
         pytest.skip(f"{name} is installed")
-    with pytest.raises(SlideAppError, match=rf'logger={name} needs a package that is not installed .*'
-                                            rf'pip install "lightning-slide\[{name}\]"'):
+    with pytest.raises(
+        SlideAppError,
+        match=rf"logger={name} needs a package that is not installed .*"
+        rf'pip install "lightning-slide\[{name}\]"',
+    ):
         setup(compose_cfg(*OWN, f"logger={name}", output_dir=tmp_path))
 
 
@@ -82,11 +115,24 @@ def test_a_sweep_gets_the_monitored_metric(tmp_path):
     records what a sweeper would compare)."""
     record = tmp_path / "returns.jsonl"
     run = subprocess.run(
-        [sys.executable, "-m", "lightning_slide", "--multirun", *FAST, *OWN, "model.lr=1e-2,1e-3", "export.enabled=false",
-         f"+hydra.callbacks.record={{_target_:tests.app.user_pieces.RecordReturns,path:{record}}}",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+        [
+            sys.executable,
+            "-m",
+            "lightning_slide",
+            "--multirun",
+            *FAST,
+            *OWN,
+            "model.lr=1e-2,1e-3",
+            "export.enabled=false",
+            f"+hydra.callbacks.record={{_target_:tests.app.user_pieces.RecordReturns,path:{record}}}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     values = [json.loads(line) for line in record.read_text().splitlines()]
     assert len(values) == 2 and all(isinstance(v, float) for v in values), values

@@ -20,9 +20,15 @@ class CountingLM(L.LightningModule):
     def __init__(self, hidden: int = 32, layers: int = 2, lr: float = 1e-2, hf_attribute: str = "model") -> None:
         super().__init__()
         self.save_hyperparameters()
-        config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
-                             max_position_embeddings=64)
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        )
         setattr(self, hf_attribute, AutoModelForCausalLM.from_config(config, dtype=torch.float32))
         self.hf_attribute = hf_attribute
 

@@ -36,8 +36,13 @@ BATCHES_PER_EPOCH = 2  # one optimizer step per epoch: Lightning resumes exactly
 def build(ckpt_dir: str, steps: int, callbacks=()) -> tuple[TinyLM, L.Trainer]:
     module = TinyLM(FAMILY, initial_state(FAMILY))
     saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=1)
-    run = trainer(lightning_slide.SlideFormerStrategy(window=1), max_steps=steps, max_epochs=-1,
-                  enable_checkpointing=True, callbacks=[saver, *callbacks])
+    run = trainer(
+        lightning_slide.SlideFormerStrategy(window=1),
+        max_steps=steps,
+        max_epochs=-1,
+        enable_checkpointing=True,
+        callbacks=[saver, *callbacks],
+    )
     return module, run
 
 

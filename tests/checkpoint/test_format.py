@@ -125,8 +125,9 @@ def test_incomplete_or_damaged_checkpoint_is_refused(tmp_path):
 
 def test_weights_only_checkpoints(tmp_path):
     module = TinyLM("qwen3", initial_state("qwen3"))
-    saver = ModelCheckpoint(dirpath=tmp_path / "cb", save_last=True, save_top_k=0, save_weights_only=True,
-                            every_n_train_steps=1)
+    saver = ModelCheckpoint(
+        dirpath=tmp_path / "cb", save_last=True, save_top_k=0, save_weights_only=True, every_n_train_steps=1
+    )
     run = trainer(slide(), max_steps=2, enable_checkpointing=True, callbacks=[saver])
     run.fit(module, batches(4))
     run.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
@@ -141,8 +142,9 @@ def test_weights_only_checkpoints(tmp_path):
         loaded = trainer(slide()).validate(fresh, validation, ckpt_path=ckpt, verbose=False)[0]["val_loss"]
         assert loaded == pytest.approx(expected, rel=1e-6)
     with pytest.raises(KeyError, match="save_weights_only"):  # Lightning's own refusal to resume training from it
-        trainer(slide(), max_steps=3).fit(TinyLM("qwen3", initial_state("qwen3")), batches(6),
-                                          ckpt_path=tmp_path / "weights.ckpt")
+        trainer(slide(), max_steps=3).fit(
+            TinyLM("qwen3", initial_state("qwen3")), batches(6), ckpt_path=tmp_path / "weights.ckpt"
+        )
 
 
 def test_single_file_lightning_checkpoint_resumes(tmp_path):
@@ -173,13 +175,16 @@ def test_checkpoint_to_hugging_face(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     run.save_checkpoint(ckpt)
     trained = {n: p.detach() for n, p in module.model.named_parameters()}
-    assert not torch.equal(trained["model.embed_tokens.weight"], initial_state("gemma_tied")["model.embed_tokens.weight"])
+    assert not torch.equal(
+        trained["model.embed_tokens.weight"], initial_state("gemma_tied")["model.embed_tokens.weight"]
+    )
 
     out = slide_checkpoint.checkpoint_to_hf(ckpt, tmp_path / "fp32", max_shard_size="20KB")
     assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.model.embed_tokens.weight is loaded.lm_head.weight or torch.equal(
-        loaded.model.embed_tokens.weight, loaded.lm_head.weight)
+        loaded.model.embed_tokens.weight, loaded.lm_head.weight
+    )
     for name, param in loaded.named_parameters():
         assert param.dtype == torch.float32 and torch.equal(param.detach(), trained[name]), name
 

@@ -44,8 +44,9 @@ def edited(good, tmp_path, edit) -> tuple:
 
 
 def validate(path):
-    return trainer(slide()).validate(TinyLM("llama", initial_state("llama")), batches(2, seed=5), ckpt_path=path,
-                                     verbose=False)[0]["val_loss"]
+    return trainer(slide()).validate(
+        TinyLM("llama", initial_state("llama")), batches(2, seed=5), ckpt_path=path, verbose=False
+    )[0]["val_loss"]
 
 
 def resume(path, strategy=None, **kwargs):
@@ -61,22 +62,25 @@ def _set(key, value):
     return lambda index: index.__setitem__(key, value)
 
 
-@pytest.mark.parametrize("edit, problem", [
-    ('{"format": "lightning-slide-checkpoint", "version": 1, "units": [', "not valid JSON"),
-    ("[1, 2]", "holds a JSON list, not an object"),
-    (_drop("files"), "key 'files' is missing"),
-    (_drop("units"), "key 'units' is missing"),
-    (_set("units", "resident"), "'units' is a str, not a list"),
-    (_set("units", ["resident", 3]), r"'units' holds \[3\]"),
-    (_set("optimizer", "yes"), "'optimizer' is a str, not a bool"),
-    (_set("files", []), "'files' is a list, not a dict"),
-    (lambda index: index["files"].update({"model/resident.safetensors": "12"}), "size of '12'"),
-    (lambda index: index["files"].update({"../elsewhere": 3}), "outside the checkpoint directory"),
-    (lambda index: index["files"].pop("model/layer-00002.safetensors"), "does not list.*layer-00002"),
-    (_set("aliases", ["a"]), "'aliases' must map"),
-    (_set("version", "1"), "'version' is '1'"),
-    (_set("format", "other"), "format is 'other'"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        ('{"format": "lightning-slide-checkpoint", "version": 1, "units": [', "not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+        (_drop("files"), "key 'files' is missing"),
+        (_drop("units"), "key 'units' is missing"),
+        (_set("units", "resident"), "'units' is a str, not a list"),
+        (_set("units", ["resident", 3]), r"'units' holds \[3\]"),
+        (_set("optimizer", "yes"), "'optimizer' is a str, not a bool"),
+        (_set("files", []), "'files' is a list, not a dict"),
+        (lambda index: index["files"].update({"model/resident.safetensors": "12"}), "size of '12'"),
+        (lambda index: index["files"].update({"../elsewhere": 3}), "outside the checkpoint directory"),
+        (lambda index: index["files"].pop("model/layer-00002.safetensors"), "does not list.*layer-00002"),
+        (_set("aliases", ["a"]), "'aliases' must map"),
+        (_set("version", "1"), "'version' is '1'"),
+        (_set("format", "other"), "format is 'other'"),
+    ],
+)
 def test_a_malformed_index_is_refused_naming_the_file_and_the_problem(good, tmp_path, edit, problem):
     path = edited(good[0], tmp_path, edit)
     with pytest.raises(ValueError, match=rf"(?s)index '{path / INDEX}' is malformed: .*{problem}"):
@@ -102,11 +106,14 @@ def _forget_all_files(index):
         index["files"].pop(rel)
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (_forget_optimizer, "its metadata records an optimizer .* says no optimizer state was saved"),
-    (_forget_all_files, "index.json says optimizer state was saved but lists no optimizer/ file"),
-    (_forget_one_layer, r"its optimizer files hold no state for \['model.model.layers.1"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (_forget_optimizer, "its metadata records an optimizer .* says no optimizer state was saved"),
+        (_forget_all_files, "index.json says optimizer state was saved but lists no optimizer/ file"),
+        (_forget_one_layer, r"its optimizer files hold no state for \['model.model.layers.1"),
+    ],
+)
 def test_an_index_that_lost_the_optimizer_is_refused_for_resuming_but_its_weights_load(good, tmp_path, edit, problem):
     path = edited(good[0], tmp_path, edit)
     with pytest.raises(ValueError, match=rf"(?s)checkpoint '{path}' cannot resume training: {problem}.*fresh Adam"):
@@ -114,10 +121,13 @@ def test_an_index_that_lost_the_optimizer_is_refused_for_resuming_but_its_weight
     assert validate(path) == pytest.approx(good[1], rel=1e-6)  # weights only: allowed, as Lightning allows it
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (_forget_optimizer, "its metadata records an optimizer"),
-    (_forget_one_layer, "its optimizer files hold no state for 9 parameters"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (_forget_optimizer, "its metadata records an optimizer"),
+        (_forget_one_layer, "its optimizer files hold no state for 9 parameters"),
+    ],
+)
 def test_a_plain_strategy_leaves_contradicted_optimizer_state_out(good, tmp_path, edit, problem):
     path = edited(good[0], tmp_path, edit)
     with pytest.warns(UserWarning, match=f"optimizer state left out: {problem}"):

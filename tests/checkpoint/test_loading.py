@@ -99,8 +99,10 @@ class Extra(HParamLM):
 def test_strict_and_hooks_that_edit_the_state_dict_behave_as_in_lightning(trained):
     tmp, fitted = trained
     errors = []
-    for load in (lambda **kw: lightning_slide.load_from_checkpoint(Extra, tmp / "slide.ckpt", **kw),
-                 lambda **kw: Extra.load_from_checkpoint(tmp / "plain.ckpt", **kw)):
+    for load in (
+        lambda **kw: lightning_slide.load_from_checkpoint(Extra, tmp / "slide.ckpt", **kw),
+        lambda **kw: Extra.load_from_checkpoint(tmp / "plain.ckpt", **kw),
+    ):
         with pytest.raises(RuntimeError, match="Unexpected key.*unexpected") as caught:
             load()
         errors.append(str(caught.value))
@@ -140,18 +142,22 @@ def test_validate_test_predict_with_ckpt_path_equal_plain_lightning(trained):
     data = batches(3, seed=7)
     reference = HParamLM.load_from_checkpoint(tmp / "plain.ckpt")
     plain = trainer("auto")
-    expected = (plain.validate(reference, data, verbose=False)[0]["val_loss"],
-                plain.test(reference, data, verbose=False)[0]["test_loss"],
-                torch.cat(plain.predict(reference, data)))
+    expected = (
+        plain.validate(reference, data, verbose=False)[0]["val_loss"],
+        plain.test(reference, data, verbose=False)[0]["test_loss"],
+        torch.cat(plain.predict(reference, data)),
+    )
     untrained = trainer("auto").validate(HParamLM(), data, verbose=False)[0]["val_loss"]
     assert untrained != pytest.approx(expected[0])  # so that equal losses show the trained weights were loaded
 
     ckpt = tmp / "slide.ckpt"
     run = trainer(slide())
     module = HParamLM()
-    ours = (run.validate(module, data, ckpt_path=ckpt, verbose=False)[0]["val_loss"],
-            run.test(module, data, ckpt_path=ckpt, verbose=False)[0]["test_loss"],
-            torch.cat(run.predict(module, data, ckpt_path=ckpt)))
+    ours = (
+        run.validate(module, data, ckpt_path=ckpt, verbose=False)[0]["val_loss"],
+        run.test(module, data, ckpt_path=ckpt, verbose=False)[0]["test_loss"],
+        torch.cat(run.predict(module, data, ckpt_path=ckpt)),
+    )
     assert ours[0] == pytest.approx(expected[0], rel=1e-6) and ours[1] == pytest.approx(expected[1], rel=1e-6)
     torch.testing.assert_close(ours[2], expected[2], rtol=1e-5, atol=1e-6)
     assert module.hook_saw == (3, len(reference.state_dict()))  # on_load_checkpoint ran under slideformer too
@@ -190,7 +196,9 @@ def test_plain_lightning_resumes_training_from_a_slideformer_checkpoint(tmp_path
         resumed[name], runs[name] = module, run
     plain, ours = resumed["plain"], resumed["slide"]
     steps = {float(state["step"]) for state in runs["plain"].optimizers[0].state_dict()["state"].values()}
-    assert steps == {runs["plain"].global_step}  # the restored step counts went on: Adam's moments were restored, not restarted
+    assert steps == {
+        runs["plain"].global_step
+    }  # the restored step counts went on: Adam's moments were restored, not restarted
     assert len(plain.losses) == len(ours.losses) > 0
     for a, b in zip(plain.losses, ours.losses):
         assert a == pytest.approx(b, rel=1e-5)

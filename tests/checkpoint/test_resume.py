@@ -61,7 +61,7 @@ def resume_and_compare(tmp: Path, uninterrupted, from_step: int) -> None:
     losses, params = uninterrupted
     resumed = json.loads((tmp / "out").read_text())
     # two micro-batches per optimizer step; the resumed run computes only the steps after `from_step`
-    assert resumed == losses[2 * from_step:], "losses after resuming differ from the uninterrupted run"
+    assert resumed == losses[2 * from_step :], "losses after resuming differ from the uninterrupted run"
     for name, value in load_file(str(tmp / "out") + ".safetensors").items():
         assert torch.equal(value, params[name]), f"{name} differs from the uninterrupted run"
 
@@ -101,19 +101,26 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, uninterrupted):
 @pytest.mark.parametrize(
     "family, options, save_last",
     # tied embedding, updated on the device
-    [("gemma_tied", {"window": 2, "tuning": {"resident_optimizer": "device"}}, True),
-     ("qwen3", {"window": 1}, "link")],  # last.ckpt as a link to the newest top-k directory
+    [
+        ("gemma_tied", {"window": 2, "tuning": {"resident_optimizer": "device"}}, True),
+        ("qwen3", {"window": 1}, "link"),
+    ],  # last.ckpt as a link to the newest top-k directory
 )
 def test_resume_in_process_is_exact(tmp_path, family, options, save_last):
-    import lightning_slide
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    import lightning_slide
     from tests.core.tiny import TinyLM, batches, initial_state, trainer
 
     def run(steps, module, ckpt_path=None):
         saver = ModelCheckpoint(dirpath=tmp_path, save_last=save_last, save_top_k=1, every_n_train_steps=1)
-        trainer(lightning_slide.SlideFormerStrategy(**options), max_steps=steps, max_epochs=-1,
-                enable_checkpointing=True, callbacks=[saver]).fit(module, batches(2), ckpt_path=ckpt_path)
+        trainer(
+            lightning_slide.SlideFormerStrategy(**options),
+            max_steps=steps,
+            max_epochs=-1,
+            enable_checkpointing=True,
+            callbacks=[saver],
+        ).fit(module, batches(2), ckpt_path=ckpt_path)
         return module
 
     first = run(3, TinyLM(family, initial_state(family)))

@@ -36,8 +36,7 @@ def test_a_global_norm_below_the_clip_value_leaves_the_gradients_as_they_are():
 def test_a_global_norm_below_the_clip_value_with_the_resident_parts_updated_on_the_device():
     plain = fit("auto", "gemma_tied", gradient_clip_val=1e4)
     on_device = dict(resident_optimizer="device")
-    ours = fit(lightning_slide.SlideFormerStrategy(window=1, tuning=on_device), "gemma_tied",
-               gradient_clip_val=1e4)
+    ours = fit(lightning_slide.SlideFormerStrategy(window=1, tuning=on_device), "gemma_tied", gradient_clip_val=1e4)
     assert_same_training(ours, plain)
 
 
@@ -71,8 +70,11 @@ class _RecordsLoadedLayers(TinyLM):
 @pytest.mark.parametrize("window", [2, 3])
 def test_the_forward_prefetches_the_next_window_minus_one_layers(window):
     family = "llama"  # 4 layers
-    module = fit(lightning_slide.SlideFormerStrategy(window=window), steps=2,
-                 module=_RecordsLoadedLayers(family, initial_state(family)))
+    module = fit(
+        lightning_slide.SlideFormerStrategy(window=window),
+        steps=2,
+        module=_RecordsLoadedLayers(family, initial_state(family)),
+    )
     layers = len(module.model.model.layers)
     assert [index for index, _ in module.seen] == list(range(layers)) * 2  # two steps' second micro-batches
     for index, loaded in module.seen:
@@ -91,20 +93,26 @@ class _RecordsEngine(L.Callback):
     def on_train_batch_end(self, trainer, module, *args) -> None:
         if self.units is None:
             engine = trainer.strategy.engine
-            self.units = {key: [(e.name, e.param, e.numel) for e in unit.entries] for key, unit in engine.units().items()}
+            self.units = {
+                key: [(e.name, e.param, e.numel) for e in unit.entries] for key, unit in engine.units().items()
+            }
             self.resident_on_device = engine.resident_on_device
 
 
 # ---------------------------------------------------------------- resident parts accumulated on the device
-@pytest.mark.parametrize(("accumulate", "clip", "algorithm"), [
-    (2, 0.5, "norm"),  # accumulated on the device, updated after the norm is known
-    (3, None, "norm"),  # no clipping: the last micro-batch's backward updates them
-    (2, 0.002, "value"),
-    (1, 0.5, "norm"),
-])
+@pytest.mark.parametrize(
+    ("accumulate", "clip", "algorithm"),
+    [
+        (2, 0.5, "norm"),  # accumulated on the device, updated after the norm is known
+        (3, None, "norm"),  # no clipping: the last micro-batch's backward updates them
+        (2, 0.002, "value"),
+        (1, 0.5, "norm"),
+    ],
+)
 def test_resident_parts_updated_on_the_device_train_the_same(accumulate, clip, algorithm):
-    options = dict(accumulate_grad_batches=accumulate, gradient_clip_val=clip, gradient_clip_algorithm=algorithm,
-                   steps=6)
+    options = dict(
+        accumulate_grad_batches=accumulate, gradient_clip_val=clip, gradient_clip_algorithm=algorithm, steps=6
+    )
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="device"))
     watch = _RecordsEngine()
     ours = fit(strategy, callbacks=[watch], **options)
@@ -122,8 +130,7 @@ def test_every_parameter_has_one_master_tied_embeddings_included(family, residen
     optimizer states and two updates."""
     watch = _RecordsEngine()
     tuning = dict(resident_optimizer=resident)
-    module = fit(lightning_slide.SlideFormerStrategy(window=2, tuning=tuning), family, steps=1,
-                 callbacks=[watch])
+    module = fit(lightning_slide.SlideFormerStrategy(window=2, tuning=tuning), family, steps=1, callbacks=[watch])
     entries = [entry for unit in watch.units.values() for entry in unit]
     params = list(module.parameters())  # unique parameters
     assert len(entries) == len(params)
@@ -144,13 +151,19 @@ def _loss_distance(a: TinyLM, b: TinyLM) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a.losses, b.losses))
 
 
-@pytest.mark.parametrize(("family", "options", "strategy_options"), [
-    ("llama", dict(gradient_clip_val=0.5), dict(window=1)),
-    ("llama", dict(gradient_clip_val=None), dict(window=2)),  # updates stream out of the backward
-    ("llama", dict(gradient_clip_val=0.002, gradient_clip_algorithm="value", accumulate_grad_batches=1),
-     dict(window=2)),
-    ("gemma_tied", dict(gradient_clip_val=0.5), dict(window=2, tuning=dict(resident_optimizer="device"))),
-])
+@pytest.mark.parametrize(
+    ("family", "options", "strategy_options"),
+    [
+        ("llama", dict(gradient_clip_val=0.5), dict(window=1)),
+        ("llama", dict(gradient_clip_val=None), dict(window=2)),  # updates stream out of the backward
+        (
+            "llama",
+            dict(gradient_clip_val=0.002, gradient_clip_algorithm="value", accumulate_grad_batches=1),
+            dict(window=2),
+        ),
+        ("gemma_tied", dict(gradient_clip_val=0.5), dict(window=2, tuning=dict(resident_optimizer="device"))),
+    ],
+)
 def test_slideformer_is_as_close_to_float64_training_as_plain_fp32_training(family, options, strategy_options):
     """fp32 rounding moves plain training about 1e-7 (relative) away from the same training in float64; the
     parity tolerance (1e-5) is a hundred times looser. Measured against float64, slideformer must land as close

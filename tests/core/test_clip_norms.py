@@ -20,8 +20,9 @@ STEPS = 4
 def _train(strategy, accumulate):
     torch.manual_seed(123)
     module = TinyLM("llama", initial_state("llama"))
-    trainer(strategy, max_steps=STEPS, accumulate_grad_batches=accumulate,
-            gradient_clip_val=0.05).fit(module, batches(STEPS * accumulate))  # small: the clipping bites
+    trainer(strategy, max_steps=STEPS, accumulate_grad_batches=accumulate, gradient_clip_val=0.05).fit(
+        module, batches(STEPS * accumulate)
+    )  # small: the clipping bites
     return module
 
 

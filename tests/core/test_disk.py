@@ -83,8 +83,14 @@ def test_checkpoint_and_exact_resume_with_the_disk_tier(tmp_path):
 def _fit(strategy, family="llama", clip=0.5, accumulate=2, steps=5, precision="32-true", callbacks=()):
     torch.manual_seed(123)
     module = TinyLM(family, initial_state(family))
-    trainer(strategy, precision=precision, gradient_clip_val=clip, accumulate_grad_batches=accumulate,
-            max_steps=steps, callbacks=list(callbacks)).fit(module, batches(steps * accumulate))
+    trainer(
+        strategy,
+        precision=precision,
+        gradient_clip_val=clip,
+        accumulate_grad_batches=accumulate,
+        max_steps=steps,
+        callbacks=list(callbacks),
+    ).fit(module, batches(steps * accumulate))
     return module
 
 
@@ -143,8 +149,9 @@ def test_checkpoint_and_exact_resume_with_masters_on_disk(tmp_path, offload):
     from lightning_slide.checkpoint import CheckpointReader, unit_file
 
     saved = CheckpointReader(tmp_path / "first" / "last.ckpt").read(unit_file("model", "1"))
-    assert torch.equal(saved["model.model.layers.1.self_attn.q_proj.weight"],
-                       resumed.model.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(
+        saved["model.model.layers.1.self_attn.q_proj.weight"], resumed.model.model.layers[1].self_attn.q_proj.weight
+    )
 
 
 def test_host_memory_with_masters_and_optimizer_on_disk(tmp_path):
@@ -157,8 +164,9 @@ def test_host_memory_with_masters_and_optimizer_on_disk(tmp_path):
             seen.append((engine.host_bytes(), engine.state_store.peak_bytes, engine.grad_pool.allocated))
 
     strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both")
-    module = _fit(strategy, family="llama_deep", clip=None, accumulate=1, steps=3, precision="bf16-true",
-                  callbacks=[Measure()])
+    module = _fit(
+        strategy, family="llama_deep", clip=None, accumulate=1, steps=3, precision="bf16-true", callbacks=[Measure()]
+    )
     layers = module.model.model.layers
     per_layer = sum(p.numel() for p in layers[0].parameters())
     resident = sum(p.numel() for n, p in module.named_parameters() if ".layers." not in n)
@@ -189,8 +197,12 @@ def test_masters_on_disk_refused_up_front_when_the_disk_is_too_small(tmp_path, m
     from lightning_slide.engine.options import SlideOptions
 
     with pytest.raises(ValueError, match=r"needs .* \(fp32 masters .* \+ optimizer state .*\) but only 1000 B is free"):
-        SlidingEngine(TinyLM("llama", initial_state("llama")), SlideOptions(window=1, offload_dir=str(tmp_path),
-                      offload="both"), device=torch.device("cpu"), compute_dtype=torch.float32)
+        SlidingEngine(
+            TinyLM("llama", initial_state("llama")),
+            SlideOptions(window=1, offload_dir=str(tmp_path), offload="both"),
+            device=torch.device("cpu"),
+            compute_dtype=torch.float32,
+        )
     assert not list(tmp_path.glob("*.bin"))
 
 
@@ -200,8 +212,9 @@ def test_offload_options_are_validated(tmp_path):
     with pytest.raises(ValueError, match="set offload_dir"):
         lightning_slide.SlideFormerStrategy(offload="masters")
     with pytest.raises(ValueError, match="host_weights='fp32'.*masters on disk"):
-        lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="masters",
-                                            tuning=dict(host_weights="fp32"))
+        lightning_slide.SlideFormerStrategy(
+            offload_dir=str(tmp_path), offload="masters", tuning=dict(host_weights="fp32")
+        )
     both = lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="both")
     assert both.options.tuning.host_weights == "compute"  # "auto", decided when the options are built
     assert lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path)).options.tuning.host_weights == "fp32"
@@ -224,8 +237,9 @@ def test_slow_host_with_everything_on_disk_streams_reordered_updates(tmp_path, g
             engine._update = slow_update
 
     plain = _fit("auto", clip=None, accumulate=1, steps=4)
-    strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both",
-                                                   tuning=dict(grad_buffers=grad_buffers))
+    strategy = lightning_slide.SlideFormerStrategy(
+        window=1, offload_dir=str(tmp_path), offload="both", tuning=dict(grad_buffers=grad_buffers)
+    )
     ours = _fit(strategy, clip=None, accumulate=1, steps=4, callbacks=[SlowHost()])
     assert ours.losses == pytest.approx(plain.losses, rel=1e-5)
     theirs = dict(plain.named_parameters())

@@ -77,8 +77,12 @@ def test_the_directory_is_free_again_after_a_fit_a_failed_fit_and_a_failed_setup
         from lightning_slide.engine.engine import SlidingEngine
         from lightning_slide.engine.options import SlideOptions
 
-        SlidingEngine(TinyLM("llama", initial_state("llama")), SlideOptions(window=1, offload_dir=str(directory)),
-                      device=torch.device("cpu"), compute_dtype=torch.float32)
+        SlidingEngine(
+            TinyLM("llama", initial_state("llama")),
+            SlideOptions(window=1, offload_dir=str(directory)),
+            device=torch.device("cpu"),
+            compute_dtype=torch.float32,
+        )
     monkeypatch.setattr(disk.shutil, "disk_usage", real)
     fit(directory)  # nothing above left the directory locked
     assert (directory / LOCK_FILE).exists()  # the file stays; only the lock on it goes
@@ -104,7 +108,8 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     directory, ready = tmp_path / "state", tmp_path / "ready"
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD.format(root=str(ROOT), ready=str(ready), directory=str(directory))],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 240
@@ -112,7 +117,9 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
             assert child.poll() is None, child.stdout.read().decode(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the child never started training"
             time.sleep(0.05)
-        with pytest.raises(RuntimeError, match=rf"offload_dir .*state.* in use by another run \(.*process {child.pid}\)"):
+        with pytest.raises(
+            RuntimeError, match=rf"offload_dir .*state.* in use by another run \(.*process {child.pid}\)"
+        ):
             fit(directory)
     finally:
         os.kill(child.pid, signal.SIGKILL)

@@ -85,7 +85,9 @@ def test_failed_fit_leaves_the_model_usable():
     assert not [t for t in __import__("threading").enumerate() if t.name.startswith("slide-update")]
 
 
-@pytest.mark.parametrize("text, size", [("24GiB", 24 * 2**30), ("22.5 GB", 22_500_000_000), (1024, 1024), ("1.5KiB", 1536)])
+@pytest.mark.parametrize(
+    "text, size", [("24GiB", 24 * 2**30), ("22.5 GB", 22_500_000_000), (1024, 1024), ("1.5KiB", 1536)]
+)
 def test_memory_sizes(text, size):
     assert lightning_slide.SlideFormerStrategy(gpu_memory_limit=text).options.gpu_memory_limit == size
 
@@ -99,7 +101,11 @@ def test_bad_memory_size(text):
 def test_window_that_cannot_fit_the_memory_limit():
     module = TinyLM("llama", initial_state("llama"))
     strategy = lightning_slide.SlideFormerStrategy(window=4, gpu_memory_limit="100KiB")
-    with pytest.raises(ValueError, match=r"(?s)GPU: needs \d+\.\d\d KiB, more than the 100\.00 KiB available.*window slots.*lower the window \(now 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)GPU: needs \d+\.\d\d KiB, more than the 100\.00 KiB available.*window slots"
+        r".*lower the window \(now 4\)",
+    ):
         trainer(strategy).fit(module, batches(2))
     assert all(p.device.type == "cpu" for p in module.parameters())
 

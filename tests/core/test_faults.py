@@ -171,7 +171,9 @@ def test_ctrl_c_during_a_checkpoint_save_keeps_the_last_good_one(tmp_path, monke
     assert slide_checkpoint.load(saves / "last.ckpt")["global_step"] == 1
     monkeypatch.undo()
     module = TinyLM("llama", initial_state("llama"))  # the last good checkpoint resumes
-    trainer(lightning_slide.SlideFormerStrategy(window=1), max_steps=2).fit(module, batches(4), ckpt_path=saves / "last.ckpt")
+    trainer(lightning_slide.SlideFormerStrategy(window=1), max_steps=2).fit(
+        module, batches(4), ckpt_path=saves / "last.ckpt"
+    )
     assert module.trainer.global_step == 2
 
 

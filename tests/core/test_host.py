@@ -36,7 +36,7 @@ def test_one_flat_master_holds_every_parameter_and_the_parameters_are_views_of_i
     assert unit.master.dtype == torch.float32 and unit.master.numel() == unit.numel == sum(p.numel() for p in params)
     assert [p is e.param for p, e in zip(params, unit.entries)] == [True] * len(params)  # the same Python objects
     for e in unit.entries:
-        assert shares(e.param, unit.master) and e.param.data_ptr() == unit.master[e.offset:].data_ptr()
+        assert shares(e.param, unit.master) and e.param.data_ptr() == unit.master[e.offset :].data_ptr()
         assert torch.equal(e.param.detach(), before[e.name])
     unit.master.add_(1.0)  # one copy: the module reads the masters
     assert torch.equal(module[0].weight.detach(), before["0.weight"] + 1)
@@ -107,10 +107,11 @@ def test_frozen_parameters_kept_in_the_compute_dtype_have_no_fp32_master():
 
 def test_with_a_compute_copy_frozen_parameters_live_in_it_and_refresh_leaves_them_alone():
     module = block(frozen=("0.weight",))
-    unit = HostUnit("layer 0", list(module.named_parameters()), weights_dtype=torch.bfloat16,
-                    frozen_dtype=torch.bfloat16)
+    unit = HostUnit(
+        "layer 0", list(module.named_parameters()), weights_dtype=torch.bfloat16, frozen_dtype=torch.bfloat16
+    )
     assert unit.upload_pieces() == [(0, unit.weights)]
-    assert unit.frozen.data_ptr() == unit.weights[unit.trainable_numel:].data_ptr()
+    assert unit.frozen.data_ptr() == unit.weights[unit.trainable_numel :].data_ptr()
     frozen_before = unit.frozen.clone()
     unit.refresh_weights(torch.zeros(unit.numel))  # a master-sized source: only the trainable part is read
     assert torch.equal(unit.frozen, frozen_before)
@@ -119,8 +120,9 @@ def test_with_a_compute_copy_frozen_parameters_live_in_it_and_refresh_leaves_the
 
 def test_frozen_parameters_apart_need_the_whole_unit_in_one_process():
     with pytest.raises(ValueError, match="one process"):
-        HostUnit("layer 0", list(block(frozen=("0.weight",)).named_parameters()), span=(0, 5),
-                 frozen_dtype=torch.bfloat16)
+        HostUnit(
+            "layer 0", list(block(frozen=("0.weight",)).named_parameters()), span=(0, 5), frozen_dtype=torch.bfloat16
+        )
 
 
 def test_a_span_limits_gradients_and_refreshes_to_the_owned_part():

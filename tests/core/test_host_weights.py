@@ -25,8 +25,14 @@ def test_bf16_host_copy_trains_exactly_like_fp32_uploads(clip, accumulate):
         torch.manual_seed(123)
         module = TinyLM("llama", initial_state("llama"))
         strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(host_weights=host_weights))
-        trainer(strategy, precision="bf16-true", gradient_clip_val=clip, accumulate_grad_batches=accumulate,
-                max_steps=5, callbacks=[Look()]).fit(module, batches(5 * accumulate))
+        trainer(
+            strategy,
+            precision="bf16-true",
+            gradient_clip_val=clip,
+            accumulate_grad_batches=accumulate,
+            max_steps=5,
+            callbacks=[Look()],
+        ).fit(module, batches(5 * accumulate))
         modules[host_weights] = module
     assert modules["compute"].losses == modules["fp32"].losses
     theirs = dict(modules["fp32"].named_parameters())

@@ -87,7 +87,9 @@ def test_inf_gradient_without_clipping_names_the_unit(where, unit, resident_opti
     module = PoisonedLM({2}, where=where)
     strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(resident_optimizer=resident_optimizer))
     step = 2 // accumulate
-    with pytest.raises(FloatingPointError, match=f"{unit} has NaN/Inf gradients at global step {step}.*nonfinite='skip'"):
+    with pytest.raises(
+        FloatingPointError, match=f"{unit} has NaN/Inf gradients at global step {step}.*nonfinite='skip'"
+    ):
         trainer(strategy, gradient_clip_val=None, accumulate_grad_batches=accumulate).fit(module, batches(8))
     assert not [t for t in threading.enumerate() if t.name.startswith("slide-")]
 
@@ -101,7 +103,8 @@ def test_skipped_gradient_step_equals_dropping_its_batches(where, resident_optim
     torch.manual_seed(123)
     ours = PoisonedLM({poisoned}, where=where, warmup=1)
     strategy = lightning_slide.SlideFormerStrategy(
-        window=1, nonfinite="skip", tuning=dict(resident_optimizer=resident_optimizer, parked_grads=parked))
+        window=1, nonfinite="skip", tuning=dict(resident_optimizer=resident_optimizer, parked_grads=parked)
+    )
     trainer(strategy, max_steps=steps, gradient_clip_val=None, accumulate_grad_batches=accumulate).fit(
         ours, batches(steps * accumulate)
     )

@@ -14,9 +14,7 @@ TOLERANCE = 1e-5
 def train(family, strategy, *, steps=10, accumulate=2, **module_options):
     torch.manual_seed(123)
     module = TinyLM(family, initial_state(family), **module_options)
-    trainer(strategy, max_steps=steps, accumulate_grad_batches=accumulate).fit(
-        module, batches(steps * accumulate)
-    )
+    trainer(strategy, max_steps=steps, accumulate_grad_batches=accumulate).fit(module, batches(steps * accumulate))
     return module
 
 

@@ -8,11 +8,10 @@ import time
 
 import lightning as L
 import pytest
+import torch
 
 import lightning_slide
 from lightning_slide.engine.optimizer import UnitOptimizer
-import torch
-
 from tests.core.tiny import ACCELERATOR, TinyLM, batches, initial_state, trainer
 
 STEPS = 6
@@ -24,7 +23,8 @@ def train(strategy, callbacks=(), **options):
     module = TinyLM("llama_deep", initial_state("llama_deep"))
     options = {"gradient_clip_val": None, **options}
     trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=list(callbacks), **options).fit(
-        module, batches(STEPS))
+        module, batches(STEPS)
+    )
     return module
 
 
@@ -104,11 +104,16 @@ def _held_step_run(parked, nonfinite="error", limit=None):
     torch.manual_seed(123)
     module = TinyLM("llama_deep", initial_state("llama_deep"))
     pool = _Pool()
-    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=2, parked_grads=parked),
-                                                   nonfinite=nonfinite,
-                                                   gpu_memory_limit=limit)
-    trainer(strategy, max_steps=STEPS, accumulate_grad_batches=1, callbacks=[pool],
-            gradient_clip_val=0.05 if nonfinite == "error" else None).fit(module, batches(STEPS))
+    strategy = lightning_slide.SlideFormerStrategy(
+        window=2, tuning=dict(grad_buffers=2, parked_grads=parked), nonfinite=nonfinite, gpu_memory_limit=limit
+    )
+    trainer(
+        strategy,
+        max_steps=STEPS,
+        accumulate_grad_batches=1,
+        callbacks=[pool],
+        gradient_clip_val=0.05 if nonfinite == "error" else None,
+    ).fit(module, batches(STEPS))
     return module, pool, strategy
 
 

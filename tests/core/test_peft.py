@@ -45,8 +45,14 @@ class HostBytes(L.Callback):
 
 def train(family, strategy, *, precision="32-true", accumulate=2, clip=0.5, callbacks=()):
     module = LoraLM(family)
-    trainer(strategy, precision=precision, max_steps=STEPS, accumulate_grad_batches=accumulate,
-            gradient_clip_val=clip, callbacks=list(callbacks)).fit(module, batches(STEPS * accumulate))
+    trainer(
+        strategy,
+        precision=precision,
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
+        callbacks=list(callbacks),
+    ).fit(module, batches(STEPS * accumulate))
     return module
 
 
@@ -89,10 +95,15 @@ def test_lora_equals_plain_training_in_fp32(family, window):
     assert_frozen_unchanged(ours, torch.float32)
 
 
-@pytest.mark.parametrize("family,window,accumulate,clip", [
-    ("llama", 1, 2, 0.5), ("llama", 2, 2, 0.5), ("qwen3", 2, 2, 0.5),
-    ("llama", 2, 1, None),  # no clipping, one micro-batch: the updates stream out of the backward
-])
+@pytest.mark.parametrize(
+    "family,window,accumulate,clip",
+    [
+        ("llama", 1, 2, 0.5),
+        ("llama", 2, 2, 0.5),
+        ("qwen3", 2, 2, 0.5),
+        ("llama", 2, 1, None),  # no clipping, one micro-batch: the updates stream out of the backward
+    ],
+)
 def test_lora_in_bf16_keeps_frozen_weights_in_bf16_only(family, window, accumulate, clip):
     options = {"precision": "bf16-true", "accumulate": accumulate, "clip": clip}
     reference = plain(family, **options)
@@ -124,10 +135,12 @@ def test_lora_in_bf16_keeps_frozen_weights_in_bf16_only(family, window, accumula
 
 def test_frozen_layers_and_parts_of_layers_in_bf16():
     """Not only LoRA: a whole frozen layer (no fp32 master at all) and a layer frozen in part, in bf16."""
+
     def run(strategy, callbacks=()):
         module = TinyLM("llama", initial_state("llama"), freeze=("layers.1.", "layers.2.mlp", "embed_tokens"))
         trainer(strategy, precision="bf16-true", max_steps=STEPS, callbacks=list(callbacks)).fit(
-            module, batches(2 * STEPS))
+            module, batches(2 * STEPS)
+        )
         return module
 
     seen = HostBytes()
@@ -149,9 +162,12 @@ def test_lora_with_a_host_compute_copy_uploads_the_same_values():
     """host_weights="compute": the frozen weights are the compute copy's frozen part (no second bf16 copy)."""
     options = {"precision": "bf16-true"}
     seen = HostBytes()
-    copied = train("llama", lightning_slide.SlideFormerStrategy(window=2, tuning=dict(host_weights="compute")),
-                   callbacks=[seen],
-                   **options)
+    copied = train(
+        "llama",
+        lightning_slide.SlideFormerStrategy(window=2, tuning=dict(host_weights="compute")),
+        callbacks=[seen],
+        **options,
+    )
     masters = train("llama", lightning_slide.SlideFormerStrategy(window=2, tuning=dict(host_weights="fp32")), **options)
     assert copied.losses == masters.losses
     theirs = dict(masters.named_parameters())
@@ -160,15 +176,18 @@ def test_lora_with_a_host_compute_copy_uploads_the_same_values():
     layer_params = sum(p.numel() for n, p in copied.named_parameters() if ".layers." in n)
     assert seen.host["compute copies"] == 2 * layer_params and seen.host["frozen weights"] == 0
     for unit in seen.layers:
-        assert unit.frozen.data_ptr() == unit.weights[unit.trainable_numel:].data_ptr()
+        assert unit.frozen.data_ptr() == unit.weights[unit.trainable_numel :].data_ptr()
 
 
 @pytest.mark.parametrize("offload", ["optimizer", "both"])
 def test_lora_with_the_disk_tier_trains_as_in_memory(tmp_path, offload):
     """The adapters' Adam moments on disk; with the masters on disk too the frozen weights keep fp32 masters there
     (the layers' bf16 compute copy is then what the host holds), and training is the same."""
-    on_disk = train("llama", lightning_slide.SlideFormerStrategy(window=2, offload_dir=str(tmp_path), offload=offload),
-                    precision="bf16-true")
+    on_disk = train(
+        "llama",
+        lightning_slide.SlideFormerStrategy(window=2, offload_dir=str(tmp_path), offload=offload),
+        precision="bf16-true",
+    )
     in_memory = train("llama", lightning_slide.SlideFormerStrategy(window=2), precision="bf16-true")
     assert on_disk.losses == in_memory.losses
     theirs = dict(in_memory.named_parameters())
@@ -183,8 +202,14 @@ def test_lora_checkpoint_saves_bf16_frozen_weights_and_resumes_exactly(tmp_path)
     def run(steps, ckpt_path=None, directory=tmp_path / "ckpt"):
         module = LoraLM("qwen3")
         saver = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=1, every_n_train_steps=1)
-        trainer(lightning_slide.SlideFormerStrategy(window=1), precision="bf16-true", max_steps=steps,
-                max_epochs=-1, enable_checkpointing=True, callbacks=[saver]).fit(module, batches(2), ckpt_path=ckpt_path)
+        trainer(
+            lightning_slide.SlideFormerStrategy(window=1),
+            precision="bf16-true",
+            max_steps=steps,
+            max_epochs=-1,
+            enable_checkpointing=True,
+            callbacks=[saver],
+        ).fit(module, batches(2), ckpt_path=ckpt_path)
         return module
 
     first = run(3)

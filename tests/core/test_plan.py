@@ -28,12 +28,31 @@ from lightning_slide.engine.plan import (
 from .tiny import ACCELERATOR, TinyLM, batches, initial_state, trainer
 
 LAYER_CONFIGS = {
-    "llama": lambda: LlamaConfig(hidden_size=128, intermediate_size=352, num_attention_heads=8, num_key_value_heads=2,
-                                 num_hidden_layers=1, vocab_size=64),
-    "qwen3": lambda: Qwen3Config(hidden_size=128, intermediate_size=352, num_attention_heads=8, num_key_value_heads=2,
-                                 head_dim=32, num_hidden_layers=1, vocab_size=64),
-    "mistral": lambda: MistralConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4,
-                                     num_key_value_heads=4, num_hidden_layers=1, vocab_size=64),
+    "llama": lambda: LlamaConfig(
+        hidden_size=128,
+        intermediate_size=352,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_hidden_layers=1,
+        vocab_size=64,
+    ),
+    "qwen3": lambda: Qwen3Config(
+        hidden_size=128,
+        intermediate_size=352,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_hidden_layers=1,
+        vocab_size=64,
+    ),
+    "mistral": lambda: MistralConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=1,
+        vocab_size=64,
+    ),
 }
 
 
@@ -72,16 +91,21 @@ class _Snapshot(L.Callback):
         # moments are device memory (the CPU's, when it is the device), beside a device copy of their masters and a
         # device gradient accumulator.
         on_device_key = "resident" if engine.resident_parts.updates_on_device else None
+
         def moments(keys):
-            return [t for k, o in engine._optimizers.items() if k in keys and o.state is not None
-                    for t in o.state.values()]
+            return [
+                t for k, o in engine._optimizers.items() if k in keys and o.state is not None for t in o.state.values()
+            ]
+
         on_host = moments([k for k in engine._optimizers if k != on_device_key])
         on_device = moments([on_device_key])
         self.host = {
             "masters": sum(u.master.numel() * 4 for u in units.values()),
             "moments": sum(t.numel() * t.element_size() for t in on_host),
             "pool": 4 * engine.grad_pool.allocated * engine.grad_pool.numel,
-            "resident grad": sum(t.nbytes for t in (engine.resident.grad, engine.resident_parts.chunk_buffer) if t is not None),
+            "resident grad": sum(
+                t.nbytes for t in (engine.resident.grad, engine.resident_parts.chunk_buffer) if t is not None
+            ),
             "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
             "copies": sum(u.weights.nbytes for u in engine.layers if u.weights is not None),
             "frozen": sum(u.frozen.nbytes for u in engine.layers if u.frozen is not None and u.weights is None),
@@ -93,7 +117,8 @@ class _Snapshot(L.Callback):
             + sum(t.nbytes for t in (engine.resident_parts.master, engine.resident_parts.grad) if t is not None),
         }
         self.parked = sum(buffer.nbytes for buffer, _ in engine.parking.free) + sum(
-            entry[0].nbytes for entry in engine.parking.parked.values())
+            entry[0].nbytes for entry in engine.parking.parked.values()
+        )
         self.resident_on_device = engine.resident_parts.updates_on_device
         self.plan = trainer.strategy.plan
         self.depth = engine.depth
@@ -103,16 +128,28 @@ def _item(items, prefix):
     return next(v for k, v in items.items() if k.startswith(prefix))
 
 
-@pytest.mark.parametrize("clip,accumulate,host_weights,resident", [
-    (0.5, 2, "auto", "auto"), (None, 1, "auto", "auto"), (0.5, 1, "compute", "auto"), (0.5, 2, "auto", "device"),
-])
+@pytest.mark.parametrize(
+    "clip,accumulate,host_weights,resident",
+    [
+        (0.5, 2, "auto", "auto"),
+        (None, 1, "auto", "auto"),
+        (0.5, 1, "compute", "auto"),
+        (0.5, 2, "auto", "device"),
+    ],
+)
 def test_plan_matches_the_engines_allocations(clip, accumulate, host_weights, resident):
     snap = _Snapshot()
     tuning = dict(host_weights=host_weights, resident_optimizer=resident)
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=tuning)
     precision = "bf16-true" if host_weights == "compute" else "32-true"
-    trainer(strategy, max_steps=3, gradient_clip_val=clip, accumulate_grad_batches=accumulate, precision=precision,
-            callbacks=[snap]).fit(TinyLM("llama", initial_state("llama")), batches(8))
+    trainer(
+        strategy,
+        max_steps=3,
+        gradient_clip_val=clip,
+        accumulate_grad_batches=accumulate,
+        precision=precision,
+        callbacks=[snap],
+    ).fit(TinyLM("llama", initial_state("llama")), batches(8))
     plan = snap.plan
     assert plan.settings.batch == 2 and plan.settings.seq == 16  # redone at the first batch
     host = plan.host
@@ -156,7 +193,8 @@ def test_plan_matches_the_engine_with_lora(host_weights, resident):
     trainer(strategy, max_steps=2, precision="bf16-true", callbacks=[snap]).fit(LoraLM("llama"), batches(4))
     plan, shape = snap.plan, snap.plan.shape
     assert 0 < shape.layer_trainable < shape.layer_params and shape.layers_frozen == shape.layers * (
-        shape.layer_params - shape.layer_trainable)
+        shape.layer_params - shape.layer_trainable
+    )
     host = plan.host
     assert snap.host["masters"] == _item(host, "fp32 masters") == 4 * (shape.params - shape.layers_frozen)
     assert snap.host["moments"] == _item(host, "Adam moments") == 8 * shape.layers * shape.layer_trainable
@@ -175,15 +213,17 @@ def test_plan_matches_the_engine_with_lora(host_weights, resident):
     layer_bytes = upload * (shape.layers * shape.layer_params - shape.layers_frozen) + 2 * shape.layers_frozen
     resident = 0 if plan.settings.resident_on_device else 4 * shape.resident_params  # once per step from the host
     assert plan.time["H2D weights (forward + recompute)"] == pytest.approx(
-        (2 * 2 * layer_bytes + resident) / plan.machine.h2d_bytes_per_s)  # 2 micro-batches
+        (2 * 2 * layer_bytes + resident) / plan.machine.h2d_bytes_per_s
+    )  # 2 micro-batches
 
 
 def test_planned_lora_of_a_known_shape():
     """The 8B shape with every layer frozen but its adapters (1% of a layer): about 2 bytes per base parameter."""
     base = _llama8b_shape()
     adapters = base.layer_params // 100
-    shape = dataclasses.replace(base, layer_trainable=adapters, resident_trainable=0,
-                                layers_frozen=base.layers * (base.layer_params - adapters))
+    shape = dataclasses.replace(
+        base, layer_trainable=adapters, resident_trainable=0, layers_frozen=base.layers * (base.layer_params - adapters)
+    )
     plan = make_plan(shape, Settings(window=2, accumulate=4), suggest=False)
     layer_params = base.layers * base.layer_params
     assert _item(plan.host, "layer frozen weights") == 2 * shape.layers_frozen
@@ -192,25 +232,39 @@ def test_planned_lora_of_a_known_shape():
     per_param = (plan.host_total - _item(plan.host, "runtime") - 4 * base.resident_params) / layer_params
     assert 2 < per_param < 2.5
     # fp32 compute or several ranks: every parameter keeps its fp32 master, as before.
-    for settings in (dataclasses.replace(plan.settings, compute_dtype=torch.float32),
-                     dataclasses.replace(plan.settings, ranks=2)):
+    for settings in (
+        dataclasses.replace(plan.settings, compute_dtype=torch.float32),
+        dataclasses.replace(plan.settings, ranks=2),
+    ):
         other = make_plan(shape, settings, suggest=False)
         assert not any(k.startswith("layer frozen weights") for k in other.host)
         assert _item(other.host, "fp32 masters") == 4 * shape.params
 
 
 def _llama8b_shape() -> ModelShape:
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         return ModelShape.of(AutoModelForCausalLM.from_config(config))
 
 
 def test_plan_numbers_of_a_known_shape():
     shape = _llama8b_shape()
-    assert shape.layers == 32 and shape.layer_params == 218_112_000 and shape.resident_params == 2 * 128256 * 4096 + 4096
-    plan = make_plan(shape, Settings(window=2, batch=4, seq=1024, kernels=("fused_linear_cross_entropy",)),
-                     Machine(gpu_memory=24 * 2**30, host_memory=256 * 2**30))
+    assert (
+        shape.layers == 32 and shape.layer_params == 218_112_000 and shape.resident_params == 2 * 128256 * 4096 + 4096
+    )
+    plan = make_plan(
+        shape,
+        Settings(window=2, batch=4, seq=1024, kernels=("fused_linear_cross_entropy",)),
+        Machine(gpu_memory=24 * 2**30, host_memory=256 * 2**30),
+    )
     assert plan.gpu["window slots (weights + gradients)"] == 2 * 2 * 2 * shape.layer_params
     assert plan.gpu["layer inputs (one per layer)"] == 32 * 4 * 1024 * 4096 * 2
     assert _item(plan.host, "fp32 masters") == 4 * shape.params
@@ -218,7 +272,8 @@ def test_plan_numbers_of_a_known_shape():
     # Step terms: compute 8·N·tokens, weights up twice in fp32, gradients down in fp32, AdamW once.
     m = plan.machine
     assert plan.time["H2D weights (forward + recompute)"] == pytest.approx(
-        (8 * 32 * shape.layer_params + 4 * shape.resident_params) / m.h2d_bytes_per_s)
+        (8 * 32 * shape.layer_params + 4 * shape.resident_params) / m.h2d_bytes_per_s
+    )
     assert plan.time["host AdamW"] == pytest.approx(shape.params / m.host_adamw_params_per_s)
     assert plan.binding == "host AdamW" and plan.step_seconds == plan.time["host AdamW"]
     assert not plan.problems()
@@ -227,18 +282,25 @@ def test_plan_numbers_of_a_known_shape():
     assert disk.disk_total == 8 * shape.params and "disk write (Adam moments)" in disk.time
     assert _item(disk.host, "Adam moments in flight") == 8 * (shape.resident_trainable + 4 * shape.layer_trainable)
     # Masters on disk too: the host keeps the layers' bf16 copy and the resident masters; files hold 12 B/param.
-    both = make_plan(shape, dataclasses.replace(plan.settings, offload_dir="/x", offload="both"),
-                     Machine(disk_free=2**40))
+    both = make_plan(
+        shape, dataclasses.replace(plan.settings, offload_dir="/x", offload="both"), Machine(disk_free=2**40)
+    )
     assert both.disk_total == 8 * shape.params + 4 * 32 * shape.layer_params
     assert _item(both.host, "fp32 masters (resident parts)") == 4 * shape.resident_params
     assert _item(both.host, "layer compute copies") == 2 * 32 * shape.layer_params
-    assert _item(both.host, "Adam moments + fp32 masters in flight") == 12 * 4 * shape.layer_params + 8 * shape.resident_trainable
-    assert both.time["disk read (Adam moments + masters)"] == pytest.approx(both.disk_total / both.machine.disk_read_bytes_per_s)
+    assert (
+        _item(both.host, "Adam moments + fp32 masters in flight")
+        == 12 * 4 * shape.layer_params + 8 * shape.resident_trainable
+    )
+    assert both.time["disk read (Adam moments + masters)"] == pytest.approx(
+        both.disk_total / both.machine.disk_read_bytes_per_s
+    )
     # A compute copy on the host halves the layers' upload bytes and costs 2 B/param of host memory.
     copy = make_plan(shape, dataclasses.replace(plan.settings, host_weights="compute"))
     assert _item(copy.host, "layer compute copies") == 2 * 32 * shape.layer_params
     assert copy.time["H2D weights (forward + recompute)"] == pytest.approx(
-        (4 * 32 * shape.layer_params + 4 * shape.resident_params) / m.h2d_bytes_per_s)
+        (4 * 32 * shape.layer_params + 4 * shape.resident_params) / m.h2d_bytes_per_s
+    )
     table = plan.table()
     assert "<- binds" in table and "largest batch" in table and "GiB" in table
     assert plan.to_dict()["binding"] == "host AdamW"
@@ -247,8 +309,11 @@ def test_plan_numbers_of_a_known_shape():
 def test_refusals_say_what_to_change():
     shape = _llama8b_shape()
     settings = Settings(window=2, batch=4, seq=1024)
-    with pytest.raises(PlanError, match=r"(?s)GPU: needs .* more than the 4\.00 GiB available.*lower the batch size "
-                                        r"\(now 4\).*lower the window \(now 2\)"):
+    with pytest.raises(
+        PlanError,
+        match=r"(?s)GPU: needs .* more than the 4\.00 GiB available.*lower the batch size "
+        r"\(now 4\).*lower the window \(now 2\)",
+    ):
         make_plan(shape, settings, Machine(gpu_memory=4 * 2**30)).check()
     with pytest.raises(PlanError, match=r"(?s)host: needs .* more than the 64\.00 GiB available.*set offload_dir"):
         make_plan(shape, settings, Machine(host_memory=64 * 2**30)).check()
@@ -261,7 +326,7 @@ _SUGGESTING = Machine(gpu_memory=24 * 2**30, host_memory=512 * 2**30)
 
 def _assert_largest_that_fits(shape, settings, **value):
     """``settings`` with ``value`` fits under the suggestions' GPU margin; one more does not."""
-    (name, size), = value.items()
+    ((name, size),) = value.items()
     margin = planner.SUGGEST_MARGIN * _SUGGESTING.gpu_memory
     assert sum(device_bytes(shape, dataclasses.replace(settings, **{name: size})).values()) <= margin
     assert sum(device_bytes(shape, dataclasses.replace(settings, **{name: size + 1})).values()) > margin
@@ -326,7 +391,8 @@ def test_offloaded_layer_inputs_match_the_plan():
 
     strategy = lightning_slide.SlideFormerStrategy(window=2, offload_activations=True)
     trainer(strategy, max_steps=1, accumulate_grad_batches=1, callbacks=[snap, Count()]).fit(
-        TinyLM("llama", initial_state("llama")), batches(2))
+        TinyLM("llama", initial_state("llama")), batches(2)
+    )
     assert offloaded["first"] == _item(snap.plan.host, "offloaded layer inputs") > 0
     assert "layer inputs in flight (offloaded)" in snap.plan.gpu
 
@@ -345,7 +411,8 @@ def test_grad_buffers_bounds_the_host_gradient_buffers_and_the_plan_says_so():
     snap = _Snapshot()
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=1))
     trainer(strategy, max_steps=2, gradient_clip_val=None, accumulate_grad_batches=1, callbacks=[snap]).fit(
-        TinyLM("llama", initial_state("llama")), batches(4))  # no clipping: updates stream
+        TinyLM("llama", initial_state("llama")), batches(4)
+    )  # no clipping: updates stream
     assert snap.host["pool"] == _item(snap.plan.host, "layer gradient buffers") == 4 * snap.plan.shape.layer_trainable
     with pytest.raises(ValueError, match="grad_buffers"):
         lightning_slide.SlideFormerStrategy(tuning=dict(grad_buffers=0))
@@ -355,7 +422,8 @@ def test_parked_gradient_buffers_are_in_the_plan():
     snap = _Snapshot()
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=1, parked_grads=3))
     trainer(strategy, max_steps=2, gradient_clip_val=None, accumulate_grad_batches=1, callbacks=[snap]).fit(
-        TinyLM("llama", initial_state("llama")), batches(4))
+        TinyLM("llama", initial_state("llama")), batches(4)
+    )
     engine_bytes = snap.parked
     assert engine_bytes == snap.plan.gpu["parked layer gradients"] == 3 * snap.plan.shape.layer_trainable * 4
 
@@ -365,7 +433,8 @@ def test_parked_gradients_of_a_clipped_step_are_off_the_host_in_the_plan():
     snap = _Snapshot()
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(grad_buffers=2, parked_grads=6))
     trainer(strategy, max_steps=2, gradient_clip_val=0.5, accumulate_grad_batches=1, callbacks=[snap]).fit(
-        TinyLM("llama_deep", initial_state("llama_deep")), batches(4))
+        TinyLM("llama_deep", initial_state("llama_deep")), batches(4)
+    )
     layer = 4 * snap.plan.shape.layer_trainable
     assert snap.host["pool"] == _item(snap.plan.host, "layer gradient buffers") == (24 - 6) * layer
 
@@ -374,13 +443,16 @@ def test_several_ranks_plan_per_rank():
     """Each rank keeps its shard of the moments and gradient buffers and moves its shard over its own link; the
     host's AdamW serves every rank; the ranks of one host share one copy of the masters."""
     shape = _llama8b_shape()
-    one, two = (planner.make_plan(shape, Settings(batch=4, seq=1024, clipping=False, ranks=r), Machine(), suggest=False)
-                for r in (1, 2))
+    one, two = (
+        planner.make_plan(shape, Settings(batch=4, seq=1024, clipping=False, ranks=r), Machine(), suggest=False)
+        for r in (1, 2)
+    )
     assert two.host["Adam moments (fp32)"] == one.host["Adam moments (fp32)"] // 2
     masters = next(k for k in one.host if k.startswith("fp32 masters"))
     assert two.host[masters] == one.host[masters]  # on two hosts: a copy each
-    shared = planner.make_plan(shape, Settings(batch=4, seq=1024, clipping=False, ranks=2, masters_shared_by=2),
-                               Machine(), suggest=False)
+    shared = planner.make_plan(
+        shape, Settings(batch=4, seq=1024, clipping=False, ranks=2, masters_shared_by=2), Machine(), suggest=False
+    )
     assert shared.host[masters] == one.host[masters] // 2  # one host: one copy for both ranks, half each
     h2d = "H2D weights (forward + recompute)"
     assert two.time[h2d] == pytest.approx(one.time[h2d] / 2)

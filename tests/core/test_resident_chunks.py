@@ -33,7 +33,9 @@ def _train(chunk, monkeypatch, steps=STEPS, **options):
     seen = _State()
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="host"))
     options = {"gradient_clip_val": None, **options}
-    trainer(strategy, max_steps=steps, accumulate_grad_batches=1, callbacks=[seen], **options).fit(module, batches(steps))
+    trainer(strategy, max_steps=steps, accumulate_grad_batches=1, callbacks=[seen], **options).fit(
+        module, batches(steps)
+    )
     return module, seen
 
 
@@ -55,8 +57,9 @@ def test_clipping_or_accumulation_keep_a_resident_accumulator(monkeypatch, clip,
     monkeypatch.setattr(ResidentParts, "CHUNK", 1000)
     seen = _State()
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="host"))
-    trainer(strategy, max_steps=2, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
-            callbacks=[seen]).fit(TinyLM("llama", initial_state("llama")), batches(4))
+    trainer(strategy, max_steps=2, accumulate_grad_batches=accumulate, gradient_clip_val=clip, callbacks=[seen]).fit(
+        TinyLM("llama", initial_state("llama")), batches(4)
+    )
     assert seen.accumulator is not None
 
 

@@ -60,8 +60,14 @@ def test_clipping_by_value_streams_updates_from_backward(accumulate):
     """Clipping by value is elementwise: the step's last backward streams its updates, each clamping its own
     gradients (and the resident parts' chunks), as clip_grad_value_ over every gradient would."""
     watch = _WatchStreaming()
-    ours, plain = fit_both(window=1, gradient_clip_val=0.002, gradient_clip_algorithm="value",
-                           accumulate_grad_batches=accumulate, max_steps=5, callbacks=[watch])
+    ours, plain = fit_both(
+        window=1,
+        gradient_clip_val=0.002,
+        gradient_clip_algorithm="value",
+        accumulate_grad_batches=accumulate,
+        max_steps=5,
+        callbacks=[watch],
+    )
     assert_same_training(ours, plain)
     assert watch.streamed == ([False] * (accumulate - 1) + [True]) * 5
 
@@ -81,8 +87,14 @@ def test_clipping_in_a_users_hook_waits_for_the_backward():
     for strategy in ("auto", lightning_slide.SlideFormerStrategy(window=1)):
         torch.manual_seed(123)
         module = _ClipsOddSteps("llama", initial_state("llama"))
-        trainer(strategy, gradient_clip_val=0.002, gradient_clip_algorithm="value", accumulate_grad_batches=1,
-                max_steps=8, callbacks=[watch]).fit(module, batches(8))
+        trainer(
+            strategy,
+            gradient_clip_val=0.002,
+            gradient_clip_algorithm="value",
+            accumulate_grad_batches=1,
+            max_steps=8,
+            callbacks=[watch],
+        ).fit(module, batches(8))
         modules.append(module)
     assert_same_training(modules[1], modules[0])
     assert watch.streamed == [False] * 8
@@ -110,7 +122,7 @@ def test_validation_test_and_predict_are_windowed_and_equal():
         validated = run.validate(module, batches(3, seed=8), verbose=False)[0]["val_loss"]
         module.test_step = module.validation_step
         tested = run.test(module, batches(3, seed=9), verbose=False)[0]["val_loss"]
-        module.predict_step = lambda batch, *_: module.model(input_ids=batch[0]).logits
+        module.predict_step = lambda batch, *_, module=module: module.model(input_ids=batch[0]).logits
         predicted = torch.cat(run.predict(module, batches(2, seed=10)))
         results.append((module, fit_val, validated, tested, predicted))
     (ours, *our_values, our_logits), (plain, *plain_values, plain_logits) = results
@@ -181,7 +193,9 @@ def test_save_pretrained_after_fit(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(module.model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert not torch.equal(loaded.state_dict()["model.embed_tokens.weight"], initial_state("gemma_tied")["model.embed_tokens.weight"])
+    assert not torch.equal(
+        loaded.state_dict()["model.embed_tokens.weight"], initial_state("gemma_tied")["model.embed_tokens.weight"]
+    )
 
 
 def test_optimizer_state_dict_round_trip():
@@ -221,8 +235,13 @@ def test_lr_monitor_sees_one_optimizer_named_like_the_users(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     module = TinyLM("llama", initial_state("llama"))
-    run = trainer("slideformer", max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1,
-                  callbacks=[LearningRateMonitor("step")])
+    run = trainer(
+        "slideformer",
+        max_steps=4,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        callbacks=[LearningRateMonitor("step")],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run.fit(module, batches(8))
@@ -258,7 +277,9 @@ def test_kernels_all_matches_kernels_none():
     for kernels in ("none", "all"):
         torch.manual_seed(123)
         module = TinyLM("qwen3", initial_state("qwen3"))
-        trainer(lightning_slide.SlideFormerStrategy(window=window, kernels=kernels), max_steps=3).fit(module, batches(6))
+        trainer(lightning_slide.SlideFormerStrategy(window=window, kernels=kernels), max_steps=3).fit(
+            module, batches(6)
+        )
         results.append(module)
     plain, fused = results
     for a, b in zip(fused.losses, plain.losses):
@@ -299,7 +320,9 @@ def test_engine_load_state_dict_replaces_the_masters(resident_optimizer):
     class Reload(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 2:  # after the first optimizer step: put the initial weights back
-                trainer.strategy.engine.load_state_dict({f"model.{k}": v for k, v in initial_state("gemma_tied").items()})
+                trainer.strategy.engine.load_state_dict(
+                    {f"model.{k}": v for k, v in initial_state("gemma_tied").items()}
+                )
 
     strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(resident_optimizer=resident_optimizer))
     trainer(strategy, max_steps=2, callbacks=[Reload()]).fit(module, batches(4))
@@ -316,8 +339,15 @@ def test_monitor_logs_the_strategy_metrics(tmp_path):
     run.fit(module, batches(6))
     lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
-    for name in ("tokens_per_sec", "tflops", "peak_host_gib", "host_busy_share", "compute_blocked_share",
-                 "skipped_steps", "parked_layers"):
+    for name in (
+        "tokens_per_sec",
+        "tflops",
+        "peak_host_gib",
+        "host_busy_share",
+        "compute_blocked_share",
+        "skipped_steps",
+        "parked_layers",
+    ):
         assert f"slide/{name}" in header, name
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     tokens = [float(r["slide/tokens_per_sec"]) for r in rows if r["slide/tokens_per_sec"]]
@@ -349,7 +379,6 @@ def test_streamed_updates_bound_the_host_gradient_buffers():
         module, batches(3)
     )
     assert seen["allocated"] <= 1 + 2 < len(module.model.model.layers)
-
 
 
 def test_model_called_outside_a_step_sees_the_updated_weights():

@@ -72,7 +72,9 @@ def _two_ranks(rank: int, port: int) -> None:
         # reduce_scatter: each rank's shard becomes the mean over ranks of that shard.
         grads = torch.arange(8.0) * (rank + 1)  # rank 0: x, rank 1: 2x -> mean 1.5x
         shards.reduce_scatter(grads, numel)
-        assert torch.equal(grads[span.lo : span.lo + span.size], (torch.arange(8.0) * 1.5)[span.lo : span.lo + span.size])
+        assert torch.equal(
+            grads[span.lo : span.lo + span.size], (torch.arange(8.0) * 1.5)[span.lo : span.lo + span.size]
+        )
 
         flags = torch.tensor([True, rank == 0])
         shards.all_true(flags)

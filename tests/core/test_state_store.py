@@ -31,8 +31,10 @@ def store(tmp_path):
 
 
 def values(key: int, version: int) -> dict[str, torch.Tensor]:
-    return {"exp_avg": torch.full((NUMEL,), 10.0 * key + version),
-            "exp_avg_sq": torch.arange(NUMEL, dtype=torch.float32) + key + version}
+    return {
+        "exp_avg": torch.full((NUMEL,), 10.0 * key + version),
+        "exp_avg_sq": torch.arange(NUMEL, dtype=torch.float32) + key + version,
+    }
 
 
 def assert_equal(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

@@ -24,8 +24,10 @@ def block() -> nn.Module:
 def groups(module: nn.Module) -> list[dict]:
     """Weight decay on matrices only, as users configure it."""
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in trainable if p.ndim == 2], "weight_decay": 0.1},
-            {"params": [p for n, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for n, p in trainable if p.ndim == 2], "weight_decay": 0.1},
+        {"params": [p for n, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def gradients(step: int, module: nn.Module) -> list[torch.Tensor]:

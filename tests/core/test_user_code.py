@@ -111,8 +111,13 @@ class _ReadsAndChangesGradients(TinyLM):
 
 @pytest.mark.parametrize("resident", ["host", "device"])
 def test_hooks_see_and_change_the_gradients(resident):
-    ours, plain = fit_both(_ReadsAndChangesGradients, steps=4, accumulate_grad_batches=2, gradient_clip_val=0.05,
-                           strategy_options={"tuning": {"resident_optimizer": resident}})
+    ours, plain = fit_both(
+        _ReadsAndChangesGradients,
+        steps=4,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.05,
+        strategy_options={"tuning": {"resident_optimizer": resident}},
+    )
     assert_same_training(ours, plain)
     assert len(ours.norms) == len(plain.norms) == 4 * 3  # two micro-batches and one step each
     for mine, theirs in zip(ours.norms, plain.norms):
@@ -157,8 +162,9 @@ def test_without_observing_hooks_updates_still_stream():
 
     ours, plain = fit_both(callbacks=[_Quiet])
     assert_same_training(ours, plain)
-    assert not lightning_slide.hooks.step_observers(L.Trainer(callbacks=[_Quiet()], logger=False), TinyLM(
-        "llama", initial_state("llama")))
+    assert not lightning_slide.hooks.step_observers(
+        L.Trainer(callbacks=[_Quiet()], logger=False), TinyLM("llama", initial_state("llama"))
+    )
     assert _WatchStreaming  # (its on_before_optimizer_step observes: tests using it take the held path)
 
 
@@ -218,6 +224,12 @@ def test_startup_line_names_the_kernels_that_run():
         "print(running_kernels(module, torch.device('cpu')))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    ).stdout
     assert "([], " in out and "TRITON_INTERPRET=1" in out

@@ -36,8 +36,9 @@ class Recorder:
         self.ready = ready
 
     def window(self, units, depth, dtype=torch.float32) -> Window:
-        return Window(units, depth, DEVICE, dtype, Streams(DEVICE), None,
-                      before_load=self.loaded.append, may_load=self.ready)
+        return Window(
+            units, depth, DEVICE, dtype, Streams(DEVICE), None, before_load=self.loaded.append, may_load=self.ready
+        )
 
 
 def in_slot(param: torch.Tensor, window: Window, index: int) -> bool:

@@ -16,24 +16,57 @@ SEQ = 16
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     ),
     "llama_deep": lambda: LlamaConfig(  # many thin layers: what a bound on layers in flight is about
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     ),
     "qwen3": lambda: Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     ),
     "gemma_tied": lambda: GemmaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     ),
     "mistral": lambda: MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=8, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=8,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -47,8 +80,16 @@ def initial_state(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
 class TinyLM(L.LightningModule):
     """A user's module: an HF causal LM, AdamW with weight-decay groups and a linear warm-up scheduler."""
 
-    def __init__(self, family: str, state: dict, *, optimizer: str = "adamw", lr: float = 3e-3, warmup: int = 4,
-                 freeze: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        family: str,
+        state: dict,
+        *,
+        optimizer: str = "adamw",
+        lr: float = 3e-3,
+        warmup: int = 4,
+        freeze: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         self.model = AutoModelForCausalLM.from_config(CONFIGS[family]())
         self.model.load_state_dict(state)
@@ -95,9 +136,17 @@ def batches(count: int, batch_size: int = 2, seed: int = 1) -> DataLoader:
 
 def trainer(strategy, **kwargs) -> L.Trainer:
     options = dict(
-        accelerator=ACCELERATOR, devices=1, precision="32-true", max_steps=10, accumulate_grad_batches=2,
-        gradient_clip_val=0.5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator=ACCELERATOR,
+        devices=1,
+        precision="32-true",
+        max_steps=10,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     options.update(kwargs)
     return L.Trainer(strategy=strategy, **options)

@@ -13,8 +13,15 @@ BACKWARD_OF = {  # autograd node each kernel leaves in the graph: proof that it 
     "swiglu": "_GLUBackward",
     "fused_linear_cross_entropy": "_FusedLinearCEBackward",
 }
-COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=300, head_dim=16)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    head_dim=16,
+)
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
@@ -172,11 +179,17 @@ def test_loss_options_follow_transformers(assert_close):
     apply_kernels(patched, ["fused_linear_cross_entropy"])
     ids, labels = batch()
     n = torch.tensor(13)
-    assert_close(patched(input_ids=ids, labels=labels, num_items_in_batch=n).loss,
-                 stock(input_ids=ids, labels=labels, num_items_in_batch=n).loss, torch.float32)
+    assert_close(
+        patched(input_ids=ids, labels=labels, num_items_in_batch=n).loss,
+        stock(input_ids=ids, labels=labels, num_items_in_batch=n).loss,
+        torch.float32,
+    )
     shift = torch.randint(0, 300, (2, 11))
-    assert_close(patched(input_ids=ids, labels=labels, shift_labels=shift).loss,
-                 stock(input_ids=ids, labels=labels, shift_labels=shift).loss, torch.float32)
+    assert_close(
+        patched(input_ids=ids, labels=labels, shift_labels=shift).loss,
+        stock(input_ids=ids, labels=labels, shift_labels=shift).loss,
+        torch.float32,
+    )
     as_tuple = patched(input_ids=ids, labels=labels, return_dict=False)
     assert isinstance(as_tuple, tuple)
     assert_close(as_tuple[0], stock(input_ids=ids, labels=labels).loss, torch.float32)
@@ -203,8 +216,14 @@ def test_active_kernels_reports_what_is_swapped_in():
 
     from lightning_slide.kernels import active_kernels, apply_kernels
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = AutoModelForCausalLM.from_config(config)
     assert active_kernels(model) == []
     apply_kernels(model, ["swiglu", "rmsnorm"])
