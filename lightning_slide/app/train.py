@@ -91,8 +91,9 @@ def build_loggers(group: DictConfig | None) -> list[Any]:
             except importlib.metadata.PackageNotFoundError:
                 extras = []
             fix = f'pip install "lightning-slide[{name}]"' if name in extras else "install the package it names"
+            missing = " ".join(str(e.__cause__).split())  # the package's own message, on one line
             raise SlideAppError(
-                f"logger={name} needs a package that is not installed ({e.__cause__}); {fix}, or "
+                f"logger={name} needs a package that is not installed ({missing}); {fix}, or "
                 "choose another logger (logger=csv)"
             ) from None
     return loggers
