@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_slide.engine import checks, state
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.checks import GradientChecks, Verdict, decide, index_of, raise_if_nonfinite
+from lightning_slide.engine.checks import GradientChecks, Verdict, decide, raise_if_nonfinite
 from lightning_slide.engine.disk import (
     MASTER,
     OneUnitCache,
@@ -47,6 +47,7 @@ from lightning_slide.engine.disk import (
     check_tier_space,
     existing_bytes,
 )
+from lightning_slide.engine.downloads import GradientDownloads
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
 from lightning_slide.engine.loans import GradientLoans
 from lightning_slide.engine.optimizer import (
@@ -58,7 +59,6 @@ from lightning_slide.engine.optimizer import (
 )
 from lightning_slide.engine.options import SlideOptions, check_count
 from lightning_slide.engine.parking import Parking
-from lightning_slide.engine.pinned import host_empty
 from lightning_slide.engine.plan import (
     STAGING_NUMEL,
     ModelShape,
@@ -70,7 +70,7 @@ from lightning_slide.engine.plan import (
 )
 from lightning_slide.engine.resident import ResidentParts
 from lightning_slide.engine.shard import Shards
-from lightning_slide.engine.streams import Streams, copy_cast
+from lightning_slide.engine.streams import Streams
 from lightning_slide.engine.window import Window
 
 _UNPARK_POLL_SECONDS = 1e-3  # while the training thread waits for an update, how often it sends parked gradients down
@@ -124,14 +124,7 @@ class SlidingEngine:
             in the same order. The resident parts, when updated on the device, are replicated instead. Default
             ``False``.
 
-    How the options act here: with ``offload_dir`` a ``StateStore`` reads each unit's files ahead of its update and
-    writes them behind (at most ``grad_buffers + 1`` units' arrays in host memory); with the masters on disk the
-    parameters at rest are memory-mapped views of the master files (``host.HostUnit``). ``nonfinite``: each unit's
-    gradients are checked on the device as they are produced (one flag per unit, read before its update; no host
-    sync); ``"skip"`` makes updates wait for the end of backward. ``host_weights="compute"``: uploads read a
-    page-locked compute-dtype copy the host optimizer refreshes (with fp32 compute the masters are that copy).
-    ``parked_grads``: with every host gradient buffer lent, the backward parks a layer's gradients on the device
-    instead of waiting, and they go down as buffers come back (or, in a step that waits for its backward, after it).
+    How each option acts is in the README's options table and ``docs/how-it-works.md``; figures in BENCHMARKS.md.
 
     Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
     and the resident parts onto the device. Frozen decoder-layer parameters (a LoRA run's base weights) get no fp32
@@ -232,7 +225,7 @@ class SlidingEngine:
         staging = min(largest, _STAGING_NUMEL)
         self.upload_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self.download_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
-        self._host_staging: dict[Any, torch.Tensor] = {}  # pinned fp32, for gradients added into an accumulator
+        self.downloads = GradientDownloads(self)  # gradients to the host accumulators
         self.worker = UpdateWorker()
         self.loans = GradientLoans(
             self.layers, max(u.grad_numel for u in self.layers), self.grad_buffers, self.worker, self.pin
@@ -498,69 +491,11 @@ class SlidingEngine:
             return
         unit = self.layers[index]
         slot = self.window.slot_of[index]
-        self.window.grads_copied(index, self._download(unit, self.window.grads_of(index), id(slot)))
+        self.window.grads_copied(index, self.downloads.send(unit, self.window.grads_of(index), id(slot)))
         for entry in unit.trainable:
             entry.param.grad = None
         if self.mode.streaming is not None and index not in self.parking:
             self._submit_update(index, self.mode.streaming, clip_value=self.mode.clip_value, ready=unit.grad_event)
-
-    def _download(self, unit: HostUnit, device_grads: torch.Tensor, staging_key) -> object:
-        """Copy ``device_grads`` into ``unit``'s fp32 accumulator; returns the event after which the device buffer
-        may be reused. The first micro-batch lands directly in the accumulator; later ones land in a page-locked
-        staging buffer that the worker adds in. The gradients' finiteness flag goes down ahead of them, and, when
-        the step clips by norm, their norm behind them (the first micro-batch's: a later one makes it the host's).
-
-        With several ranks ``device_grads`` is padded for the collectives: a reduce-scatter on the download stream
-        leaves this rank's shard averaged over ranks, and only that shard crosses to the host."""
-        key = self._key_of(unit)
-        index = index_of(key)
-        self.gradient_checks.fold_finite(
-            index, device_grads[: unit.trainable_numel], unit.grad_empty, self.streams, self.shards
-        )
-        produced = self.streams.record()
-        with self.streams.on(self.streams.download):
-            self.streams.wait(produced)
-            self.shards.reduce_scatter(device_grads, unit.numel)
-            device_grads = device_grads[unit.grad_start : unit.grad_stop]
-            if unit.grad_empty:
-                self.gradient_checks.forget_norm(index)
-                if self.mode.clipping:  # (made on this stream: the gradients' memory is reused only after the copy)
-                    self.gradient_checks.take_norm(index, device_grads)
-                if self.parking.wants(unit, key):
-                    # Rather than wait for the host, or take a buffer ahead of gradients parked earlier. With every
-                    # parking buffer taken: wait for a host buffer, send a parked layer that has landed down into
-                    # it, and park in the buffer that frees (the host never waits on gradients still computing).
-                    if not self.parking.free:
-                        self.loans.wait_for_room()
-                        self.parking.unpark_ready()
-                    return self.parking.park(index, device_grads)
-                if unit.grad is None:
-                    unit.grad = (
-                        self.resident_parts.accumulator()
-                        if unit is self.resident
-                        else self.loans.lend(index, bounded=self.mode.streaming is not None)
-                    )
-                copy_cast(unit.grad, device_grads, self.download_staging)
-                unit.grad_empty = False
-                unit.grad_event = self.streams.record()
-                return unit.grad_event
-            self.gradient_checks.forget_norm(index)  # a sum of micro-batches: its norm is taken on the host
-            self.worker.wait(("add", staging_key))  # the staging buffer's previous contents were added
-            staging = self._staging(staging_key, device_grads.numel())
-            copy_cast(staging, device_grads, self.download_staging)
-            copied = self.streams.record()
-        self.worker.submit(("add", staging_key), functools.partial(self._add, unit, staging, copied))
-        return copied
-
-    def _staging(self, key, numel: int) -> torch.Tensor:
-        buffer = self._host_staging.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._host_staging[key] = host_empty(numel, MASTER_DTYPE, pin=self.pin)
-        return buffer[:numel]
-
-    def _add(self, unit: HostUnit, staging: torch.Tensor, copied) -> None:
-        self.worker.await_device(copied)
-        unit.grad.add_(staging)
 
     # ---------------------------------------------------------------- update (the step)
     def zero_grad(self) -> None:
@@ -856,7 +791,7 @@ class SlidingEngine:
         self.resident_parts.close()
         self.window.slots.clear()
         self.window.upload_staging = self.upload_staging = self.download_staging = None
-        self._host_staging.clear()
+        self.downloads.staging.clear()
         self.parking.close()
         self.loans.close()
         self.activations = None

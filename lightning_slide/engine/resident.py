@@ -132,7 +132,7 @@ class ResidentParts:
                 shards.reduce_scatter(self.grads, unit.numel)
                 self.in_chunks, self.chunks_ready = True, streams.record()
         else:
-            engine._download(unit, self.grads, RESIDENT)
+            engine.downloads.send(unit, self.grads, RESIDENT)
         for entry in unit.trainable:
             entry.param.grad = None
         if streaming is not None and not self.updates_on_device:

@@ -152,7 +152,7 @@ def host_bytes(engine: SlidingEngine) -> dict[str, int]:
         "frozen weights": sum(u.frozen.nbytes for u in units if u.frozen is not None and u.weights is None),
         "optimizer state": moments,
         "gradients": pool.allocated * pool.numel * 4
-        + sum(t.nbytes for t in engine._host_staging.values())
+        + engine.downloads.nbytes
         + (engine.resident.grad.nbytes if engine.resident.grad is not None else 0)
         + (engine.resident_parts.chunk_buffer.nbytes if engine.resident_parts.chunk_buffer is not None else 0),
         "disk tier in flight": engine.state_store.allocated_bytes if engine.state_store is not None else 0,
@@ -225,8 +225,7 @@ def show_grads(engine: SlidingEngine) -> None:
         return
     hide_grads(engine)
     engine.window.clear()
-    for key in list(engine._host_staging):  # later micro-batches are added in by the update thread
-        engine.worker.wait(("add", key))
+    engine.downloads.wait_added()  # later micro-batches are added in by the update thread
     units = [u for u in engine._units().values() if u.trainable and not u.grad_empty]
     for unit in units:
         if unit is engine.resident and engine.resident_parts.updates_on_device:

@@ -106,7 +106,7 @@ class _Snapshot(L.Callback):
             "resident grad": sum(
                 t.nbytes for t in (engine.resident.grad, engine.resident_parts.chunk_buffer) if t is not None
             ),
-            "staging": sum(b.numel() * b.element_size() for b in engine._host_staging.values()),
+            "staging": sum(b.numel() * b.element_size() for b in engine.downloads.staging.values()),
             "copies": sum(u.weights.nbytes for u in engine.layers if u.weights is not None),
             "frozen": sum(u.frozen.nbytes for u in engine.layers if u.frozen is not None and u.weights is None),
         }
@@ -374,7 +374,8 @@ def test_strategy_refuses_activations_that_cannot_fit_at_the_first_batch():
 
 
 def test_strategy_refuses_host_memory_that_cannot_fit(monkeypatch):
-    monkeypatch.setattr(planner, "host_available", lambda: 1)  # nothing left besides what the process holds
+    # nothing left besides what the process holds
+    monkeypatch.setattr("lightning_slide.engine.machine.host_available", lambda: 1)
     module = TinyLM("llama", initial_state("llama"))
     with pytest.raises(PlanError, match=r"(?s)host: needs .*Adam moments.*set offload_dir"):
         trainer(lightning_slide.SlideFormerStrategy(window=2), max_steps=1).fit(module, batches(2))
