@@ -1,5 +1,5 @@
 """The strategy's checkpoint hooks: Lightning's checkpoint paths (``ModelCheckpoint``, ``save_checkpoint``,
-``fit(ckpt_path=...)``) over directory checkpoints (``checkpoint.py``) of the engine's fp32 masters and host
+``fit(ckpt_path=...)``) over directory checkpoints (the ``checkpoint`` package) of the engine's fp32 masters and host
 optimizer, written layer by layer, atomically; with several ranks, rank 0 writes while every rank adds its shard of
 each parameter's optimizer state."""
 

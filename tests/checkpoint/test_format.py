@@ -93,7 +93,7 @@ def test_save_replaces_atomically_and_an_interrupted_save_leaves_the_previous(tm
     assert stored() == (1, 1.0)
     save(2)  # over an existing checkpoint: one atomic exchange
     assert stored() == (2, 2.0)
-    monkeypatch.setattr(slide_checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(slide_checkpoint.writing, "_exchange", lambda a, b: False)
     save(3)  # where the exchange is not available: two renames
     assert stored() == (3, 3.0)
     with pytest.raises(TypeError, match="not a tensor"):  # a save that fails after writing its first file

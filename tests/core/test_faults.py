@@ -157,14 +157,14 @@ def test_ctrl_c_in_the_middle_of_a_step_refuses_checkpoints(tmp_path):
 
 def test_ctrl_c_during_a_checkpoint_save_keeps_the_last_good_one(tmp_path, monkeypatch):
     saves = tmp_path / "ckpt"
-    write = slide_checkpoint._write_tensors
+    write = slide_checkpoint.writing._write_tensors
 
     def interrupted_write(file, *args, **kwargs):
         if "step=2" in str(file) and "layer-00002" in str(file):  # halfway through the second save
             raise KeyboardInterrupt
         return write(file, *args, **kwargs)
 
-    monkeypatch.setattr(slide_checkpoint, "_write_tensors", interrupted_write)
+    monkeypatch.setattr(slide_checkpoint.writing, "_write_tensors", interrupted_write)
     saver = ModelCheckpoint(dirpath=saves, save_last=True, every_n_train_steps=1)
     fit_until_it_fails(SystemExit, torn=False, callbacks=[saver], enable_checkpointing=True)
     assert sorted(p.name for p in saves.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]  # no temporary directory
