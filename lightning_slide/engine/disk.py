@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from lightning_slide.engine.plan import human
+from lightning_slide.engine.sizes import human
 
 #: What may live on disk: the optimizer state, the decoder layers' fp32 masters.
 OFFLOAD_KINDS = ("optimizer", "masters")

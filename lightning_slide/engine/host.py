@@ -33,8 +33,8 @@ from torch import nn
 
 from lightning_slide.engine.disk import MASTER, write_array
 from lightning_slide.engine.pinned import host_empty
-from lightning_slide.engine.plan import frozen_in_compute_dtype
 from lightning_slide.engine.shared_masters import shared_masters
+from lightning_slide.engine.sizes import frozen_in_compute_dtype
 
 MASTER_DTYPE = torch.float32
 RESIDENT = "resident"  # the key of the unit holding the resident parts (embeddings, final norm, head)
@@ -243,7 +243,7 @@ def build_units(
     device) and the ranks of one host keep one copy of the sharded masters in shared memory where it fits
     (``shared_masters.py``). ``state_store``: keep the layers' masters in its files (the disk tier). Frozen layer
     parameters (a LoRA run's base weights) are kept in the compute dtype only where that is simple
-    (``plan.frozen_in_compute_dtype``); the resident parts keep fp32 masters.
+    (``sizes.frozen_in_compute_dtype``); the resident parts keep fp32 masters.
     """
     on_disk = state_store is not None
     sizes = [sum(p.numel() for _, p in parts.block_parameters(i)) for i in range(len(parts.blocks))]

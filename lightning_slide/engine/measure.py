@@ -34,7 +34,7 @@ def host_adamw_rate(seconds: float = 0.2, numel: int = 2**22) -> float:
 
 
 def measure_rates(directory: str | None = None, seconds: float = 0.2) -> dict[str, float]:
-    """The rate fields of :class:`~lightning_slide.engine.plan.Machine` this machine can measure."""
+    """The rate fields of :class:`~lightning_slide.engine.machine.Machine` this machine can measure."""
     rates = {"host_adamw_params_per_s": host_adamw_rate(seconds)}
     if torch.cuda.is_available():
         sync = torch.cuda.synchronize

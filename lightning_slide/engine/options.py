@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lightning_slide.engine.disk import parse_offload
-from lightning_slide.engine.plan import parse_bytes
+from lightning_slide.engine.sizes import parse_bytes
 
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_linear_cross_entropy")
 START_METHODS = ("popen", "spawn", "fork", "forkserver")

@@ -1,0 +1,122 @@
+"""The machine a slideformer run plans for: its memory sizes and rates (:class:`Machine`), and the step time those
+rates bound (:func:`step_times`).
+
+Units: bytes for memory, seconds for time, bytes/s and params/s for rates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightning_slide.engine.sizes import ModelShape, Settings, disk_bytes, host_updated_trainable
+
+
+def host_available() -> int:
+    """Host memory available to a new allocation now (``MemAvailable`` of ``/proc/meminfo``; elsewhere the
+    physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Machine:
+    """Memory sizes and rates of the machine. Memory ``None``: unknown, not checked.
+
+    The rate defaults describe a PCIe 4.0 ×16 workstation GPU with a many-core host; give measured figures (or
+    ``measure()`` them) for a real plan.
+    """
+
+    gpu_memory: int | None = None  # bytes the process may use on the GPU (gpu_memory_limit or the card's memory)
+    host_memory: int | None = None  # bytes of host memory available (MemAvailable)
+    disk_free: int | None = None  # bytes free under offload_dir
+    h2d_bytes_per_s: float = 20e9
+    d2h_bytes_per_s: float = 20e9
+    disk_read_bytes_per_s: float = 2e9
+    disk_write_bytes_per_s: float = 1e9
+    host_adamw_params_per_s: float = 1e9
+    gpu_flops: float = 150e12  # sustained bf16 matmul FLOP/s
+
+    @classmethod
+    def detect(cls, *, gpu_memory_limit: int | None = None, offload_dir: str | None = None, **rates) -> Machine:
+        """Memory sizes of this machine: ``gpu_memory_limit`` or the current GPU's memory (``None`` without a GPU),
+        ``MemAvailable``, free space under ``offload_dir`` (or its nearest existing parent). ``rates``: any rate
+        field to set."""
+        gpu = gpu_memory_limit
+        if gpu is None and torch.cuda.is_available():
+            gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        disk = None
+        if offload_dir is not None:
+            path = Path(offload_dir).absolute()
+            while not path.exists():
+                path = path.parent
+            disk = shutil.disk_usage(path).free
+        return cls(gpu_memory=gpu, host_memory=host_available(), disk_free=disk, **rates)
+
+    def measure(self, offload_dir: str | None = None, seconds: float = 0.2) -> Machine:
+        """Measure the rates this machine can: host AdamW always; H2D, D2H and matmul FLOP/s with a GPU; disk read
+        and write under ``offload_dir`` (one 256 MiB file, removed). Returns a copy with the measured figures."""
+        from lightning_slide.engine.measure import measure_rates  # only when asked: it allocates and times
+
+        return dataclasses.replace(self, **measure_rates(offload_dir, seconds))
+
+
+# ------------------------------------------------------------------------------------------------ step time
+def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
+    """Seconds per optimizer step of each resource, alone: the step takes at least the largest.
+
+    GPU compute: 8·N·tokens FLOPs per micro-batch (forward 2, backward 4, recompute 2; N = the layers' and the
+    head's parameters). H2D: every layer's weights twice per micro-batch (forward and recompute; the fp32 masters,
+    4 B/param, or with ``host_weights="compute"`` the compute copy, 2 B/param in bf16; frozen parameters kept in
+    the compute dtype, 2 B/param),
+    the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: fp32
+    gradients (4 B/param, cast on the device) per micro-batch, offloaded layer inputs going out. Host AdamW: every
+    host-updated parameter once per step. Disk: the Adam moments read and written once per step.
+    With several ranks on one host (``s.ranks``): each GPU moves its shard of the weights and gradients over its
+    own link (the all-gathers and reduce-scatters between GPUs are not counted), while the host's AdamW and its disk
+    serve every rank.
+    """
+    a = s.accumulate
+    tokens = (s.batch or 0) * (s.seq or 0)
+    layer_params = shape.layers * shape.layer_params
+    head = shape.vocab * shape.hidden if shape.has_dims else shape.resident_params
+    resident_host = 0 if s.resident_on_device else 1
+    offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
+    upload = s.element if s.compute_copy else 4  # bytes per layer parameter per upload
+    # One upload of every layer; frozen parameters kept in the compute dtype go up as they are.
+    frozen = shape.layers_frozen if s.frozen_apart else 0
+    layer_upload = upload * (layer_params - frozen) + s.element * frozen
+    times = {
+        "GPU compute (8·N·tokens)": a * 8 * (layer_params + head) * tokens / m.gpu_flops,
+        "H2D weights (forward + recompute)": (
+            a * (2 * layer_upload / s.ranks + offloaded) + resident_host * 4 * shape.resident_params / s.ranks
+        )
+        / m.h2d_bytes_per_s,
+        "D2H gradients (fp32)": a
+        * (
+            (4 * shape.layers * shape.layer_trainable + resident_host * 4 * shape.resident_trainable) / s.ranks
+            + offloaded
+        )
+        / m.d2h_bytes_per_s,
+        "host AdamW": host_updated_trainable(shape, s) / m.host_adamw_params_per_s,
+    }
+    files = sum(disk_bytes(shape, s).values()) * s.ranks  # every rank's, each read and written once per step
+    if files:
+        what = " + ".join(
+            n for n in ("Adam moments", "masters") if any(n.split()[-1] in k for k in disk_bytes(shape, s))
+        )
+        times[f"disk read ({what})"] = files / m.disk_read_bytes_per_s
+        times[f"disk write ({what})"] = files / m.disk_write_bytes_per_s
+    if not tokens:
+        del times["GPU compute (8·N·tokens)"]
+    return times
