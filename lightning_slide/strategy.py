@@ -25,10 +25,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.engine import SlidingEngine, memory_fraction
+from lightning_slide.engine.engine import SlidingEngine
 from lightning_slide.engine.optimizer import HostOptimizer
 from lightning_slide.engine.options import SlideOptions, Tuning
 from lightning_slide.engine.plan import Plan, human
+from lightning_slide.engine.streams import memory_fraction
 from lightning_slide.hooks import refuse_weight_averaging, step_observers
 from lightning_slide.kernels import apply_kernels, running_kernels
 from lightning_slide.monitor import SlideMonitor

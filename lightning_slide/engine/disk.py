@@ -391,6 +391,39 @@ def check_tier_space(store: StateStore, parts, offload: frozenset[str]) -> None:
     check_disk_space(store.directory, needed, what=" + ".join(what))
 
 
+def place_optimizer_state(store: StateStore | None, units: dict, names: tuple[str, ...], keys: list) -> list:
+    """Give the optimizer state arrays ``names`` of units ``keys`` (``units[key].grad_numel`` elements each) files in
+    ``store``, after checking the disk has room for them; returns the keys whose state is on disk (none without a
+    store)."""
+    if store is None or not keys:
+        return []
+    for key in keys:
+        for name in names:
+            store.add(key, name, units[key].grad_numel)
+    paths = [store.path(key, name) for key in keys for name in names]
+    moments = 4 * len(names) * sum(units[key].grad_numel for key in keys)
+    check_disk_space(store.directory, moments - existing_bytes(paths), what=f"optimizer state {human(moments)}")
+    return keys
+
+
+def open_tier(directory: str | None, in_flight: int, parts, offload: frozenset[str]) -> StateStore | None:
+    """The disk tier of a run (``None`` without a directory): a ``StateStore`` holding the layers' master files when
+    ``offload`` puts the masters on disk, once the disk is known to have room (the directory unlocked at once if
+    not)."""
+    if directory is None:
+        return None
+    store = StateStore(directory, in_flight=in_flight)
+    if "masters" in offload:
+        for i in range(len(parts.blocks)):
+            store.add(i, MASTER, sum(p.numel() for _, p in parts.block_parameters(i)))
+    try:
+        check_tier_space(store, parts, offload)
+    except BaseException:
+        store.close()  # unlock the directory now, not when the failed engine is collected
+        raise
+    return store
+
+
 class OneUnitCache:
     """The disk-tier arrays of the last unit read outside an update, kept until another unit is read.
 

@@ -39,17 +39,11 @@ from lightning_slide.engine import checks, state
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.checks import GradientChecks, Verdict, decide, raise_if_nonfinite
-from lightning_slide.engine.disk import (
-    MASTER,
-    OneUnitCache,
-    StateStore,
-    check_disk_space,
-    check_tier_space,
-    existing_bytes,
-)
+from lightning_slide.engine.disk import MASTER, open_tier, place_optimizer_state
 from lightning_slide.engine.downloads import GradientDownloads
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
 from lightning_slide.engine.loans import GradientLoans
+from lightning_slide.engine.model_hooks import ModelHooks
 from lightning_slide.engine.optimizer import (
     UnitOptimizer,
     UpdateWorker,
@@ -66,28 +60,17 @@ from lightning_slide.engine.plan import (
     check_device,
     device_bytes,
     grads_in_flight,
-    human,
 )
 from lightning_slide.engine.resident import ResidentParts
 from lightning_slide.engine.shard import Shards
-from lightning_slide.engine.streams import Streams
+from lightning_slide.engine.streams import MemoryCap, Streams
 from lightning_slide.engine.window import Window
 
 _UNPARK_POLL_SECONDS = 1e-3  # while the training thread waits for an update, how often it sends parked gradients down
 
 
-def memory_fraction(device: torch.device) -> float:
-    """The process's current cap on ``device`` as a fraction of its memory (1.0 where torch cannot say)."""
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    return float(getter(device)) if getter is not None else 1.0
-
-
 # Key-value caches written in forward would be written again by the recompute in backward.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-# Device staging through which copies that change dtype travel (elements of fp32; 128 MiB).
-_STAGING_NUMEL = STAGING_NUMEL
-# What decoder-layer uploads read: the fp32 masters (cast on the device) or a host copy in the compute dtype.
-HOST_WEIGHTS = ("fp32", "compute")
 
 
 @dataclass
@@ -117,19 +100,11 @@ class SlidingEngine:
         compute_dtype: dtype of the weights used for compute (``torch.bfloat16`` or ``torch.float32``).
         memory_limit: bytes of device memory the process may use (a GPU is capped to it); the window's buffers
             are checked against it before anything is allocated. Default ``None``: no cap, no check.
-        data_parallel: this process is one rank of the default ``torch.distributed`` process group, each rank
-            training the same model on its own micro-batches (see ``shard.py``): each rank keeps the gradients,
-            Adam moments and up-to-date masters of its shard of every unit, gradients are averaged over ranks as
-            they leave the device, weights are all-gathered as they arrive. Every rank must make the same calls
-            in the same order. The resident parts, when updated on the device, are replicated instead. Default
-            ``False``.
+        data_parallel: this process is one rank of the default ``torch.distributed`` process group: it keeps and
+            updates its shard of every unit (``shard.py``). Every rank must make the same calls in the same order.
 
-    How each option acts is in the README's options table and ``docs/how-it-works.md``; figures in BENCHMARKS.md.
-
-    Construction moves every parameter into fp32 host masters (one copy; page-locked when the device is a GPU)
-    and the resident parts onto the device. Frozen decoder-layer parameters (a LoRA run's base weights) get no fp32
-    master when the compute dtype is below fp32, on one rank with the masters in memory: they are kept, and
-    uploaded, in the compute dtype only (``HostUnit.frozen``; 2 bytes per parameter in bf16).
+    Construction moves every parameter into fp32 host masters (``host.build_units``) and the resident parts onto the
+    device. How each option acts: the README's options table and ``docs/how-it-works.md``; figures: BENCHMARKS.md.
     """
 
     def __init__(
@@ -151,11 +126,7 @@ class SlidingEngine:
         masters_on_disk = "masters" in self.offload
         window, offload_dir, offload_activations = options.window, options.offload_dir, options.offload_activations
         resident_on_device, host_weights = options.resident_on_device, options.tuning.host_weights
-        grad_buffers, parked_grads, nonfinite = (
-            options.tuning.grad_buffers,
-            options.tuning.parked_now,
-            options.nonfinite,
-        )
+        grad_buffers, parked_grads = options.tuning.grad_buffers, options.tuning.parked_now
         self.root = root
         self.device = torch.device(device)
         # Data-parallel ranks (torch.distributed initialized by the strategy with several processes): each owns a
@@ -178,13 +149,7 @@ class SlidingEngine:
         )
         if memory_limit is not None:
             check_device(self.device_plan, memory_limit, window)
-            if self.device.type == "cuda":
-                total = torch.cuda.get_device_properties(self.device).total_memory
-                if memory_limit > total:
-                    raise ValueError(
-                        f"gpu_memory_limit is {memory_limit / 2**30:.2f} GiB but {self.device} has "
-                        f"{total / 2**30:.2f} GiB; lower it or leave it unset"
-                    )
+            MemoryCap.check(self.device, memory_limit)  # before anything is allocated; the cap is set below
         parts.check_unshared()
         self.compute_dtype = compute_dtype
         self.blocks_path = parts.blocks_path
@@ -194,19 +159,9 @@ class SlidingEngine:
         compute_copy = host_weights == "compute" and (compute_dtype != MASTER_DTYPE or masters_on_disk)
         self.host_weights = host_weights
         self.offload_dir = offload_dir
-        self.state_store: StateStore | None = None
-        if offload_dir is not None:
-            # Updates streamed out of a backward: at most grad_buffers layers (the gradient buffers lent) and the
-            # resident parts are outstanding, and they are reordered when the backward ends: every read fits.
-            self.state_store = StateStore(offload_dir, in_flight=self.grad_buffers + 1)
-            if masters_on_disk:
-                for i in range(len(parts.blocks)):
-                    self.state_store.add(i, MASTER, sum(p.numel() for _, p in parts.block_parameters(i)))
-            try:
-                check_tier_space(self.state_store, parts, self.offload)
-            except BaseException:
-                self.state_store.close()  # unlock offload_dir now, not when the failed engine is collected
-                raise
+        # Updates streamed out of a backward: at most grad_buffers layers (the gradient buffers lent) and the
+        # resident parts are outstanding, and they are reordered when the backward ends: every read fits.
+        self.state_store = open_tier(offload_dir, self.grad_buffers + 1, parts, self.offload)
         self.layers, self.resident, self._masters_shared = build_units(
             parts,
             shards=self.shards,
@@ -222,7 +177,7 @@ class SlidingEngine:
         self._optimized: set[int] = set()  # parameters some rank's optimizer steps (attach_optimizer)
 
         largest = max(u.numel for u in [self.resident, *self.layers])
-        staging = min(largest, _STAGING_NUMEL)
+        staging = min(largest, STAGING_NUMEL)  # device staging for copies that cast
         self.upload_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self.download_staging = torch.empty(staging, dtype=MASTER_DTYPE, device=self.device) if cast else None
         self.downloads = GradientDownloads(self)  # gradients to the host accumulators
@@ -235,6 +190,9 @@ class SlidingEngine:
         self.add_parking(parked_grads)
 
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
+        # Prefetching only what is already updated depends on timing; with several ranks every rank must issue the
+        # same all-gathers in the same order, so each load waits for its update instead.
+        may_load = self._updated if not self.shards.active else (lambda index: True)
         self.window = Window(
             self.layers,
             depth,
@@ -243,44 +201,25 @@ class SlidingEngine:
             self.streams,
             self.upload_staging,
             before_load=self._before_load,
-            # Prefetching only what is already updated depends on timing; with several ranks every rank must issue
-            # the same all-gathers in the same order, so each load waits for its update instead.
-            may_load=self._updated if not self.shards.active else (lambda index: True),
+            may_load=may_load,
             shards=self.shards,
         )
         self.resident_on_device = resident_on_device
         self.resident_parts = ResidentParts(self, self.resident, resident_on_device)
         self._optimizers: dict[Any, UnitOptimizer] = {}
-        # The disk tier's arrays of the last unit read outside an update (a checkpoint goes parameter by parameter).
-        self._state_cache = OneUnitCache(
-            load=lambda key: self.state_store.load(key, self._optimizers[key].state_names),
-            store=lambda key, state: self.state_store.put(key, state),
-        )
-        self._master_cache = OneUnitCache(
-            load=lambda key: self.state_store.load(key, (MASTER,))[MASTER],
-            store=functools.partial(state.store_master, self),
-        )
+        self._state_cache, self._master_cache = state.disk_caches(self)
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
-        self.nonfinite = nonfinite
+        self.nonfinite = options.nonfinite
         self.skipped_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient
-        self.gradient_checks = GradientChecks(
-            len(self.layers), self.device, self.pin
-        )  # finite flags and norms per unit
+        self.gradient_checks = GradientChecks(len(self.layers), self.device, self.pin)  # finite flags, norms
         self.mode = StepMode()  # how the current optimizer step and its backward run
 
         self._closed = False
         self._pending: dict[int, int] = {}  # layer -> parameter gradients still to land in this backward
-        self._wrapped: list[nn.Module] = []
-        self._model_checkpointing: list[nn.Module] = []  # modules whose own checkpointing the engine turned off
+        self.model_hooks: ModelHooks | None = None
         self._shown: list[tuple[nn.Parameter, torch.Tensor]] = []  # gradients shown to user code (show_grads)
-        self._hooks: list = []
-        # The cap is process-wide in torch: set here, where a failing construction still restores it (_release).
-        self._fraction_before: float | None = None
-        if memory_limit is not None and self.device.type == "cuda":
-            self._fraction_before = memory_fraction(self.device)
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(memory_limit / total, self.device)
+        self._memory_cap = MemoryCap(self.device, memory_limit)  # restored by _release, also after a failure
         try:
             # Buffers and other non-parameter state (e.g. torchmetrics states) go to the device; parameters stay.
             root._apply(lambda t: t if isinstance(t, nn.Parameter) else t.to(self.device))
@@ -288,29 +227,7 @@ class SlidingEngine:
         except BaseException:
             self.close(drain=False)
             raise
-        self._wrapped = list(parts.blocks)
-        # The model's own activation checkpointing (Hugging Face's gradient_checkpointing_enable) on the decoder
-        # layers would recompute each layer a second time inside the engine's recompute: off while the engine runs.
-        self._model_checkpointing = [
-            m for block in parts.blocks for m in block.modules() if getattr(m, "gradient_checkpointing", False) is True
-        ]
-        for module in self._model_checkpointing:
-            module.gradient_checkpointing = False
-        for index, block in enumerate(parts.blocks):
-            block.forward = functools.partial(self._forward_layer, index, block.forward)
-        self._hooks = [
-            entry.param.register_post_accumulate_grad_hook(functools.partial(self._on_grad, index))
-            for index, unit in enumerate(self.layers)
-            for entry in unit.trainable
-        ]
-        # Any forward that touches a resident part (the embedding first) brings the resident copy up to date, also
-        # when user code calls the model outside a step (a callback that generates, say).
-        resident = {id(e.param) for e in self.resident.entries}
-        self._hooks += [
-            module.register_forward_pre_hook(lambda *_: self.prepare_forward())
-            for module in root.modules()
-            if any(id(p) in resident for p in module.parameters(recurse=False))
-        ]
+        self.model_hooks = ModelHooks(self, root, parts)
 
     @property
     def grad_pool(self):
@@ -324,7 +241,7 @@ class SlidingEngine:
     @property
     def model_checkpointing_off(self) -> int:
         """How many modules' own activation checkpointing the engine turned off while it runs."""
-        return len(self._model_checkpointing)
+        return len(self.model_hooks.checkpointing)
 
     def _units(self) -> dict[Any, HostUnit]:
         """Every unit by key, in the order the next forward needs them."""
@@ -342,19 +259,9 @@ class SlidingEngine:
         # Optimized by some rank (each rank optimizes only its shards' pieces of them).
         self._optimized = set(group_of) & {id(e.param) for unit in units.values() for e in unit.trainable}
         on_device = self.resident_on_device and self.resident.trainable_numel > 0
-        on_disk = [key for key, unit in units.items() if unit.grad_numel and not (key == RESIDENT and on_device)]
-        if "optimizer" not in self.offload:
-            on_disk = []
-        if on_disk:
-            names = state_names(optimizer)
-            for key in on_disk:
-                for name in names:
-                    self.state_store.add(key, name, units[key].grad_numel)
-            paths = [self.state_store.path(key, name) for key in on_disk for name in names]
-            moments = 4 * len(names) * sum(units[key].grad_numel for key in on_disk)
-            check_disk_space(
-                self.offload_dir, moments - existing_bytes(paths), what=f"optimizer state {human(moments)}"
-            )
+        keys = [key for key, unit in units.items() if unit.grad_numel and not (key == RESIDENT and on_device)]
+        store = self.state_store if "optimizer" in self.offload else None
+        on_disk = place_optimizer_state(store, units, state_names(optimizer), keys)
         self._optimizers = {}
         for key, unit in units.items():
             if key == RESIDENT:
@@ -682,12 +589,9 @@ class SlidingEngine:
         return self.mode.open or self.worker.failed
 
     def stats(self) -> dict[str, float]:
-        """Cumulative figures since construction: ``host_busy`` (seconds the update thread ran updates and gradient
-        additions), ``host_waiting`` (seconds of those it waited for the device: gradients still on their way),
-        ``compute_blocked`` (seconds the training thread waited for an update it needs) and
-        ``skipped_steps`` (optimizer steps skipped for a NaN/Inf loss or gradient), ``parked_layers`` (layers
-        whose gradients waited on the device for a host buffer, ``parked_grads``) and ``streamed_steps`` (steps
-        whose updates streamed out of their backward)."""
+        """Cumulative figures since construction: seconds the update thread worked (``host_busy``) and of those waited
+        for the device (``host_waiting``), seconds the training thread waited for an update (``compute_blocked``),
+        and counts of skipped steps, parked layers and steps whose updates streamed out of their backward."""
         return {
             "host_busy": self.worker.busy_seconds,
             "host_waiting": self.worker.waiting_seconds,
@@ -767,20 +671,11 @@ class SlidingEngine:
             self._release()
 
     def _release(self) -> None:
-        if self._fraction_before is not None:  # the GPU cap ends with the engine, not with the process
-            torch.cuda.set_per_process_memory_fraction(self._fraction_before, self.device)
-            self._fraction_before = None
+        self._memory_cap.release()  # the GPU cap ends with the engine, not with the process
         self.mode.backward = False
         self._pending.clear()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        for block in self._wrapped:
-            block.__dict__.pop("forward", None)
-        self._wrapped = []
-        for module in self._model_checkpointing:  # the model as the user left it
-            module.gradient_checkpointing = True
-        self._model_checkpointing = []
+        if self.model_hooks is not None:
+            self.model_hooks.remove()  # the model as the user gave it
         self.window.clear()
         self.resident.park()
         if self.streams.cuda:

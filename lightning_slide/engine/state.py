@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_slide.engine.disk import MASTER
+from lightning_slide.engine.disk import MASTER, OneUnitCache
 from lightning_slide.engine.host import MASTER_DTYPE
 from lightning_slide.engine.optimizer import UnitOptimizer
 
@@ -55,6 +55,20 @@ def gather_masters(engine: SlidingEngine) -> None:
         engine.shards.gather(buffer, unit.numel)
         unit.master.copy_(buffer[: unit.numel])
         del buffer
+
+
+def disk_caches(engine: SlidingEngine) -> tuple[OneUnitCache, OneUnitCache]:
+    """The disk tier's arrays (optimizer state, masters) of the last unit read outside an update: a checkpoint goes
+    parameter by parameter, and reads or writes each unit's files once."""
+    moments = OneUnitCache(
+        load=lambda key: engine.state_store.load(key, engine._optimizers[key].state_names),
+        store=lambda key, values: engine.state_store.put(key, values),
+    )
+    masters = OneUnitCache(
+        load=lambda key: engine.state_store.load(key, (MASTER,))[MASTER],
+        store=functools.partial(store_master, engine),
+    )
+    return moments, masters
 
 
 def state_dict(engine: SlidingEngine) -> Mapping[str, torch.Tensor]:

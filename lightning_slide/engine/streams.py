@@ -61,3 +61,40 @@ def copy_cast(dst: torch.Tensor, src: torch.Tensor, staging: torch.Tensor | None
         else:  # download: device src -> device staging (cast to dst dtype) -> host dst
             piece.copy_(src[start:end])
             dst[start:end].copy_(piece, non_blocking=True)
+
+
+def memory_fraction(device: torch.device) -> float:
+    """The process's current cap on ``device`` as a fraction of its memory (1.0 where torch cannot say)."""
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return float(getter(device)) if getter is not None else 1.0
+
+
+class MemoryCap:
+    """Caps the process's use of a GPU at ``limit`` bytes until ``release`` (torch's cap is process-wide: the one
+    that was set before comes back); nothing on the CPU or without a limit."""
+
+    def __init__(self, device: torch.device, limit: int | None) -> None:
+        self.device, self.before = device, None
+        if self.check(device, limit):
+            self.before = memory_fraction(device)
+            torch.cuda.set_per_process_memory_fraction(
+                limit / torch.cuda.get_device_properties(device).total_memory, device
+            )
+
+    @staticmethod
+    def check(device: torch.device, limit: int | None) -> bool:
+        """Whether ``limit`` caps ``device``; raises ``ValueError`` when it is above the device's memory."""
+        if limit is None or device.type != "cuda":
+            return False
+        total = torch.cuda.get_device_properties(device).total_memory
+        if limit > total:
+            raise ValueError(
+                f"gpu_memory_limit is {limit / 2**30:.2f} GiB but {device} has {total / 2**30:.2f} GiB; lower it "
+                "or leave it unset"
+            )
+        return True
+
+    def release(self) -> None:
+        if self.before is not None:
+            torch.cuda.set_per_process_memory_fraction(self.before, self.device)
+            self.before = None
