@@ -109,7 +109,7 @@ def child(spec: dict) -> dict:
         def on_train_start(self):
             engine = self.trainer.strategy.engine
             info["setup_rss"] = _rss("VmRSS")
-            info["resident_on_device"] = engine.resident_on_device
+            info["resident_on_device"] = engine.resident_parts.updates_on_device
             with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: building the model does not count
                 f.write("5")
 

@@ -204,7 +204,6 @@ class SlidingEngine:
             may_load=may_load,
             shards=self.shards,
         )
-        self.resident_on_device = resident_on_device
         self.resident_parts = ResidentParts(self, self.resident, resident_on_device)
         self._optimizers: dict[Any, UnitOptimizer] = {}
         self._state_cache, self._master_cache = state.disk_caches(self)
@@ -258,7 +257,7 @@ class SlidingEngine:
         units = self._units()
         # Optimized by some rank (each rank optimizes only its shards' pieces of them).
         self._optimized = set(group_of) & {id(e.param) for unit in units.values() for e in unit.trainable}
-        on_device = self.resident_on_device and self.resident.trainable_numel > 0
+        on_device = self.resident_parts.on_device and self.resident.trainable_numel > 0
         keys = [key for key, unit in units.items() if unit.grad_numel and not (key == RESIDENT and on_device)]
         store = self.state_store if "optimizer" in self.offload else None
         on_disk = place_optimizer_state(store, units, state_names(optimizer), keys)

@@ -238,22 +238,21 @@ def show_grads(engine: SlidingEngine) -> None:
     if engine.shards.active:
         return
     hide_grads(engine)
-    engine.window.clear()
     engine.downloads.wait_added()  # later micro-batches are added in by the update thread
-    units = [u for u in engine._units().values() if u.trainable and not u.grad_empty]
-    for unit in units:
-        if unit is engine.resident and engine.resident_parts.updates_on_device:
-            master, grad = engine.resident_parts.master, engine.resident_parts.grad
+    engine.window.clear()  # the layers' parameters are home: their masters
+    resident = engine.resident_parts
+    for unit in [u for u in engine._units().values() if u.trainable and not u.grad_empty]:
+        on_device = unit is engine.resident and resident.updates_on_device
+        if on_device:
+            for entry in unit.trainable:
+                entry.param.data = entry.view(resident.master)
         else:
             engine.worker.await_device(unit.grad_event)
-            master, grad = unit.rest, unit.grad
+            unit.park()
         for entry in unit.trainable:
-            view = entry.view(grad)
-            entry.param.data = entry.view(master)
-            entry.param.grad = view
+            entry.param.grad = view = entry.view(resident.grad if on_device else unit.grad)
             engine._shown.append((entry.param, view))
-        if unit is engine.resident:
-            engine.resident_parts.loaded = False  # the next forward points the parameters at the compute copy again
+    resident.loaded = False  # the next forward points the resident parameters at their compute copy again
 
 
 def hide_grads(engine: SlidingEngine) -> None:

@@ -96,7 +96,7 @@ class _RecordsEngine(L.Callback):
             self.units = {
                 key: [(e.name, e.param, e.numel) for e in unit.entries] for key, unit in engine.units().items()
             }
-            self.resident_on_device = engine.resident_on_device
+            self.resident_on_device = engine.resident_parts.updates_on_device
 
 
 # ---------------------------------------------------------------- resident parts accumulated on the device
