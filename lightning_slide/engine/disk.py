@@ -360,6 +360,14 @@ class StateStore:
             free = self._free.get(numel)
             if free:
                 return free.pop()
+            # A size not pooled (the resident parts' arrays, say): pooled buffers of other sizes make room, so that
+            # pooled and used buffers together stay within the in_flight units' worth.
+            room = 4 * numel
+            for size in sorted(self._free, reverse=True):
+                while self._free[size] and room > 0:
+                    self._free[size].pop()
+                    self.allocated_bytes -= 4 * size
+                    room -= 4 * size
             self.allocated_bytes += 4 * numel
             self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
         return torch.empty(numel, dtype=torch.float32)

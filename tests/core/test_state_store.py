@@ -179,3 +179,18 @@ def test_after_close_pending_writes_are_on_disk_and_reads_load_at_once(store):
     s.close()  # the write finishes first
     after = s.read(2)
     assert after.done() and torch.equal(after.result()["exp_avg"], torch.full((NUMEL,), 3.0))
+
+
+def test_a_unit_of_another_size_reuses_the_room_of_pooled_buffers(store):
+    """Buffers of the layers' size stay pooled between reads; a unit of another size (the resident parts' moments)
+    takes their room instead of adding to it, so pooled and used buffers stay within ``in_flight`` units."""
+    s = store(in_flight=2, units=2)
+    s.add("resident", "exp_avg", NUMEL // 2)
+    s.add("resident", "exp_avg_sq", NUMEL // 2)
+    layers = [s.read(key).result(timeout=10) for key in (0, 1)]  # two layers' buffers at once
+    for key, state in enumerate(layers):
+        s.write(key, state)
+    s.flush()  # both are pooled now
+    s.write("resident", s.read("resident").result(timeout=10))
+    s.flush()
+    assert s.peak_bytes == 2 * 2 * 4 * NUMEL  # two layers' worth: no more
