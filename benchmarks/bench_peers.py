@@ -1,15 +1,34 @@
-"""slideformer against the offloading peers a user would pick, side by side in one invocation (one GPU or several).
+"""slideformer against the offloading peers a user would pick, each tuned as its user would, in one invocation.
 
 usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4] [--seq 1024]
-                                        [--systems all_on_gpu,fsdp_offload,deepspeed_offload,slideformer]
+                                        [--systems all_on_gpu,fsdp_offload,deepspeed_offload,zenflow,slideformer]
                                         (slideformer options: slideformer+bf16 = host_weights="compute",
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8,
-                                         slideformer+park24 = parked_grads=24; combine with +;
+                                         slideformer+park24 = parked_grads=24,
+                                         slideformer+bf16moments = lightning_slide.optim.AdamW with
+                                         state_dtype=torch.bfloat16 (bf16 Adam moments); combine with +;
                                          any system+lora16 = LoRA of rank 16 on every linear layer but the head,
                                          through peft: the base weights frozen)
                                         [--cap 24GiB] [--steps 3] [--window 2] [--devices 1]
-                                        [--clip 1.0] [--clip-by value]
+                                        [--clip 1.0] [--clip-by value] [--dry-run]
+
+The systems, as a user tuning each would run it (AdamW, lr 1e-5, weight decay 0.01 everywhere; fp32 masters):
+- ``all_on_gpu``: everything on the GPU, uncapped (the ceiling): ``"bf16-mixed"``, ``torch.optim.AdamW(fused=True)``.
+- ``fsdp_offload``: ``FSDPStrategy(cpu_offload=True)`` wrapping each decoder layer, ``"bf16-mixed"`` (fp32 flat
+  parameters on the host), ``torch.optim.AdamW(fused=True)`` stepping them there (torch's fused host kernel).
+- ``deepspeed_offload``: ZeRO-3 with optimizer and parameter offload to pinned host memory, ``"bf16-mixed"`` (DeepSpeed
+  bf16, fp32 masters on the host), ``DeepSpeedCPUAdam``; where its C++ op cannot build, torch's fused AdamW on the
+  host, and the row names the optimizer that ran.
+- ``zenflow``: DeepSpeed's ZenFlow (DeepSpeed >= 0.17.5; ZeRO-2 with the optimizer offloaded to pinned host memory,
+  bf16 parameters stay on the GPU): ``zero_optimization.zenflow`` = ``ZENFLOW`` below, the DeepSpeed tutorial's
+  settings; the top 5% gradient columns are updated on the GPU every step, the rest accumulate and are updated on the
+  host (``ZenFlowCPUAdam``, built by DeepSpeed from the config's ``optimizer`` block) every 4 steps, overlapped with
+  the next steps. Its s/step is the mean over whole update intervals after one interval of warm-up (the median of the
+  others would hide the update steps), and it has no "of bound": it does not take an AdamW step every step.
+- ``slideformer``: ``"bf16-true"`` (the strategy keeps fp32 masters and runs the host AdamW itself).
+Without DeepSpeed installed (or a DeepSpeed without ZenFlow) those rows say so. ``--dry-run`` builds every system's
+strategy, precision and optimizer on the CPU and prints them (and the ZenFlow config), training nothing.
 
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
 one) and prints one JSON line; the parent prints a markdown table with tokens/s, TFLOP/s (6·N·tokens), peak GPU
@@ -20,8 +39,7 @@ parameter and the bound's terms count what moves: the frozen weights go up in bf
 parameters come down and are updated: max(GPU compute, (2(N - T) + 4T) / H2D, 2T / D2H, T / host AdamW); the
 GPU-compute term and the ratio come from the last all-on-GPU row before (list ``all_on_gpu+lora16`` first for them).
 Same model, batch, sequence length, kernels ("all") and per-layer activation checkpointing for every system; the
-offloading systems run under the GPU memory cap, all-on-GPU uncapped (the ceiling). DeepSpeed is optional: without
-it installed that row says so.
+offloading systems run under the GPU memory cap, all-on-GPU uncapped.
 
 ``--devices N``: every system trains data-parallel on N GPUs of the machine (Lightning's launcher, one process per
 GPU, ``batch`` per GPU: a global batch of N x batch), each GPU under the cap; tokens/s counts every GPU's tokens,
@@ -33,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -46,11 +65,188 @@ H2D_BYTES_PER_S = 55e9
 D2H_BYTES_PER_S = 55e9
 HOST_ADAMW_PARAMS_PER_S = 3.6e9
 
+LR, WEIGHT_DECAY = 1e-5, 0.01  # every system's AdamW
+WARMUP_STEPS = 2
+ZENFLOW_MIN_DEEPSPEED = "0.17.5"  # the release with deepspeed/runtime/zenflow (ZeRO stage 1 and 2)
+# The ZenFlow tutorial's block (docs/_tutorials/zenflow.md in deepspeedai/DeepSpeed, deepspeed.ai/tutorials/zenflow);
+# keys as ZenFlowConfig (deepspeed/runtime/zenflow/zenflow_config.py) reads them. "auto" selection re-selects the
+# important columns once per epoch, and Lightning gives DeepSpeed no data loader to count an epoch: in this run the
+# columns are selected at the first step only. update_interval is a number (not "auto") so that the timed steps can
+# cover whole update intervals.
+ZENFLOW = {
+    "topk_ratio": 0.05,
+    "select_strategy": "auto",
+    "select_interval": "auto",
+    "update_interval": 4,
+    "full_warm_up_rounds": 0,
+    "overlap_step": True,
+}
+
+
+def zenflow_config() -> dict:
+    """The DeepSpeed config of the ``zenflow`` row, for ``DeepSpeedStrategy(config=...)`` (Lightning adds bf16, the
+    micro-batch size, gradient accumulation and clipping). The ``optimizer`` block makes DeepSpeed build
+    ``ZenFlowCPUAdam`` (ZenFlow's host step needs it: a torch optimizer lacks its step signature)."""
+    return {
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {
+            "stage": 2,
+            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+            "contiguous_gradients": True,
+            "overlap_comm": True,
+            "allgather_bucket_size": 200_000_000,
+            "reduce_bucket_size": 200_000_000,
+            "zenflow": dict(ZENFLOW),
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": WEIGHT_DECAY},
+        },
+    }
+
+
+def options_of(system: str) -> tuple[str, list[str], int | None]:
+    """The base system, its + options and the LoRA rank (None without ``+loraK``)."""
+    base, *options = system.split("+")
+    lora = [int(o[len("lora") :]) for o in options if o.startswith("lora")]
+    return base, options, lora[0] if lora else None
+
+
+def setup(system: str, args) -> dict:
+    """How ``system`` trains, without touching the GPU: {"strategy", "precision", "optimizer" (params -> optimizer,
+    or None where DeepSpeed builds it from its config), "optimizer_name", "capped" (under the GPU memory cap),
+    "warmup", "timed" (steps), "mean" (s/step as the mean, else the median)}, or {"error": ...}."""
+    import torch
+
+    base, options, lora = options_of(system)
+    done = {
+        "capped": base in ("fsdp_offload", "deepspeed_offload", "zenflow"),
+        "warmup": WARMUP_STEPS,
+        "timed": args.steps,
+        "mean": False,
+    }
+
+    def fused_adamw(params):
+        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+
+    if base == "all_on_gpu":
+        strategy = "ddp" if args.devices > 1 else "auto"
+        return {
+            **done,
+            "strategy": strategy,
+            "precision": "bf16-mixed",
+            "optimizer": fused_adamw,
+            "optimizer_name": "AdamW fused",
+        }
+    if base == "fsdp_offload":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        # frozen and trainable parameters in one flat parameter (LoRA) need FSDP's original parameters
+        strategy = FSDPStrategy(cpu_offload=True, auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=bool(lora))
+        return {
+            **done,
+            "strategy": strategy,
+            "precision": "bf16-mixed",
+            "optimizer": fused_adamw,
+            "optimizer_name": "AdamW fused, host",
+        }
+    if base in ("deepspeed_offload", "zenflow"):
+        try:
+            import deepspeed
+        except ImportError:
+            return {"error": "deepspeed not installed"}
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if base == "zenflow":
+            try:
+                from deepspeed.ops.adam import ZenFlowCPUAdam
+                from deepspeed.runtime.zenflow.zenflow_config import ZenFlowConfig  # noqa: F401
+            except ImportError:
+                return {
+                    "error": f"ZenFlow needs deepspeed >= {ZENFLOW_MIN_DEEPSPEED} (installed {deepspeed.__version__})"
+                }
+            try:  # ZenFlowCPUAdam is DeepSpeedCPUAdam's C++ op (compiled on first use): no torch fallback here
+                ZenFlowCPUAdam([torch.nn.Parameter(torch.zeros(1))])
+            except Exception as error:  # noqa: BLE001 - no compiler/CUDA headers there: the row says so
+                return {"error": f"ZenFlowCPUAdam unavailable ({type(error).__name__}: {str(error)[:80]})"}
+            update = ZENFLOW["update_interval"]  # whole update intervals, after one of warm-up
+            return {
+                **done,
+                "strategy": DeepSpeedStrategy(config=zenflow_config()),
+                "precision": "bf16-mixed",
+                "optimizer": None,
+                "optimizer_name": "ZenFlowCPUAdam",
+                "warmup": max(WARMUP_STEPS, update),
+                "timed": update * math.ceil(args.steps / update),
+                "mean": True,
+            }
+        strategy = DeepSpeedStrategy(stage=3, offload_optimizer=True, offload_parameters=True, pin_memory=True)
+        try:  # DeepSpeed's own host Adam (its C++ op is compiled on first use), as its docs recommend for offload
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])
+            return {
+                **done,
+                "strategy": strategy,
+                "precision": "bf16-mixed",
+                "optimizer_name": "DeepSpeedCPUAdam",
+                "optimizer": lambda params: DeepSpeedCPUAdam(params, lr=LR, weight_decay=WEIGHT_DECAY),
+            }
+        except Exception as error:  # noqa: BLE001 - no compiler/CUDA headers there: torch's AdamW, said in the row
+            print(f"DeepSpeedCPUAdam unavailable ({type(error).__name__}: {error}); torch AdamW instead", flush=True)
+            strategy.config["zero_force_ds_cpu_optimizer"] = False
+            return {
+                **done,
+                "strategy": strategy,
+                "precision": "bf16-mixed",
+                "optimizer": fused_adamw,
+                "optimizer_name": "AdamW fused, host: DeepSpeedCPUAdam did not build",
+            }
+    if base != "slideformer":
+        return {"error": f"unknown system {base!r}"}
+    # slideformer, with options: "+bf16" host_weights="compute", "+acts" offload_activations=True,
+    # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2),
+    # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free),
+    # "+bf16moments": lightning_slide.optim.AdamW(state_dtype=torch.bfloat16) (bf16 Adam moments on the host)
+    import lightning_slide
+
+    buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
+    parked = [int(o[len("park") :]) for o in options if o.startswith("park")]
+    if "bf16moments" in options:
+        try:
+            from lightning_slide.optim import AdamW as SlideAdamW
+        except ImportError:
+            return {"error": "lightning_slide.optim.AdamW not available"}
+
+        def optimizer(params):
+            return SlideAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, state_dtype=torch.bfloat16)
+
+        name = "lightning_slide AdamW, bf16 moments"
+    else:
+
+        def optimizer(params):  # the engine runs it as torch's fused host kernel
+            return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+
+        name = "AdamW"
+    strategy = lightning_slide.SlideFormerStrategy(
+        window=args.window,
+        gpu_memory_limit=args.cap,
+        monitor=False,
+        offload_activations="acts" in options,
+        tuning=dict(
+            host_weights="compute" if "bf16" in options else "fp32",
+            host_memory=args.host_memory,
+            grad_buffers=buffers[0] if buffers else None,
+            parked_grads=parked[0] if parked else 0,
+        ),
+    )
+    return {**done, "strategy": strategy, "precision": "bf16-true", "optimizer": optimizer, "optimizer_name": name}
+
 
 def child(system: str, shape: str, batch: int, args) -> dict:
     """Train one system for warm-up + timed steps; returns its measurements."""
-    base, *options = system.split("+")
-    lora = [int(o[len("lora") :]) for o in options if o.startswith("lora")]
+    base, _, lora = options_of(system)
     if lora:
         try:
             import peft
@@ -60,9 +256,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    import lightning_slide
     from lightning_slide.engine.plan import parse_bytes
     from lightning_slide.kernels import apply_kernels
 
@@ -82,7 +276,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             if base != "slideformer":  # slideformer recomputes every layer by construction
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if lora:  # after the kernels: they patch the stock modules, LoRA wraps the linear layers inside them
-                adapters = peft.LoraConfig(r=lora[0], lora_alpha=2 * lora[0], target_modules="all-linear")
+                adapters = peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules="all-linear")
                 self.model = peft.get_peft_model(self.model, adapters)
             self.times: list[float] = []
             self.engine_stats: list[dict] = []
@@ -101,73 +295,31 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             if engine is not None:  # slideformer: cumulative host-busy / compute-blocked seconds
                 self.engine_stats.append(engine.stats())
 
-        def configure_optimizers(self):
-            return optimizer_class([p for p in self.parameters() if p.requires_grad], lr=1e-5)
+        def configure_optimizers(self):  # not called where DeepSpeed builds the optimizer from its config (zenflow)
+            return run["optimizer"]([p for p in self.parameters() if p.requires_grad])
 
-    optimizer_class = torch.optim.AdamW
+    run = setup(system, args)
+    if "error" in run:
+        return run
     torch.manual_seed(0)
     module = LM()
     params = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    if base in ("fsdp_offload", "deepspeed_offload"):
+    if run["capped"]:  # the peers; slideformer caps itself (gpu_memory_limit)
         for device in range(devices):  # this process's rank is not known yet: every GPU it may use
             torch.cuda.set_per_process_memory_fraction(
                 cap / torch.cuda.get_device_properties(device).total_memory, device
             )
-    if base == "all_on_gpu":
-        strategy, precision = "auto", "bf16-true"
-    elif base == "fsdp_offload":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        # frozen and trainable parameters in one flat parameter (LoRA) need FSDP's original parameters
-        strategy = FSDPStrategy(cpu_offload=True, auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=bool(lora))
-        precision = "bf16-true"
-    elif base == "deepspeed_offload":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            return {"error": "deepspeed not installed"}
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        strategy, precision = DeepSpeedStrategy(stage=3, offload_optimizer=True, offload_parameters=True), "bf16-true"
-        try:  # DeepSpeed's own host Adam (its C++ op is compiled on first use), as its docs recommend for offload
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])
-            optimizer_class = DeepSpeedCPUAdam
-        except Exception as error:  # noqa: BLE001 - no compiler/CUDA headers there: torch's AdamW, said in the row
-            print(f"DeepSpeedCPUAdam unavailable ({type(error).__name__}: {error}); torch AdamW instead", flush=True)
-            strategy.config["zero_force_ds_cpu_optimizer"] = False
-    else:  # "slideformer", with options: "+bf16" host_weights="compute", "+acts" offload_activations=True,
-        # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2),
-        # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free)
-        buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
-        parked = [int(o[len("park") :]) for o in options if o.startswith("park")]
-        strategy = lightning_slide.SlideFormerStrategy(
-            window=args.window,
-            gpu_memory_limit=args.cap,
-            monitor=False,
-            offload_activations="acts" in options,
-            tuning=dict(
-                host_weights="compute" if "bf16" in options else "fp32",
-                host_memory=args.host_memory,
-                grad_buffers=buffers[0] if buffers else None,
-                parked_grads=parked[0] if parked else 0,
-            ),
-        )
-        precision = "bf16-true"
-
-    ids = torch.randint(0, config.vocab_size, (batch * devices * (args.steps + 2), args.seq))
-    if base == "all_on_gpu" and devices > 1:
-        strategy = "ddp"
+    steps = run["warmup"] + run["timed"]
+    ids = torch.randint(0, config.vocab_size, (batch * devices * steps, args.seq))
     trainer = L.Trainer(
-        strategy=strategy,
+        strategy=run["strategy"],
         accelerator="gpu",
         devices=devices,
-        precision=precision,
-        max_steps=args.steps + 2,
+        precision=run["precision"],
+        max_steps=steps,
         gradient_clip_val=args.clip,
         gradient_clip_algorithm=args.clip_by,
         logger=False,
@@ -183,16 +335,40 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}", "params": params}
     if trainer.global_rank != 0:
         return None  # rank 0 reports
-    timed = sorted(module.times[2:])
+    timed = sorted(module.times[run["warmup"] :])
+    optimizer = run["optimizer_name"]
+    built = getattr(trainer.strategy.model, "basic_optimizer", None)  # DeepSpeed's engine: the optimizer it ran
+    if run["optimizer"] is None and built is not None:
+        optimizer = type(built).__name__
     return {
         "params": params,
         "trainable": trainable,
-        "step_s": timed[len(timed) // 2],
+        "step_s": sum(timed) / len(timed) if run["mean"] else timed[len(timed) // 2],
+        "timed_steps": len(timed),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
-        "optimizer": optimizer_class.__name__,
-        **engine_seconds_per_step(module.engine_stats, skip=2),
+        "optimizer": optimizer,
+        **engine_seconds_per_step(module.engine_stats, skip=run["warmup"]),
     }
+
+
+def dry_run(args) -> None:
+    """Build every system's strategy, precision and optimizer on the CPU (no training, no GPU) and print them."""
+    import torch
+
+    for system in args.systems.split(","):
+        run = setup(system, args)
+        if "error" not in run and run["optimizer"] is not None:  # one host step of the optimizer on a CPU tensor
+            param = torch.nn.Parameter(torch.ones(8))
+            optimizer = run["optimizer"]([param])
+            param.grad = torch.full_like(param, 0.5)
+            optimizer.step()
+        shown = {k: v for k, v in run.items() if k != "optimizer"}
+        if "strategy" in shown and not isinstance(shown["strategy"], str):
+            shown["strategy"] = type(shown["strategy"]).__name__
+        print(f"{system}: {json.dumps(shown) if 'error' not in run else run['error']}", flush=True)
+        if options_of(system)[0] == "zenflow":
+            print(f"  zenflow DeepSpeed config (deepspeed >= {ZENFLOW_MIN_DEEPSPEED}): {json.dumps(zenflow_config())}")
 
 
 def engine_seconds_per_step(stats: list[dict], skip: int) -> dict:
@@ -206,7 +382,7 @@ def engine_seconds_per_step(stats: list[dict], skip: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4")
-    parser.add_argument("--systems", default="all_on_gpu,fsdp_offload,deepspeed_offload,slideformer")
+    parser.add_argument("--systems", default="all_on_gpu,fsdp_offload,deepspeed_offload,zenflow,slideformer")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--window", type=int, default=2)
@@ -220,8 +396,16 @@ def main() -> None:
         default=None,
         help="SlideFormerStrategy(tuning=dict(host_memory=...)) for the plan's check (a VM whose memory grows)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build each system's strategy, precision and optimizer on the CPU; no run",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dry_run:
+        dry_run(args)
+        return
     if args.child:
         system, shape, batch = args.child.split(":")
         result = child(system, shape, int(batch), args)
@@ -238,6 +422,11 @@ def main() -> None:
             else ", no gradient clipping"
         )
     )
+    if any(system.split("+")[0] == "zenflow" for system in args.systems.split(",")):
+        print(
+            f"zenflow: ZeRO-2 + ZenFlow {json.dumps(ZENFLOW)}; its s/step is the mean over whole update intervals, "
+            "and it has no bound (most columns are updated every update_interval steps, not every step)"
+        )
     print(
         "| shape | batch | system | s/step | tokens/s | TFLOP/s | peak GPU GiB | peak host GiB | × all-on-GPU "
         "| of bound |"
@@ -275,9 +464,8 @@ def main() -> None:
                 name = f"peers-{system.replace('+', '_')}-{shape}-{batch}-{args.seq}-{args.devices}gpu.log"
                 Path(os.environ["OUT"], name).write_text(log)
             base = system.split("+")[0]
-            label = (
-                f"{system} ({result['optimizer']})" if base == "deepspeed_offload" and "optimizer" in result else system
-            )
+            shown = "optimizer" in result and (base != "slideformer" or "bf16moments" in system)
+            label = f"{system} ({result['optimizer']})" if shown else system  # the optimizer that ran
             row = f"| {shape} | {batch} | {label} |"
             if "error" in result:
                 print(f"{row} {result['error']} | | | | | | |", flush=True)
@@ -290,6 +478,7 @@ def main() -> None:
             up, down = (2 * (n - t) + 4 * t) / args.devices, 2 * t / args.devices  # each GPU moves its share
             bound = max(ceiling or 0.0, up / H2D_BYTES_PER_S, down / D2H_BYTES_PER_S, t / HOST_ADAMW_PARAMS_PER_S)
             ratio = f"{ceiling / step:.2f}" if ceiling else "–"
+            of_bound = "–" if base == "zenflow" else f"{bound / step:.0%}"  # it does not step AdamW every step
             if "host_busy" in result:
                 row += (
                     f" (host busy {result['host_busy']:.2f} s of which waiting {result['host_waiting']:.2f} s, "
@@ -297,7 +486,7 @@ def main() -> None:
                 )
             print(
                 f"{row} {step:.3f} | {tokens / step:,.0f} | {6 * n * tokens / step / 1e12:.1f} | "
-                f"{result['peak_gpu_gib']:.2f} | {result['peak_host_gib']:.1f} | {ratio} | {bound / step:.0%} |",
+                f"{result['peak_gpu_gib']:.2f} | {result['peak_host_gib']:.1f} | {ratio} | {of_bound} |",
                 flush=True,
             )
 

@@ -1,0 +1,50 @@
+"""Smoke test of benchmarks/bench_peers.py without a GPU: --dry-run builds each system's strategy, precision and
+optimizer (one host step of it) and prints them; DeepSpeed's rows build where it is installed, else say so."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_peers.py"
+
+
+@pytest.mark.timeout(300)
+def test_bench_peers_dry_run():
+    systems = (
+        "all_on_gpu,fsdp_offload,fsdp_offload+lora16,deepspeed_offload,zenflow,slideformer,slideformer+bf16moments"
+    )
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--systems", systems],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = {}
+    for line in run.stdout.splitlines():
+        name, _, rest = line.partition(": ")
+        if name in systems.split(",") and rest:
+            rows[name] = json.loads(rest) if rest.startswith("{") else rest
+    assert set(rows) == set(systems.split(","))
+    assert rows["all_on_gpu"]["precision"] == "bf16-mixed" and rows["all_on_gpu"]["optimizer_name"] == "AdamW fused"
+    assert not rows["all_on_gpu"]["capped"]
+    for name in ("fsdp_offload", "fsdp_offload+lora16"):
+        assert rows[name]["strategy"] == "FSDPStrategy" and rows[name]["precision"] == "bf16-mixed", name
+        assert rows[name]["optimizer_name"] == "AdamW fused, host" and rows[name]["capped"], name
+    assert rows["slideformer"]["precision"] == "bf16-true" and rows["slideformer"]["strategy"] == "SlideFormerStrategy"
+    moments = rows["slideformer+bf16moments"]
+    assert moments == "lightning_slide.optim.AdamW not available" or "bf16 moments" in moments["optimizer_name"]
+    for name in ("deepspeed_offload", "zenflow"):
+        assert isinstance(rows[name], dict) or rows[name].startswith(("deepspeed not installed", "ZenFlow")), name
+    if isinstance(rows["zenflow"], dict):  # whole update intervals, their mean
+        assert rows["zenflow"]["mean"] and rows["zenflow"]["timed"] % 4 == 0 and rows["zenflow"]["warmup"] >= 4
+    (config,) = [line for line in run.stdout.splitlines() if "zenflow DeepSpeed config" in line]
+    config = json.loads(config.split(": ", 1)[1])
+    assert (
+        config["zero_optimization"]["stage"] == 2
+        and config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    )
+    assert {"topk_ratio", "update_interval", "overlap_step"} <= set(config["zero_optimization"]["zenflow"])
