@@ -41,10 +41,16 @@ class RunPlan:
         trainer: the run's Trainer (gradient clipping, accumulation).
         module: the LightningModule (its kernels count as much as the ``kernels`` option's).
         options: the run's options, resolved (``strategy.run_options``).
+        optimizer: the optimizer ``configure_optimizers`` returned (its moments' dtype), if any.
     """
 
     def __init__(
-        self, strategy: SlideFormerStrategy, trainer: Trainer, module: LightningModule, options: SlideOptions
+        self,
+        strategy: SlideFormerStrategy,
+        trainer: Trainer,
+        module: LightningModule,
+        options: SlideOptions,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.strategy = strategy
         self.options = options
@@ -58,6 +64,7 @@ class RunPlan:
             accumulate=trainer.accumulate_grad_batches,
             ranks=strategy.num_processes * strategy.num_nodes,
             masters_shared_by=strategy.num_processes if strategy.num_nodes == 1 else 1,
+            moments_dtype=getattr(optimizer, "state_dtype", torch.float32),
         )
         self.plan: Plan | None = None  # the latest, also when refused (the numbers stay inspectable)
 

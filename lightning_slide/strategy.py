@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.engine import SlidingEngine
-from lightning_slide.engine.optimizer import HostOptimizer
+from lightning_slide.engine.optimizer import HostOptimizer, check_optimizer
 from lightning_slide.engine.options import SlideOptions, Tuning
 from lightning_slide.engine.plan import Plan, human
 from lightning_slide.engine.streams import memory_fraction
@@ -248,7 +248,9 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
         options = self.run_options(module)
-        self._run_plan = RunPlan(self, trainer, module, options)
+        if optimizers:
+            check_optimizer(optimizers[0], options.on_disk)
+        self._run_plan = RunPlan(self, trainer, module, options, optimizers[0] if optimizers else None)
         self._batch_checked = not fitting  # activations are checked at the first training batch
         if fitting:  # before anything large is allocated
             plan = self._run_plan.check(module)

@@ -176,6 +176,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
         ranks=_ranks(cfg.trainer),
         masters_shared_by=_ranks(cfg.trainer) if int(cfg.trainer.get("num_nodes") or 1) == 1 else 1,
+        moments_dtype=torch.bfloat16 if cfg.model.get("moments") == "bf16" else torch.float32,
     )
     if machine.host_memory is not None and settings.ranks > 1:
         machine.host_memory //= settings.ranks  # the items are one rank's; the ranks share this host

@@ -120,8 +120,8 @@ def clip_task(engine: SlidingEngine, max_norm: float, units: list[HostUnit], dev
     norms = []
     for unit in units:
         engine.worker.await_device(unit.grad_event)
-        key = engine._key_of(unit)
-        optimizer = engine._optimizers[key]
+        key = engine.key_of(unit)
+        optimizer = engine.updates.optimizers[key]
         if checks.norm_down[index_of(key)] and optimizer.steps_whole_gradient:
             norms.append(checks.norms_host[index_of(key)].clone())  # taken on the device
         else:

@@ -35,7 +35,7 @@ class GradientDownloads:
         device buffer may be reused."""
         engine = self.engine
         streams, checks, mode = engine.streams, engine.gradient_checks, engine.mode
-        key = engine._key_of(unit)
+        key = engine.key_of(unit)
         index = index_of(key)
         checks.fold_finite(index, device_grads[: unit.trainable_numel], unit.grad_empty, streams, engine.shards)
         produced = streams.record()

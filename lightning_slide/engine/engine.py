@@ -38,19 +38,13 @@ from torch.utils.checkpoint import checkpoint
 from lightning_slide.engine import checks, state
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
-from lightning_slide.engine.checks import GradientChecks, Verdict, decide, raise_if_nonfinite
-from lightning_slide.engine.disk import MASTER, open_tier, place_optimizer_state
+from lightning_slide.engine.checks import GradientChecks, Verdict, decide
+from lightning_slide.engine.disk import open_tier
 from lightning_slide.engine.downloads import GradientDownloads
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
 from lightning_slide.engine.loans import GradientLoans
 from lightning_slide.engine.model_hooks import ModelHooks
-from lightning_slide.engine.optimizer import (
-    UnitOptimizer,
-    UpdateWorker,
-    check_optimizer,
-    hyperparameters,
-    state_names,
-)
+from lightning_slide.engine.optimizer import UpdateWorker, hyperparameters
 from lightning_slide.engine.options import SlideOptions, check_count
 from lightning_slide.engine.parking import Parking
 from lightning_slide.engine.plan import (
@@ -64,13 +58,8 @@ from lightning_slide.engine.plan import (
 from lightning_slide.engine.resident import ResidentParts
 from lightning_slide.engine.shard import Shards
 from lightning_slide.engine.streams import MemoryCap, Streams
+from lightning_slide.engine.updates import HostUpdates
 from lightning_slide.engine.window import Window
-
-_UNPARK_POLL_SECONDS = 1e-3  # while the training thread waits for an update, how often it sends parked gradients down
-
-
-# Key-value caches written in forward would be written again by the recompute in backward.
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 @dataclass
@@ -172,9 +161,8 @@ class SlidingEngine:
             resident_on_device=resident_on_device,
         )
         # Whether the masters outside this rank's shards hold the other ranks' latest updates (see _sync_masters).
-        self._masters_current = True
-        self._unit_key = {id(e.param): key for key, unit in self._units().items() for e in unit.entries}
-        self._optimized: set[int] = set()  # parameters some rank's optimizer steps (attach_optimizer)
+        self.masters_current = True
+        self.unit_key = {id(e.param): key for key, unit in self.units().items() for e in unit.entries}
 
         largest = max(u.numel for u in [self.resident, *self.layers])
         staging = min(largest, STAGING_NUMEL)  # device staging for copies that cast
@@ -192,7 +180,7 @@ class SlidingEngine:
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
         # Prefetching only what is already updated depends on timing; with several ranks every rank must issue the
         # same all-gathers in the same order, so each load waits for its update instead.
-        may_load = self._updated if not self.shards.active else (lambda index: True)
+        may_load = self.parking.settled if not self.shards.active else (lambda index: True)
         self.window = Window(
             self.layers,
             depth,
@@ -200,12 +188,12 @@ class SlidingEngine:
             compute_dtype,
             self.streams,
             self.upload_staging,
-            before_load=self._before_load,
+            before_load=self.parking.before_load,
             may_load=may_load,
             shards=self.shards,
         )
         self.resident_parts = ResidentParts(self, self.resident, resident_on_device)
-        self._optimizers: dict[Any, UnitOptimizer] = {}
+        self.updates = HostUpdates(self)  # one optimizer per unit (attach_optimizer)
         self._state_cache, self._master_cache = state.disk_caches(self)
         self._clip_norm: float | None = None
         self._clip_value: float | None = None
@@ -242,31 +230,15 @@ class SlidingEngine:
         """How many modules' own activation checkpointing the engine turned off while it runs."""
         return len(self.model_hooks.checkpointing)
 
-    def _units(self) -> dict[Any, HostUnit]:
-        """Every unit by key, in the order the next forward needs them."""
+    def units(self) -> dict[Any, HostUnit]:
+        """The host state of every unit by key: ``"resident"`` and each layer index, in the order the next forward
+        needs them."""
         return {RESIDENT: self.resident, **dict(enumerate(self.layers))}
 
     # ---------------------------------------------------------------- set-up: the optimizer
     def attach_optimizer(self, optimizer: Optimizer) -> None:
-        """Rebuild ``optimizer`` over the host masters, one fused optimizer per unit."""
-        check_optimizer(optimizer)
-        group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        known = {id(e.param) for u in self._units().values() for e in u.entries}
-        if any(pid not in known for pid in group_of):
-            raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
-        units = self._units()
-        # Optimized by some rank (each rank optimizes only its shards' pieces of them).
-        self._optimized = set(group_of) & {id(e.param) for unit in units.values() for e in unit.trainable}
-        on_device = self.resident_parts.on_device and self.resident.trainable_numel > 0
-        keys = [key for key, unit in units.items() if unit.grad_numel and not (key == RESIDENT and on_device)]
-        store = self.state_store if "optimizer" in self.offload else None
-        on_disk = place_optimizer_state(store, units, state_names(optimizer), keys)
-        self._optimizers = {}
-        for key, unit in units.items():
-            if key == RESIDENT:
-                self._optimizers[key] = self.resident_parts.optimizer(optimizer, group_of, key not in on_disk)
-            else:
-                self._optimizers[key] = UnitOptimizer(unit, optimizer, group_of, state_in_memory=key not in on_disk)
+        """Rebuild ``optimizer`` over the host masters, one fused optimizer per unit (``updates.HostUpdates``)."""
+        self.updates.attach(optimizer)
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Clip the global gradient norm to ``max_norm`` at the next step (exactly as ``clip_grad_norm_``)."""
@@ -282,14 +254,10 @@ class SlidingEngine:
         self.hide_grads()  # before the window moves a layer, which drops its parameters' .grad
         self.resident_parts.load()
 
-    def _forward_layer(self, index: int, forward, *args, **kwargs):
+    def forward_layer(self, index: int, forward, *args, **kwargs):
+        """Layer ``index``'s forward under the engine: checkpointed when it will be recomputed for its backward."""
         if not torch.is_grad_enabled():
             return self._run_layer(index, forward, *args, **kwargs)
-        for name in _CACHE_KWARGS:
-            if kwargs.get(name) is not None:
-                kwargs[name] = None
-        if kwargs.get("use_cache"):
-            kwargs["use_cache"] = False
         if self.activations is not None:
             with self.activations.hooks(index):  # sees the layer inputs the checkpoint saves
                 return checkpoint(self._run_layer, index, forward, *args, use_reentrant=False, **kwargs)
@@ -343,14 +311,14 @@ class SlidingEngine:
             and not observed
             and self.nonfinite != "skip"
             and param_groups is not None
-            and bool(self._optimizers)
+            and bool(self.updates)
         )
         mode = self.mode
         mode.backward, mode.step, mode.clipping = True, step, clipping
         mode.streaming = hyperparameters(param_groups) if stream else None
         mode.clip_value = None if clip_value is None else float(clip_value)
         # The step's updates wait for the end of backward: its layers' gradients may park (parked_grads).
-        mode.holding = last_micro_batch and not stream and bool(self._optimizers) and not observed
+        mode.holding = last_micro_batch and not stream and bool(self.updates) and not observed
         self.resident_parts.begin_backward()
 
     def end_backward(self) -> None:
@@ -374,11 +342,11 @@ class SlidingEngine:
 
     def _prefer_forward_order(self) -> None:
         """Run the queued updates (and the disk tier's reads) in the order the next forward needs them."""
-        self.worker.prefer(list(self._units()))
+        self.worker.prefer(list(self.units()))
         if self.state_store is not None:
-            self.state_store.prefer(list(self._units()))
+            self.state_store.prefer(list(self.units()))
 
-    def _on_grad(self, index: int, param: torch.Tensor) -> None:
+    def on_grad(self, index: int, param: torch.Tensor) -> None:
         left = self._pending.get(index)
         if left is None:
             raise RuntimeError(
@@ -401,7 +369,7 @@ class SlidingEngine:
         for entry in unit.trainable:
             entry.param.grad = None
         if self.mode.streaming is not None and index not in self.parking:
-            self._submit_update(index, self.mode.streaming, clip_value=self.mode.clip_value, ready=unit.grad_event)
+            self.updates.submit(index, self.mode.streaming, clip_value=self.mode.clip_value, ready=unit.grad_event)
 
     # ---------------------------------------------------------------- update (the step)
     def zero_grad(self) -> None:
@@ -410,7 +378,7 @@ class SlidingEngine:
         A unit whose update is still queued is left alone: that update empties it when it has consumed it.
         """
         self.hide_grads()
-        for key, unit in self._units().items():
+        for key, unit in self.units().items():
             if self.worker.done(key):
                 unit.grad_empty = True
                 self.loans.give_back(unit)
@@ -446,7 +414,7 @@ class SlidingEngine:
             return
         hyper = hyperparameters(param_groups)
         # Decided here, on the training thread: a unit takes part if gradients reached it since the last step.
-        keys = [key for key, unit in self._units().items() if not unit.grad_empty or key in self.parking]
+        keys = [key for key, unit in self.units().items() if not unit.grad_empty or key in self.parking]
         verdict = Verdict()
         # Skipping a step needs every unit's flag before any update (the clipping norm sees NaN/Inf by itself).
         check = clip_norm is None and self.nonfinite == "skip"
@@ -459,7 +427,7 @@ class SlidingEngine:
         if on_device:
             keys.remove(RESIDENT)
         if clip_norm is not None:
-            units = [self._units()[key] for key in keys]
+            units = [self.units()[key] for key in keys]
             device_norms = self.resident_parts.device_norms() if on_device else None
             self.worker.submit(
                 "norm",
@@ -476,86 +444,19 @@ class SlidingEngine:
             if key in self.parking:  # queued when it goes down, first layer first as host buffers free
                 self.parking.give_update(key, (hyper, verdict, clip_value))
             else:
-                self._submit_update(key, hyper, verdict, clip_value)
+                self.updates.submit(key, hyper, verdict, clip_value)
         self.mode.open = bool(self.parking)
         self.parking.unpark_ready()
 
-    def _submit_update(
-        self, key, hyper: list[dict], verdict: Verdict | None = None, clip_value=None, ready=None
-    ) -> None:
-        """Queue unit ``key``'s update. ``ready``: the event its gradients wait for, given for a streamed step's
-        updates, which the host may then run in the order their gradients arrive (``UpdateWorker.submit``)."""
-        optimizer = self._optimizers.get(key)
-        if optimizer is not None:
-            self.mode.open = True
-            self._masters_current = not self.shards.active
-            # filled in by the checks' task queued before, if any (checks.py)
-            verdict = Verdict() if verdict is None else verdict
-            if self.state_store is not None:
-                self.worker.wait(key)  # its previous update has handed its files to the writer: read after that
-            state = self._read_state(key, optimizer)  # the disk tier starts reading ahead now
-            if state is not None:
-                # The disk tier reads ahead in queue order, a bounded number of units: an update run out of that
-                # order could wait for a read that waits for the updates passed over. Keep the order.
-                ready = None
-            self.worker.submit(
-                key, functools.partial(self._update, optimizer, hyper, verdict, clip_value, state), ready
-            )
-
-    def _read_state(self, key, optimizer: UnitOptimizer):
-        """Start reading ``key``'s arrays on disk (moments, masters) for its update; ``None`` if none are."""
-        if optimizer.inner is None or self.state_store is None or not self.state_store.holds(key):
-            return None
-        self._state_cache.flush()  # a checkpoint's changes first; the update then reads the files
-        self._master_cache.flush()
-        return self.state_store.read(key)
-
-    def _key_of(self, unit: HostUnit):
+    def key_of(self, unit: HostUnit):
         return RESIDENT if unit is self.resident else self.layers.index(unit)
 
-    def _update(self, optimizer: UnitOptimizer, hyper, verdict: Verdict, clip_value, reading=None) -> None:
-        """Worker task: one unit's update from its accumulated gradients, which it then marks consumed.
-        ``reading``: the disk tier's read of the unit's optimizer state (written back after the update)."""
-        unit = optimizer.unit
-        state = None if reading is None else reading.result()
-        try:
-            verdict.raise_error()
-            self.worker.await_device(unit.grad_event)
-            if not verdict.skip:
-                raise_if_nonfinite(self, self._key_of(unit))
-                if unit is self.resident and self.resident_parts.in_chunks:
-                    self.resident_parts.step_in_chunks(optimizer, hyper, clip_value, state)
-                else:
-                    optimizer.step(hyper, verdict.coefficient, clip_value, state)
-                # before the next upload of the unit, which waits for this task
-                unit.refresh_weights(None if state is None else state.get(MASTER))
-        except BaseException:
-            if state is not None:
-                self.state_store.release(self._key_of(unit), state)
-            raise
-        if state is not None:
-            self.state_store.write(self._key_of(unit), state)
-        unit.grad_empty = True
-        self.loans.give_back(unit)
+    def flush_disk_caches(self) -> None:
+        """Write a checkpoint's changes to the disk tier's arrays (loaded or read since) before a unit reads them."""
+        self._state_cache.flush()
+        self._master_cache.flush()
 
     # ---------------------------------------------------------------- next forward: a load waits for its update
-    def _updated(self, index: int) -> bool:
-        """Whether layer ``index``'s masters are current: no update queued or running, no gradients parked."""
-        return index not in self.parking and self.worker.done(index)
-
-    def _before_load(self, index: int) -> None:
-        if index in self.parking.ready():  # (not gradients parked for a step still to come: the masters are current)
-            self.parking.unpark(index)
-        self._wait_update(index)
-
-    def _wait_update(self, key) -> None:
-        """Wait for unit ``key``'s update, sending parked gradients down meanwhile as host buffers come back: the
-        update thread would otherwise run out of gradients to update while this thread waits."""
-        with record_function(f"slide.wait update {key}"):
-            while self.parking.ready() and not self.worker.wait(key, timeout=_UNPARK_POLL_SECONDS):
-                self.parking.unpark_ready()
-            self.worker.wait(key)
-
     def add_parking(self, count: int) -> None:
         """Let ``count`` more layers' gradients park on the device (``parked_grads``; allocated now)."""
         check_count("parked_grads", count, minimum=0)
@@ -609,9 +510,9 @@ class SlidingEngine:
         if self.state_store is not None:
             self.state_store.flush()
         self.resident_parts.to_host()
-        if gather and not self._masters_current:
+        if gather and not self.masters_current:
             state.gather_masters(self)
-            self._masters_current = True
+            self.masters_current = True
 
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         """The root's state dict, every parameter given by its fp32 master (see ``state.state_dict``)."""
@@ -633,10 +534,6 @@ class SlidingEngine:
         """Load ``param``'s whole optimizer state (torch's layout; ``state.load_optimizer_state``)."""
         state.load_optimizer_state(self, param, values)
 
-    def units(self) -> dict[Any, HostUnit]:
-        """The host state of every unit: ``"resident"`` and each layer index, in forward order."""
-        return self._units()
-
     def close(self, *, drain: bool = True, gather: bool = True) -> None:
         """Stop the worker and the disk tier's threads, leave every parameter on its host master and let go of the
         scratch memory (window slots, staging, pooled gradient buffers, parked activations). Masters and optimizer
@@ -655,8 +552,7 @@ class SlidingEngine:
             if drain:
                 self._sync_masters(gather)  # re-raises an update's failure
                 if self.state_store is not None:
-                    self._state_cache.flush()
-                    self._master_cache.flush()
+                    self.flush_disk_caches()
         finally:
             if self.state_store is not None:  # first: an update waiting for a read is let go, not waited for
                 self.state_store.close()

@@ -16,7 +16,7 @@ from lightning_slide.engine.host import GradientPool, HostUnit
 if TYPE_CHECKING:
     from lightning_slide.engine.optimizer import UpdateWorker
 
-_POLL_SECONDS = 1e-3  # how often a wait for room looks again (the caller may have other work between looks)
+POLL_SECONDS = 1e-3  # how often a wait for room looks again (the caller may have other work between looks)
 
 
 class GradientLoans:
@@ -48,7 +48,7 @@ class GradientLoans:
         (whichever first) has given it back."""
         while not self.has_room():
             oldest = self.lent[0]
-            if not self.worker.wait(oldest, timeout=_POLL_SECONDS) or self._returned(oldest):
+            if not self.worker.wait(oldest, timeout=POLL_SECONDS) or self._returned(oldest):
                 continue
             # done but still holding it: a step waiting for the backward has not queued its update yet
             self.lent.popleft()

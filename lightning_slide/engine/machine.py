@@ -45,6 +45,8 @@ class Machine:
     disk_read_bytes_per_s: float = 2e9
     disk_write_bytes_per_s: float = 1e9
     host_adamw_params_per_s: float = 1e9
+    # With bf16 moments (lightning_slide.optim.AdamW); None: estimated from the fp32 rate by the bytes each moves
+    host_adamw_bf16_params_per_s: float | None = None
     gpu_flops: float = 150e12  # sustained bf16 matmul FLOP/s
 
     @classmethod
@@ -62,6 +64,13 @@ class Machine:
                 path = path.parent
             disk = shutil.disk_usage(path).free
         return cls(gpu_memory=gpu, host_memory=host_available(), disk_free=disk, **rates)
+
+    def adamw_rate(self, moments: torch.dtype) -> float:
+        """Host AdamW parameters per second with moments in ``moments``: a bf16 update moves 20 bytes per parameter
+        where fp32 moves 28 (masters read and written, gradient read, two moments read and written)."""
+        if moments == torch.float32:
+            return self.host_adamw_params_per_s
+        return self.host_adamw_bf16_params_per_s or self.host_adamw_params_per_s * 28 / 20
 
     def measure(self, offload_dir: str | None = None, seconds: float = 0.2) -> Machine:
         """Measure the rates this machine can: host AdamW always; H2D, D2H and matmul FLOP/s with a GPU; disk read
@@ -108,7 +117,7 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
             + offloaded
         )
         / m.d2h_bytes_per_s,
-        "host AdamW": host_updated_trainable(shape, s) / m.host_adamw_params_per_s,
+        "host AdamW": host_updated_trainable(shape, s) / m.adamw_rate(s.moments_dtype),
     }
     files = sum(disk_bytes(shape, s).values()) * s.ranks  # every rank's, each read and written once per step
     if files:

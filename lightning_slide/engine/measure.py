@@ -25,17 +25,23 @@ def _rate(work, amount: float, seconds: float, sync=lambda: None) -> float:
             return amount * runs / elapsed
 
 
-def host_adamw_rate(seconds: float = 0.2, numel: int = 2**22) -> float:
-    """Parameters per second of torch's fused AdamW on the host (fp32), as the engine runs it."""
+def host_adamw_rate(seconds: float = 0.2, numel: int = 2**22, moments: torch.dtype = torch.float32) -> float:
+    """Parameters per second of the host AdamW as the engine runs it: torch's fused kernel with fp32 moments,
+    ``lightning_slide.optim.AdamW``'s with bf16 ones."""
+    from lightning_slide.optim import AdamW
+
     param = torch.zeros(numel, dtype=torch.float32)
     param.grad = torch.ones(numel, dtype=torch.float32)
-    optimizer = torch.optim.AdamW([param], lr=1e-3, fused=True)
+    optimizer = AdamW([param], lr=1e-3, state_dtype=moments, fused=True if moments == torch.float32 else None)
     return _rate(optimizer.step, numel, seconds)
 
 
 def measure_rates(directory: str | None = None, seconds: float = 0.2) -> dict[str, float]:
     """The rate fields of :class:`~lightning_slide.engine.machine.Machine` this machine can measure."""
-    rates = {"host_adamw_params_per_s": host_adamw_rate(seconds)}
+    rates = {
+        "host_adamw_params_per_s": host_adamw_rate(seconds),
+        "host_adamw_bf16_params_per_s": host_adamw_rate(seconds, moments=torch.bfloat16),
+    }
     if torch.cuda.is_available():
         sync = torch.cuda.synchronize
         numel = 2**26  # 256 MiB of fp32

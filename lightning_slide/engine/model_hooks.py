@@ -8,11 +8,24 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from lightning_slide.engine.blocks import ModelParts
     from lightning_slide.engine.engine import SlidingEngine
+
+
+# Key-value caches written in forward would be written again by the recompute in backward.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _without_cache(forward_layer, index: int, forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        kwargs.update({name: None for name in _CACHE_KWARGS if kwargs.get(name) is not None})
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+    return forward_layer(index, forward, *args, **kwargs)
 
 
 class ModelHooks:
@@ -28,9 +41,9 @@ class ModelHooks:
         for module in self.checkpointing:
             module.gradient_checkpointing = False
         for index, block in enumerate(self.blocks):
-            block.forward = functools.partial(engine._forward_layer, index, block.forward)
+            block.forward = functools.partial(_without_cache, engine.forward_layer, index, block.forward)
         self.handles = [
-            entry.param.register_post_accumulate_grad_hook(functools.partial(engine._on_grad, index))
+            entry.param.register_post_accumulate_grad_hook(functools.partial(engine.on_grad, index))
             for index, unit in enumerate(engine.layers)
             for entry in unit.trainable
         ]

@@ -20,15 +20,17 @@ import torch
 from torch.optim import Optimizer
 from torch.profiler import record_function
 
+from lightning_slide import optim
 from lightning_slide.engine.host import Entry, HostUnit
 
-SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
+SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, optim.AdamW)
 # Per-group settings read from the user's param groups at every update (LR schedulers change them between steps).
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
 
 
-def check_optimizer(optimizer: Optimizer) -> None:
-    """Raise a clear error unless ``optimizer`` is one the host can run exactly."""
+def check_optimizer(optimizer: Optimizer, on_disk: frozenset[str] = frozenset()) -> None:
+    """Raise a clear error unless ``optimizer`` is one the host can run exactly (with ``on_disk``, what the disk tier
+    holds)."""
     if type(optimizer) not in SUPPORTED_OPTIMIZERS:
         names = ", ".join(f"torch.optim.{cls.__name__}" for cls in SUPPORTED_OPTIMIZERS)
         raise ValueError(
@@ -41,6 +43,12 @@ def check_optimizer(optimizer: Optimizer) -> None:
                 raise ValueError(
                     f"slideformer does not support {type(optimizer).__name__}({flag}=True); set it to False."
                 )
+    if "optimizer" in on_disk and getattr(optimizer, "state_dtype", torch.float32) != torch.float32:
+        raise ValueError(
+            "the disk tier keeps fp32 Adam moments, and lightning_slide.optim.AdamW keeps them in "
+            f"{optimizer.state_dtype}: keep its moments in memory (offload='masters' or no offload_dir; bf16 "
+            "moments take half the memory) or use state_dtype=torch.float32"
+        )
 
 
 def hyperparameters(param_groups: list[dict]) -> list[dict]:
@@ -72,8 +80,9 @@ class _Piece:
 class UnitOptimizer:
     """The user's optimizer over one unit's trainable fp32 masters, grouped like the user's param groups.
 
-    Its state lives in flat fp32 arrays laid out like the unit's trainable parameters (one per state name), which
-    torch's optimizer sees as per-parameter views; they stay in memory, or come from the disk tier for each step.
+    Its state lives in flat arrays (fp32, or the optimizer's ``state_dtype``) laid out like the unit's trainable
+    parameters (one per state name), which torch's optimizer sees as per-parameter views; they stay in memory, or
+    come from the disk tier for each step.
     The masters it steps are views of the unit's flat masters; when those live on disk, each step is handed the
     flat array read from the file and the views are pointed at it for that step (``.data``), then back at the
     unit's resting place (the mapped file).
@@ -128,12 +137,14 @@ class UnitOptimizer:
                 self._entries.append((piece, master))
         self.group_indices = sorted(members)
         self.state_names = state_names(optimizer)
+        self.state_dtype = getattr(optimizer, "state_dtype", torch.float32)  # lightning_slide.optim.AdamW's
         self.inner: Optimizer | None = None
         self.state: dict[str, torch.Tensor] | None = None
         if members:
             snapshot = hyperparameters(optimizer.param_groups)
             groups = [{"params": members[g], **snapshot[g]} for g in self.group_indices]
-            self.inner = type(optimizer)(groups, fused=True)
+            same_state = {"state_dtype": self.state_dtype} if isinstance(optimizer, optim.AdamW) else {}
+            self.inner = type(optimizer)(groups, fused=True, **same_state)
             for _, master in self._entries:  # the step count stays in memory whatever holds the moments
                 self.inner.state[master] = {"step": torch.zeros((), dtype=torch.float32, device=master.device)}
             if state_in_memory:
@@ -148,7 +159,7 @@ class UnitOptimizer:
 
     def empty_state(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {
-            name: torch.zeros(self.unit.grad_numel, dtype=torch.float32, device=device) for name in self.state_names
+            name: torch.zeros(self.unit.grad_numel, dtype=self.state_dtype, device=device) for name in self.state_names
         }
 
     def _attach(self, state: dict[str, torch.Tensor]) -> None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 from lightning_slide.engine.host import HostUnit
+from lightning_slide.engine.loans import POLL_SECONDS
 from lightning_slide.engine.streams import copy_cast
 
 if TYPE_CHECKING:
@@ -64,7 +66,7 @@ class Parking:
             return False
         if mode.streaming is not None:
             return bool(self.free or self.parked) and bool(self.parked or not engine.loans.has_room())
-        optimizer = engine._optimizers.get(key)
+        optimizer = engine.updates.optimizers.get(key)
         # clipping by norm reads a parked layer's norm taken on the device: it must cover all it optimizes
         return (
             mode.holding
@@ -110,7 +112,7 @@ class Parking:
             unit.grad_empty = False
             unit.grad_event = engine.streams.record()
         self.free.append((buffer, unit.grad_event))
-        engine._submit_update(index, *update, ready=unit.grad_event)
+        engine.updates.submit(index, *update, ready=unit.grad_event)
         if engine.mode.streaming is None:  # after the backward: the next forward's order, this update among the first
             engine._prefer_forward_order()
             engine.mode.open = bool(self.parked)  # the step's updates are all queued once none is parked
@@ -139,6 +141,25 @@ class Parking:
         if landed:
             return min(landed)
         return min(waiting) if self.engine.mode.streaming is None else waiting[0]
+
+    def settled(self, index: int) -> bool:
+        """Whether layer ``index``'s masters are current: no update queued or running, no gradients parked."""
+        return index not in self.parked and self.engine.worker.done(index)
+
+    def before_load(self, index: int) -> None:
+        """Before the window loads layer ``index``: its parked gradients go down, and its update is waited for."""
+        if index in self.ready():  # (not gradients parked for a step still to come: the masters are current)
+            self.unpark(index)
+        self.wait_for_update(index)
+
+    def wait_for_update(self, key) -> None:
+        """Wait for unit ``key``'s update, sending parked gradients down meanwhile as host buffers come back: the
+        update thread would otherwise run out of gradients to update while the training thread waits."""
+        worker = self.engine.worker
+        with record_function(f"slide.wait update {key}"):
+            while self.ready() and not worker.wait(key, timeout=POLL_SECONDS):
+                self.unpark_ready()
+            worker.wait(key)
 
     def close(self) -> None:
         """Let the buffers go once their copies are done."""

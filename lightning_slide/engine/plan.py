@@ -229,7 +229,11 @@ class Plan:
         """Everything as plain Python (JSON-ready)."""
         return {
             "shape": dataclasses.asdict(self.shape),
-            "settings": {**dataclasses.asdict(self.settings), "compute_dtype": str(self.settings.compute_dtype)},
+            "settings": {
+                **dataclasses.asdict(self.settings),
+                "compute_dtype": str(self.settings.compute_dtype),
+                "moments_dtype": str(self.settings.moments_dtype),
+            },
             "machine": dataclasses.asdict(self.machine),
             "gpu": self.gpu,
             "host": self.host,

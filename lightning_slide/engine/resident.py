@@ -82,7 +82,7 @@ class ResidentParts:
             return
         engine, unit = self.engine, self.unit
         if not self.updates_on_device:  # else each update refreshes the copy, on the device
-            engine._wait_update(RESIDENT)
+            engine.parking.wait_for_update(RESIDENT)
             streams = engine.streams
             in_use = streams.record()  # whatever compute still reads the old copy
             with streams.on(streams.upload):
@@ -118,7 +118,7 @@ class ResidentParts:
             else:
                 self.grad.add_(self.grads)
             unit.grad_empty = False
-        elif streaming is not None and unit.grad_empty and RESIDENT in engine._optimizers:
+        elif streaming is not None and unit.grad_empty and RESIDENT in engine.updates.optimizers:
             # Left on the device for the update to read in chunks, through buffers made here, on the training
             # thread (page-locked for this thread's device).
             if self.chunk_buffer is None:
@@ -137,7 +137,7 @@ class ResidentParts:
             entry.param.grad = None
         if streaming is not None and not self.updates_on_device:
             ready = self.chunks_ready if self.in_chunks else unit.grad_event
-            engine._submit_update(RESIDENT, streaming, clip_value=clip_value, ready=ready)
+            engine.updates.submit(RESIDENT, streaming, clip_value=clip_value, ready=ready)
 
     def accumulator(self) -> torch.Tensor:
         """The host gradient accumulator (accumulation, clipping, ``nonfinite="skip"``), kept once allocated."""
@@ -148,7 +148,7 @@ class ResidentParts:
     # ---------------------------------------------------------------- update
     def device_norms(self):
         """Per-parameter gradient norms of the device-updated parts, on their way to the host: (host, event)."""
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in self.engine._optimizers[RESIDENT].bind()])
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in self.engine.updates.optimizers[RESIDENT].bind()])
         host = torch.empty(norms.shape, dtype=norms.dtype, pin_memory=self.engine.pin)
         host.copy_(norms, non_blocking=True)
         return host, self.engine.streams.record()
@@ -161,7 +161,7 @@ class ResidentParts:
             raise_if_nonfinite(self.engine, RESIDENT)
         if coefficient is not None:
             coefficient = coefficient.to(self.engine.device)
-        self.engine._optimizers[RESIDENT].step(hyper, coefficient, clip_value)
+        self.engine.updates.optimizers[RESIDENT].step(hyper, coefficient, clip_value)
         self.unit.grad_empty = True
         self.weights.copy_(self.master)
 

@@ -150,6 +150,9 @@ class ModelShape:
         )
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
 @dataclass(frozen=True)
 class Settings:
     """The run's choices. ``batch``/``seq`` ``None``: activations not planned (only the fixed buffers)."""
@@ -172,6 +175,7 @@ class Settings:
     ranks: int = 1  # data-parallel ranks sharing each unit: each holds 1/ranks of the moments and gradients
     masters_shared_by: int = 1  # ranks of one host keeping one copy of the sharded fp32 masters (shared_masters.py)
     parked_grads: int = 0  # layers' gradients the device may hold while the host has no free buffer
+    moments_dtype: torch.dtype = torch.float32  # the optimizer's (lightning_slide.optim.AdamW keeps them in bf16)
 
     @classmethod
     def of(cls, options: SlideOptions, **run) -> Settings:
@@ -380,8 +384,9 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         items["layer frozen weights (compute dtype)" + pinned] = shape.layers_frozen * element
     host_updated = host_updated_trainable(shape, s)
     share = 1 / s.ranks  # with several ranks each keeps its shard of what follows (shard.py)
-    if "optimizer" not in on_disk:  # UnitOptimizer.state: exp_avg, exp_avg_sq (fp32) per host-updated unit
-        items["Adam moments (fp32)"] = int(8 * host_updated * share)
+    if "optimizer" not in on_disk:  # UnitOptimizer.state: exp_avg, exp_avg_sq per host-updated unit
+        moment, name = torch.empty((), dtype=s.moments_dtype).element_size(), _DTYPE_NAMES.get(s.moments_dtype)
+        items[f"Adam moments ({name})"] = int(2 * moment * host_updated * share)
     if on_disk:  # StateStore: at most grad_buffers + 1 units' arrays read in (the largest units, at worst)
         moments = 8 if "optimizer" in on_disk else 0
         masters = 4 if "masters" in on_disk else 0

@@ -46,7 +46,7 @@ def gather_masters(engine: SlidingEngine) -> None:
     once every rank is here (its updates done)."""
     if engine._masters_shared:
         engine.shards.host_barrier()
-    for unit in engine._units().values():
+    for unit in engine.units().values():
         if (unit.start, unit.stop) == (0, unit.numel) or unit.master is None or unit.shared:
             continue  # replicated, or shared
         span = engine.shards.span(unit.numel)
@@ -61,7 +61,7 @@ def disk_caches(engine: SlidingEngine) -> tuple[OneUnitCache, OneUnitCache]:
     """The disk tier's arrays (optimizer state, masters) of the last unit read outside an update: a checkpoint goes
     parameter by parameter, and reads or writes each unit's files once."""
     moments = OneUnitCache(
-        load=lambda key: engine.state_store.load(key, engine._optimizers[key].state_names),
+        load=lambda key: engine.state_store.load(key, engine.updates.optimizers[key].state_names),
         store=lambda key, values: engine.state_store.put(key, values),
     )
     masters = OneUnitCache(
@@ -82,7 +82,7 @@ def state_dict(engine: SlidingEngine) -> Mapping[str, torch.Tensor]:
     state = engine.root.state_dict()
     on_disk: dict[str, tuple[int, Any]] = {}
     masters = {}
-    for key, unit in engine._units().items():
+    for key, unit in engine.units().items():
         for e in unit.entries:
             masters[id(e.param)] = (key, e) if unit.master is None else unit.home(e)
     for name, param in engine.root.named_parameters(remove_duplicate=False):
@@ -113,7 +113,7 @@ def load_state_dict(engine: SlidingEngine, state: dict[str, torch.Tensor], stric
     Every compute copy is dropped and reloaded from the masters before it is used again.
     """
     engine._sync_masters()
-    units = {id(e.param): (key, u, e) for key, u in engine._units().items() for e in u.entries}
+    units = {id(e.param): (key, u, e) for key, u in engine.units().items() for e in u.entries}
     expected = set(engine.root.state_dict())
     if strict and set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -146,11 +146,11 @@ def host_bytes(engine: SlidingEngine) -> dict[str, int]:
     """Bytes of host memory the engine holds in tensors now, by kind (what ``README`` calls host bytes per
     parameter; page-locked or not). ``"disk tier in flight"`` is the disk tier's read buffers (in use or pooled,
     at most ``grad_buffers + 1`` units' arrays; ``state_store.peak_bytes`` is their high-water mark)."""
-    units = list(engine._units().values())
+    units = list(engine.units().values())
     pool = engine.grad_pool
     moments = sum(
         t.nbytes
-        for o in engine._optimizers.values()
+        for o in engine.updates.optimizers.values()
         if o.state is not None and o.inner is not None
         for t in o.state.values()
         if t.device.type == "cpu"
@@ -190,12 +190,12 @@ def optimizer_state(engine: SlidingEngine, param: nn.Parameter) -> dict | None:
     With several ranks sharing its unit each holds a piece of it: this is then a collective (every rank must
     ask for the same parameters in the same order) that returns the whole state on every rank."""
     engine._sync_masters()
-    key = engine._unit_key.get(id(param))
-    if key is None or id(param) not in engine._optimized:
+    key = engine.unit_key.get(id(param))
+    if key is None or id(param) not in engine.updates.optimized:
         return None
-    optimizer = engine._optimizers[key]
+    optimizer = engine.updates.optimizers[key]
     local = optimizer.state_of(param, stored_state(engine, key, optimizer))
-    unit = engine._units()[key]
+    unit = engine.units()[key]
     if (unit.start, unit.stop) == (0, unit.numel):  # one rank, or replicated: whole here
         return {k: v.cpu() if torch.is_tensor(v) else v for k, v in local.items()}
     # Every rank adds its piece into zeros: the whole state on every rank.
@@ -217,10 +217,10 @@ def optimizer_state(engine: SlidingEngine, param: nn.Parameter) -> dict | None:
 def load_optimizer_state(engine: SlidingEngine, param: nn.Parameter, state: dict) -> None:
     """Load ``param``'s whole optimizer state (torch's layout); with several ranks each keeps its piece."""
     engine._sync_masters()
-    key = engine._unit_key.get(id(param))
-    if key is None or id(param) not in engine._optimized:
+    key = engine.unit_key.get(id(param))
+    if key is None or id(param) not in engine.updates.optimized:
         raise KeyError("parameter is not optimized by the host optimizer")
-    optimizer = engine._optimizers[key]
+    optimizer = engine.updates.optimizers[key]
     if optimizer.piece_of(param) is None:
         return  # another rank's shard holds all of it
     stored = stored_state(engine, key, optimizer)
@@ -241,7 +241,7 @@ def show_grads(engine: SlidingEngine) -> None:
     engine.downloads.wait_added()  # later micro-batches are added in by the update thread
     engine.window.clear()  # the layers' parameters are home: their masters
     resident = engine.resident_parts
-    for unit in [u for u in engine._units().values() if u.trainable and not u.grad_empty]:
+    for unit in [u for u in engine.units().values() if u.trainable and not u.grad_empty]:
         on_device = unit is engine.resident and resident.updates_on_device
         if on_device:
             for entry in unit.trainable:

@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 from lightning_slide.app.module import CausalLMModule, warmup_cosine
 from lightning_slide.app.train import ASSETS
 
@@ -37,3 +39,21 @@ def test_warmup_then_cosine():
     assert math.isclose(warmup_cosine(110, 10, 110, "cosine", 0.1), 0.1)
     assert warmup_cosine(50, 10, 110, "constant", 0.1) == 1.0
     assert warmup_cosine(5, 0, 0, "cosine", 0.1) == 1.0  # unbounded training: no decay
+
+
+def test_moments_choose_the_optimizer():
+    import pytest
+
+    from lightning_slide import optim
+
+    with pytest.raises(ValueError, match="moments must be 'fp32' or 'bf16'"):
+        CausalLMModule(config={"model_type": "llama"}, tokenizer=str(ASSETS / "tokenizer"), moments="fp16")
+    module = CausalLMModule(
+        config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
+        tokenizer=str(ASSETS / "tokenizer"),
+        moments="bf16",
+    )
+    module.configure_model()
+    module.trainer = type("Trainer", (), {"estimated_stepping_batches": 10})()  # what configure_optimizers reads
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, optim.AdamW) and optimizer.state_dtype == torch.bfloat16

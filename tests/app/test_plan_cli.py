@@ -206,3 +206,9 @@ def test_plan_of_your_own_module(tmp_path, capsys):
     capsys.readouterr()
     assert main(["model._target_=nopkg.Module"]) == 2
     assert "model._target_=nopkg.Module: cannot import it (No module named 'nopkg')" in capsys.readouterr().err
+
+
+def test_slide_plan_counts_bf16_moments(capsys):
+    assert main(["plan.gpu_memory=1GiB", "model.moments=bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "Adam moments (bf16)" in out and "Adam moments (fp32)" not in out, out

@@ -228,13 +228,13 @@ def test_slow_host_with_everything_on_disk_streams_reordered_updates(tmp_path, g
     class SlowHost(L.Callback):
         def on_train_start(self, trainer, pl_module):
             engine = trainer.strategy.engine
-            update = engine._update
+            update = engine.updates.run
 
             def slow_update(*args):  # updates pile up behind the backward and are reordered when it ends
                 time.sleep(0.02)
                 update(*args)
 
-            engine._update = slow_update
+            engine.updates.run = slow_update
 
     plain = _fit("auto", clip=None, accumulate=1, steps=4)
     strategy = lightning_slide.SlideFormerStrategy(

@@ -94,10 +94,13 @@ class _Snapshot(L.Callback):
 
         def moments(keys):
             return [
-                t for k, o in engine._optimizers.items() if k in keys and o.state is not None for t in o.state.values()
+                t
+                for k, o in engine.updates.optimizers.items()
+                if k in keys and o.state is not None
+                for t in o.state.values()
             ]
 
-        on_host = moments([k for k in engine._optimizers if k != on_device_key])
+        on_host = moments([k for k in engine.updates.optimizers if k != on_device_key])
         on_device = moments([on_device_key])
         self.host = {
             "masters": sum(u.master.numel() * 4 for u in units.values()),

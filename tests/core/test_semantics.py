@@ -364,13 +364,13 @@ def test_streamed_updates_bound_the_host_gradient_buffers():
     class SlowHost(L.Callback):
         def on_train_start(self, trainer, pl_module):
             engine = trainer.strategy.engine
-            update = engine._update
+            update = engine.updates.run
 
             def slow_update(*args):  # a host far slower than the backward: gradients would pile up
                 time.sleep(0.05)
                 update(*args)
 
-            engine._update = slow_update
+            engine.updates.run = slow_update
 
         def on_train_end(self, trainer, pl_module):
             seen["allocated"] = trainer.strategy.engine.grad_pool.allocated

@@ -1,0 +1,172 @@
+"""AdamW with its moments kept in bfloat16: half the optimizer state's memory and less of the host's memory traffic.
+
+``AdamW(params, ..., state_dtype=torch.bfloat16)`` is torch's AdamW (decoupled weight decay, the same
+hyperparameters and ``state_dict`` layout) whose ``exp_avg`` and ``exp_avg_sq`` are stored in bf16: each update
+reads them into fp32, updates the parameter in fp32 and rounds them back to the nearest bf16. It trains anywhere —
+plain Lightning, any device — and under slideformer the host runs the same kernel over the fp32 masters. One pass
+over memory per parameter (``torch.compile`` fuses the update: a C++ loop on the CPU, a Triton kernel on a GPU):
+20 bytes moved per parameter instead of fp32 AdamW's 28, and 4 bytes of state instead of 8. Its quality cost is
+measured in BENCHMARKS.md (``benchmarks/convergence.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+STATE_DTYPES = (torch.bfloat16, torch.float32)
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _adamw_update(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, hyper: torch.Tensor
+) -> None:
+    """One AdamW update of flat ``param`` in fp32, the moments read from and rounded back to their own dtype.
+    ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2), sign]``
+    (``sign`` -1 maximizes). Tensors, not Python numbers: a changed learning rate does not recompile."""
+    lr, beta1, beta2, eps, decay, bias1, bias2_sqrt, sign = hyper.unbind()
+    grad = grad.float() * sign
+    exp_avg32 = exp_avg.float().lerp(grad, 1 - beta1)
+    exp_avg_sq32 = exp_avg_sq.float() * beta2 + grad * grad * (1 - beta2)
+    denom = exp_avg_sq32.sqrt() / bias2_sqrt + eps
+    param.copy_(param.float() * (1 - lr * decay) - (lr / bias1) * exp_avg32 / denom)
+    exp_avg.copy_(exp_avg32)
+    exp_avg_sq.copy_(exp_avg_sq32)
+
+
+class _Kernel:
+    """``_adamw_update`` compiled once per process (shapes dynamic); torch's eager ops where compiling fails."""
+
+    def __init__(self) -> None:
+        self._compiled = None
+        self._failed: str | None = None
+        self._lock = threading.Lock()  # updates may run on the training thread and on slideformer's host thread
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        if self._failed is None:
+            with self._lock:  # (dynamo serializes compiling itself; the kernels then run concurrently)
+                if self._compiled is None:
+                    self._compiled = torch.compile(_adamw_update, dynamic=True, fullgraph=True)
+            try:
+                return self._compiled(*tensors)
+            except Exception as error:  # noqa: BLE001 - no C++ compiler, an unsupported backend: still train
+                self._failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                warnings.warn(
+                    f"lightning_slide.optim.AdamW could not compile its fused update ({self._failed}); it runs "
+                    "torch's eager ops instead (the same result, several passes over memory: slower)",
+                    stacklevel=3,
+                )
+        _adamw_update(*tensors)
+
+
+_kernel = _Kernel()
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW with ``exp_avg`` and ``exp_avg_sq`` stored in ``state_dtype``.
+
+    Args:
+        params, lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW``.
+        state_dtype: ``torch.bfloat16`` (default): the moments in bf16, updated by one fused kernel;
+            ``torch.float32``: exactly ``torch.optim.AdamW`` (its fused kernel where it has one).
+        fused, foreach: ``torch.optim.AdamW``'s, used with ``state_dtype=torch.float32`` only.
+
+    ``amsgrad``, ``capturable`` and ``differentiable`` are not offered with bf16 moments.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        state_dtype: torch.dtype = torch.bfloat16,
+        maximize: bool = False,
+        fused: bool | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be torch.bfloat16 or torch.float32, got {state_dtype!r}")
+        self.state_dtype = state_dtype
+        low = state_dtype != torch.float32
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            fused=None if low else fused,
+            foreach=None if low else foreach,
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.state_dtype == torch.float32:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("lightning_slide.optim.AdamW does not support sparse gradients")
+                state = self.state[param]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                for name in _MOMENTS:
+                    if name not in state:
+                        state[name] = torch.zeros_like(param, dtype=self.state_dtype)
+                state["step"] += 1
+                step = float(state["step"])
+                hyper = torch.tensor(
+                    [
+                        float(group["lr"]),
+                        beta1,
+                        beta2,
+                        group["eps"],
+                        group["weight_decay"],
+                        1 - beta1**step,
+                        math.sqrt(1 - beta2**step),
+                        -1.0 if group["maximize"] else 1.0,
+                    ],
+                    dtype=torch.float32,
+                    device=param.device,
+                )
+                _update_flat(param, param.grad, state["exp_avg"], state["exp_avg_sq"], hyper)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, keeping the moments in ``state_dtype`` (torch casts them to the parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for name in _MOMENTS:
+                if name in state and state[name].dtype != self.state_dtype and self.state_dtype != torch.float32:
+                    state[name] = state[name].to(self.state_dtype)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("state_dtype", torch.float32)
+
+
+def _update_flat(param, grad, exp_avg, exp_avg_sq, hyper) -> None:
+    """The kernel over flat views (one compiled shape family); tensors that have none go through copies."""
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    if all(t.is_contiguous() for t in tensors):
+        _kernel(*(t.view(-1) for t in tensors), hyper)
+        return
+    flat = [t.reshape(-1).clone() if not t.is_contiguous() else t.view(-1) for t in tensors]
+    _kernel(*flat, hyper)
+    for original, copy in zip(tensors, flat):
+        if not original.is_contiguous() and original is not grad:
+            original.copy_(copy.view_as(original))

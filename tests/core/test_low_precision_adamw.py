@@ -1,0 +1,157 @@
+"""lightning_slide.optim.AdamW: torch's AdamW with bf16 moments, on its own and under slideformer."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lightning_slide
+from lightning_slide import optim
+from tests.core.test_parity import assert_same_training, train
+from tests.core.tiny import ACCELERATOR, relative_error
+
+
+def _run(cls, steps=12, seed=0, **options):
+    torch.manual_seed(seed)
+    weight = torch.nn.Parameter(torch.randn(64, 48))
+    bias = torch.nn.Parameter(torch.randn(48))
+    opt = cls([{"params": [weight], "weight_decay": 0.1}, {"params": [bias], "weight_decay": 0.0}], lr=1e-2, **options)
+    for step in range(steps):
+        weight.grad = torch.randn_like(weight) * (1 + step)
+        bias.grad = torch.randn_like(bias)
+        opt.step()
+    return opt, weight, bias
+
+
+def test_float32_state_is_torch_adamw():
+    _, ours, _ = _run(optim.AdamW, state_dtype=torch.float32)
+    _, theirs, _ = _run(torch.optim.AdamW)
+    assert torch.equal(ours, theirs)
+
+
+def test_bf16_moments_follow_the_fp32_update():
+    opt, ours, ours_bias = _run(optim.AdamW, maximize=False)
+    _, theirs, theirs_bias = _run(torch.optim.AdamW)
+    assert all(s[n].dtype == torch.bfloat16 for s in opt.state.values() for n in ("exp_avg", "exp_avg_sq"))
+    start = _run(torch.optim.AdamW, steps=0)[1]
+    # The rounding of the moments moves each step's update by well under 1% of its size.
+    assert relative_error(ours - start, theirs - start) < 1e-2
+    assert relative_error(ours_bias, theirs_bias) < 1e-2
+
+
+def test_maximize_ascends():
+    _, up, _ = _run(optim.AdamW, steps=1, maximize=True)
+    _, down, _ = _run(optim.AdamW, steps=1)
+    start = _run(optim.AdamW, steps=0)[1]
+    assert torch.allclose((up - start * (1 - 1e-3)), -(down - start * (1 - 1e-3)), atol=1e-6)
+
+
+def test_the_fused_kernel_computes_what_the_eager_ops_do():
+    torch.manual_seed(1)
+    n = 10_000
+    param, grad = torch.randn(n), torch.randn(n)
+    moments = [torch.randn(n).abs().to(torch.bfloat16) for _ in range(2)]
+    hyper = torch.tensor([1e-2, 0.9, 0.95, 1e-8, 0.1, 0.3, 0.2, 1.0])
+    eager = [t.clone() for t in (param, grad, *moments)]
+    fused = [t.clone() for t in (param, grad, *moments)]
+    optim._adamw_update(*eager, hyper)
+    optim._kernel(*fused, hyper)
+    assert optim._kernel._failed is None  # the compiled kernel ran (a C++ compiler is on every machine we test)
+    assert torch.allclose(fused[0], eager[0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(fused[2:], eager[2:]):
+        assert (a.float() - b.float()).abs().max() <= 2**-7 * b.float().abs().max()  # one bf16 rounding at most
+
+
+def test_state_dict_round_trip_keeps_bf16_and_resumes_exactly():
+    opt, weight, bias = _run(optim.AdamW, steps=3)
+    saved = copy.deepcopy(opt.state_dict())  # as from a checkpoint (state_dict() shares the step tensors)
+    copy_w, copy_b = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    again = optim.AdamW([{"params": [copy_w], "weight_decay": 0.1}, {"params": [copy_b], "weight_decay": 0.0}])
+    again.load_state_dict(saved)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in again.state.values())
+    for p, q in ((weight, copy_w), (bias, copy_b)):
+        p.grad = q.grad = torch.ones_like(p)
+    opt.step()
+    again.step()
+    assert torch.equal(weight, copy_w) and torch.equal(bias, copy_b)
+
+
+def test_options_it_does_not_offer_are_refused():
+    with pytest.raises(ValueError, match="state_dtype"):
+        optim.AdamW([torch.nn.Parameter(torch.zeros(2))], state_dtype=torch.float16)
+
+
+low_precision = functools.partial(optim.AdamW, lr=3e-3, betas=(0.9, 0.95))
+
+
+@pytest.mark.parametrize(
+    ("window", "accumulate", "options"),
+    [(1, 2, {}), (2, 1, {}), ("all", 1, {"tuning": {"resident_optimizer": "device"}})],
+)
+def test_bf16_moments_train_as_under_plain_lightning(window, accumulate, options):
+    plain = train("llama", "auto", accumulate=accumulate, optimizer=low_precision)
+    strategy = lightning_slide.SlideFormerStrategy(window=99 if window == "all" else window, **options)
+    dtypes = set()
+
+    class Moments(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            optimizers = trainer.strategy.engine.updates.optimizers.values()
+            dtypes.update(t.dtype for o in optimizers if o.state is not None for t in o.state.values())
+
+    ours = train("llama", strategy, accumulate=accumulate, optimizer=low_precision, callbacks=[Moments()])
+    # Rounding to bf16 turns the last-bit differences of fp32 sums (plain and slideformer add gradients in other
+    # orders) into an occasional one-bf16-step difference of a moment: ten times fp32 parity's tolerance.
+    assert_same_training(ours, plain, tolerance=1e-4)
+    assert dtypes == {torch.bfloat16}  # the host kept the moments in bf16 (half the state)
+
+
+def test_bf16_moments_with_the_moments_on_disk_are_refused_before_training(tmp_path):
+    strategy = lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="optimizer")
+    with pytest.raises(ValueError, match="disk tier keeps fp32 Adam moments"):
+        train("llama", strategy, steps=1, optimizer=low_precision)
+
+
+@pytest.mark.skipif(ACCELERATOR != "cpu", reason="the plan's host items, counted on the CPU")
+def test_the_plan_counts_bf16_moments():
+    from lightning_slide.engine.plan import ModelShape, Settings, host_bytes
+
+    shape = ModelShape(
+        layers=4, layer_params=2_250, layer_trainable=2_250, resident_params=1_000, resident_trainable=1_000
+    )
+    fp32 = host_bytes(shape, Settings(device="cpu", compute_dtype=torch.float32))
+    bf16 = host_bytes(shape, Settings(device="cpu", compute_dtype=torch.float32, moments_dtype=torch.bfloat16))
+    assert fp32["Adam moments (fp32)"] == 2 * bf16["Adam moments (bf16)"] == 8 * 10_000
+
+
+def test_bf16_moments_checkpoint_and_resume_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.core.tiny import TinyLM, batches, initial_state, trainer
+
+    def run(steps, ckpt_path=None, directory=tmp_path / "a"):
+        module = TinyLM("llama", initial_state("llama"), optimizer=low_precision)
+        saver = ModelCheckpoint(dirpath=directory, save_last=True, every_n_train_steps=1)
+        trainer(
+            lightning_slide.SlideFormerStrategy(window=1),
+            max_steps=steps,
+            max_epochs=-1,
+            enable_checkpointing=True,
+            callbacks=[saver],
+        ).fit(module, batches(2), ckpt_path=ckpt_path)
+        return module
+
+    run(3)
+    files = sorted((tmp_path / "a" / "last.ckpt" / "optimizer").glob("*.safetensors"))
+    moments = [load_file(f) for f in files]
+    assert files and {t.dtype for m in moments for n, t in m.items() if "exp_avg" in n} == {torch.bfloat16}
+    resumed = run(6, ckpt_path="last")
+    uninterrupted = run(6, directory=tmp_path / "b")
+    assert resumed.losses == uninterrupted.losses[6:]
+    theirs = dict(uninterrupted.named_parameters())
+    for name, param in resumed.named_parameters():
+        assert torch.equal(param, theirs[name]), name
