@@ -33,6 +33,7 @@ strategy.window=..., strategy.gpu_memory_limit=..., kernels=all, trainer.accumul
   plan.batch, plan.seq          batch size and sequence length (default: data.batch_size, data.max_length)
   plan.gpu_memory               GPU memory to plan for, e.g. 24GiB (default: strategy.gpu_memory_limit, else this GPU)
   plan.host_memory              host memory to plan for (default: MemAvailable of this machine)
+  plan.disk_free                disk space to plan for under offload_dir (default: free space there, if set)
   plan.measure=true             measure host AdamW, H2D/D2H, GPU FLOP/s and the disk here instead of the defaults
   plan.h2d, plan.d2h, plan.disk_read, plan.disk_write (bytes/s), plan.adamw (params/s), plan.tflops (TFLOP/s)
   plan.json=FILE                also write the plan as JSON
@@ -143,6 +144,8 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     host_memory = options.get("host_memory") or strategy.tuning.host_memory
     if host_memory is not None:
         machine.host_memory = parse_bytes(host_memory)
+    if options.get("disk_free") is not None:
+        machine.disk_free = parse_bytes(options.disk_free)
     if options.get("measure"):
         machine = machine.measure(strategy.offload_dir)
     for key, field in _RATES.items():

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from lightning_slide.engine.machine import Machine, host_available, step_times
 from lightning_slide.engine.sizes import (
     FUSED_CE,
@@ -47,6 +49,7 @@ __all__ = [
     "RUNTIME_HOST_BYTES",
     "STAGING_NUMEL",
     "SUGGEST_MARGIN",
+    "Choice",
     "Machine",
     "ModelShape",
     "Plan",
@@ -55,6 +58,7 @@ __all__ = [
     "check_device",
     "device_bytes",
     "disk_bytes",
+    "fitting_options",
     "frozen_in_compute_dtype",
     "grads_in_flight",
     "host_available",
@@ -73,6 +77,10 @@ __all__ = [
 
 # Suggestions leave this share of the GPU for the allocator's fragmentation and whatever the model adds.
 SUGGEST_MARGIN = 0.9
+# The share of host memory and disk the options suggested leave free (page cache, the data, what else runs).
+SPARE = 0.05
+# The directory a suggestion names when the run has none (the plan cannot know where a large disk is).
+SOME_DIRECTORY = "DIR"
 
 
 def _seconds(value: float) -> str:
@@ -98,6 +106,7 @@ class Plan:
     suggested_batch: int | None = None  # largest batch (at this window) that fits; None: not searched / none fits
     suggested_window: int | None = None  # largest window (at this batch) that fits
     suggested_parked_grads: int | None = None  # most parked layer gradients (at this batch and window) that fit
+    fitting: Choice | None = None  # when the run does not fit: the fastest options that do (fitting_options)
     notes: list[str] = field(default_factory=list)
     searched: bool = False  # the suggestions were searched for
 
@@ -222,6 +231,13 @@ class Plan:
                     f"  most layer gradients parked on the GPU (parked_grads) at batch {s.batch}, window "
                     f"{s.window}: {self.suggested_parked_grads}"
                 )
+        if self.fitting is not None and self.problems():
+            rows.extend(self.fitting.rows())
+        elif self.searched and self.problems():
+            rows.append(
+                "-- options that fit: none found (moments and masters on disk, bf16 moments, clipping by value, "
+                "smaller micro-batches and windows all tried)"
+            )
         rows.extend(f"note: {n}" for n in self.notes)
         return "\n".join(rows)
 
@@ -248,6 +264,7 @@ class Plan:
             "suggested_batch": self.suggested_batch,
             "suggested_window": self.suggested_window,
             "suggested_parked_grads": self.suggested_parked_grads,
+            "fitting_options": None if self.fitting is None else self.fitting.to_dict(),
             "problems": self.problems(),
             "notes": self.notes,
         }
@@ -316,7 +333,116 @@ def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = N
         plan.suggested_window = largest_window(shape, settings, machine)
         plan.suggested_parked_grads = largest_parking(shape, settings, machine)
         plan.searched = True
+        if plan.problems():
+            plan.fitting = fitting_options(shape, settings, machine)
     return plan
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Settings that fit a machine, and the options changed to get them (as ``slide-train`` overrides)."""
+
+    plan: Plan
+    changes: dict[str, str]  # override -> why, in the order to apply them
+    exact: bool  # only where state lives changed: training is the same
+
+    def overrides(self) -> str:
+        return " ".join(self.changes)
+
+    def rows(self) -> list[str]:
+        p = self.plan
+        how = "training unchanged" if self.exact else "these change training a little: see docs/tuning.md"
+        rows = [f"-- options that fit (the fastest found; {how})"]
+        rows.extend(f"  {override:<56} {why}" for override, why in self.changes.items())
+        disk = f", disk {human(p.disk_total)}" if p.disk else ""
+        speed = f", {p.tokens_per_second:,.0f} tokens/s at most" if p.tokens_per_second else ""
+        rows.append(
+            f"  then: GPU {human(p.gpu_total)}, host {human(p.host_total)}{disk}; step bound "
+            f"{_seconds(p.step_seconds)}, {p.binding} binds{speed}"
+        )
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "overrides": list(self.changes),
+            "exact": self.exact,
+            "gpu_total": self.plan.gpu_total,
+            "host_total": self.plan.host_total,
+            "disk_total": self.plan.disk_total,
+            "step_seconds": self.plan.step_seconds,
+        }
+
+
+def fitting_options(shape: ModelShape, s: Settings, m: Machine, margin: float = SUGGEST_MARGIN) -> Choice | None:
+    """The fastest options that fit ``m``: the GPU within ``margin``, host memory and disk (when its free space is
+    known) each with :data:`SPARE` left free.
+
+    Tried: the Adam moments and the layers' fp32 masters in memory or on disk (``offload``), a smaller micro-batch
+    with more accumulation (the same batch per step) and a smaller window, which leave training as it is; only when
+    none of those fits, bf16 Adam moments (``lightning_slide.optim.AdamW``), clipping by value instead of by norm
+    (updates stream, so the host holds a few layers' gradients instead of all) and a smaller batch per step, which
+    change it, the fewest first. ``None``: nothing fits."""
+    directory = s.offload_dir or SOME_DIRECTORY
+    spare = {"host_memory": 1 - SPARE, "disk_free": 1 - SPARE, "gpu_memory": margin}
+    m = dataclasses.replace(
+        m, **{k: None if getattr(m, k) is None else int(getattr(m, k) * share) for k, share in spare.items()}
+    )
+    # (micro-batch, accumulation): the same batch per step, then (changing training) a smaller one
+    sizes = [b for b in range(s.batch, 0, -1) if s.batch % b == 0] if s.batch else [s.batch]
+    batches = [(b, s.accumulate * (s.batch // b) if b else s.accumulate) for b in sizes]
+    batches += [(b, s.accumulate) for b in sizes[1:]]
+    found = []
+    for offload in ((), ("optimizer",), ("masters",), ("masters", "optimizer")):
+        for moments in dict.fromkeys((s.moments_dtype, torch.bfloat16)):
+            for clipping in dict.fromkeys((s.clipping, False)):
+                for (batch, accumulate), window in [(b, w) for b in batches for w in range(s.window, 0, -1)]:
+                    settings = dataclasses.replace(
+                        s,
+                        offload_dir=directory if offload else None,
+                        offload=offload,
+                        moments_dtype=moments,
+                        clipping=clipping,
+                        host_weights="compute" if "masters" in offload else s.host_weights,
+                        batch=batch,
+                        window=window,
+                        accumulate=accumulate,
+                    )
+                    plan = make_plan(shape, settings, m, suggest=False)
+                    if not plan.problems():
+                        smaller = (batch or 0) * accumulate < (s.batch or 0) * s.accumulate
+                        changed = (moments != s.moments_dtype) + (clipping != s.clipping) + smaller
+                        found.append((changed, plan.step_seconds, plan.disk_total, len(found), plan))
+                        break  # the largest micro-batch that fits, at the largest window
+    if not found:
+        return None
+    changed, *_, plan = min(found)
+    return Choice(plan, _changes(s, plan.settings, plan), exact=not changed)
+
+
+def _changes(given: Settings, chosen: Settings, plan: Plan) -> dict[str, str]:
+    """The ``slide-train`` overrides from ``given`` to ``chosen``, each with why."""
+    changes = {}
+    if chosen.offload and not given.offload_dir:
+        free = "" if plan.machine.disk_free is not None else f" with {human(plan.disk_total)} free"
+        changes[f"strategy.offload_dir={chosen.offload_dir}"] = f"a directory on a fast local disk{free}"
+    if tuple(sorted(chosen.on_disk)) != tuple(sorted(given.on_disk)):
+        value = "both" if len(chosen.on_disk) == 2 else next(iter(chosen.on_disk), None)
+        what = {"optimizer": "the Adam moments", "masters": "the layers' fp32 masters", "both": "moments and masters"}
+        changes[f"strategy.offload={value}"] = f"{what.get(value, 'nothing')} on disk"
+    if chosen.moments_dtype != given.moments_dtype:
+        changes["model.moments=bf16"] = "bf16 Adam moments (lightning_slide.optim.AdamW): half their bytes"
+    if chosen.clipping != given.clipping:
+        changes["trainer.gradient_clip_algorithm=value"] = "clip by value: updates stream, few gradient buffers"
+    if chosen.window != given.window:
+        changes[f"strategy.window={chosen.window}"] = "fewer layers on the GPU at once"
+    if chosen.batch != given.batch and chosen.accumulate != given.accumulate:
+        changes[f"data.batch_size={chosen.batch}"] = "a smaller micro-batch (activations) ..."
+        changes[f"trainer.accumulate_grad_batches={chosen.accumulate}"] = "... accumulated to the same batch per step"
+    elif chosen.batch != given.batch:
+        changes[f"data.batch_size={chosen.batch}"] = (
+            "a smaller batch per step (activations; with accumulation the host holds every layer's gradients)"
+        )
+    return changes
 
 
 def check_device(items: dict[str, int], limit: int, window: int) -> None:
