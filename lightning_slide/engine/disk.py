@@ -1,10 +1,11 @@
-"""The disk tier: per-unit flat fp32 arrays in files, read ahead of each unit's update and written behind it.
+"""The disk tier: per-unit flat arrays in files, read ahead of each unit's update and written behind it.
 
 What lives on disk is chosen with ``offload`` (see :func:`parse_offload`): the optimizer state (a unit's Adam
-moments: two flat fp32 arrays laid out like its trainable parameters), the fp32 masters of the decoder layers (one
-flat array laid out like the unit), or both. Each array is one file per unit (``layer00003.exp_avg.bin``,
-``layer00003.master.bin``), raw fp32 in the machine's byte order, rewritten in place (never truncated: the master
-files are also memory-mapped, see ``HostUnit.keep_master_in``).
+moments: two flat arrays laid out like its trainable parameters, in the optimizer's state dtype: fp32, or bf16 with
+``lightning_slide.optim.AdamW``), the fp32 masters of the decoder layers (one flat array laid out like the unit), or
+both. Each array is one file per unit (``layer00003.exp_avg.bin``, ``layer00003.master.bin``), its raw elements in
+the machine's byte order, rewritten in place (never truncated: the master files are also memory-mapped, see
+``HostUnit.keep_master_in``).
 
 A reader thread loads every array of a unit whose update is queued, at most ``in_flight`` units ahead, so reading
 overlaps the updates before it; a writer thread writes them back after the update and only then frees the place,
@@ -13,7 +14,7 @@ updates will (``prefer`` reorders them with the update worker's queue). No deadl
 waits for an update that does not wait for it, as long as every update queued after it in the worker that holds a
 place is also queued after it here (same order), or every outstanding read fits in ``in_flight`` (the engine sizes
 it so for updates streamed out of a backward, the one case whose updates are reordered). The buffers are reused (a pool
-per array size shared by two or more units), so a step does not page-fault fresh memory for every layer.
+per array size and dtype shared by two or more units), so a step does not page-fault fresh memory for every layer.
 
 One run at a time: a store holds an exclusive ``flock`` on ``lightning_slide.lock`` in its directory from creation
 to ``close``, so a second run (or a second fit in the same process) given the same directory is refused instead of
@@ -38,7 +39,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -95,12 +96,17 @@ def nocache_default() -> bool:
     return os.environ.get(NOCACHE_ENV, "") not in ("", "0")
 
 
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of the contiguous CPU ``tensor``, any dtype (bf16 has no NumPy type: viewed as bytes first)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
 def write_array(path: Path, tensor: torch.Tensor, nocache: bool | None = None) -> None:
-    """Write the flat CPU ``tensor`` as the whole of ``path``, in place (the file is created, or truncated only when
-    its size differs: a memory map of it stays valid). ``nocache``: sync and drop it from the page cache (default:
-    ``LIGHTNING_SLIDE_DISK_NOCACHE``)."""
+    """Write the flat CPU ``tensor`` (its raw elements, any dtype) as the whole of ``path``, in place (the file is
+    created, or truncated only when its size differs: a memory map of it stays valid). ``nocache``: sync and drop it
+    from the page cache (default: ``LIGHTNING_SLIDE_DISK_NOCACHE``)."""
     nocache = nocache_default() if nocache is None else nocache
-    data = memoryview(tensor.detach().contiguous().numpy()).cast("B")
+    data = _bytes(tensor.detach().contiguous())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         written = 0
@@ -116,9 +122,10 @@ def write_array(path: Path, tensor: torch.Tensor, nocache: bool | None = None) -
 
 
 def read_array(path: Path, out: torch.Tensor, nocache: bool | None = None) -> torch.Tensor:
-    """Fill the flat CPU tensor ``out`` from ``path`` (which must hold exactly its bytes); returns ``out``."""
+    """Fill the flat contiguous CPU tensor ``out`` (any dtype) from ``path`` (which must hold exactly its bytes);
+    returns ``out``."""
     nocache = nocache_default() if nocache is None else nocache
-    data = memoryview(out.numpy()).cast("B")
+    data = _bytes(out)
     fd = os.open(path, os.O_RDONLY)
     try:
         if os.fstat(fd).st_size != len(data):
@@ -188,14 +195,25 @@ class DirectoryLock:
         self.release()
 
 
+class Array(NamedTuple):
+    """The shape of one array in a ``StateStore``: flat, ``numel`` elements of ``dtype``."""
+
+    numel: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
 class StateStore:
-    """Flat fp32 arrays of every unit, in files under ``directory``.
+    """Flat arrays of every unit (fp32 masters; moments in the optimizer's state dtype), in files under ``directory``.
 
     Args:
         directory: where the files live (created if missing); one file per unit and array name.
         in_flight: most units whose arrays may be in host memory at once through ``read`` (>= 1).
 
-    ``add(key, name, numel)`` declares an array; ``read(key)`` loads every array of ``key`` ahead (holding one of
+    ``add(key, name, numel, dtype)`` declares an array; ``read(key)`` loads every array of ``key`` ahead (holding one of
     the ``in_flight`` places) and ``write(key, state)`` writes them behind and frees the place. An array never
     written reads as zeros (fresh optimizer state). ``allocated_bytes``/``peak_bytes``: host bytes of the buffers
     the store holds for reads (in use or pooled) now / at most.
@@ -208,7 +226,7 @@ class StateStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.lock = DirectoryLock(self.directory)  # first: nothing below touches the files of another run
-        self.layout: dict[Hashable, dict[str, int]] = {}
+        self.layout: dict[Hashable, dict[str, Array]] = {}
         self.nocache = nocache_default()
         self._slots = threading.Semaphore(max(1, in_flight))
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-disk-read")
@@ -219,13 +237,13 @@ class StateStore:
         self._on_disk: set[tuple[Hashable, str]] = set()
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._free: dict[int, list[torch.Tensor]] = {}  # pooled buffers by number of elements
+        self._free: dict[Array, list[torch.Tensor]] = {}  # pooled buffers by size and dtype
         self.allocated_bytes = 0
         self.peak_bytes = 0
 
-    def add(self, key: Hashable, name: str, numel: int) -> None:
-        """Declare the array ``name`` of unit ``key`` (``numel`` fp32 elements)."""
-        self.layout.setdefault(key, {})[name] = numel
+    def add(self, key: Hashable, name: str, numel: int, dtype: torch.dtype = torch.float32) -> None:
+        """Declare the array ``name`` of unit ``key`` (``numel`` elements of ``dtype``, its files' too)."""
+        self.layout.setdefault(key, {})[name] = Array(numel, dtype)
 
     def holds(self, key: Hashable) -> bool:
         return bool(self.layout.get(key))
@@ -242,8 +260,9 @@ class StateStore:
 
     # ------------------------------------------------------------ reads and writes paired with updates
     def read(self, key: Hashable) -> Future:
-        """Start loading every array of ``key``; the future gives ``{name: flat fp32 tensor}``. Holds a place until
-        ``write`` or ``release``. After ``close`` it loads at once, on the calling thread, holding nothing."""
+        """Start loading every array of ``key``; the future gives ``{name: flat tensor}``, each in its ``add``'s
+        dtype. Holds a place until ``write`` or ``release``. After ``close`` it loads at once, on the calling thread,
+        holding nothing."""
         future: Future = Future()
         if self._closed.is_set():
             future.set_result(self.load(key))
@@ -281,8 +300,8 @@ class StateStore:
         state: dict[str, torch.Tensor] = {}
         try:
             self._wait_write(key)
-            for name, numel in self.layout[key].items():
-                state[name] = self._take(numel)
+            for name, array in self.layout[key].items():
+                state[name] = self._take(array)
                 self._fill(key, name, state[name])
             return state
         except BaseException:
@@ -296,8 +315,7 @@ class StateStore:
     def _write(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
         try:
             for name, tensor in state.items():
-                write_array(self.path(key, name), tensor, self.nocache)
-                self._on_disk.add((key, name))
+                self._write_file(key, name, tensor)
         finally:
             self.release(key, state)
 
@@ -313,14 +331,14 @@ class StateStore:
         checkpoints, ``state_dict``); waits for a pending write of ``key`` first."""
         self._wait_write(key)
         names = list(self.layout[key]) if names is None else list(names)
-        return {name: self._fill(key, name, torch.empty(self.layout[key][name], dtype=torch.float32)) for name in names}
+        arrays = {name: self.layout[key][name] for name in names}
+        return {name: self._fill(key, name, torch.empty(a.numel, dtype=a.dtype)) for name, a in arrays.items()}
 
     def put(self, key: Hashable, state: dict[str, torch.Tensor]) -> None:
         """Write ``key``'s arrays in ``state`` now (e.g. when a checkpoint is loaded, or a layer's first masters)."""
         self._wait_write(key)
         for name, tensor in state.items():
-            write_array(self.path(key, name), tensor, self.nocache)
-            self._on_disk.add((key, name))
+            self._write_file(key, name, tensor)
 
     def flush(self) -> None:
         """Wait until every write has reached the files (re-raises a failed write)."""
@@ -350,67 +368,78 @@ class StateStore:
         if pending is not None:
             pending.result()  # the previous update's arrays must be on disk before they are read again
 
+    def _write_file(self, key: Hashable, name: str, tensor: torch.Tensor) -> None:
+        declared = self.layout.get(key, {}).get(name)
+        if declared is not None and declared != Array(tensor.numel(), tensor.dtype):
+            raise ValueError(f"{self.path(key, name).name} holds {declared}, not {tensor.numel()} {tensor.dtype}")
+        write_array(self.path(key, name), tensor, self.nocache)
+        self._on_disk.add((key, name))
+
     def _fill(self, key: Hashable, name: str, out: torch.Tensor) -> torch.Tensor:
         if (key, name) not in self._on_disk:
             return out.zero_()
         return read_array(self.path(key, name), out, self.nocache)
 
-    def _take(self, numel: int) -> torch.Tensor:
+    def _take(self, array: Array) -> torch.Tensor:
         with self._lock:
-            free = self._free.get(numel)
+            free = self._free.get(array)
             if free:
                 return free.pop()
-            # A size not pooled (the resident parts' arrays, say): pooled buffers of other sizes make room, so that
-            # pooled and used buffers together stay within the in_flight units' worth.
-            room = 4 * numel
-            for size in sorted(self._free, reverse=True):
-                while self._free[size] and room > 0:
-                    self._free[size].pop()
-                    self.allocated_bytes -= 4 * size
-                    room -= 4 * size
-            self.allocated_bytes += 4 * numel
+            # A size or dtype not pooled (the resident parts' arrays, say): pooled buffers of other kinds make room,
+            # so that pooled and used buffers together stay within the in_flight units' bytes.
+            room = array.nbytes
+            for kind in sorted(self._free, key=lambda a: a.nbytes, reverse=True):
+                while self._free[kind] and room > 0:
+                    self._free[kind].pop()
+                    self.allocated_bytes -= kind.nbytes
+                    room -= kind.nbytes
+            self.allocated_bytes += array.nbytes
             self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
-        return torch.empty(numel, dtype=torch.float32)
+        return torch.empty(array.numel, dtype=array.dtype)
 
     def _give(self, tensor: torch.Tensor) -> None:
-        numel = tensor.numel()
-        shared = sum(numel in arrays.values() for arrays in self.layout.values()) >= 2
+        array = Array(tensor.numel(), tensor.dtype)
+        shared = sum(array in arrays.values() for arrays in self.layout.values()) >= 2
         with self._lock:
             if shared and not self._closed.is_set():
-                self._free.setdefault(numel, []).append(tensor)  # a size other units read too: keep it
+                self._free.setdefault(array, []).append(tensor)  # a kind other units read too: keep it
             else:
-                self.allocated_bytes -= 4 * numel
+                self.allocated_bytes -= array.nbytes
 
 
 def check_tier_space(store: StateStore, parts, offload: frozenset[str]) -> None:
     """Before anything is written to ``store``'s directory: room for the masters' files, and for the optimizer state
-    at 8 bytes per trainable parameter of the model split into ``parts`` (Adam's two moments; the optimizer's exact
-    needs are checked again when it is attached)."""
+    at 4 bytes per trainable parameter of the model split into ``parts`` at least (Adam's two moments in bf16, the
+    least a supported optimizer keeps: the optimizer is not known yet; its exact needs, 8 bytes with fp32 moments,
+    are checked when it is attached, before any of its files is written)."""
     needed, what = 0, []
     if "masters" in offload:
-        masters = 4 * sum(store.layout[i][MASTER] for i in range(len(parts.blocks)))
+        masters = sum(store.layout[i][MASTER].nbytes for i in range(len(parts.blocks)))
         needed += masters - existing_bytes(store.paths())
         what.append(f"fp32 masters {human(masters)}")
     if "optimizer" in offload:
         params = [*parts.resident, *(np for i in range(len(parts.blocks)) for np in parts.block_parameters(i))]
-        moments = 8 * sum(p.numel() for _, p in params if p.requires_grad)
+        moments = 2 * torch.bfloat16.itemsize * sum(p.numel() for _, p in params if p.requires_grad)
         needed += moments
-        what.append(f"optimizer state about {human(moments)}")
+        what.append(f"optimizer state at least {human(moments)}")
     check_disk_space(store.directory, needed, what=" + ".join(what))
 
 
-def place_optimizer_state(store: StateStore | None, units: dict, names: tuple[str, ...], keys: list) -> list:
-    """Give the optimizer state arrays ``names`` of units ``keys`` (``units[key].grad_numel`` elements each) files in
-    ``store``, after checking the disk has room for them; returns the keys whose state is on disk (none without a
-    store)."""
+def place_optimizer_state(
+    store: StateStore | None, units: dict, names: tuple[str, ...], keys: list, dtype: torch.dtype = torch.float32
+) -> list:
+    """Give the optimizer state arrays ``names`` of units ``keys`` (``units[key].grad_numel`` elements of ``dtype``,
+    the optimizer's state dtype, each) files in ``store``, after checking the disk has room for them; returns the
+    keys whose state is on disk (none without a store)."""
     if store is None or not keys:
         return []
     for key in keys:
         for name in names:
-            store.add(key, name, units[key].grad_numel)
+            store.add(key, name, units[key].grad_numel, dtype)
     paths = [store.path(key, name) for key in keys for name in names]
-    moments = 4 * len(names) * sum(units[key].grad_numel for key in keys)
-    check_disk_space(store.directory, moments - existing_bytes(paths), what=f"optimizer state {human(moments)}")
+    moments = sum(store.layout[key][name].nbytes for key in keys for name in names)
+    what = f"optimizer state {human(moments)} in {str(dtype).removeprefix('torch.')}"
+    check_disk_space(store.directory, moments - existing_bytes(paths), what=what)
     return keys
 
 

@@ -29,8 +29,8 @@ HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", 
 
 
 def check_optimizer(optimizer: Optimizer, on_disk: frozenset[str] = frozenset()) -> None:
-    """Raise a clear error unless ``optimizer`` is one the host can run exactly (with ``on_disk``, what the disk tier
-    holds)."""
+    """Raise a clear error unless ``optimizer`` is one the host can run exactly. ``on_disk``: what the disk tier
+    holds (its files take any supported optimizer's state: fp32 moments, or bf16 ones as bf16 files)."""
     if type(optimizer) not in SUPPORTED_OPTIMIZERS:
         names = ", ".join(f"torch.optim.{cls.__name__}" for cls in SUPPORTED_OPTIMIZERS)
         raise ValueError(
@@ -43,12 +43,6 @@ def check_optimizer(optimizer: Optimizer, on_disk: frozenset[str] = frozenset())
                 raise ValueError(
                     f"slideformer does not support {type(optimizer).__name__}({flag}=True); set it to False."
                 )
-    if "optimizer" in on_disk and getattr(optimizer, "state_dtype", torch.float32) != torch.float32:
-        raise ValueError(
-            "the disk tier keeps fp32 Adam moments, and lightning_slide.optim.AdamW keeps them in "
-            f"{optimizer.state_dtype}: keep its moments in memory (offload='masters' or no offload_dir; bf16 "
-            "moments take half the memory) or use state_dtype=torch.float32"
-        )
 
 
 def hyperparameters(param_groups: list[dict]) -> list[dict]:
@@ -60,6 +54,11 @@ def state_names(optimizer: Optimizer) -> tuple[str, ...]:
     """The per-parameter state arrays ``optimizer`` keeps besides its step count."""
     amsgrad = any(group.get("amsgrad") for group in optimizer.param_groups)
     return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+
+def state_dtype(optimizer: Optimizer) -> torch.dtype:
+    """The dtype of ``optimizer``'s state arrays: fp32, or ``lightning_slide.optim.AdamW``'s ``state_dtype``."""
+    return getattr(optimizer, "state_dtype", torch.float32)
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class UnitOptimizer:
 
     Its state lives in flat arrays (fp32, or the optimizer's ``state_dtype``) laid out like the unit's trainable
     parameters (one per state name), which torch's optimizer sees as per-parameter views; they stay in memory, or
-    come from the disk tier for each step.
+    come from the disk tier (files of that dtype) for each step.
     The masters it steps are views of the unit's flat masters; when those live on disk, each step is handed the
     flat array read from the file and the views are pointed at it for that step (``.data``), then back at the
     unit's resting place (the mapped file).
@@ -137,7 +136,7 @@ class UnitOptimizer:
                 self._entries.append((piece, master))
         self.group_indices = sorted(members)
         self.state_names = state_names(optimizer)
-        self.state_dtype = getattr(optimizer, "state_dtype", torch.float32)  # lightning_slide.optim.AdamW's
+        self.state_dtype = state_dtype(optimizer)
         self.inner: Optimizer | None = None
         self.state: dict[str, torch.Tensor] | None = None
         if members:

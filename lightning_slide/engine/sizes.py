@@ -388,7 +388,7 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         moment, name = torch.empty((), dtype=s.moments_dtype).element_size(), _DTYPE_NAMES.get(s.moments_dtype)
         items[f"Adam moments ({name})"] = int(2 * moment * host_updated * share)
     if on_disk:  # StateStore: at most grad_buffers + 1 units' arrays read in (the largest units, at worst)
-        moments = 8 if "optimizer" in on_disk else 0
+        moments = 2 * s.moments_dtype.itemsize if "optimizer" in on_disk else 0  # the files' dtype
         masters = 4 if "masters" in on_disk else 0
         units = [moments * shape.layer_trainable + masters * shape.layer_params] * shape.layers
         units += [] if s.resident_on_device else [moments * shape.resident_trainable]
@@ -435,8 +435,10 @@ def disk_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     """Bytes in ``offload_dir``: the Adam moments of every host-updated unit and/or the layers' fp32 masters
     (disk.py's files)."""
     items = {}
-    if "optimizer" in s.on_disk:
-        items["Adam moments (fp32 files)"] = int(8 * host_updated_trainable(shape, s) / s.ranks)  # this rank's
+    if "optimizer" in s.on_disk:  # in the optimizer's state dtype
+        name = _DTYPE_NAMES.get(s.moments_dtype, str(s.moments_dtype))
+        moments = 2 * s.moments_dtype.itemsize * host_updated_trainable(shape, s)
+        items[f"Adam moments ({name} files)"] = int(moments / s.ranks)  # this rank's
     if "masters" in s.on_disk:
         items["layer fp32 masters (files)"] = 4 * shape.layers * shape.layer_params
     return items

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from lightning_slide.engine.checks import Verdict, raise_if_nonfinite
 from lightning_slide.engine.disk import MASTER, place_optimizer_state
 from lightning_slide.engine.host import RESIDENT
-from lightning_slide.engine.optimizer import UnitOptimizer, check_optimizer, state_names
+from lightning_slide.engine.optimizer import UnitOptimizer, check_optimizer, state_dtype, state_names
 
 if TYPE_CHECKING:
     from lightning_slide.engine.engine import SlidingEngine
@@ -44,7 +44,7 @@ class HostUpdates:
         on_device = engine.resident_parts.on_device and engine.resident.trainable_numel > 0
         keys = [key for key, unit in units.items() if unit.grad_numel and not (key == RESIDENT and on_device)]
         store = engine.state_store if "optimizer" in engine.offload else None
-        on_disk = place_optimizer_state(store, units, state_names(optimizer), keys)
+        on_disk = place_optimizer_state(store, units, state_names(optimizer), keys, state_dtype(optimizer))
         self.optimizers = {}
         for key, unit in units.items():
             if key == RESIDENT:
