@@ -1,4 +1,5 @@
-"""Host AdamW rate (G params/s) of torch's fused CPU kernel, from the main thread and from a worker thread.
+"""Host AdamW rate (G params/s) of torch's fused CPU kernel, from the main thread and from a worker thread, and of
+``lightning_slide.optim.AdamW`` with bf16 moments (its compiled kernel) from a worker thread, as the engine runs it.
 
 usage: python benchmarks/bench_host_adamw.py [--numel 110e6] [--threads 4,8,16]
 The host optimizer is the step's binding term for large models; this says what the machine gives.
@@ -12,11 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from lightning_slide.optim import AdamW
 
-def rate(numel: int, pin: bool, repeats: int = 5) -> float:
+
+def rate(numel: int, pin: bool, repeats: int = 5, moments: torch.dtype = torch.float32) -> float:
     param = torch.zeros(numel, pin_memory=pin and torch.cuda.is_available())
     param.grad = torch.randn(numel)
-    optimizer = torch.optim.AdamW([param], lr=1e-4, fused=True)
+    fused = True if moments == torch.float32 else None
+    optimizer = AdamW([param], lr=1e-4, fused=fused, state_dtype=moments)  # fp32: torch.optim.AdamW itself
     optimizer.step()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -34,15 +38,22 @@ def main() -> None:
         f"fused AdamW over {numel / 1e6:.0f}M fp32 params; torch {torch.__version__}, "
         f"default threads {torch.get_num_threads()}"
     )
-    print("| threads | main thread | worker thread | worker, pinned |")
-    print("|---|---|---|---|")
+    print("| threads | main thread | worker thread | worker, pinned | bf16 moments, worker, pinned | bf16 / fp32 |")
+    print("|---|---|---|---|---|---|")
     with ThreadPoolExecutor(1) as pool:
         for threads in map(int, args.threads.split(",")):
             torch.set_num_threads(threads)
             main_rate = rate(numel, False)
             worker_rate = pool.submit(lambda t=threads: (torch.set_num_threads(t), rate(numel, False))[1]).result()
             pinned_rate = pool.submit(lambda t=threads: (torch.set_num_threads(t), rate(numel, True))[1]).result()
-            print(f"| {threads} | {main_rate:.2f} | {worker_rate:.2f} | {pinned_rate:.2f} |", flush=True)
+            bf16_rate = pool.submit(
+                lambda t=threads: (torch.set_num_threads(t), rate(numel, True, moments=torch.bfloat16))[1]
+            ).result()
+            print(
+                f"| {threads} | {main_rate:.2f} | {worker_rate:.2f} | {pinned_rate:.2f} | {bf16_rate:.2f} | "
+                f"{bf16_rate / pinned_rate:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

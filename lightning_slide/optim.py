@@ -5,8 +5,8 @@ hyperparameters and ``state_dict`` layout) whose ``exp_avg`` and ``exp_avg_sq`` 
 reads them into fp32, updates the parameter in fp32 and rounds them back to the nearest bf16. It trains anywhere —
 plain Lightning, any device — and under slideformer the host runs the same kernel over the fp32 masters. One pass
 over memory per parameter (``torch.compile`` fuses the update: a C++ loop on the CPU, a Triton kernel on a GPU):
-20 bytes moved per parameter instead of fp32 AdamW's 28, and 4 bytes of state instead of 8. Its quality cost is
-measured in BENCHMARKS.md (``benchmarks/convergence.py``).
+20 bytes moved per parameter instead of fp32 AdamW's 28, and 4 bytes of state instead of 8. Its speed and quality
+cost: BENCHMARKS.md (``benchmarks/bench_host_adamw.py``, ``benchmarks/convergence.py``).
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
         options = self.run_options(module)
         if optimizers:
-            check_optimizer(optimizers[0], options.on_disk)
+            check_optimizer(optimizers[0])
         self._run_plan = RunPlan(self, trainer, module, options, optimizers[0] if optimizers else None)
         self._batch_checked = not fitting  # activations are checked at the first training batch
         if fitting:  # before anything large is allocated

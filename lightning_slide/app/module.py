@@ -49,7 +49,7 @@ class CausalLMModule(L.LightningModule):
         betas: AdamW betas. Default ``(0.9, 0.95)``.
         eps: AdamW epsilon. Default ``1e-8``.
         moments: dtype of the Adam moments: ``"fp32"`` (``torch.optim.AdamW``) or ``"bf16"``
-            (``lightning_slide.optim.AdamW``: half the optimizer state, a faster host update). Default ``"fp32"``.
+            (``lightning_slide.optim.AdamW``: half the optimizer state). Default ``"fp32"``.
         warmup_steps: optimizer steps of linear LR warm-up. Default ``100``.
         decay: LR after warm-up: ``"cosine"`` (to ``min_lr_ratio * lr`` at the last step) or ``"constant"``.
             Default ``"cosine"``.

@@ -28,11 +28,10 @@ SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, optim.AdamW)
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
 
 
-def check_optimizer(optimizer: Optimizer, on_disk: frozenset[str] = frozenset()) -> None:
-    """Raise a clear error unless ``optimizer`` is one the host can run exactly. ``on_disk``: what the disk tier
-    holds (its files take any supported optimizer's state: fp32 moments, or bf16 ones as bf16 files)."""
+def check_optimizer(optimizer: Optimizer) -> None:
+    """Raise a clear error unless ``optimizer`` is one the host can run exactly."""
     if type(optimizer) not in SUPPORTED_OPTIMIZERS:
-        names = ", ".join(f"torch.optim.{cls.__name__}" for cls in SUPPORTED_OPTIMIZERS)
+        names = "torch.optim.AdamW, torch.optim.Adam, lightning_slide.optim.AdamW"
         raise ValueError(
             f"slideformer runs the optimizer on the host and supports {names}; configure_optimizers returned "
             f"{type(optimizer).__module__}.{type(optimizer).__name__}. Return one of the supported optimizers."

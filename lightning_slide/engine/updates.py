@@ -35,7 +35,7 @@ class HostUpdates:
     def attach(self, optimizer: Optimizer) -> None:
         """Rebuild ``optimizer`` over the host masters, one fused optimizer per unit."""
         engine, units = self.engine, self.engine.units()
-        check_optimizer(optimizer, engine.offload)
+        check_optimizer(optimizer)
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         if any(pid not in engine.unit_key for pid in group_of):
             raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
