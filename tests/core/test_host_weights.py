@@ -17,7 +17,7 @@ def test_bf16_host_copy_trains_exactly_like_fp32_uploads(clip, accumulate):
     class Look(L.Callback):
         def on_train_end(self, trainer, pl_module):
             engine = trainer.strategy.engine
-            engine._sync_masters()
+            engine.finish_updates()
             seen[engine.host_weights] = [(u.weights, u.master.clone()) for u in engine.layers]
 
     modules = {}

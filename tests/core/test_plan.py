@@ -408,7 +408,7 @@ def test_kernels_the_user_applied_count_in_the_plan():
     apply_kernels(module, ["rmsnorm"])  # by hand, not through SlideFormerStrategy(kernels=...)
     strategy = lightning_slide.SlideFormerStrategy(window=2)
     trainer(strategy, max_steps=1).fit(module, batches(2))
-    assert "rmsnorm" in strategy._run_plan.settings.kernels
+    assert "rmsnorm" in strategy.plan.settings.kernels
 
 
 def test_grad_buffers_bounds_the_host_gradient_buffers_and_the_plan_says_so():
