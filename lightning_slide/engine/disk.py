@@ -36,6 +36,7 @@ import os
 import shutil
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -195,6 +196,41 @@ class DirectoryLock:
         self.release()
 
 
+# Directories whose master files the parameters of a live module still map (masters on disk, after its run closed):
+# each keeps its lock until that module is collected, so that no other run rewrites what the module reads; the
+# module's own next run (another fit, validate) takes the lock over.
+_MAPPED_BY: dict[str, tuple[DirectoryLock, weakref.ref]] = {}
+
+
+def _take_lock(directory: Path, owner: object | None) -> DirectoryLock:
+    key = str(directory.resolve())
+    held = _MAPPED_BY.pop(key, None)
+    if held is not None:
+        lock, module = held[0], held[1]()
+        if module is not None and module is owner:
+            return lock
+        if module is not None:
+            _MAPPED_BY[key] = held
+            raise RuntimeError(
+                f"offload_dir {str(directory)!r} holds the fp32 master files that the parameters of a "
+                f"{type(module).__name__} trained before in this process still map: another run would overwrite "
+                "its weights. Give this run its own offload_dir, or drop that module first (del it)"
+            )
+        lock.release()
+    return DirectoryLock(directory)
+
+
+def _keep_lock(directory: Path, lock: DirectoryLock, owner: object) -> None:
+    key = str(directory.resolve())
+
+    def release(_ref, key=key, lock=lock) -> None:
+        if _MAPPED_BY.get(key, (None,))[0] is lock:
+            del _MAPPED_BY[key]
+        lock.release()
+
+    _MAPPED_BY[key] = (lock, weakref.ref(owner, release))
+
+
 class Array(NamedTuple):
     """The shape of one array in a ``StateStore``: flat, ``numel`` elements of ``dtype``."""
 
@@ -218,14 +254,17 @@ class StateStore:
     written reads as zeros (fresh optimizer state). ``allocated_bytes``/``peak_bytes``: host bytes of the buffers
     the store holds for reads (in use or pooled) now / at most.
 
-    The store locks ``directory`` (``DirectoryLock``) until ``close``: creating a second store on a directory in use,
-    in this process or another, raises ``RuntimeError`` saying so.
+    The store locks ``directory`` (``DirectoryLock``) until ``close`` — or, when ``mapped_by`` is set (its module's
+    parameters map the master files), until that module is collected; the module's next store takes the lock over.
+    Creating a store on a directory in use, in this process or another, raises ``RuntimeError`` saying so.
     """
 
-    def __init__(self, directory: str | Path, in_flight: int) -> None:
+    def __init__(self, directory: str | Path, in_flight: int, owner: object | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.lock = DirectoryLock(self.directory)  # first: nothing below touches the files of another run
+        # first: nothing below touches the files of another run
+        self.lock = _take_lock(self.directory, owner)
+        self.mapped_by: object | None = None  # the module whose parameters map the master files (open_tier)
         self.layout: dict[Hashable, dict[str, Array]] = {}
         self.nocache = nocache_default()
         self._slots = threading.Semaphore(max(1, in_flight))
@@ -359,8 +398,11 @@ class StateStore:
                 self._queue.clear()
                 self._free.clear()
                 self.allocated_bytes = 0
-        finally:
-            self.lock.release()  # after the last write: another run may take the directory now
+        finally:  # after the last write: another run may take the directory now, unless parameters map its files
+            if self.mapped_by is None:
+                self.lock.release()
+            else:
+                _keep_lock(self.directory, self.lock, self.mapped_by)
 
     # ------------------------------------------------------------ internals
     def _wait_write(self, key: Hashable) -> None:
@@ -443,13 +485,16 @@ def place_optimizer_state(
     return keys
 
 
-def open_tier(directory: str | None, in_flight: int, parts, offload: frozenset[str]) -> StateStore | None:
+def open_tier(
+    directory: str | None, in_flight: int, parts, offload: frozenset[str], owner: object | None = None
+) -> StateStore | None:
     """The disk tier of a run (``None`` without a directory): a ``StateStore`` holding the layers' master files when
     ``offload`` puts the masters on disk, once the disk is known to have room (the directory unlocked at once if
-    not)."""
+    not). ``owner``: the module trained; with the masters on disk its parameters map their files after the run, so
+    the directory stays locked until it is collected."""
     if directory is None:
         return None
-    store = StateStore(directory, in_flight=in_flight)
+    store = StateStore(directory, in_flight=in_flight, owner=owner)
     if "masters" in offload:
         for i in range(len(parts.blocks)):
             store.add(i, MASTER, sum(p.numel() for _, p in parts.block_parameters(i)))
@@ -458,6 +503,8 @@ def open_tier(directory: str | None, in_flight: int, parts, offload: frozenset[s
     except BaseException:
         store.close()  # unlock the directory now, not when the failed engine is collected
         raise
+    if "masters" in offload:
+        store.mapped_by = owner
     return store
 
 

@@ -150,7 +150,7 @@ class SlidingEngine:
         self.offload_dir = offload_dir
         # Updates streamed out of a backward: at most grad_buffers layers (the gradient buffers lent) and the
         # resident parts are outstanding, and they are reordered when the backward ends: every read fits.
-        self.state_store = open_tier(offload_dir, self.grad_buffers + 1, parts, self.offload)
+        self.state_store = open_tier(offload_dir, self.grad_buffers + 1, parts, self.offload, owner=root)
         self.layers, self.resident, self._masters_shared = build_units(
             parts,
             shards=self.shards,

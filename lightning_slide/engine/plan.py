@@ -208,7 +208,8 @@ class Plan:
             against = f"  (of {human(limit)}: {'fits' if total <= limit else 'DOES NOT FIT'})" if limit else ""
             rows.append(f"  {'total':<56} {total:>16,}  {human(total):>10}{against}")
 
-        block("GPU (peak)", self.gpu, self.machine.gpu_memory)
+        device = "GPU (peak)" if s.device == "cuda" else "compute device: the CPU (peak; also in host memory below)"
+        block(device, self.gpu, self.machine.gpu_memory)
         block("host (peak)", self.host, self.machine.host_memory)
         if self.disk:
             block("disk (offload_dir)", self.disk, self.machine.disk_free)

@@ -126,3 +126,27 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         child.wait(timeout=60)
         child.stdout.close()
     fit(directory)  # the OS dropped the killed run's lock
+
+
+def test_master_files_stay_reserved_while_the_trained_module_maps_them(tmp_path):
+    import gc
+
+    directory = tmp_path / "state"
+
+    def run(module, steps=2, fn="fit"):
+        strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(directory), offload="both")
+        run = trainer(strategy, max_steps=steps)
+        (run.fit if fn == "fit" else run.validate)(module, batches(2 * steps))
+
+    first = TinyLM("llama", initial_state("llama"))
+    run(first)
+    trained = {name: param.detach().clone() for name, param in first.named_parameters()}
+    with pytest.raises(RuntimeError, match="still map: another run would overwrite"):
+        run(TinyLM("llama", initial_state("llama", seed=1)))  # would rewrite the files the first module maps
+    for name, param in first.named_parameters():
+        assert torch.equal(param, trained[name]), name
+    run(first, fn="validate")  # the same module's next runs take the directory over
+    run(first, steps=3)
+    del first
+    gc.collect()
+    run(TinyLM("llama", initial_state("llama", seed=1)))  # free once nothing maps the files
