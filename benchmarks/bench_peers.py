@@ -6,6 +6,7 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8,
                                          slideformer+park24 = parked_grads=24,
+                                         slideformer+dev4 = device_layers=4,
                                          slideformer+bf16moments = lightning_slide.optim.AdamW with
                                          state_dtype=torch.bfloat16 (bf16 Adam moments); combine with +;
                                          any system+lora16 = LoRA of rank 16 on every linear layer but the head,
@@ -208,11 +209,13 @@ def setup(system: str, args) -> dict:
     # slideformer, with options: "+bf16" host_weights="compute", "+acts" offload_activations=True,
     # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2),
     # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free),
+    # "+devK": device_layers=K (the first K layers kept and updated on the GPU),
     # "+bf16moments": lightning_slide.optim.AdamW(state_dtype=torch.bfloat16) (bf16 Adam moments on the host)
     import lightning_slide
 
     buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
     parked = [int(o[len("park") :]) for o in options if o.startswith("park")]
+    device = [int(o[len("dev") :]) for o in options if o.startswith("dev")]
     if "bf16moments" in options:
         try:
             from lightning_slide.optim import AdamW as SlideAdamW
@@ -239,6 +242,7 @@ def setup(system: str, args) -> dict:
             host_memory=args.host_memory,
             grad_buffers=buffers[0] if buffers else None,
             parked_grads=parked[0] if parked else 0,
+            device_layers=device[0] if device else 0,
         ),
     )
     return {**done, "strategy": strategy, "precision": "bf16-true", "optimizer": optimizer, "optimizer_name": name}

@@ -1,18 +1,23 @@
 #!/bin/bash
 # What a session with the GPU machine checks and measures, one stage per call of the device tool (10 minutes each):
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout
-#   peers        bench_peers at 3B batch 8 and 8B batch 4 under the 24 GiB cap: slideformer (default options and
-#                +bf16moments) against the tuned peers, side by side
+#   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, +bf16moments,
+#                +dev4 device layers, both) against the tuned peers, side by side
+#   peers8b      the same at 8B batch 4
 #   host         bench_host_adamw: fused fp32 AdamW against bf16 moments on this host
 #   lora         the LoRA r=16 benchmark at the 8B shape against the full fine-tune
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
+#   qwen14b      a Qwen3-14B-shape model (random weights, the shipped tokenizer and data) trained for a few steps
+#                under the 24 GiB cap with the options slide-plan picks for this machine (masters on disk, bf16
+#                moments, clipping by value): slide-plan's prediction first, then the run's tokens/s, peak host RSS
+#                and disk use
 #   before_after the engine before its split (commit 4c29062, unpacked into before/ here:
 #                git archive 4c29062 lightning_slide | tar -x -C before) against now: 3B batch 8, 8B batch 4
-# From the device tool: run(command="bash benchmarks/gpu_session.sh peers", carry=[".whl", "before"]), with .whl/
+# From the device tool: run(command="bash benchmarks/gpu_session.sh peers3b", carry=[".whl", "before"]), with .whl/
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-stage=${1:?stage: suite, peers, host, lora, convergence or before_after}
+stage=${1:?stage: suite, peers3b, peers8b, host, lora, convergence or before_after}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PWD/.site" .whl/*.whl \
@@ -24,10 +29,11 @@ case $stage in
   suite)
     SLIDE_TEST_ACCELERATOR=gpu timeout 560 python3 -m pytest -q -x --timeout 120 tests/core -p no:cacheprovider \
       > "$out/suite.log" 2>&1 ;;
-  peers)
-    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8,llama3_1_8b:4 --steps 3 --cap 24GiB \
-      --systems all_on_gpu,slideformer,slideformer+bf16moments,fsdp_offload,deepspeed_offload,zenflow \
-      > "$out/peers.log" 2>&1 ;;
+  peers3b|peers8b)
+    shape=llama3_2_3b:8; [ "$stage" = peers8b ] && shape=llama3_1_8b:4
+    systems=all_on_gpu,slideformer,slideformer+bf16moments,slideformer+dev4,slideformer+dev4+bf16moments
+    timeout 580 python3 benchmarks/bench_peers.py --shapes $shape --steps 3 --cap 24GiB \
+      --systems $systems,fsdp_offload,deepspeed_offload,zenflow > "$out/$stage.log" 2>&1 ;;
   host)
     timeout 580 python3 benchmarks/bench_host_adamw.py --threads 8,16 > "$out/host.log" 2>&1 ;;
   lora)
@@ -35,6 +41,18 @@ case $stage in
       --systems slideformer,slideformer+lora16 > "$out/lora.log" 2>&1 ;;
   convergence)
     timeout 580 python3 benchmarks/convergence.py --out "$out/convergence" > "$out/convergence.log" 2>&1 ;;
+  qwen14b)
+    shape="model.tokenizer=\${slide.asset:tokenizer} +model.config.model_type=qwen3 +model.config.hidden_size=5120"
+    shape="$shape +model.config.num_hidden_layers=40 +model.config.intermediate_size=17408"
+    shape="$shape +model.config.num_attention_heads=40 +model.config.num_key_value_heads=8 +model.config.head_dim=128"
+    shape="$shape +model.config.vocab_size=151936 +model.config.tie_word_embeddings=false"
+    run="model=causal_lm model.path=null $shape model.moments=bf16 kernels=all data.batch_size=8 data.max_length=1024"
+    run="$run strategy.gpu_memory_limit=24GiB strategy.offload_dir=/tmp/slide-14b strategy.offload=masters"
+    run="$run trainer.gradient_clip_algorithm=value trainer.max_steps=4 trainer.limit_val_batches=0 export.enabled=false"
+    { python3 -m lightning_slide.app.plan $run plan.disk_free=60GB; echo "plan exit $?";
+      /usr/bin/time -v timeout 560 python3 -m lightning_slide.app.train $run 2>&1 | grep -E \
+        "slide/tokens_per_sec|tokens/s|Maximum resident|Elapsed|Error|error|slideformer" ;
+      du -sh /tmp/slide-14b; } > "$out/qwen14b.log" 2>&1 ;;
   before_after)
     for code in before now before now; do
       path=$PWD; [ "$code" = before ] && path=$PWD/before

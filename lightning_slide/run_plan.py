@@ -133,7 +133,7 @@ def _host_held(module: LightningModule, engine: SlidingEngine | None, plan: Plan
         params = {p.data_ptr(): p.numel() * p.element_size() for p in module.parameters() if p.device.type == "cpu"}
         return runtime + sum(params.values())
     # After the engine: everything but what depends on the batch or is allocated lazily during the step.
-    pool = engine.grad_pool
+    pool = engine.loans.pool
     to_come = max(0, plan.host.get(_item(plan.host, "layer gradient buffers"), 0) - 4 * pool.allocated * pool.numel)
     to_come += plan.host.get(_item(plan.host, "offloaded layer inputs"), 0)
     to_come += plan.host.get(_item(plan.host, "accumulation staging"), 0)

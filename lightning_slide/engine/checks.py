@@ -115,7 +115,7 @@ def finite_task(engine: SlidingEngine, keys: list, verdict: Verdict) -> None:
 
 def clip_task(engine: SlidingEngine, max_norm: float, units: list[HostUnit], device_norms, verdict: Verdict) -> None:
     """Worker task: the clipping coefficient of ``clip_grad_norm_`` over every optimized gradient of ``units`` and
-    the per-parameter norms ``device_norms`` (``(host tensor, event)``) of gradients kept on the device."""
+    the per-parameter norms ``device_norms`` (a list of ``(host tensor, event)``) of gradients kept on the device."""
     checks, shards = engine.gradient_checks, engine.shards
     norms = []
     for unit in units:
@@ -126,9 +126,9 @@ def clip_task(engine: SlidingEngine, max_norm: float, units: list[HostUnit], dev
             norms.append(checks.norms_host[index_of(key)].clone())  # taken on the device
         else:
             norms.extend(torch.linalg.vector_norm(g) for g in optimizer.bind())
-    if device_norms is not None and shards.rank == 0:  # replicated on every rank: counted once
-        engine.worker.await_device(device_norms[1])
-        norms.extend(device_norms[0].unbind())
+    for host, event in device_norms if shards.rank == 0 else ():  # replicated on every rank: counted once
+        engine.worker.await_device(event)
+        norms.extend(host.unbind())
     if shards.active:  # the norm over every rank's shards (each rank takes part, even with none)
         squares = torch.stack(norms).square().sum() if norms else torch.zeros(())
         shards.host_sum(squares)

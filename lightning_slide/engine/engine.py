@@ -39,6 +39,7 @@ from lightning_slide.engine import checks, state
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.checks import GradientChecks, Verdict, decide
+from lightning_slide.engine.device_units import DeviceUnit, check_device_layers
 from lightning_slide.engine.disk import open_tier
 from lightning_slide.engine.downloads import GradientDownloads
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
@@ -129,7 +130,8 @@ class SlidingEngine:
         if self.shards.active and offload_dir is not None:
             offload_dir = str(Path(offload_dir) / f"rank{self.shards.rank}")  # each rank its own files
         cast = self.device.type == "cuda" and compute_dtype != MASTER_DTYPE
-        depth = min(window, len(parts.blocks))
+        on_device = check_device_layers(options.tuning.device_layers, len(parts.blocks), self.shards, masters_on_disk)
+        depth = min(window, len(parts.blocks) - on_device)
         self.grad_buffers = grads_in_flight(depth, grad_buffers)
         # The planner's fixed device buffers (lightning_slide/engine/plan.py): what the lines below allocate.
         self.device_plan = device_bytes(
@@ -177,6 +179,7 @@ class SlidingEngine:
         self.streamed_steps = 0  # optimizer steps whose updates streamed out of their backward, since construction
         self.add_parking(parked_grads)
 
+        self.device_layers = {i: DeviceUnit.layer(self, i) for i in range(on_device)}
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
         # Prefetching only what is already updated depends on timing; with several ranks every rank must issue the
         # same all-gathers in the same order, so each load waits for its update instead.
@@ -191,6 +194,7 @@ class SlidingEngine:
             before_load=self.parking.before_load,
             may_load=may_load,
             shards=self.shards,
+            pinned=set(self.device_layers),
         )
         self.resident_parts = ResidentParts(self, self.resident, resident_on_device)
         self.updates = HostUpdates(self)  # one optimizer per unit (attach_optimizer)
@@ -217,11 +221,6 @@ class SlidingEngine:
         self.model_hooks = ModelHooks(self, root, parts)
 
     @property
-    def grad_pool(self):
-        """The host's layer gradient buffers (``loans.GradientLoans`` lends them)."""
-        return self.loans.pool
-
-    @property
     def depth(self) -> int:
         return self.window.depth
 
@@ -229,6 +228,11 @@ class SlidingEngine:
     def model_checkpointing_off(self) -> int:
         """How many modules' own activation checkpointing the engine turned off while it runs."""
         return len(self.model_hooks.checkpointing)
+
+    def on_device(self) -> list[DeviceUnit]:
+        """The units updated on the device: the first layers kept there, the resident parts when updated there."""
+        resident = self.resident_parts.device if self.resident.trainable_numel else None
+        return [d for d in [*self.device_layers.values(), resident] if d is not None and d.updates]
 
     def units(self) -> dict[Any, HostUnit]:
         """The host state of every unit by key: ``"resident"`` and each layer index, in the order the next forward
@@ -252,6 +256,9 @@ class SlidingEngine:
     def prepare_forward(self) -> None:
         """Make the resident parts' compute copy current; call before every forward."""
         self.hide_grads()  # before the window moves a layer, which drops its parameters' .grad
+        for device in self.device_layers.values():
+            device.apply_deferred()
+            device.point_at_weights()  # (user code between steps may have pointed them at their masters)
         self.resident_parts.load()
 
     def forward_layer(self, index: int, forward, *args, **kwargs):
@@ -273,7 +280,8 @@ class SlidingEngine:
                 if self.activations is not None:
                     self.activations.prefetch(index - 1)
                 if self.layers[index].trainable:
-                    self.window.attach_grads(index)
+                    device = self.device_layers.get(index)
+                    self.window.attach_grads(index) if device is None else device.attach_grads()
                     self._pending[index] = len(self.layers[index].trainable)
             else:
                 self.window.ensure(range(index, index + self.depth), evict=self._finish_layer_grads)
@@ -330,21 +338,15 @@ class SlidingEngine:
         if self.mode.streaming is not None:
             # What the host has not started yet, it does in the next forward's order — from now on, not after the
             # device update below, which may wait for the end of backward on the device (its NaN/Inf check).
-            self._prefer_forward_order()
-            if self.resident.trainable_numel and self.resident_parts.updates_on_device:
-                self.resident_parts.update_on_device(self.mode.streaming, None, self.mode.clip_value)
+            self.updates.prefer_forward_order()
+            for device in self.on_device():
+                device.update(self.mode.streaming, None, self.mode.clip_value)
         self.mode.streamed = self.mode.streaming is not None
         self.streamed_steps += self.mode.streamed
         self.mode.streaming = None
         if self.parking:
             self.parking.unpark_ready()
         self.mode.open = bool(self.parking.ready())  # a streamed step's updates are all queued unless some are parked
-
-    def _prefer_forward_order(self) -> None:
-        """Run the queued updates (and the disk tier's reads) in the order the next forward needs them."""
-        self.worker.prefer(list(self.units()))
-        if self.state_store is not None:
-            self.state_store.prefer(list(self.units()))
 
     def on_grad(self, index: int, param: torch.Tensor) -> None:
         left = self._pending.get(index)
@@ -360,15 +362,19 @@ class SlidingEngine:
             self._pending[index] = left - 1
 
     def _finish_layer_grads(self, index: int) -> None:
-        """Send layer ``index``'s gradients to its host accumulator (no-op if they are not pending)."""
+        """Send layer ``index``'s gradients to its host accumulator, or its device one for a layer kept on the device
+        (no-op if they are not pending)."""
         if self._pending.pop(index, None) is None:
             return
-        unit = self.layers[index]
-        slot = self.window.slot_of[index]
-        self.window.grads_copied(index, self.downloads.send(unit, self.window.grads_of(index), id(slot)))
+        unit, device = self.layers[index], self.device_layers.get(index)
+        if device is not None:
+            device.take_grads()
+        else:
+            slot = self.window.slot_of[index]
+            self.window.grads_copied(index, self.downloads.send(unit, self.window.grads_of(index), id(slot)))
         for entry in unit.trainable:
             entry.param.grad = None
-        if self.mode.streaming is not None and index not in self.parking:
+        if self.mode.streaming is not None and device is None and index not in self.parking:
             self.updates.submit(index, self.mode.streaming, clip_value=self.mode.clip_value, ready=unit.grad_event)
 
     # ---------------------------------------------------------------- update (the step)
@@ -423,23 +429,22 @@ class SlidingEngine:
                 "norm",
                 functools.partial(decide, verdict, functools.partial(checks.finite_task, self, list(keys), verdict)),
             )
-        on_device = self.resident_parts.updates_on_device and RESIDENT in keys
-        if on_device:
-            keys.remove(RESIDENT)
+        on_device = [d for d in self.on_device() if d.key in keys]
+        keys = [key for key in keys if key not in {d.key for d in on_device}]
         if clip_norm is not None:
             units = [self.units()[key] for key in keys]
-            device_norms = self.resident_parts.device_norms() if on_device else None
+            device_norms = [d.norms() for d in on_device]
             self.worker.submit(
                 "norm",
                 functools.partial(
                     decide, verdict, functools.partial(checks.clip_task, self, clip_norm, units, device_norms, verdict)
                 ),
             )
-        if on_device:
+        for device in on_device:
             if clip_norm is None and not check:
-                self.resident_parts.update_on_device(hyper, None, clip_value)
+                device.update(hyper, None, clip_value)
             else:  # needs the step's verdict: done before the next forward
-                self.resident_parts.defer(hyper, verdict, clip_value)
+                device.defer(hyper, verdict, clip_value)
         for key in keys:
             if key in self.parking:  # queued when it goes down, first layer first as host buffers free
                 self.parking.give_update(key, (hyper, verdict, clip_value))
@@ -478,7 +483,8 @@ class SlidingEngine:
         self.hide_grads()
         self._sync_masters()
         self.window.clear()
-        self.resident.park()
+        for unit in [self.resident, *(d.unit for d in self.device_layers.values())]:
+            unit.park()
         self.resident_parts.loaded = False
 
     # ---------------------------------------------------------------- state and lifetime
@@ -504,12 +510,14 @@ class SlidingEngine:
     def _sync_masters(self, gather: bool = True) -> None:
         """Finish queued updates and bring device-updated masters back to the host; with several ranks, fetch the
         other ranks' shards of every master (a collective: every rank calls this at the same point)."""
-        self.resident_parts.apply_deferred()
+        for device in self.on_device():
+            device.apply_deferred()
         self.parking.unpark_all()
         self.worker.wait_all()
         if self.state_store is not None:
             self.state_store.flush()
-        self.resident_parts.to_host()
+        for device in self.on_device():
+            device.to_host()
         if gather and not self.masters_current:
             state.gather_masters(self)
             self.masters_current = True
@@ -559,8 +567,9 @@ class SlidingEngine:
             self.worker.close(drain=False)
             self.shards.close()
             if not drain:
-                try:  # the run failed: still hand back the latest resident weights if the device allows
-                    self.resident_parts.to_host()
+                try:  # the run failed: still hand back the latest device-updated weights if the device allows
+                    for device in self.on_device():
+                        device.to_host()
                 except Exception:  # noqa: BLE001 - the original error is the one to report
                     pass
             self._release()
@@ -572,13 +581,16 @@ class SlidingEngine:
         if self.model_hooks is not None:
             self.model_hooks.remove()  # the model as the user gave it
         self.window.clear()
-        self.resident.park()
+        for unit in [self.resident, *(d.unit for d in self.device_layers.values())]:
+            unit.park()
         if self.streams.cuda:
             torch.cuda.current_stream(self.device).synchronize()
             self.streams.upload.synchronize()
             self.streams.download.synchronize()
         # No copy is in flight any more: drop the scratch buffers (nothing after close uses them).
         self.resident_parts.close()
+        for device in self.device_layers.values():
+            device.close()
         self.window.slots.clear()
         self.window.upload_staging = self.upload_staging = self.download_staging = None
         self.downloads.staging.clear()

@@ -97,7 +97,8 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     """
     a = s.accumulate
     tokens = (s.batch or 0) * (s.seq or 0)
-    layer_params = shape.layers * shape.layer_params
+    sliding = s.sliding(shape)  # the layers kept on the device move nothing
+    layer_params = sliding * shape.layer_params
     head = shape.vocab * shape.hidden if shape.has_dims else shape.resident_params
     resident_host = 0 if s.resident_on_device else 1
     offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
@@ -106,16 +107,13 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     frozen = shape.layers_frozen if s.frozen_apart else 0
     layer_upload = upload * (layer_params - frozen) + s.element * frozen
     times = {
-        "GPU compute (8·N·tokens)": a * 8 * (layer_params + head) * tokens / m.gpu_flops,
+        "GPU compute (8·N·tokens)": a * 8 * (shape.layers * shape.layer_params + head) * tokens / m.gpu_flops,
         "H2D weights (forward + recompute)": (
             a * (2 * layer_upload / s.ranks + offloaded) + resident_host * 4 * shape.resident_params / s.ranks
         )
         / m.h2d_bytes_per_s,
         "D2H gradients (fp32)": a
-        * (
-            (4 * shape.layers * shape.layer_trainable + resident_host * 4 * shape.resident_trainable) / s.ranks
-            + offloaded
-        )
+        * ((4 * sliding * shape.layer_trainable + resident_host * 4 * shape.resident_trainable) / s.ranks + offloaded)
         / m.d2h_bytes_per_s,
         "host AdamW": host_updated_trainable(shape, s) / m.adamw_rate(s.moments_dtype),
     }

@@ -106,6 +106,9 @@ class Tuning:
     leaves room for (decided then); ``0``: none."""
     host_memory: int | str | None = None
     """Host memory the plan may count on (``"240GiB"``; bytes once built); ``None``: what the OS reports available."""
+    device_layers: int = 0
+    """The first decoder layers kept and updated on the GPU (fp32 masters, gradients, Adam state there: ~20 B/param);
+    the host neither transfers nor updates them. At least one layer must slide. ``slide-plan`` says how many fit."""
 
     def __post_init__(self) -> None:
         _choice("tuning.resident_optimizer", self.resident_optimizer, ("auto", "device", "host"))
@@ -115,6 +118,7 @@ class Tuning:
         if parked != "auto" and (isinstance(parked, bool) or not isinstance(parked, int) or parked < 0):
             raise ValueError(f"tuning.parked_grads must be a non-negative integer or 'auto', got {parked!r}")
         object.__setattr__(self, "host_memory", _size("tuning.host_memory", self.host_memory))
+        check_count("tuning.device_layers", self.device_layers, minimum=0)
 
     @classmethod
     def of(cls, tuning: Tuning | Mapping[str, Any] | None) -> Tuning:

@@ -53,7 +53,7 @@ class Parking:
             if engine.download_staging is not None:
                 self.staging = torch.empty_like(engine.download_staging)
         self.free += [
-            (torch.empty(engine.grad_pool.numel, dtype=engine.compute_dtype, device=engine.device), None)
+            (torch.empty(engine.loans.pool.numel, dtype=engine.compute_dtype, device=engine.device), None)
             for _ in range(count)
         ]
 
@@ -114,7 +114,7 @@ class Parking:
         self.free.append((buffer, unit.grad_event))
         engine.updates.submit(index, *update, ready=unit.grad_event)
         if engine.mode.streaming is None:  # after the backward: the next forward's order, this update among the first
-            engine._prefer_forward_order()
+            engine.updates.prefer_forward_order()
             engine.mode.open = bool(self.parked)  # the step's updates are all queued once none is parked
 
     def unpark_ready(self) -> None:

@@ -65,6 +65,7 @@ __all__ = [
     "host_bytes",
     "human",
     "largest_batch",
+    "largest_device_layers",
     "largest_parking",
     "largest_window",
     "layer_backward_extra_bytes_per_token",
@@ -106,6 +107,7 @@ class Plan:
     suggested_batch: int | None = None  # largest batch (at this window) that fits; None: not searched / none fits
     suggested_window: int | None = None  # largest window (at this batch) that fits
     suggested_parked_grads: int | None = None  # most parked layer gradients (at this batch and window) that fit
+    suggested_device_layers: int | None = None  # most layers kept on the device (at this batch and window) that fit
     fitting: Choice | None = None  # when the run does not fit: the fastest options that do (fitting_options)
     notes: list[str] = field(default_factory=list)
     searched: bool = False  # the suggestions were searched for
@@ -227,6 +229,17 @@ class Plan:
             if s.seq is not None and self.machine.gpu_memory is not None:
                 rows.append(f"  largest batch at window {s.window}, seq {s.seq}: {self.suggested_batch or 'none fits'}")
             rows.append(f"  largest window at batch {s.batch}: {self.suggested_window or 'none fits'}")
+            if self.suggested_device_layers:
+                more = make_plan(
+                    self.shape,
+                    dataclasses.replace(s, device_layers=self.suggested_device_layers),
+                    self.machine,
+                    suggest=False,
+                )
+                rows.append(
+                    f"  most layers kept on the GPU (tuning.device_layers) at batch {s.batch}, window {s.window}: "
+                    f"{self.suggested_device_layers} (step bound then {_seconds(more.step_seconds)})"
+                )
             if self.suggested_parked_grads:
                 rows.append(
                     f"  most layer gradients parked on the GPU (parked_grads) at batch {s.batch}, window "
@@ -265,6 +278,7 @@ class Plan:
             "suggested_batch": self.suggested_batch,
             "suggested_window": self.suggested_window,
             "suggested_parked_grads": self.suggested_parked_grads,
+            "suggested_device_layers": self.suggested_device_layers,
             "fitting_options": None if self.fitting is None else self.fitting.to_dict(),
             "problems": self.problems(),
             "notes": self.notes,
@@ -312,6 +326,18 @@ def largest_parking(shape: ModelShape, s: Settings, m: Machine, margin: float = 
     return fitting[-1] if fitting else None
 
 
+def largest_device_layers(shape: ModelShape, s: Settings, m: Machine, margin: float = SUGGEST_MARGIN) -> int | None:
+    """The most layers that may be kept and updated on the GPU (``tuning.device_layers``, at ``s.batch`` and
+    ``s.window``) with the run still fitting as :func:`largest_batch` says; ``None`` when they do not apply (several
+    ranks, masters on disk, frozen layer weights kept in the compute dtype), the GPU or the activations are unknown,
+    or the run does not fit even without them."""
+    unknown = m.gpu_memory is None or s.batch is None or s.seq is None or not shape.has_dims
+    if unknown or s.ranks > 1 or "masters" in s.on_disk or (s.frozen_apart and shape.layers_frozen):
+        return None
+    fitting = [k for k in range(shape.layers) if _fits(shape, dataclasses.replace(s, device_layers=k), m, margin)]
+    return fitting[-1] if fitting else None
+
+
 def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = None, *, suggest: bool = True) -> Plan:
     """The plan of a run: memory by tier and item, step-time terms, and (``suggest``) the largest batch and window
     that fit ``machine`` (sizes ``None`` are not checked)."""
@@ -333,6 +359,7 @@ def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = N
         plan.suggested_batch = largest_batch(shape, settings, machine)
         plan.suggested_window = largest_window(shape, settings, machine)
         plan.suggested_parked_grads = largest_parking(shape, settings, machine)
+        plan.suggested_device_layers = largest_device_layers(shape, settings, machine)
         plan.searched = True
         if plan.problems():
             plan.fitting = fitting_options(shape, settings, machine)

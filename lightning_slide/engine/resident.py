@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_slide.engine.checks import Verdict, raise_if_nonfinite
+from lightning_slide.engine.device_units import DeviceUnit
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit
 from lightning_slide.engine.optimizer import UnitOptimizer
 from lightning_slide.engine.pinned import host_empty
@@ -48,9 +48,8 @@ class ResidentParts:
             device=engine.device,
         )
         self.loaded = False  # the parameters point at a current compute copy
-        self.master: torch.Tensor | None = None  # fp32 on the device, when updated there
-        self.grad: torch.Tensor | None = None
-        self.deferred: tuple | None = None  # a device update waiting for the step's verdict
+        # Updated on the device (``device_units.DeviceUnit``), once an optimizer is attached there.
+        self.device = DeviceUnit(engine, RESIDENT, unit, self.weights, self.grads)
         self.in_chunks = False  # a streamed step's gradients are left on the device for the update to read
         self.chunks_ready = None  # the event after which they are (None on the CPU)
         self.chunk_buffer: torch.Tensor | None = None  # host fp32, two chunks of gradients
@@ -59,25 +58,22 @@ class ResidentParts:
 
     @property
     def updates_on_device(self) -> bool:
-        return self.master is not None
+        return self.device.updates
 
     def chunk(self) -> int:
-        return self.CHUNK or max(1, self.engine.grad_pool.numel // 2)
+        return self.CHUNK or max(1, self.engine.loans.pool.numel // 2)
 
     def optimizer(self, optimizer, group_of: dict[int, int], state_in_memory: bool) -> UnitOptimizer:
         """The unit's optimizer: on the device (its masters copied there) or on the host, in chunks."""
         unit = self.unit
         if self.on_device and unit.trainable_numel > 0:
-            self.engine.worker.wait(RESIDENT)
-            self.master = unit.master.to(self.engine.device, copy=True)
-            self.grad = torch.zeros(unit.trainable_numel, dtype=MASTER_DTYPE, device=self.engine.device)
-            return UnitOptimizer(unit, optimizer, group_of, master=self.master, grad=self.grad)
+            return self.device.optimizer(optimizer, group_of)
         return UnitOptimizer(unit, optimizer, group_of, state_in_memory=state_in_memory, chunk=self.chunk())
 
     # ---------------------------------------------------------------- forward
     def load(self) -> None:
         """Point the parameters at a current compute copy (uploaded from the host masters when they changed)."""
-        self.apply_deferred()
+        self.device.apply_deferred()
         if self.loaded:
             return
         engine, unit = self.engine, self.unit
@@ -111,13 +107,7 @@ class ResidentParts:
             return
         checks, streams, shards = engine.gradient_checks, engine.streams, engine.shards
         if self.updates_on_device:
-            unit.grad_event = checks.fold_finite(-1, self.grads, unit.grad_empty, streams, shards)
-            shards.mean(self.grads)  # replicated: every rank updates all of it alike
-            if unit.grad_empty:
-                self.grad.copy_(self.grads)
-            else:
-                self.grad.add_(self.grads)
-            unit.grad_empty = False
+            self.device.take_grads()
         elif streaming is not None and unit.grad_empty and RESIDENT in engine.updates.optimizers:
             # Left on the device for the update to read in chunks, through buffers made here, on the training
             # thread (page-locked for this thread's device).
@@ -146,40 +136,6 @@ class ResidentParts:
         return self.unit.grad
 
     # ---------------------------------------------------------------- update
-    def device_norms(self):
-        """Per-parameter gradient norms of the device-updated parts, on their way to the host: (host, event)."""
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in self.engine.updates.optimizers[RESIDENT].bind()])
-        host = torch.empty(norms.shape, dtype=norms.dtype, pin_memory=self.engine.pin)
-        host.copy_(norms, non_blocking=True)
-        return host, self.engine.streams.record()
-
-    def update_on_device(self, hyper, coefficient, clip_value) -> None:
-        """Update the parts on the device and refresh their compute copy there."""
-        if self.engine.nonfinite == "error":
-            # Waits for the flag, i.e. the end of backward on the device (the resident gradients come last); the
-            # next forward waits about as long for layer 0's update anyway.
-            raise_if_nonfinite(self.engine, RESIDENT)
-        if coefficient is not None:
-            coefficient = coefficient.to(self.engine.device)
-        self.engine.updates.optimizers[RESIDENT].step(hyper, coefficient, clip_value)
-        self.unit.grad_empty = True
-        self.weights.copy_(self.master)
-
-    def defer(self, hyper, verdict: Verdict, clip_value) -> None:
-        """The device update waits for the step's verdict: done before the next forward (``load``)."""
-        self.deferred = (hyper, verdict, clip_value)
-
-    def apply_deferred(self) -> None:
-        if self.deferred is None:
-            return
-        (hyper, verdict, clip_value), self.deferred = self.deferred, None
-        self.engine.worker.wait("norm")
-        verdict.raise_error()
-        if verdict.skip:
-            self.unit.grad_empty = True
-            return
-        self.update_on_device(hyper, verdict.coefficient, clip_value)
-
     def step_in_chunks(self, optimizer: UnitOptimizer, hyper, clip_value, state) -> None:
         """Worker task part: update chunk by chunk from the gradients on the device (this rank's shard, averaged),
         each chunk cast to fp32 on the device and copied down on the update thread's own stream, through its own
@@ -206,22 +162,15 @@ class ResidentParts:
             optimizer.step(hyper, None, clip_value, state, only=(lo, hi, buffer))
 
     # ---------------------------------------------------------------- state and lifetime
-    def to_host(self) -> None:
-        """Bring device-updated masters back to the host masters."""
-        if self.updates_on_device:
-            self.unit.master.copy_(self.master)
-
     def from_host(self) -> None:
         """Take the host masters (a loaded state dict) as the current weights."""
         self.loaded = False
-        if self.updates_on_device:
-            self.master.copy_(self.unit.master)
-            self.weights.copy_(self.master)
+        self.device.from_host()
 
     def close(self) -> None:
         if self.chunk_stream is not None:
             self.chunk_stream.synchronize()
-        self.deferred = None
+        self.device.close()
         self.weights = self.grads = None
         self.chunk_buffer = self.chunk_staging = None
         self.loaded = False

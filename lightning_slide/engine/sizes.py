@@ -176,6 +176,7 @@ class Settings:
     masters_shared_by: int = 1  # ranks of one host keeping one copy of the sharded fp32 masters (shared_masters.py)
     parked_grads: int = 0  # layers' gradients the device may hold while the host has no free buffer
     moments_dtype: torch.dtype = torch.float32  # the optimizer's (lightning_slide.optim.AdamW keeps them in bf16)
+    device_layers: int = 0  # the first layers kept and updated on the device (tuning.device_layers)
 
     @classmethod
     def of(cls, options: SlideOptions, **run) -> Settings:
@@ -196,6 +197,7 @@ class Settings:
                 "host_weights": tuning.host_weights,
                 "grad_buffers": tuning.grad_buffers,
                 "parked_grads": tuning.parked_now,
+                "device_layers": tuning.device_layers,
                 **run,
             }
         )
@@ -220,7 +222,15 @@ class Settings:
         return masters_on_disk or self.host_weights == "compute" and self.compute_dtype != torch.float32
 
     def depth(self, shape: ModelShape) -> int:
-        return max(1, min(self.window, shape.layers))
+        return max(1, min(self.window, self.sliding(shape)))
+
+    def sliding(self, shape: ModelShape) -> int:
+        """Layers that slide through the window (the others are kept on the device)."""
+        return shape.layers - self.device_layers
+
+    @property
+    def moment_element(self) -> int:
+        return torch.empty((), dtype=self.moments_dtype).element_size()
 
     @property
     def element(self) -> int:
@@ -317,10 +327,14 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     if s.parked_grads:  # engine._park_free: this rank's shard of the largest layer's gradients, each
         items["parked layer gradients"] = s.parked_grads * -(-shape.layer_trainable // s.ranks) * e
     # fp32 master + gradient + Adam moments on the device (attach_optimizer; nothing when all of them are frozen)
+    state = 4 + 2 * s.moment_element  # per trainable parameter: the fp32 gradient accumulator and the moments
     if s.resident_on_device and shape.resident_trainable:
         items["resident fp32 masters, gradients, Adam moments"] = (
-            4 * shape.resident_params + 12 * shape.resident_trainable
+            4 * shape.resident_params + state * shape.resident_trainable
         )
+    if s.device_layers:  # device_units.DeviceUnit.layer: compute copy and gradients, fp32 masters and state
+        layer = (e + 4) * shape.layer_params + (e + state) * shape.layer_trainable
+        items["layers kept on the device (weights, gradients, fp32 masters, Adam moments)"] = s.device_layers * layer
     if s.cast:  # upload_staging and download_staging (the engine allocates both whatever the layers upload)
         largest = max(shape.layer_params, shape.resident_params)
         copies = ["upload", "download"]
@@ -359,7 +373,7 @@ def device_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
 
 
 def host_updated_trainable(shape: ModelShape, s: Settings) -> int:
-    return shape.layers * shape.layer_trainable + (0 if s.resident_on_device else shape.resident_trainable)
+    return s.sliding(shape) * shape.layer_trainable + (0 if s.resident_on_device else shape.resident_trainable)
 
 
 def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
@@ -390,7 +404,7 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     if on_disk:  # StateStore: at most grad_buffers + 1 units' arrays read in (the largest units, at worst)
         moments = 2 * s.moments_dtype.itemsize if "optimizer" in on_disk else 0  # the files' dtype
         masters = 4 if "masters" in on_disk else 0
-        units = [moments * shape.layer_trainable + masters * shape.layer_params] * shape.layers
+        units = [moments * shape.layer_trainable + masters * shape.layer_params] * s.sliding(shape)
         units += [] if s.resident_on_device else [moments * shape.resident_trainable]
         what = " + ".join(n for n, b in (("Adam moments", moments), ("fp32 masters", masters)) if b)
         items[f"{what} in flight (disk tier)"] = int(
@@ -401,12 +415,13 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     # most window + 2 at a time); otherwise updates stream out of the backward and at most window + 2 are lent.
     streaming = not s.clipping and s.accumulate == 1
     in_flight = grads_in_flight(depth, s.grad_buffers)
+    sliding = s.sliding(shape)
     if streaming:
-        holders = min(shape.layers, in_flight)
+        holders = min(sliding, in_flight)
     elif s.accumulate == 1:
-        holders = min(shape.layers, max(shape.layers - s.parked_grads, in_flight))
+        holders = min(sliding, max(sliding - s.parked_grads, in_flight))
     else:
-        holders = shape.layers
+        holders = sliding
     items["layer gradient buffers (fp32)" + pinned] = int(4 * holders * shape.layer_trainable * share)
     resident_grads = int(4 * shape.resident_trainable * share)
     if s.resident_on_device:

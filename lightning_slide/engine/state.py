@@ -138,6 +138,8 @@ def load_state_dict(engine: SlidingEngine, state: dict[str, torch.Tensor], stric
             unit.refresh_weights()
     engine.window.clear()
     engine.resident_parts.from_host()
+    for device in engine.device_layers.values():
+        device.from_host()
     if not engine.resident_parts.updates_on_device:
         engine.prepare_forward()
 
@@ -147,7 +149,7 @@ def host_bytes(engine: SlidingEngine) -> dict[str, int]:
     parameter; page-locked or not). ``"disk tier in flight"`` is the disk tier's read buffers (in use or pooled,
     at most ``grad_buffers + 1`` units' arrays; ``state_store.peak_bytes`` is their high-water mark)."""
     units = list(engine.units().values())
-    pool = engine.grad_pool
+    pool = engine.loans.pool
     moments = sum(
         t.nbytes
         for o in engine.updates.optimizers.values()
@@ -240,19 +242,19 @@ def show_grads(engine: SlidingEngine) -> None:
     hide_grads(engine)
     engine.downloads.wait_added()  # later micro-batches are added in by the update thread
     engine.window.clear()  # the layers' parameters are home: their masters
-    resident = engine.resident_parts
-    for unit in [u for u in engine.units().values() if u.trainable and not u.grad_empty]:
-        on_device = unit is engine.resident and resident.updates_on_device
-        if on_device:
-            for entry in unit.trainable:
-                entry.param.data = entry.view(resident.master)
-        else:
-            engine.worker.await_device(unit.grad_event)
-            unit.park()
+    on_device = {device.key: device for device in engine.on_device()}
+    for key, unit in engine.units().items():
+        if not unit.trainable or unit.grad_empty:
+            continue
+        if key in on_device:
+            engine._shown += on_device[key].show()
+            continue
+        engine.worker.await_device(unit.grad_event)
+        unit.park()
         for entry in unit.trainable:
-            entry.param.grad = view = entry.view(resident.grad if on_device else unit.grad)
+            entry.param.grad = view = entry.view(unit.grad)
             engine._shown.append((entry.param, view))
-    resident.loaded = False  # the next forward points the resident parameters at their compute copy again
+    engine.resident_parts.loaded = False  # the next forward points the parameters at compute copies again
 
 
 def hide_grads(engine: SlidingEngine) -> None:

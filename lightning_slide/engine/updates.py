@@ -41,14 +41,18 @@ class HostUpdates:
             raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
         # Optimized by some rank (each rank optimizes only its shards' pieces of them).
         self.optimized = set(group_of) & {id(e.param) for unit in units.values() for e in unit.trainable}
-        on_device = engine.resident_parts.on_device and engine.resident.trainable_numel > 0
-        keys = [key for key, unit in units.items() if unit.grad_numel and not (key == RESIDENT and on_device)]
+        on_device = set(engine.device_layers)
+        if engine.resident_parts.on_device and engine.resident.trainable_numel > 0:
+            on_device.add(RESIDENT)
+        keys = [key for key, unit in units.items() if unit.grad_numel and key not in on_device]
         store = engine.state_store if "optimizer" in engine.offload else None
         on_disk = place_optimizer_state(store, units, state_names(optimizer), keys, state_dtype(optimizer))
         self.optimizers = {}
         for key, unit in units.items():
             if key == RESIDENT:
                 self.optimizers[key] = engine.resident_parts.optimizer(optimizer, group_of, key not in on_disk)
+            elif key in engine.device_layers:
+                self.optimizers[key] = engine.device_layers[key].optimizer(optimizer, group_of)
             else:
                 self.optimizers[key] = UnitOptimizer(unit, optimizer, group_of, state_in_memory=key not in on_disk)
 
@@ -70,6 +74,13 @@ class HostUpdates:
             # could wait for a read that waits for the updates passed over. Keep the order.
             ready = None
         engine.worker.submit(key, functools.partial(self.run, key, hyper, verdict, clip_value, reading), ready)
+
+    def prefer_forward_order(self) -> None:
+        """Run the queued updates (and the disk tier's reads) in the order the next forward needs them."""
+        engine = self.engine
+        engine.worker.prefer(list(engine.units()))
+        if engine.state_store is not None:
+            engine.state_store.prefer(list(engine.units()))
 
     def _read_state(self, key, optimizer: UnitOptimizer):
         """Start reading ``key``'s arrays on disk (moments, masters) for its update; ``None`` if none are."""

@@ -49,6 +49,8 @@ class Window:
         shards: the data-parallel ranks sharing each layer (``shard.Shards``); default ``None``: one process. With
             several, a load uploads the owned shard and all-gathers the rest on the upload stream, and slots are
             padded for the collectives.
+        pinned: layers that never slide (kept on the device elsewhere, ``device_units.py``): never loaded here; while
+            one of them computes, the next layers are only prefetched as far as their updates allow.
     """
 
     def __init__(
@@ -62,9 +64,13 @@ class Window:
         before_load: Callable[[int], None],
         may_load: Callable[[int], bool],
         shards: Shards | None = None,
+        pinned: set[int] = frozenset(),
     ) -> None:
-        if not 1 <= depth <= len(layers):
-            raise ValueError(f"window depth must be between 1 and {len(layers)} (the number of layers), got {depth}")
+        if not 1 <= depth <= len(layers) - len(pinned):
+            raise ValueError(
+                f"window depth must be between 1 and {len(layers) - len(pinned)} (the layers that slide), got {depth}"
+            )
+        self.pinned = set(pinned)
         self.layers = layers
         self.depth = depth
         self.streams = streams
@@ -96,15 +102,18 @@ class Window:
 
         ``evict(i)`` is called for each layer that gives up its slot, before the slot is reused.
         """
-        wanted = [i for i in wanted if 0 <= i < len(self.layers)][: self.depth]
+        wanted = [i for i in wanted if 0 <= i < len(self.layers)]
+        computing_pinned = bool(wanted) and wanted[0] in self.pinned  # then every load here is a prefetch
+        wanted = [i for i in wanted if i not in self.pinned][: self.depth]
         keep = set(wanted)
         for position, index in enumerate(wanted):
             if index in self.slot_of:
                 continue
-            if position > 0 and not self.may_load(index):
+            if (position > 0 or computing_pinned) and not self.may_load(index):
                 break  # prefetch stays in order: the next layer first
             self._load(index, self._free_slot(keep, evict))
-        self.streams.wait(self.slot_of[wanted[0]].ready)
+        if wanted and not computing_pinned:
+            self.streams.wait(self.slot_of[wanted[0]].ready)
 
     def _free_slot(self, keep: set[int], evict: Callable[[int], None]) -> Slot:
         for slot in self.slots:

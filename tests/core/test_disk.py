@@ -161,7 +161,7 @@ def test_host_memory_with_masters_and_optimizer_on_disk(tmp_path):
     class Measure(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             engine = trainer.strategy.engine
-            seen.append((engine.host_bytes(), engine.state_store.peak_bytes, engine.grad_pool.allocated))
+            seen.append((engine.host_bytes(), engine.state_store.peak_bytes, engine.loans.pool.allocated))
 
     strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both")
     module = _fit(

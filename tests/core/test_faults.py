@@ -85,7 +85,7 @@ def fit_until_it_fails(expected, *, torn, module=None, callbacks=(), steps=4, **
         assert engine is None, "the engine (and its buffers) outlived the run"
     else:  # kept for a checkpoint after the run (masters and optimizer state), its scratch memory gone
         assert not engine.window.slots and engine.resident_parts.weights is None and engine.activations is None
-        assert not engine.grad_pool.allocated and all(unit.grad is None for unit in engine.layers)
+        assert not engine.loans.pool.allocated and all(unit.grad is None for unit in engine.layers)
     return exception, frames
 
 

@@ -51,7 +51,7 @@ def test_a_finished_fit_keeps_only_what_a_checkpoint_needs(tmp_path):
     run.fit(module, batches(4))
     engine = run.optimizers[0].engine  # kept for a checkpoint after the run
     assert not engine.window.slots and engine.resident_parts.weights is None and engine.activations is None
-    assert not engine.grad_pool.allocated and all(unit.grad is None for unit in engine.layers)
+    assert not engine.loans.pool.allocated and all(unit.grad is None for unit in engine.layers)
     run.save_checkpoint(tmp_path / "after_fit.ckpt")
 
 

@@ -123,29 +123,9 @@ def test_the_plan_counts_bf16_moments():
 
 
 def test_bf16_moments_checkpoint_and_resume_exactly(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from tests.core.tiny import assert_resumes_exactly
 
-    from tests.core.tiny import TinyLM, batches, initial_state, trainer
-
-    def run(steps, ckpt_path=None, directory=tmp_path / "a"):
-        module = TinyLM("llama", initial_state("llama"), optimizer=low_precision)
-        saver = ModelCheckpoint(dirpath=directory, save_last=True, every_n_train_steps=1)
-        trainer(
-            lightning_slide.SlideFormerStrategy(window=1),
-            max_steps=steps,
-            max_epochs=-1,
-            enable_checkpointing=True,
-            callbacks=[saver],
-        ).fit(module, batches(2), ckpt_path=ckpt_path)
-        return module
-
-    run(3)
+    assert_resumes_exactly(tmp_path, lambda: lightning_slide.SlideFormerStrategy(window=1), optimizer=low_precision)
     files = sorted((tmp_path / "a" / "last.ckpt" / "optimizer").glob("*.safetensors"))
     moments = [load_file(f) for f in files]
     assert files and {t.dtype for m in moments for n, t in m.items() if "exp_avg" in n} == {torch.bfloat16}
-    resumed = run(6, ckpt_path="last")
-    uninterrupted = run(6, directory=tmp_path / "b")
-    assert resumed.losses == uninterrupted.losses[6:]
-    theirs = dict(uninterrupted.named_parameters())
-    for name, param in resumed.named_parameters():
-        assert torch.equal(param, theirs[name]), name

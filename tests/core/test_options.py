@@ -71,7 +71,7 @@ def test_defaults_are_built_once_and_rebuilding_changes_nothing(tmp_path):
         (dict(start_method="thread"), r"start_method must be 'popen', 'spawn', 'fork' or 'forkserver', got 'thread'"),
         (dict(timeout=60), r"timeout must be a positive datetime.timedelta, got 60"),
         (dict(timeout=timedelta(0)), r"timeout must be a positive"),
-        (dict(tuning=5), r"tuning must be a dict of \['resident_optimizer', .*'host_memory'\] or None, got 5"),
+        (dict(tuning=5), r"tuning must be a dict of \['resident_optimizer', .*'device_layers'\] or None, got 5"),
         (dict(tuning=dict(resident_optimizer="gpu")), r"tuning.resident_optimizer must be 'auto', 'device' or 'host'"),
         (dict(tuning=dict(host_weights="bf16")), r"tuning.host_weights must be 'auto', 'fp32' or 'compute'"),
         (dict(tuning=dict(grad_buffers=0)), r"tuning.grad_buffers must be a positive integer or None, got 0"),

@@ -95,7 +95,7 @@ class _Pool(L.Callback):
     """The most host gradient buffers the engine ever allocated."""
 
     def on_train_end(self, trainer, module):
-        self.allocated = trainer.strategy.engine.grad_pool.allocated
+        self.allocated = trainer.strategy.engine.loans.pool.allocated
         self.parked = trainer.strategy.engine.stats()["parked_layers"]
 
 

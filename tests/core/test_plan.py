@@ -91,6 +91,7 @@ class _Snapshot(L.Callback):
         # moments are device memory (the CPU's, when it is the device), beside a device copy of their masters and a
         # device gradient accumulator.
         on_device_key = "resident" if engine.resident_parts.updates_on_device else None
+        device = engine.resident_parts.device
 
         def moments(keys):
             return [
@@ -105,7 +106,7 @@ class _Snapshot(L.Callback):
         self.host = {
             "masters": sum(u.master.numel() * 4 for u in units.values()),
             "moments": sum(t.numel() * t.element_size() for t in on_host),
-            "pool": 4 * engine.grad_pool.allocated * engine.grad_pool.numel,
+            "pool": 4 * engine.loans.pool.allocated * engine.loans.pool.numel,
             "resident grad": sum(
                 t.nbytes for t in (engine.resident.grad, engine.resident_parts.chunk_buffer) if t is not None
             ),
@@ -117,7 +118,7 @@ class _Snapshot(L.Callback):
             "slots": sum(s.weights.nbytes + s.grads.nbytes for s in engine.window.slots),
             "resident": engine.resident_parts.weights.nbytes + engine.resident_parts.grads.nbytes,
             "resident optimizer": sum(t.numel() * t.element_size() for t in on_device)
-            + sum(t.nbytes for t in (engine.resident_parts.master, engine.resident_parts.grad) if t is not None),
+            + sum(t.nbytes for t in (device.master, device.grad) if t is not None),
         }
         self.parked = sum(buffer.nbytes for buffer, _ in engine.parking.free) + sum(
             entry[0].nbytes for entry in engine.parking.parked.values()

@@ -373,7 +373,7 @@ def test_streamed_updates_bound_the_host_gradient_buffers():
             engine.updates.run = slow_update
 
         def on_train_end(self, trainer, pl_module):
-            seen["allocated"] = trainer.strategy.engine.grad_pool.allocated
+            seen["allocated"] = trainer.strategy.engine.loans.pool.allocated
 
     trainer(strategy, max_steps=3, gradient_clip_val=None, accumulate_grad_batches=1, callbacks=[SlowHost()]).fit(
         module, batches(3)

@@ -170,3 +170,24 @@ def inf_grad(weight):
             return torch.full(ctx.shape, float("inf"), dtype=ctx.dtype, device=ctx.device)
 
     return Inf.apply(weight)
+
+
+def assert_resumes_exactly(directory, strategy, **module_options) -> None:
+    """Train 3 steps checkpointing each, resume from ``last.ckpt`` to step 6, and check that equals 6 steps without a
+    stop. ``strategy()`` makes each run's strategy; the first run's checkpoints stay in ``directory / "a"``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(steps, ckpt_path=None, where="a"):
+        module = TinyLM("llama", initial_state("llama"), **module_options)
+        saver = ModelCheckpoint(dirpath=directory / where, save_last=True, every_n_train_steps=1)
+        run = trainer(strategy(), max_steps=steps, max_epochs=-1, enable_checkpointing=True, callbacks=[saver])
+        run.fit(module, batches(2), ckpt_path=ckpt_path)
+        return module
+
+    run(3)
+    resumed = run(6, ckpt_path="last")
+    uninterrupted = run(6, where="b")
+    assert resumed.losses == uninterrupted.losses[6:]
+    theirs = dict(uninterrupted.named_parameters())
+    for name, param in resumed.named_parameters():
+        assert torch.equal(param, theirs[name]), name

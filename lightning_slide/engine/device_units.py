@@ -1,0 +1,166 @@
+"""Units updated on the compute device: their fp32 masters, fp32 gradient accumulator and optimizer state live there,
+and their update runs there, on the training thread, refreshing the compute copy the parameters use.
+
+Two kinds of unit are: the resident parts with ``tuning.resident_optimizer="device"`` (``resident.py`` owns their
+compute copy), and the first ``tuning.device_layers`` decoder layers, which then never slide: their compute copy and
+gradient buffer stay on the device for the engine's life (:meth:`DeviceUnit.layer`), so the host neither transfers
+nor updates them. Those are the first layers because the next forward needs them first and their gradients arrive
+last: a host update of theirs is the step's critical path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from lightning_slide.engine.checks import Verdict, index_of, raise_if_nonfinite
+from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit
+from lightning_slide.engine.optimizer import UnitOptimizer
+from lightning_slide.engine.streams import copy_cast
+
+if TYPE_CHECKING:
+    from lightning_slide.engine.engine import SlidingEngine
+
+
+def check_device_layers(count: int, layers: int, shards, masters_on_disk: bool) -> int:
+    """``count`` (``tuning.device_layers``) when the run can keep that many layers on the device, else a
+    ``ValueError`` saying what to change."""
+    if count >= layers:
+        raise ValueError(
+            f"tuning.device_layers={count}: at least one of the {layers} layers must slide; give fewer (or train "
+            "without slideformer if the whole model fits on the device)"
+        )
+    if count and (shards.active or masters_on_disk):
+        raise ValueError(
+            "tuning.device_layers keeps layers' fp32 masters on one device: not with several devices or the masters "
+            "on disk; set it to 0"
+        )
+    return count
+
+
+class DeviceUnit:
+    """Unit ``key`` of ``engine`` updated on the device; ``weights``/``grads``: its compute-dtype buffers there."""
+
+    def __init__(self, engine: SlidingEngine, key, unit: HostUnit, weights: torch.Tensor, grads: torch.Tensor):
+        self.engine, self.key, self.unit = engine, key, unit
+        self.weights, self.grads = weights, grads
+        self.master: torch.Tensor | None = None  # fp32, once an optimizer is attached
+        self.grad: torch.Tensor | None = None  # fp32 accumulator
+        self.deferred: tuple | None = None  # an update waiting for the step's verdict
+
+    @classmethod
+    def layer(cls, engine: SlidingEngine, index: int) -> DeviceUnit:
+        """Decoder layer ``index`` kept on the device: its compute copy uploaded once, its parameters pointed at it."""
+        unit = engine.layers[index]
+        if unit.frozen is not None:
+            raise ValueError(
+                f"tuning.device_layers: {unit.name} keeps frozen parameters in the compute dtype (LoRA under bf16), "
+                "which a layer on the device does not; set device_layers to 0"
+            )
+        weights = torch.empty(unit.numel, dtype=engine.compute_dtype, device=engine.device)
+        for offset, source in unit.upload_pieces():
+            copy_cast(weights[offset : offset + source.numel()], source, engine.upload_staging)
+        for entry in unit.entries:
+            entry.param.data = entry.view(weights)
+        grads = torch.zeros(unit.trainable_numel, dtype=engine.compute_dtype, device=engine.device)
+        return cls(engine, index, unit, weights, grads)
+
+    def optimizer(self, optimizer, group_of: dict[int, int]) -> UnitOptimizer:
+        """The unit's optimizer, over fp32 masters copied to the device."""
+        self.engine.worker.wait(self.key)
+        self.master = self.unit.master.to(self.engine.device, copy=True)
+        self.grad = torch.zeros(self.unit.trainable_numel, dtype=MASTER_DTYPE, device=self.engine.device)
+        return UnitOptimizer(self.unit, optimizer, group_of, master=self.master, grad=self.grad)
+
+    @property
+    def updates(self) -> bool:
+        return self.master is not None
+
+    # ---------------------------------------------------------------- backward
+    def attach_grads(self) -> None:
+        """Give the trainable parameters zeroed gradient views of ``grads``, for autograd to fill (a layer's)."""
+        self.grads.zero_()
+        for entry in self.unit.trainable:
+            entry.param.grad = entry.view(self.grads)
+
+    def take_grads(self) -> None:
+        """Add this backward's gradients (in ``grads``) into the fp32 accumulator, their NaN/Inf flag on its way."""
+        engine, unit = self.engine, self.unit
+        checks, streams, shards = engine.gradient_checks, engine.streams, engine.shards
+        unit.grad_event = checks.fold_finite(index_of(self.key), self.grads, unit.grad_empty, streams, shards)
+        shards.mean(self.grads)  # replicated: every rank updates all of it alike
+        if unit.grad_empty:
+            self.grad.copy_(self.grads)
+        else:
+            self.grad.add_(self.grads)
+        unit.grad_empty = False
+
+    # ---------------------------------------------------------------- update
+    def norms(self):
+        """Per-parameter gradient norms, on their way to the host: ``(host tensor, event)``."""
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in self.engine.updates.optimizers[self.key].bind()])
+        host = torch.empty(norms.shape, dtype=norms.dtype, pin_memory=self.engine.pin)
+        host.copy_(norms, non_blocking=True)
+        return host, self.engine.streams.record()
+
+    def update(self, hyper, coefficient, clip_value) -> None:
+        """Update the unit on the device and refresh its compute copy there."""
+        if self.engine.nonfinite == "error":
+            # Waits for the flag, i.e. for the unit's gradients on the device.
+            raise_if_nonfinite(self.engine, self.key)
+        if coefficient is not None:
+            coefficient = coefficient.to(self.engine.device)
+        self.engine.updates.optimizers[self.key].step(hyper, coefficient, clip_value)
+        self.unit.grad_empty = True
+        self.weights.copy_(self.master)
+
+    def defer(self, hyper, verdict: Verdict, clip_value) -> None:
+        """The update waits for the step's verdict: done before the next forward (``apply_deferred``)."""
+        self.deferred = (hyper, verdict, clip_value)
+
+    def apply_deferred(self) -> None:
+        if self.deferred is None:
+            return
+        (hyper, verdict, clip_value), self.deferred = self.deferred, None
+        self.engine.worker.wait("norm")
+        verdict.raise_error()
+        if verdict.skip:
+            self.unit.grad_empty = True
+            return
+        self.update(hyper, verdict.coefficient, clip_value)
+
+    # ---------------------------------------------------------------- state and lifetime
+    def to_host(self) -> None:
+        """Bring the device masters back to the host masters."""
+        if self.updates:
+            self.unit.master.copy_(self.master)
+
+    def from_host(self) -> None:
+        """Take the host masters (a loaded state dict) as the current weights."""
+        if self.updates:
+            self.master.copy_(self.unit.master)
+            self.weights.copy_(self.master)
+        elif self.key != RESIDENT:  # a layer's compute copy is its only device copy
+            for offset, source in self.unit.upload_pieces():
+                copy_cast(self.weights[offset : offset + source.numel()], source, self.engine.upload_staging)
+
+    def show(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Point the trainable parameters at their fp32 masters and ``.grad`` at their accumulated gradients (for
+        user hooks between backward and step); returns the ``(parameter, gradient view)`` pairs shown."""
+        shown = []
+        for entry in self.unit.trainable:
+            entry.param.data = entry.view(self.master)
+            entry.param.grad = view = entry.view(self.grad)
+            shown.append((entry.param, view))
+        return shown
+
+    def point_at_weights(self) -> None:
+        """Point the parameters at the compute copy (after ``show``)."""
+        for entry in self.unit.entries:
+            entry.param.data = entry.view(self.weights)
+
+    def close(self) -> None:
+        """Let the compute buffers go (masters and state stay, for a checkpoint after the run)."""
+        self.deferred = None
+        self.weights = self.grads = None

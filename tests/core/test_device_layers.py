@@ -1,0 +1,153 @@
+"""``tuning.device_layers``: the first decoder layers kept and updated on the compute device train exactly as the
+others (and as plain Lightning), in every step mode, and come back to the host for checkpoints and after the run."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_slide
+from tests.core.test_parity import assert_same_training, train
+from tests.core.tiny import TinyLM, assert_resumes_exactly, batches, inf_grad, initial_state, trainer
+
+
+class Records(L.Callback):
+    """What the engine did with the layers kept on the device."""
+
+    def __init__(self) -> None:
+        self.device_layers, self.loaded, self.host_updated = None, set(), set()
+
+    def on_train_start(self, trainer, pl_module):
+        engine = trainer.strategy.engine
+        self.device_layers = sorted(engine.device_layers)
+        window, load = engine.window, engine.window._load
+
+        def spy(index, slot):
+            self.loaded.add(index)
+            load(index, slot)
+
+        window._load = spy  # which layers ever slide through the window
+        submit = engine.updates.submit
+
+        def submitted(key, *args, **kwargs):
+            self.host_updated.add(key)
+            submit(key, *args, **kwargs)
+
+        engine.updates.submit = submitted
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "clip", "algorithm", "window", "resident"),
+    [
+        (2, 0.5, "norm", 1, "host"),  # accumulated on the device, updated once the global norm is known
+        (1, None, "norm", 2, "host"),  # a streamed step: updated at the end of its backward
+        (1, 0.5, "norm", 1, "device"),  # with the resident parts on the device too
+        (2, 0.002, "value", 2, "host"),
+    ],
+)
+def test_layers_kept_on_the_device_train_as_plain_lightning(accumulate, clip, algorithm, window, resident):
+    options = dict(gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    torch.manual_seed(123)
+    plain = TinyLM("llama", initial_state("llama"))
+    trainer("auto", max_steps=6, accumulate_grad_batches=accumulate, **options).fit(plain, batches(6 * accumulate))
+    records = Records()
+    strategy = lightning_slide.SlideFormerStrategy(
+        window=window, tuning=dict(device_layers=2, resident_optimizer=resident)
+    )
+    torch.manual_seed(123)
+    ours = TinyLM("llama", initial_state("llama"))
+    run = trainer(strategy, max_steps=6, accumulate_grad_batches=accumulate, callbacks=[records], **options)
+    run.fit(ours, batches(6 * accumulate))
+    assert_same_training(ours, plain)
+    assert records.device_layers == [0, 1]
+    assert records.loaded == {2, 3}  # the layers kept on the device never slide
+    assert not records.host_updated & {0, 1}  # nor does the host update them
+    assert all(p.device.type == "cpu" for p in ours.parameters())  # after the run: the host masters
+
+
+def test_device_layers_parity_with_the_default_suite_model():
+    plain = train("qwen3", "auto")
+    ours = train("qwen3", lightning_slide.SlideFormerStrategy(window=1, tuning=dict(device_layers=1)))
+    assert_same_training(ours, plain)
+
+
+def test_hooks_see_the_device_layers_gradients_and_weights():
+    seen = {}
+
+    class Look(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            weight = pl_module.model.model.layers[0].mlp.up_proj.weight
+            seen.setdefault("grad", weight.grad is not None and weight.grad.dtype == torch.float32)
+            seen.setdefault("weight", weight.dtype == torch.float32)
+            weight.grad.zero_()  # what the hook does is what the step uses
+
+    strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(device_layers=1))
+    torch.manual_seed(123)
+    module = TinyLM("llama", initial_state("llama"), lr=3e-3, warmup=1)
+    before = module.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    trainer(strategy, max_steps=1, accumulate_grad_batches=1, gradient_clip_val=None, callbacks=[Look()]).fit(
+        module, batches(1)
+    )
+    assert seen == {"grad": True, "weight": True}
+    after = module.model.model.layers[0].mlp.up_proj.weight
+    assert torch.allclose(after, before * (1 - 3e-3 * 0.1))  # a zero gradient: weight decay alone
+
+
+def test_a_nan_in_a_device_layer_skips_the_step():
+    class Poison(TinyLM):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if batch_idx == 1:
+                loss = loss + inf_grad(self.model.model.layers[0].mlp.up_proj.weight)
+            return loss
+
+    strategy = lightning_slide.SlideFormerStrategy(window=1, nonfinite="skip", tuning=dict(device_layers=1))
+    module = Poison("llama", initial_state("llama"))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer(strategy, max_steps=1, accumulate_grad_batches=2, gradient_clip_val=None).fit(module, batches(2))
+    for name, param in module.named_parameters():
+        assert torch.equal(param, before[name]), name  # the one step was skipped: nothing moved
+
+
+def test_checkpoint_and_resume_with_device_layers(tmp_path):
+    tuning = dict(device_layers=2)
+    assert_resumes_exactly(tmp_path, lambda: lightning_slide.SlideFormerStrategy(window=1, tuning=tuning))
+
+
+@pytest.mark.parametrize(
+    ("tuning", "options", "message"),
+    [
+        (dict(device_layers=4), {}, "at least one of the 4 layers must slide"),
+        (dict(device_layers=1), dict(offload_dir="DIR", offload="both"), "masters on disk"),
+        (dict(device_layers=-1), {}, "tuning.device_layers must be a non-negative integer"),
+    ],
+)
+def test_impossible_device_layers_are_refused(tmp_path, tuning, options, message):
+    if options.get("offload_dir") == "DIR":
+        options["offload_dir"] = str(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=tuning, **options)
+        trainer(strategy, max_steps=1).fit(TinyLM("llama", initial_state("llama")), batches(2))
+
+
+def test_the_plan_counts_the_layers_kept_on_the_device_as_allocated():
+    seen = {}
+
+    class Snapshot(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            engine = trainer.strategy.engine
+            seen["allocated"] = sum(
+                t.nbytes
+                for d in engine.device_layers.values()
+                for t in (d.weights, d.grads, d.master, d.grad, *engine.updates.optimizers[d.key].state.values())
+            )
+            seen["plan"] = trainer.strategy.plan
+
+    strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(device_layers=2))
+    trainer(strategy, max_steps=1, callbacks=[Snapshot()]).fit(TinyLM("llama", initial_state("llama")), batches(2))
+    plan = seen["plan"]
+    assert plan.gpu["layers kept on the device (weights, gradients, fp32 masters, Adam moments)"] == seen["allocated"]
+    assert plan.settings.device_layers == 2
+    host_adamw = plan.time["host AdamW"] * plan.machine.host_adamw_params_per_s
+    assert host_adamw == 2 * plan.shape.layer_trainable + plan.shape.resident_trainable  # the 2 that slide + resident
