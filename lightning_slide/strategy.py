@@ -272,7 +272,9 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         running, fallback = running_kernels(module, self.root_device)
         self._observers = step_observers(trainer, module) if fitting else []
         rank_zero_info(
-            f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}, "
+            f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}"
+            + (f" + {len(self.engine.device_layers)} kept on the device" if self.engine.device_layers else "")
+            + ", "
             f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters "
             f"{'on disk' if 'masters' in self.engine.offload else 'on the host'}, "
             f"kernels: {', '.join(running) or 'none'}"

@@ -15,10 +15,10 @@ update               without clipping by norm, on the last micro-batch: each lay
                      with clipping by norm: after backward, the global norm, then the updates in forward order
 next forward         uploading layer i waits only for layer i's update
 
-The resident parts (embeddings, final norm, output head) keep one compute copy on the device for the whole step.
-On the CPU the same bookkeeping runs with synchronous copies (tests). This module never imports Lightning: the
-strategy drives it through ``prepare_forward``, ``begin_backward``, ``end_backward``, ``step``, ``zero_grad``,
-``state_dict`` and ``close``.
+The resident parts (embeddings, final norm, output head) keep one compute copy on the device for the whole step;
+the first ``tuning.device_layers`` layers never slide and are updated there (``device_units.py``). On the CPU the
+same bookkeeping runs with synchronous copies (tests). This module never imports Lightning: the strategy drives it
+through ``prepare_forward``, ``begin_backward``, ``end_backward``, ``step``, ``zero_grad``, ``state_dict``, ``close``.
 """
 
 from __future__ import annotations
