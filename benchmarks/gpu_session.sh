@@ -1,10 +1,10 @@
 #!/bin/bash
 # What a session with the GPU machine checks and measures, one stage per call of the device tool (10 minutes each):
-#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout
+#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout, then the host
+#                optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, +bf16moments,
 #                +dev4 device layers, both) against the tuned peers, side by side
 #   peers8b      the same at 8B batch 4
-#   host         bench_host_adamw: fused fp32 AdamW against bf16 moments on this host
 #   lora         the LoRA r=16 benchmark at the 8B shape against the full fine-tune
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
 #   qwen14b      a Qwen3-14B-shape model (random weights, the shipped tokenizer and data) trained for a few steps
@@ -17,25 +17,28 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-stage=${1:?stage: suite, peers3b, peers8b, host, lora, convergence or before_after}
+stage=${1:?stage: suite, peers3b, peers8b, lora, convergence, qwen14b or before_after}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PWD/.site" .whl/*.whl \
-  || exit 1
+if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PWD/.site" \
+    .whl/*.whl || exit 1
+fi
 export PYTHONPATH="$PWD/.site:$PWD"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/machine.txt"
 lscpu | grep -E "Model name|^CPU\(s\)" >> "$out/machine.txt"
+python3 -c "import torch, lightning, transformers; print(torch.__version__, lightning.__version__, transformers.__version__)" \
+  >> "$out/machine.txt" 2>&1
 case $stage in
   suite)
-    SLIDE_TEST_ACCELERATOR=gpu timeout 560 python3 -m pytest -q -x --timeout 120 tests/core -p no:cacheprovider \
-      > "$out/suite.log" 2>&1 ;;
+    SLIDE_TEST_ACCELERATOR=gpu timeout 420 python3 -m pytest -q --timeout 120 tests/core -p no:cacheprovider \
+      > "$out/suite.log" 2>&1
+    timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 >> "$out/suite.log" 2>&1 ;;
   peers3b|peers8b)
     shape=llama3_2_3b:8; [ "$stage" = peers8b ] && shape=llama3_1_8b:4
     systems=all_on_gpu,slideformer,slideformer+bf16moments,slideformer+dev4,slideformer+dev4+bf16moments
     timeout 580 python3 benchmarks/bench_peers.py --shapes $shape --steps 3 --cap 24GiB \
       --systems $systems,fsdp_offload,deepspeed_offload,zenflow > "$out/$stage.log" 2>&1 ;;
-  host)
-    timeout 580 python3 benchmarks/bench_host_adamw.py --threads 8,16 > "$out/host.log" 2>&1 ;;
   lora)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB \
       --systems slideformer,slideformer+lora16 > "$out/lora.log" 2>&1 ;;
