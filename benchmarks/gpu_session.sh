@@ -54,7 +54,7 @@ case $stage in
     run="$run trainer.gradient_clip_algorithm=value trainer.max_steps=4 trainer.limit_val_batches=0 export.enabled=false"
     { python3 -m lightning_slide.app.plan $run plan.disk_free=60GB; echo "plan exit $?";
       /usr/bin/time -v timeout 560 python3 -m lightning_slide.app.train $run 2>&1 | grep -E \
-        "slide/tokens_per_sec|tokens/s|Maximum resident|Elapsed|Error|error|slideformer" ;
+        "throughput|slide-plan|Maximum resident|Elapsed|Error|error|slideformer" ;
       du -sh /tmp/slide-14b; } > "$out/qwen14b.log" 2>&1 ;;
   before_after)
     for code in before now before now; do

@@ -258,3 +258,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point: ``slide-train [group=option ...] [key=value ...]`` (Hydra command line)."""
     _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
