@@ -5,7 +5,7 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                         (slideformer options: slideformer+bf16 = host_weights="compute",
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8,
-                                         slideformer+park24 = parked_grads=24,
+                                         slideformer+park24 = parked_grads=24 (+parkauto: "auto"),
                                          slideformer+dev4 = device_layers=4,
                                          slideformer+bf16moments = lightning_slide.optim.AdamW with
                                          state_dtype=torch.bfloat16 (bf16 Adam moments); combine with +;
@@ -214,7 +214,8 @@ def setup(system: str, args) -> dict:
     import lightning_slide
 
     buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
-    parked = [int(o[len("park") :]) for o in options if o.startswith("park")]
+    parked = [o[len("park") :] for o in options if o.startswith("park")]
+    parked = [p if p == "auto" else int(p) for p in parked]
     device = [int(o[len("dev") :]) for o in options if o.startswith("dev")]
     if "bf16moments" in options:
         try:

@@ -36,7 +36,7 @@ case $stage in
     timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 >> "$out/suite.log" 2>&1 ;;
   peers3b|peers8b)
     shape=llama3_2_3b:8; [ "$stage" = peers8b ] && shape=llama3_1_8b:4
-    systems=all_on_gpu,slideformer,slideformer+bf16moments,slideformer+dev4,slideformer+dev4+bf16moments
+    systems=all_on_gpu,slideformer,slideformer+parkauto,slideformer+bf16moments,slideformer+dev4,slideformer+dev4+bf16moments
     timeout 580 python3 benchmarks/bench_peers.py --shapes $shape --steps 3 --cap 24GiB \
       --systems $systems,fsdp_offload,deepspeed_offload,zenflow > "$out/$stage.log" 2>&1 ;;
   lora)
