@@ -151,3 +151,14 @@ def test_the_plan_counts_the_layers_kept_on_the_device_as_allocated():
     assert plan.settings.device_layers == 2
     host_adamw = plan.time["host AdamW"] * plan.machine.host_adamw_params_per_s
     assert host_adamw == 2 * plan.shape.layer_trainable + plan.shape.resident_trainable  # the 2 that slide + resident
+
+
+def test_device_layers_with_the_moments_of_the_others_on_disk(tmp_path):
+    plain = train("llama", "auto")
+    strategy = lightning_slide.SlideFormerStrategy(
+        window=1, offload_dir=str(tmp_path), offload="optimizer", tuning=dict(device_layers=1)
+    )
+    ours = train("llama", strategy)
+    assert_same_training(ours, plain)
+    assert not any(tmp_path.glob("layer00000.*"))  # the layer on the device has no files
+    assert any(tmp_path.glob("layer00001.*"))

@@ -79,11 +79,14 @@ def assert_frozen_unchanged(module, dtype):
         assert torch.equal(param.detach(), module.initial[name].to(expected)), name
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("window", [1, 2])
-def test_lora_equals_plain_training_in_fp32(family, window):
+@pytest.mark.parametrize(
+    ("family", "window", "device_layers"),
+    [("llama", 1, 0), ("llama", 2, 0), ("qwen3", 1, 0), ("qwen3", 2, 0), ("llama", 1, 2)],
+)
+def test_lora_equals_plain_training_in_fp32(family, window, device_layers):
     reference = plain(family)
-    ours = train(family, lightning_slide.SlideFormerStrategy(window=window))
+    strategy = lightning_slide.SlideFormerStrategy(window=window, tuning=dict(device_layers=device_layers))
+    ours = train(family, strategy)
     assert len(ours.losses) == len(reference.losses) > 0
     for step, (a, b) in enumerate(zip(ours.losses, reference.losses)):
         assert abs(a - b) <= TOLERANCE * abs(b), f"loss {step}: {a} vs {b}"
