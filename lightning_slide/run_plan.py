@@ -21,6 +21,7 @@ from lightning_slide.engine.plan import (
     Settings,
     device_bytes,
     largest_batch,
+    largest_device_layers,
     largest_parking,
     make_plan,
 )
@@ -117,6 +118,20 @@ class RunPlan:
             plan.shape, dataclasses.replace(plan.settings, parked_grads=parked), plan.machine, suggest=False
         )
         return parked
+
+    def most_device_layers(self) -> int:
+        """``device_layers="auto"``: the most layers that may be kept on the device, by the latest plan (the first
+        batch's), which then counts them; ``0`` when that plan does not know the batch or the GPU."""
+        plan = self.plan
+        if plan is None:
+            return 0
+        kept = largest_device_layers(plan.shape, plan.settings, plan.machine) or 0
+        self.options = self.options.resolve(device_layers=kept)
+        self.settings = dataclasses.replace(self.settings, device_layers=kept)
+        self.plan = make_plan(
+            plan.shape, dataclasses.replace(plan.settings, device_layers=kept), plan.machine, suggest=False
+        )
+        return kept
 
     def check_first_batch(self, module: LightningModule, engine: SlidingEngine, batch: Any) -> None:
         """Check the activations of the first training batch (later batches are not checked: a longer one runs

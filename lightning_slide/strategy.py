@@ -272,7 +272,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         running, fallback = running_kernels(module, self.root_device)
         self._observers = step_observers(trainer, module) if fitting else []
         rank_zero_info(
-            f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, window {self.engine.depth}"
+            f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, "
+            f"window {self.engine.window.depth}"
             + (f" + {len(self.engine.device_layers)} kept on the device" if self.engine.device_layers else "")
             + ", "
             f"compute {self.precision_plugin.compute_dtype} on {self.root_device}, fp32 masters "
@@ -281,9 +282,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         )
         if fallback:
             rank_zero_info(f"slideformer: {fallback}")
-        if self.engine.model_checkpointing_off:
+        turned_off = len(self.engine.model_hooks.checkpointing)
+        if turned_off:
             rank_zero_info(
-                f"slideformer: the model's own gradient checkpointing is off on {self.engine.model_checkpointing_off} "
+                f"slideformer: the model's own gradient checkpointing is off on {turned_off} "
                 "decoder layers while training (slideformer recomputes each layer once itself)"
             )
         if self._observers:
@@ -374,6 +376,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             self._run_plan.check_first_batch(
                 self.lightning_module, self.engine, args[0] if args else kwargs.get("batch")
             )
+            if self.options.tuning.device_layers == "auto":  # first: parking takes what memory they leave
+                kept = self._run_plan.most_device_layers()
+                self.engine.keep_on_device(kept)
+                rank_zero_info(f"slideformer: device_layers='auto' -> {kept} (the first batch's plan)")
             if self.options.tuning.parked_grads == "auto":
                 parked = self._run_plan.most_parked_grads()
                 self.engine.add_parking(parked)

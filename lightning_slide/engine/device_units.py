@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_slide.engine import state
 from lightning_slide.engine.checks import Verdict, index_of, raise_if_nonfinite
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit
 from lightning_slide.engine.optimizer import UnitOptimizer
@@ -37,6 +38,29 @@ def check_device_layers(count: int, layers: int, shards, masters_on_disk: bool) 
             "on disk; set it to 0"
         )
     return count
+
+
+def keep_layers(engine: SlidingEngine, count: int) -> None:
+    """Keep layers ``0 .. count - 1`` on the device from now on (those not there yet), their optimizer state moved
+    with them (a checkpoint may have restored it already); the window skips them after this."""
+    check_device_layers(count, len(engine.layers), engine.shards, "masters" in engine.offload)
+    engine.worker.wait_all()
+    window, updates = engine.window, engine.updates
+    for index in range(len(engine.device_layers), count):
+        if index in window.slot_of:
+            window.release(index)
+        device = engine.device_layers[index] = DeviceUnit.layer(engine, index)
+        window.pinned.add(index)
+        host = updates.optimizers.get(index)
+        if host is None:
+            continue
+        optimizer = updates.optimizers[index] = device.optimizer(*updates.source)
+        stored = state.stored_state(engine, index, host)
+        for entry in device.unit.trainable:
+            saved = host.state_of(entry.param, stored)
+            if saved is not None:
+                optimizer.load_state_of(entry.param, saved)
+    window.depth = min(window.depth, len(engine.layers) - len(window.pinned))
 
 
 class DeviceUnit:

@@ -39,7 +39,7 @@ from lightning_slide.engine import checks, state
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.checks import GradientChecks, Verdict, decide
-from lightning_slide.engine.device_units import DeviceUnit, check_device_layers
+from lightning_slide.engine.device_units import DeviceUnit, check_device_layers, keep_layers
 from lightning_slide.engine.disk import open_tier
 from lightning_slide.engine.downloads import GradientDownloads
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
@@ -130,7 +130,8 @@ class SlidingEngine:
         if self.shards.active and offload_dir is not None:
             offload_dir = str(Path(offload_dir) / f"rank{self.shards.rank}")  # each rank its own files
         cast = self.device.type == "cuda" and compute_dtype != MASTER_DTYPE
-        on_device = check_device_layers(options.tuning.device_layers, len(parts.blocks), self.shards, masters_on_disk)
+        kept = options.tuning.device_layers_now
+        on_device = check_device_layers(kept, len(parts.blocks), self.shards, masters_on_disk)
         depth = min(window, len(parts.blocks) - on_device)
         self.grad_buffers = grads_in_flight(depth, grad_buffers)
         # The planner's fixed device buffers (lightning_slide/engine/plan.py): what the lines below allocate.
@@ -220,19 +221,14 @@ class SlidingEngine:
             raise
         self.model_hooks = ModelHooks(self, root, parts)
 
-    @property
-    def depth(self) -> int:
-        return self.window.depth
-
-    @property
-    def model_checkpointing_off(self) -> int:
-        """How many modules' own activation checkpointing the engine turned off while it runs."""
-        return len(self.model_hooks.checkpointing)
-
     def on_device(self) -> list[DeviceUnit]:
         """The units updated on the device: the first layers kept there, the resident parts when updated there."""
         resident = self.resident_parts.device if self.resident.trainable_numel else None
         return [d for d in [*self.device_layers.values(), resident] if d is not None and d.updates]
+
+    def keep_on_device(self, count: int) -> None:
+        """Keep the first ``count`` layers on the device from now on (``device_layers="auto"``, at the first batch)."""
+        keep_layers(self, count)
 
     def units(self) -> dict[Any, HostUnit]:
         """The host state of every unit by key: ``"resident"`` and each layer index, in the order the next forward
@@ -276,7 +272,7 @@ class SlidingEngine:
             if self.parking:
                 self.parking.unpark_ready()
             if self.mode.backward:  # autograd is recomputing this layer for its backward
-                self.window.ensure(range(index, index - self.depth, -1), evict=self._finish_layer_grads)
+                self.window.ensure(range(index, index - self.window.depth, -1), evict=self._finish_layer_grads)
                 if self.activations is not None:
                     self.activations.prefetch(index - 1)
                 if self.layers[index].trainable:
@@ -284,7 +280,7 @@ class SlidingEngine:
                     self.window.attach_grads(index) if device is None else device.attach_grads()
                     self._pending[index] = len(self.layers[index].trainable)
             else:
-                self.window.ensure(range(index, index + self.depth), evict=self._finish_layer_grads)
+                self.window.ensure(range(index, index + self.window.depth), evict=self._finish_layer_grads)
             return forward(*args, **kwargs)
 
     # ---------------------------------------------------------------- backward

@@ -106,19 +106,19 @@ class Tuning:
     leaves room for (decided then); ``0``: none."""
     host_memory: int | str | None = None
     """Host memory the plan may count on (``"240GiB"``; bytes once built); ``None``: what the OS reports available."""
-    device_layers: int = 0
+    device_layers: int | str = 0
     """The first decoder layers kept and updated on the GPU (fp32 masters, gradients, Adam state there: ~20 B/param);
-    the host neither transfers nor updates them. At least one layer must slide. ``slide-plan`` says how many fit."""
+    the host neither transfers nor updates them; ``"auto"``: as many as the first batch's plan leaves room for."""
 
     def __post_init__(self) -> None:
         _choice("tuning.resident_optimizer", self.resident_optimizer, ("auto", "device", "host"))
         _choice("tuning.host_weights", self.host_weights, ("auto", "fp32", "compute"))
         check_count("tuning.grad_buffers", self.grad_buffers, minimum=1, optional=True)
-        parked = self.parked_grads
-        if parked != "auto" and (isinstance(parked, bool) or not isinstance(parked, int) or parked < 0):
-            raise ValueError(f"tuning.parked_grads must be a non-negative integer or 'auto', got {parked!r}")
         object.__setattr__(self, "host_memory", _size("tuning.host_memory", self.host_memory))
-        check_count("tuning.device_layers", self.device_layers, minimum=0)
+        for name in ("parked_grads", "device_layers"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"tuning.{name} must be a non-negative integer or 'auto', got {value!r}")
 
     @classmethod
     def of(cls, tuning: Tuning | Mapping[str, Any] | None) -> Tuning:
@@ -135,6 +135,11 @@ class Tuning:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @property
+    def device_layers_now(self) -> int:
+        """Layers kept on the device until ``"auto"`` is decided at the first batch (none before)."""
+        return 0 if self.device_layers == "auto" else self.device_layers
 
     @property
     def parked_now(self) -> int:
@@ -211,6 +216,7 @@ class SlideOptions:
         resident_params: int = 0,
         gpu_memory: int | None = None,
         parked_grads: int | None = None,
+        device_layers: int | None = None,
     ) -> SlideOptions:
         """These options with each ``"auto"`` decided that the run's facts given here decide: with the ``device``,
         ``resident_optimizer`` (``"device"`` on a GPU when ``resident_params`` x 16 bytes take at most a quarter of
@@ -225,6 +231,8 @@ class SlideOptions:
             tuning = dataclasses.replace(tuning, resident_optimizer="device" if on_device else "host")
         if tuning.parked_grads == "auto" and parked_grads is not None:
             tuning = dataclasses.replace(tuning, parked_grads=parked_grads)
+        if tuning.device_layers == "auto" and device_layers is not None:
+            tuning = dataclasses.replace(tuning, device_layers=device_layers)
         return dataclasses.replace(self, tuning=tuning)
 
     @property

@@ -197,7 +197,7 @@ class Settings:
                 "host_weights": tuning.host_weights,
                 "grad_buffers": tuning.grad_buffers,
                 "parked_grads": tuning.parked_now,
-                "device_layers": tuning.device_layers,
+                "device_layers": tuning.device_layers_now,
                 **run,
             }
         )

@@ -28,6 +28,7 @@ class HostUpdates:
         self.engine = engine
         self.optimizers: dict[Any, UnitOptimizer] = {}
         self.optimized: set[int] = set()  # ids of the parameters some rank's optimizer steps
+        self.source: tuple | None = None  # the user's optimizer and each parameter's group in it
 
     def __bool__(self) -> bool:
         return bool(self.optimizers)
@@ -37,6 +38,7 @@ class HostUpdates:
         engine, units = self.engine, self.engine.units()
         check_optimizer(optimizer)
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        self.source = (optimizer, group_of)
         if any(pid not in engine.unit_key for pid in group_of):
             raise ValueError("the optimizer holds tensors that are not parameters of the LightningModule")
         # Optimized by some rank (each rank optimizes only its shards' pieces of them).

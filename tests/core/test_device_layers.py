@@ -120,7 +120,7 @@ def test_checkpoint_and_resume_with_device_layers(tmp_path):
     [
         (dict(device_layers=4), {}, "at least one of the 4 layers must slide"),
         (dict(device_layers=1), dict(offload_dir="DIR", offload="both"), "masters on disk"),
-        (dict(device_layers=-1), {}, "tuning.device_layers must be a non-negative integer"),
+        (dict(device_layers=-1), {}, "tuning.device_layers must be a non-negative integer or .auto."),
     ],
 )
 def test_impossible_device_layers_are_refused(tmp_path, tuning, options, message):
@@ -162,3 +162,22 @@ def test_device_layers_with_the_moments_of_the_others_on_disk(tmp_path):
     assert_same_training(ours, plain)
     assert not any(tmp_path.glob("layer00000.*"))  # the layer on the device has no files
     assert any(tmp_path.glob("layer00001.*"))
+
+
+def auto():
+    """device_layers="auto": as many as the first batch's plan leaves room for under the limit (all but one here)."""
+    return lightning_slide.SlideFormerStrategy(window=1, gpu_memory_limit="1GiB", tuning=dict(device_layers="auto"))
+
+
+def test_auto_keeps_what_the_first_batch_plan_allows_and_trains_the_same():
+    records = Records()
+    plain = train("llama", "auto")
+    ours = train("llama", auto(), callbacks=[records])
+    assert_same_training(ours, plain)
+    assert records.device_layers == []  # at setup: none yet (the activations are not known before the first batch)
+    assert records.loaded == {3}  # moved before the first forward: only the last layer ever slides
+    assert not records.host_updated & {0, 1, 2}  # and the host never updates the three kept on the device
+
+
+def test_auto_resumes_exactly(tmp_path):
+    assert_resumes_exactly(tmp_path, auto)

@@ -125,7 +125,7 @@ class _Snapshot(L.Callback):
         )
         self.resident_on_device = engine.resident_parts.updates_on_device
         self.plan = trainer.strategy.plan
-        self.depth = engine.depth
+        self.depth = engine.window.depth
 
 
 def _item(items, prefix):
