@@ -6,7 +6,7 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8,
                                          slideformer+park24 = parked_grads=24 (+parkauto: "auto"),
-                                         slideformer+dev4 = device_layers=4,
+                                         slideformer+dev4 = device_layers=4 (+devauto: "auto"),
                                          slideformer+bf16moments = lightning_slide.optim.AdamW with
                                          state_dtype=torch.bfloat16 (bf16 Adam moments); combine with +;
                                          any system+lora16 = LoRA of rank 16 on every linear layer but the head,
@@ -216,7 +216,8 @@ def setup(system: str, args) -> dict:
     buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
     parked = [o[len("park") :] for o in options if o.startswith("park")]
     parked = [p if p == "auto" else int(p) for p in parked]
-    device = [int(o[len("dev") :]) for o in options if o.startswith("dev")]
+    device = [o[len("dev") :] for o in options if o.startswith("dev")]
+    device = [d if d == "auto" else int(d) for d in device]
     if "bf16moments" in options:
         try:
             from lightning_slide.optim import AdamW as SlideAdamW

@@ -2,8 +2,8 @@
 # What a session with the GPU machine checks and measures, one stage per call of the device tool (10 minutes each):
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout, then the host
 #                optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
-#   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, +bf16moments,
-#                +dev4 device layers, both) against the tuned peers, side by side
+#   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parked_grads="auto",
+#                bf16 moments, device_layers="auto", both) against the tuned peers, side by side
 #   peers8b      the same at 8B batch 4
 #   lora         the LoRA r=16 benchmark at the 8B shape against the full fine-tune
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
@@ -36,7 +36,8 @@ case $stage in
     timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 >> "$out/suite.log" 2>&1 ;;
   peers3b|peers8b)
     shape=llama3_2_3b:8; [ "$stage" = peers8b ] && shape=llama3_1_8b:4
-    systems=all_on_gpu,slideformer,slideformer+parkauto,slideformer+bf16moments,slideformer+dev4,slideformer+dev4+bf16moments
+    systems=all_on_gpu,slideformer,slideformer+parkauto,slideformer+bf16moments,slideformer+devauto
+    systems=$systems,slideformer+devauto+bf16moments
     timeout 580 python3 benchmarks/bench_peers.py --shapes $shape --steps 3 --cap 24GiB \
       --systems $systems,fsdp_offload,deepspeed_offload,zenflow > "$out/$stage.log" 2>&1 ;;
   lora)
