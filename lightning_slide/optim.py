@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 
 STATE_DTYPES = (torch.bfloat16, torch.float32)
+_GIVE_UP = 3  # failed calls of the compiled kernel after which only the eager ops run
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -39,27 +40,31 @@ def _adamw_update(
 
 
 class _Kernel:
-    """``_adamw_update`` compiled once per process (shapes dynamic); torch's eager ops where compiling fails."""
+    """``_adamw_update`` compiled once per process (shapes dynamic). A call the compiled kernel cannot run (no C++
+    compiler, an unsupported backend, a context that forbids it) runs torch's eager ops instead, with a warning the
+    first time; after :data:`_GIVE_UP` such calls it stops trying."""
 
     def __init__(self) -> None:
-        self._compiled = None
-        self._failed: str | None = None
+        self.compiled = None
+        self.failures = 0
         self._lock = threading.Lock()  # updates may run on the training thread and on slideformer's host thread
 
     def __call__(self, *tensors: torch.Tensor) -> None:
-        if self._failed is None:
+        if self.failures < _GIVE_UP:
             with self._lock:  # (dynamo serializes compiling itself; the kernels then run concurrently)
-                if self._compiled is None:
-                    self._compiled = torch.compile(_adamw_update, dynamic=True, fullgraph=True)
+                if self.compiled is None:
+                    self.compiled = torch.compile(_adamw_update, dynamic=True, fullgraph=True)
             try:
-                return self._compiled(*tensors)
-            except Exception as error:  # noqa: BLE001 - no C++ compiler, an unsupported backend: still train
-                self._failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                warnings.warn(
-                    f"lightning_slide.optim.AdamW could not compile its fused update ({self._failed}); it runs "
-                    "torch's eager ops instead (the same result, several passes over memory: slower)",
-                    stacklevel=3,
-                )
+                return self.compiled(*tensors)
+            except Exception as error:  # noqa: BLE001 - the eager ops compute the same update
+                self.failures += 1
+                if self.failures == 1:
+                    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    warnings.warn(
+                        f"lightning_slide.optim.AdamW could not run its fused update ({reason}); torch's eager ops "
+                        "run instead (the same result, several passes over memory: slower)",
+                        stacklevel=3,
+                    )
         _adamw_update(*tensors)
 
 

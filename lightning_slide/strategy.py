@@ -247,6 +247,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             # Before the engine moves parameters: configure_optimizers sees ordinary parameters.
             # (Lightning itself refuses several optimizers under automatic optimization.)
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+        # User hooks that observe a step see its gradients: on one device (the host) unless asked otherwise.
+        self._observers = step_observers(trainer, module) if fitting else []
         options = self.run_options(module)
         if optimizers:
             check_optimizer(optimizers[0])
@@ -270,7 +272,6 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             data_parallel=self.data_parallel,
         )
         running, fallback = running_kernels(module, self.root_device)
-        self._observers = step_observers(trainer, module) if fitting else []
         rank_zero_info(
             f"slideformer: {len(self.engine.layers)} layers at {self.engine.blocks_path}, "
             f"window {self.engine.window.depth}"
@@ -305,7 +306,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         decided (``SlideOptions.resolve``; ``parked_grads="auto"`` waits for the first training batch)."""
         resident = sum(p.numel() for _, p in find_parts(module, self.options.blocks).resident)
         return self.options.resolve(
-            device=self.root_device, resident_params=resident, gpu_memory=self.device_memory_limit()
+            device=self.root_device,
+            resident_params=resident,
+            gpu_memory=self.device_memory_limit(),
+            observed=bool(self._observers),
         )
 
     def device_memory_limit(self) -> int | None:
@@ -377,7 +381,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 self.lightning_module, self.engine, args[0] if args else kwargs.get("batch")
             )
             if self.options.tuning.device_layers == "auto":  # first: parking takes what memory they leave
-                kept = self._run_plan.most_device_layers()
+                kept = 0 if self._observers else self._run_plan.most_device_layers()
                 self.engine.keep_on_device(kept)
                 rank_zero_info(f"slideformer: device_layers='auto' -> {kept} (the first batch's plan)")
             if self.options.tuning.parked_grads == "auto":

@@ -217,14 +217,17 @@ class SlideOptions:
         gpu_memory: int | None = None,
         parked_grads: int | None = None,
         device_layers: int | None = None,
+        observed: bool = False,
     ) -> SlideOptions:
         """These options with each ``"auto"`` decided that the run's facts given here decide: with the ``device``,
         ``resident_optimizer`` (``"device"`` on a GPU when ``resident_params`` x 16 bytes take at most a quarter of
-        ``gpu_memory``, else ``"host"``); with the first batch's count, ``parked_grads``. Else unchanged."""
+        ``gpu_memory`` and no user hook ``observed`` the step's gradients, which then all show on the host, else
+        ``"host"``); with the first batch's counts, ``parked_grads`` and ``device_layers``. Else unchanged."""
         tuning = self.tuning
         if tuning.resident_optimizer == "auto" and device is not None:
-            on_device = (
-                torch.device(device).type == "cuda"
+            on_device = (  # (hooks that observe a step see every gradient on the host: none on the device)
+                not observed
+                and torch.device(device).type == "cuda"
                 and gpu_memory is not None
                 and 16 * resident_params <= RESIDENT_SHARE * gpu_memory
             )

@@ -150,7 +150,8 @@ def test_the_plan_counts_the_layers_kept_on_the_device_as_allocated():
     assert plan.gpu["layers kept on the device (weights, gradients, fp32 masters, Adam moments)"] == seen["allocated"]
     assert plan.settings.device_layers == 2
     host_adamw = plan.time["host AdamW"] * plan.machine.host_adamw_params_per_s
-    assert host_adamw == 2 * plan.shape.layer_trainable + plan.shape.resident_trainable  # the 2 that slide + resident
+    resident = 0 if plan.settings.resident_on_device else plan.shape.resident_trainable
+    assert host_adamw == 2 * plan.shape.layer_trainable + resident  # the 2 layers that slide (and the resident parts)
 
 
 def test_device_layers_with_the_moments_of_the_others_on_disk(tmp_path):

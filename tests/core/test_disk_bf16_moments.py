@@ -45,7 +45,8 @@ def test_bf16_moments_on_disk_train_as_under_plain_lightning_in_bf16_files(tmp_p
     plain = train("llama", "auto", optimizer=low_precision)
     strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload=offload)
     ours = train("llama", strategy, optimizer=low_precision, callbacks=[Capture()])
-    assert_same_training(ours, plain, tolerance=1e-4)  # as in memory (test_low_precision_adamw)
+    # as in memory (test_low_precision_adamw)
+    assert_same_training(ours, plain, tolerance=1e-4 if ACCELERATOR == "cpu" else 3e-4)
 
     layer = [(n, p) for n, p in ours.named_parameters() if n.startswith("model.model.layers.0.")]
     numel = sum(p.numel() for _, p in layer)

