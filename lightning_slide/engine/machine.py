@@ -29,6 +29,10 @@ def host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# The bf16-moment update's rate against fp32's on the hosts measured so far (BENCHMARKS.md, "Host optimizer").
+BF16_ADAMW_SHARE = 0.65
+
+
 @dataclass
 class Machine:
     """Memory sizes and rates of the machine. Memory ``None``: unknown, not checked.
@@ -45,7 +49,7 @@ class Machine:
     disk_read_bytes_per_s: float = 2e9
     disk_write_bytes_per_s: float = 1e9
     host_adamw_params_per_s: float = 1e9
-    # With bf16 moments (lightning_slide.optim.AdamW); None: taken as the fp32 rate (fewer bytes, more conversions)
+    # With bf16 moments (lightning_slide.optim.AdamW); None: BF16_ADAMW_SHARE of the fp32 rate
     host_adamw_bf16_params_per_s: float | None = None
     gpu_flops: float = 150e12  # sustained bf16 matmul FLOP/s
 
@@ -67,10 +71,10 @@ class Machine:
 
     def adamw_rate(self, moments: torch.dtype) -> float:
         """Host AdamW parameters per second with moments in ``moments``. A bf16 update moves 20 bytes per parameter
-        where fp32 moves 28, but converts the moments both ways: unless measured, it is taken as fast as fp32."""
+        where fp32 moves 28, but converts the moments both ways: unless measured, it is taken as measured so far."""
         if moments == torch.float32:
             return self.host_adamw_params_per_s
-        return self.host_adamw_bf16_params_per_s or self.host_adamw_params_per_s
+        return self.host_adamw_bf16_params_per_s or self.host_adamw_params_per_s * BF16_ADAMW_SHARE
 
     def measure(self, offload_dir: str | None = None, seconds: float = 0.2) -> Machine:
         """Measure the rates this machine can: host AdamW always; H2D, D2H and matmul FLOP/s with a GPU; disk read
