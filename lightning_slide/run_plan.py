@@ -105,33 +105,19 @@ class RunPlan:
             plan.check()
         return plan
 
-    def most_parked_grads(self) -> int:
-        """``parked_grads="auto"``: the most layers' gradients that may park, by the latest plan (the first batch's),
-        which then counts them; ``0`` when that plan does not know the batch or the GPU."""
+    def most_that_fit(self, option: str) -> int:
+        """``parked_grads="auto"`` or ``device_layers="auto"`` (``option``): the most layers the latest plan (the
+        first batch's) leaves room for, which the plan then counts; ``0`` when it does not know the batch or the GPU."""
         plan = self.plan
         if plan is None:
             return 0
-        parked = largest_parking(plan.shape, plan.settings, plan.machine) or 0
-        self.options = self.options.resolve(parked_grads=parked)
-        self.settings = dataclasses.replace(self.settings, parked_grads=parked)
-        self.plan = make_plan(
-            plan.shape, dataclasses.replace(plan.settings, parked_grads=parked), plan.machine, suggest=False
-        )
-        return parked
-
-    def most_device_layers(self) -> int:
-        """``device_layers="auto"``: the most layers that may be kept on the device, by the latest plan (the first
-        batch's), which then counts them; ``0`` when that plan does not know the batch or the GPU."""
-        plan = self.plan
-        if plan is None:
-            return 0
-        kept = largest_device_layers(plan.shape, plan.settings, plan.machine) or 0
-        self.options = self.options.resolve(device_layers=kept)
-        self.settings = dataclasses.replace(self.settings, device_layers=kept)
-        self.plan = make_plan(
-            plan.shape, dataclasses.replace(plan.settings, device_layers=kept), plan.machine, suggest=False
-        )
-        return kept
+        largest = {"parked_grads": largest_parking, "device_layers": largest_device_layers}[option]
+        most = largest(plan.shape, plan.settings, plan.machine) or 0
+        self.options = self.options.resolve(**{option: most})
+        self.settings = dataclasses.replace(self.settings, **{option: most})
+        settings = dataclasses.replace(plan.settings, **{option: most})
+        self.plan = make_plan(plan.shape, settings, plan.machine, suggest=False)
+        return most
 
     def check_first_batch(self, module: LightningModule, engine: SlidingEngine, batch: Any) -> None:
         """Check the activations of the first training batch (later batches are not checked: a longer one runs

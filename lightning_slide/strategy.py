@@ -381,11 +381,11 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 self.lightning_module, self.engine, args[0] if args else kwargs.get("batch")
             )
             if self.options.tuning.device_layers == "auto":  # first: parking takes what memory they leave
-                kept = 0 if self._observers else self._run_plan.most_device_layers()
+                kept = 0 if self._observers else self._run_plan.most_that_fit("device_layers")
                 self.engine.keep_on_device(kept)
                 rank_zero_info(f"slideformer: device_layers='auto' -> {kept} (the first batch's plan)")
             if self.options.tuning.parked_grads == "auto":
-                parked = self._run_plan.most_parked_grads()
+                parked = self._run_plan.most_that_fit("parked_grads")
                 self.engine.add_parking(parked)
                 rank_zero_info(f"slideformer: parked_grads='auto' -> {parked} (the first batch's plan)")
         return self._forward("training_step", *args, **kwargs)

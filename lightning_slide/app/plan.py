@@ -147,7 +147,8 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     if options.get("disk_free") is not None:
         machine.disk_free = parse_bytes(options.disk_free)
     if options.get("measure"):
-        machine = machine.measure(strategy.offload_dir)
+        bf16 = cfg.model.get("moments") == "bf16"
+        machine = machine.measure(strategy.offload_dir, moments=torch.bfloat16 if bf16 else torch.float32)
     for key, field in _RATES.items():
         if options.get(key) is not None:
             setattr(machine, field, float(options[key]))

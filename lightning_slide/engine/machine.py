@@ -76,12 +76,14 @@ class Machine:
             return self.host_adamw_params_per_s
         return self.host_adamw_bf16_params_per_s or self.host_adamw_params_per_s * BF16_ADAMW_SHARE
 
-    def measure(self, offload_dir: str | None = None, seconds: float = 0.2) -> Machine:
+    def measure(
+        self, offload_dir: str | None = None, seconds: float = 0.2, moments: torch.dtype = torch.float32
+    ) -> Machine:
         """Measure the rates this machine can: host AdamW always; H2D, D2H and matmul FLOP/s with a GPU; disk read
         and write under ``offload_dir`` (one 256 MiB file, removed). Returns a copy with the measured figures."""
         from lightning_slide.engine.measure import measure_rates  # only when asked: it allocates and times
 
-        return dataclasses.replace(self, **measure_rates(offload_dir, seconds))
+        return dataclasses.replace(self, **measure_rates(offload_dir, seconds, moments))
 
 
 # ------------------------------------------------------------------------------------------------ step time
