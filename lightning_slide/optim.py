@@ -121,6 +121,7 @@ class AdamW(torch.optim.AdamW):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            made: dict[tuple, torch.Tensor] = {}  # one hyperparameter tensor per step count and device (uploaded once)
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -134,20 +135,22 @@ class AdamW(torch.optim.AdamW):
                         state[name] = torch.zeros_like(param, dtype=self.state_dtype)
                 state["step"] += 1
                 step = float(state["step"])
-                hyper = torch.tensor(
-                    [
-                        float(group["lr"]),
-                        beta1,
-                        beta2,
-                        group["eps"],
-                        group["weight_decay"],
-                        1 - beta1**step,
-                        math.sqrt(1 - beta2**step),
-                        -1.0 if group["maximize"] else 1.0,
-                    ],
-                    dtype=torch.float32,
-                    device=param.device,
-                )
+                hyper = made.get((step, param.device))
+                if hyper is None:
+                    hyper = made[step, param.device] = torch.tensor(
+                        [
+                            float(group["lr"]),
+                            beta1,
+                            beta2,
+                            group["eps"],
+                            group["weight_decay"],
+                            1 - beta1**step,
+                            math.sqrt(1 - beta2**step),
+                            -1.0 if group["maximize"] else 1.0,
+                        ],
+                        dtype=torch.float32,
+                        device=param.device,
+                    )
                 _update_flat(param, param.grad, state["exp_avg"], state["exp_avg_sq"], hyper)
         return loss
 
