@@ -1,7 +1,8 @@
 #!/bin/bash
-# What a session with the GPU machine checks and measures, one stage per call of the device tool (10 minutes each):
-#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout, then the host
-#                optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
+# What a session with the GPU machine checks and measures, stages run in the order given (a call of the device
+# tool has 10 minutes: suite + lora or before_after alone fit in one):
+#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout
+#   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parked_grads="auto",
 #                bf16 moments, device_layers="auto", both) against the tuned peers, side by side
 #   peers8b      the same at 8B batch 4
@@ -17,7 +18,7 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-stage=${1:?stage: suite, peers3b, peers8b, lora, convergence, qwen14b or before_after}
+[ $# -gt 0 ] || { echo "stages: suite, hostadamw, peers3b, peers8b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -29,11 +30,13 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/machine.t
 lscpu | grep -E "Model name|^CPU\(s\)" >> "$out/machine.txt"
 python3 -c "import torch, lightning, transformers; print(torch.__version__, lightning.__version__, transformers.__version__)" \
   >> "$out/machine.txt" 2>&1
+for stage in "$@"; do
 case $stage in
   suite)
-    SLIDE_TEST_ACCELERATOR=gpu timeout 420 python3 -m pytest -q --timeout 120 tests/core -p no:cacheprovider \
-      > "$out/suite.log" 2>&1
-    timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 >> "$out/suite.log" 2>&1 ;;
+    SLIDE_TEST_ACCELERATOR=gpu timeout 400 python3 -m pytest -q --timeout 120 tests/core -p no:cacheprovider \
+      > "$out/suite.log" 2>&1 ;;
+  hostadamw)
+    timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 > "$out/hostadamw.log" 2>&1 ;;
   peers3b|peers8b)
     shape=llama3_2_3b:8; [ "$stage" = peers8b ] && shape=llama3_1_8b:4
     systems=all_on_gpu,slideformer,slideformer+parkauto,slideformer+bf16moments,slideformer+devauto
@@ -67,3 +70,4 @@ case $stage in
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 tail -40 "$out/$stage.log"
+done
