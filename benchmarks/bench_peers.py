@@ -51,6 +51,7 @@ peak host memory is rank 0's (per-rank memory is what sharding lowers), and the 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -234,18 +235,22 @@ def setup(system: str, args) -> dict:
             return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
 
         name = "AdamW"
+    tuning = dict(
+        host_weights="compute" if "bf16" in options else "fp32",
+        host_memory=args.host_memory,
+        grad_buffers=buffers[0] if buffers else None,
+        # only when asked for: an engine from before these options (gpu_session.sh before_after) runs the rest
+        **({"parked_grads": parked[0]} if parked else {}),
+        **({"device_layers": device[0]} if device else {}),
+    )
+    # Before 2026-12 the tuning options were the strategy's own arguments (gpu_session.sh before_after runs that).
+    nested = "tuning" in inspect.signature(lightning_slide.SlideFormerStrategy).parameters
     strategy = lightning_slide.SlideFormerStrategy(
         window=args.window,
         gpu_memory_limit=args.cap,
         monitor=False,
         offload_activations="acts" in options,
-        tuning=dict(
-            host_weights="compute" if "bf16" in options else "fp32",
-            host_memory=args.host_memory,
-            grad_buffers=buffers[0] if buffers else None,
-            parked_grads=parked[0] if parked else 0,
-            device_layers=device[0] if device else 0,
-        ),
+        **({"tuning": tuning} if nested else tuning),
     )
     return {**done, "strategy": strategy, "precision": "bf16-true", "optimizer": optimizer, "optimizer_name": name}
 
