@@ -4,9 +4,9 @@
 hyperparameters and ``state_dict`` layout) whose ``exp_avg`` and ``exp_avg_sq`` are stored in bf16: each update
 reads them into fp32, updates the parameter in fp32 and rounds them back to the nearest bf16. It trains anywhere —
 plain Lightning, any device — and under slideformer the host runs the same kernel over the fp32 masters. One pass
-over memory per parameter (``torch.compile`` fuses the update: a C++ loop on the CPU, a Triton kernel on a GPU):
-20 bytes moved per parameter instead of fp32 AdamW's 28, and 4 bytes of state instead of 8. Its speed and quality
-cost: BENCHMARKS.md (``benchmarks/bench_host_adamw.py``, ``benchmarks/convergence.py``).
+over memory per parameter: on the CPU a C++ loop (``csrc/adamw_bf16.cpp``, built on first use), on a GPU a Triton
+kernel from ``torch.compile``; 20 bytes moved per parameter instead of fp32 AdamW's 28, and 4 bytes of state instead
+of 8. Its speed and quality cost: BENCHMARKS.md (``benchmarks/bench_host_adamw.py``, ``benchmarks/convergence.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 import threading
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -40,21 +41,25 @@ def _adamw_update(
 
 
 class _Kernel:
-    """``_adamw_update`` compiled once per process (shapes dynamic). A call the compiled kernel cannot run (no C++
-    compiler, an unsupported backend, a context that forbids it) runs torch's eager ops instead, with a warning the
-    first time; after :data:`_GIVE_UP` such calls it stops trying."""
+    """``_adamw_update`` fused: on the CPU the C++ loop of ``csrc/adamw_bf16.cpp`` (built once per machine into
+    torch's extension cache), elsewhere ``torch.compile``'s kernel (shapes dynamic). A call neither can run (no C++
+    compiler, an unsupported backend, a context that forbids compiling) runs torch's eager ops instead, with a warning
+    the first time; after :data:`_GIVE_UP` such calls it stops trying."""
 
     def __init__(self) -> None:
         self.compiled = None
+        self.host = None  # the built C++ extension
         self.failures = 0
         self._lock = threading.Lock()  # updates may run on the training thread and on slideformer's host thread
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         if self.failures < _GIVE_UP:
-            with self._lock:  # (dynamo serializes compiling itself; the kernels then run concurrently)
-                if self.compiled is None:
-                    self.compiled = torch.compile(_adamw_update, dynamic=True, fullgraph=True)
             try:
+                if tensors[0].device.type == "cpu":
+                    return self._host().adamw_bf16_(*tensors)
+                with self._lock:  # (dynamo serializes compiling itself; the kernels then run concurrently)
+                    if self.compiled is None:
+                        self.compiled = torch.compile(_adamw_update, dynamic=True, fullgraph=True)
                 return self.compiled(*tensors)
             except Exception as error:  # noqa: BLE001 - the eager ops compute the same update
                 self.failures += 1
@@ -66,6 +71,27 @@ class _Kernel:
                         stacklevel=3,
                     )
         _adamw_update(*tensors)
+
+    def _host(self):
+        """The C++ extension, built on the first call; a failed build is not tried again (its error is raised)."""
+        with self._lock:
+            if self.host is None:
+                from torch.utils.cpp_extension import load
+
+                # -ffp-contract=off: no fused multiply-adds, so every build rounds alike, operation by operation.
+                flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+                try:
+                    self.host = load(
+                        name="lightning_slide_adamw_bf16",
+                        sources=[str(Path(__file__).parent / "csrc" / "adamw_bf16.cpp")],
+                        extra_cflags=flags,
+                        extra_ldflags=["-fopenmp"],
+                    )
+                except Exception as error:  # noqa: BLE001 - kept, raised for each call: the caller falls back
+                    self.host = error
+            if isinstance(self.host, Exception):
+                raise self.host
+            return self.host
 
 
 _kernel = _Kernel()
