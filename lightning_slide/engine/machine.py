@@ -29,7 +29,7 @@ def host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-# The bf16-moment update's rate against fp32's (BENCHMARKS.md, "Host optimizer": 1.06-1.18 on the development VM).
+# The bf16-moment update's rate against fp32's, as measured (BENCHMARKS.md, "Host optimizer").
 BF16_ADAMW_SHARE = 1.0
 
 
