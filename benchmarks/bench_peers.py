@@ -211,7 +211,8 @@ def setup(system: str, args) -> dict:
     # "+buffersK": grad_buffers=K (layer gradient buffers on the host while updates stream; default window + 2),
     # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free),
     # "+devK": device_layers=K (the first K layers kept and updated on the GPU),
-    # "+bf16moments": lightning_slide.optim.AdamW(state_dtype=torch.bfloat16) (bf16 Adam moments on the host)
+    # "+bf16moments": lightning_slide.optim.AdamW(state_dtype=torch.bfloat16) (bf16 Adam moments on the host),
+    # "+threadsK": torch.set_num_threads(K) in the run (any system; see child)
     import lightning_slide
 
     buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
@@ -257,7 +258,7 @@ def setup(system: str, args) -> dict:
 
 def child(system: str, shape: str, batch: int, args) -> dict:
     """Train one system for warm-up + timed steps; returns its measurements."""
-    base, _, lora = options_of(system)
+    base, options, lora = options_of(system)
     if lora:
         try:
             import peft
@@ -267,6 +268,10 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    threads = [int(o[len("threads") :]) for o in options if o.startswith("threads")]
+    if threads:  # "+threadsK": K host threads for torch's CPU ops (the host AdamW), the rest left to the others
+        torch.set_num_threads(threads[0])
 
     from lightning_slide.engine.plan import parse_bytes
     from lightning_slide.kernels import apply_kernels
