@@ -21,13 +21,13 @@ class Records(L.Callback):
     def on_train_start(self, trainer, pl_module):
         engine = trainer.strategy.engine
         self.device_layers = sorted(engine.device_layers)
-        window, load = engine.window, engine.window._load
+        window, before_load = engine.window, engine.window.before_load
 
-        def spy(index, slot):
+        def spy(index):
             self.loaded.add(index)
-            load(index, slot)
+            before_load(index)
 
-        window._load = spy  # which layers ever slide through the window
+        window.before_load = spy  # called for every layer the window loads: which layers ever slide through it
         submit = engine.updates.submit
 
         def submitted(key, *args, **kwargs):
