@@ -11,7 +11,9 @@ of 8. Its speed and quality cost: BENCHMARKS.md (``benchmarks/bench_host_adamw.p
 
 from __future__ import annotations
 
+import hashlib
 import math
+import platform
 import threading
 import warnings
 from collections.abc import Iterable
@@ -82,7 +84,7 @@ class _Kernel:
                 flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
                 try:
                     self.host = load(
-                        name="lightning_slide_adamw_bf16",
+                        name=f"lightning_slide_adamw_bf16_{_cpu_tag()}",  # -march=native: one build per CPU kind
                         sources=[str(Path(__file__).parent / "csrc" / "adamw_bf16.cpp")],
                         extra_cflags=flags,
                         extra_ldflags=["-fopenmp"],
@@ -92,6 +94,17 @@ class _Kernel:
             if isinstance(self.host, Exception):
                 raise self.host
             return self.host
+
+
+def _cpu_tag() -> str:
+    """A short name for this CPU's instruction sets: a home directory shared by machines of several kinds keeps one
+    build for each in torch's extension cache."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
 _kernel = _Kernel()
