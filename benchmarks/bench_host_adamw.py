@@ -1,5 +1,5 @@
 """Host AdamW rate (G params/s) of torch's fused CPU kernel, from the main thread and from a worker thread, and of
-``lightning_slide.optim.AdamW`` with bf16 moments (its compiled kernel) from a worker thread, as the engine runs it.
+``lightning_slide.optim.AdamW`` with bf16 moments (its C++ host loop) from a worker thread, as the engine runs it.
 
 usage: python benchmarks/bench_host_adamw.py [--numel 110e6] [--threads 4,8,16]
 The host optimizer is the step's binding term for large models; this says what the machine gives.
