@@ -212,7 +212,7 @@ def setup(system: str, args) -> dict:
     # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free),
     # "+devK": device_layers=K (the first K layers kept and updated on the GPU),
     # "+bf16moments": lightning_slide.optim.AdamW(state_dtype=torch.bfloat16) (bf16 Adam moments on the host),
-    # "+threadsK": torch.set_num_threads(K) in the run (any system; see child)
+    # "+threadsK": torch.set_num_threads(K) in the run, "+thp": huge pages for host memory (any system; see main)
     import lightning_slide
 
     buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
@@ -470,7 +470,11 @@ def main() -> None:
                 str(args.devices),
             ] + (["--host-memory", args.host_memory] if args.host_memory else [])
             try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                # "+thp" (any system): torch's CPU allocations of 2 MB and more on transparent huge pages
+                thp = {"THP_MEM_ALLOC_ENABLE": "1"} if "thp" in options_of(system)[1] else {}
+                done = subprocess.run(
+                    command, capture_output=True, text=True, timeout=args.timeout, env={**os.environ, **thp}
+                )
                 out, log = done.stdout, done.stdout + done.stderr
                 lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
                 result = json.loads(lines[-1][7:]) if lines else {"error": f"crashed, exit {done.returncode}"}
