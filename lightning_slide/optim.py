@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 import threading
 import warnings
@@ -80,6 +81,8 @@ class _Kernel:
             if self.host is None:
                 from torch.utils.cpp_extension import load
 
+                _put_ninja_on_path()
+
                 # -ffp-contract=off: no fused multiply-adds, so every build rounds alike, operation by operation.
                 flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
                 try:
@@ -94,6 +97,18 @@ class _Kernel:
             if isinstance(self.host, Exception):
                 raise self.host
             return self.host
+
+
+def _put_ninja_on_path() -> None:
+    """torch builds extensions with the ``ninja`` it finds on PATH: add the pip package's, which a Python run from
+    an environment that was not activated does not see."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path]) if path else ninja.BIN_DIR
 
 
 def _cpu_tag() -> str:
