@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 STATE_DTYPES = (torch.bfloat16, torch.float32)
-_GIVE_UP = 3  # failed calls of the compiled kernel after which only the eager ops run
+_GIVE_UP = 3  # failed calls of the fused kernel after which only the eager ops run
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -77,26 +77,31 @@ class _Kernel:
 
     def _host(self):
         """The C++ extension, built on the first call; a failed build is not tried again (its error is raised)."""
-        with self._lock:
-            if self.host is None:
-                from torch.utils.cpp_extension import load
+        if self.host is None:
+            with self._lock:  # one build, though updates may start on two threads
+                if self.host is None:
+                    self.host = _build_host_kernel()
+        if isinstance(self.host, Exception):
+            raise self.host
+        return self.host
 
-                _put_ninja_on_path()
 
-                # -ffp-contract=off: no fused multiply-adds, so every build rounds alike, operation by operation.
-                flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
-                try:
-                    self.host = load(
-                        name=f"lightning_slide_adamw_bf16_{_cpu_tag()}",  # -march=native: one build per CPU kind
-                        sources=[str(Path(__file__).parent / "csrc" / "adamw_bf16.cpp")],
-                        extra_cflags=flags,
-                        extra_ldflags=["-fopenmp"],
-                    )
-                except Exception as error:  # noqa: BLE001 - kept, raised for each call: the caller falls back
-                    self.host = error
-            if isinstance(self.host, Exception):
-                raise self.host
-            return self.host
+def _build_host_kernel():
+    """Build (or load from torch's extension cache) ``csrc/adamw_bf16.cpp``; the exception when it cannot."""
+    from torch.utils.cpp_extension import load
+
+    _put_ninja_on_path()
+    # -ffp-contract=off: no fused multiply-adds, so every build rounds alike, operation by operation.
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    try:
+        return load(
+            name=f"lightning_slide_adamw_bf16_{_cpu_tag()}",  # -march=native: one build per CPU kind
+            sources=[str(Path(__file__).parent / "csrc" / "adamw_bf16.cpp")],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as error:  # noqa: BLE001 - kept and raised for each call: the caller falls back to eager ops
+        return error
 
 
 def _put_ninja_on_path() -> None:

@@ -29,10 +29,6 @@ def host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-# The bf16-moment update's rate against fp32's, as measured (BENCHMARKS.md, "Host optimizer").
-BF16_ADAMW_SHARE = 1.0
-
-
 @dataclass
 class Machine:
     """Memory sizes and rates of the machine. Memory ``None``: unknown, not checked.
@@ -49,7 +45,7 @@ class Machine:
     disk_read_bytes_per_s: float = 2e9
     disk_write_bytes_per_s: float = 1e9
     host_adamw_params_per_s: float = 1e9
-    # With bf16 moments (lightning_slide.optim.AdamW); None: BF16_ADAMW_SHARE of the fp32 rate
+    # With bf16 moments (lightning_slide.optim.AdamW); None: taken as the fp32 rate
     host_adamw_bf16_params_per_s: float | None = None
     gpu_flops: float = 150e12  # sustained bf16 matmul FLOP/s
 
@@ -71,10 +67,11 @@ class Machine:
 
     def adamw_rate(self, moments: torch.dtype) -> float:
         """Host AdamW parameters per second with moments in ``moments``. A bf16 update moves 20 bytes per parameter
-        where fp32 moves 28, but converts the moments both ways: unless measured, it is taken as measured so far."""
+        where fp32 moves 28, but converts the moments both ways: unless measured, it is taken as fast as fp32 (no
+        slower on the hosts measured: BENCHMARKS.md, "Host optimizer")."""
         if moments == torch.float32:
             return self.host_adamw_params_per_s
-        return self.host_adamw_bf16_params_per_s or self.host_adamw_params_per_s * BF16_ADAMW_SHARE
+        return self.host_adamw_bf16_params_per_s or self.host_adamw_params_per_s
 
     def measure(
         self, offload_dir: str | None = None, seconds: float = 0.2, moments: torch.dtype = torch.float32

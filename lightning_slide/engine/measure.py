@@ -40,7 +40,7 @@ def measure_rates(
     directory: str | None = None, seconds: float = 0.2, moments: torch.dtype = torch.float32
 ) -> dict[str, float]:
     """The rate fields of :class:`~lightning_slide.engine.machine.Machine` this machine can measure (the host AdamW
-    with bf16 moments too when ``moments`` is bf16: its kernel compiles first)."""
+    with bf16 moments too when ``moments`` is bf16: its kernel is built first)."""
     rates = {"host_adamw_params_per_s": host_adamw_rate(seconds)}
     if moments != torch.float32:
         rates["host_adamw_bf16_params_per_s"] = host_adamw_rate(seconds, moments=moments)
