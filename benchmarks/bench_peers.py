@@ -16,6 +16,8 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
 
 The systems, as a user tuning each would run it (AdamW, lr 1e-5, weight decay 0.01 everywhere; fp32 masters):
 - ``all_on_gpu``: everything on the GPU, uncapped (the ceiling): ``"bf16-mixed"``, ``torch.optim.AdamW(fused=True)``.
+- ``gpu_compute``: the bound's GPU-compute term where all-on-GPU cannot fit (8B at batch 16 on one H200): bf16 weights
+  on the GPU, uncapped, forward and backward only (no optimizer: Lightning's mock one; gradients dropped each step).
 - ``fsdp_offload``: ``FSDPStrategy(cpu_offload=True)`` wrapping each decoder layer, ``"bf16-mixed"`` (fp32 flat
   parameters on the host), ``torch.optim.AdamW(fused=True)`` stepping them there (torch's fused host kernel).
 - ``deepspeed_offload``: ZeRO-3 with optimizer and parameter offload to pinned host memory, ``"bf16-mixed"`` (DeepSpeed
@@ -35,10 +37,11 @@ Each (system, shape, batch) runs in its own child process (a peer that runs out 
 one) and prints one JSON line; the parent prints a markdown table with tokens/s, TFLOP/s (6·N·tokens), peak GPU
 memory, peak host RSS, the ratio to all-on-GPU and the fraction of the per-step lower bound
 max(GPU compute, 4N bytes / H2D, 2N bytes / D2H, N / host AdamW) reached (bandwidths from BENCHMARKING.md;
-GPU compute is taken as the all-on-GPU step time of the same run when it ran). With LoRA (``+loraK``) N counts every
-parameter and the bound's terms count what moves: the frozen weights go up in bf16 (2 bytes), only the adapters' T
-parameters come down and are updated: max(GPU compute, (2(N - T) + 4T) / H2D, 2T / D2H, T / host AdamW); the
-GPU-compute term and the ratio come from the last all-on-GPU row before (list ``all_on_gpu+lora16`` first for them).
+GPU compute is the ``gpu_compute`` step time of the same run when it ran, else the all-on-GPU one). With LoRA
+(``+loraK``) N counts every parameter and the bound's terms count what moves: the frozen weights go up in bf16 (2
+bytes), only the adapters' T parameters come down and are updated: max(GPU compute, (2(N - T) + 4T) / H2D, 2T / D2H,
+T / host AdamW); the GPU-compute term and the ratio come from the last such row before (list ``all_on_gpu+lora16``
+first for them).
 Same model, batch, sequence length, kernels ("all") and per-layer activation checkpointing for every system; the
 offloading systems run under the GPU memory cap, all-on-GPU uncapped.
 
@@ -140,6 +143,8 @@ def setup(system: str, args) -> dict:
             "optimizer": fused_adamw,
             "optimizer_name": "AdamW fused",
         }
+    if base == "gpu_compute":
+        return {**done, "strategy": "auto", "precision": "bf16-true", "optimizer": None, "optimizer_name": "none"}
     if base == "fsdp_offload":
         from lightning.pytorch.strategies import FSDPStrategy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -212,7 +217,8 @@ def setup(system: str, args) -> dict:
     # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free),
     # "+devK": device_layers=K (the first K layers kept and updated on the GPU),
     # "+bf16moments": lightning_slide.optim.AdamW(state_dtype=torch.bfloat16) (bf16 Adam moments on the host),
-    # "+threadsK": torch.set_num_threads(K) in the run, "+thp": huge pages for host memory (any system; see main)
+    # "+threadsK": torch.set_num_threads(K) in the run, "+thp": huge pages for host memory (any system; see main),
+    # "+switchK": sys.setswitchinterval(K microseconds) (how soon the update thread gets the GIL back; default 5000)
     import lightning_slide
 
     buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
@@ -272,6 +278,9 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     threads = [int(o[len("threads") :]) for o in options if o.startswith("threads")]
     if threads:  # "+threadsK": K host threads for torch's CPU ops (the host AdamW), the rest left to the others
         torch.set_num_threads(threads[0])
+    switch = [int(o[len("switch") :]) for o in options if o.startswith("switch")]
+    if switch:  # "+switchK": the interpreter forces a GIL hand-over after K µs (a Python-busy training thread)
+        sys.setswitchinterval(switch[0] * 1e-6)
 
     from lightning_slide.engine.plan import parse_bytes
     from lightning_slide.kernels import apply_kernels
@@ -301,6 +310,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             return self.model(input_ids=batch[0], labels=batch[0], use_cache=False).loss
 
         def on_train_batch_start(self, batch, batch_idx):
+            if base == "gpu_compute":  # Lightning's mock optimizer leaves the gradients: drop them
+                self.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             self._start = time.perf_counter()
 
@@ -312,6 +323,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
                 self.engine_stats.append(engine.stats())
 
         def configure_optimizers(self):  # not called where DeepSpeed builds the optimizer from its config (zenflow)
+            if base == "gpu_compute":  # forward and backward only
+                return None
             return run["optimizer"]([p for p in self.parameters() if p.requires_grad])
 
     run = setup(system, args)
@@ -450,7 +463,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for item in args.shapes.split(","):
         shape, batch = item.split(":")
-        ceiling = None
+        ceiling = compute = None  # the all-on-GPU and gpu_compute step times of this shape
         for system in args.systems.split(","):
             command = [
                 sys.executable,
@@ -495,10 +508,14 @@ def main() -> None:
             t = result.get("trainable", n)  # all of them but with LoRA
             if base == "all_on_gpu":
                 ceiling = step
+            if base == "gpu_compute":
+                compute = step
             up, down = (2 * (n - t) + 4 * t) / args.devices, 2 * t / args.devices  # each GPU moves its share
-            bound = max(ceiling or 0.0, up / H2D_BYTES_PER_S, down / D2H_BYTES_PER_S, t / HOST_ADAMW_PARAMS_PER_S)
+            gpu = compute or ceiling or 0.0
+            bound = max(gpu, up / H2D_BYTES_PER_S, down / D2H_BYTES_PER_S, t / HOST_ADAMW_PARAMS_PER_S)
             ratio = f"{ceiling / step:.2f}" if ceiling else "–"
-            of_bound = "–" if base == "zenflow" else f"{bound / step:.0%}"  # it does not step AdamW every step
+            # zenflow does not step AdamW every step; gpu_compute is the bound's GPU term itself
+            of_bound = "–" if base in ("zenflow", "gpu_compute") else f"{bound / step:.0%}"
             if "host_busy" in result:
                 row += (
                     f" (host busy {result['host_busy']:.2f} s of which waiting {result['host_waiting']:.2f} s, "

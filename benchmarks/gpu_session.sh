@@ -6,8 +6,11 @@
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parked_grads="auto",
 #                bf16 moments, device_layers="auto", both) against the tuned peers, side by side
 #   peers8b      the same at 8B batch 4
+#   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
+#                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
 #   levers3b     3B batch 8, slideformer with host-side levers the host idle might answer to (BENCHMARKS.md): huge
-#                pages for host memory (+thp), 14 of 16 threads for the host AdamW (+threads14), both
+#                pages for host memory (+thp), 14 of 16 threads for the host AdamW (+threads14), a 0.5 ms GIL
+#                switch interval (+switch500: the update thread waits less for a Python-busy training thread)
 #   lora         the LoRA r=16 benchmark at the 8B shape against the full fine-tune
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
 #   qwen14b      a Qwen3-14B-shape model (random weights, the shipped tokenizer and data) trained for a few steps
@@ -20,7 +23,7 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, hostadamw, peers3b, peers8b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, hostadamw, peers3b, peers8b, peers8b16, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -45,9 +48,13 @@ case $stage in
     systems=$systems,slideformer+devauto+bf16moments
     timeout 580 python3 benchmarks/bench_peers.py --shapes $shape --steps 3 --cap 24GiB \
       --systems $systems,fsdp_offload,deepspeed_offload,zenflow > "$out/$stage.log" 2>&1 ;;
+  peers8b16)
+    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:16 --steps 3 --cap 24GiB \
+      --systems gpu_compute,all_on_gpu,slideformer,slideformer+bf16moments > "$out/peers8b16.log" 2>&1 ;;
   levers3b)
-    timeout 400 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB \
-      --systems slideformer,slideformer+thp,slideformer+threads14,slideformer+thp+threads14 > "$out/levers3b.log" 2>&1 ;;
+    timeout 500 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB \
+      --systems slideformer,slideformer+thp,slideformer+threads14,slideformer+switch500,slideformer+thp+threads14 \
+      > "$out/levers3b.log" 2>&1 ;;
   lora)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB \
       --systems slideformer,slideformer+lora16 > "$out/lora.log" 2>&1 ;;

@@ -14,7 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_peers.py"
 @pytest.mark.timeout(300)
 def test_bench_peers_dry_run():
     systems = (
-        "all_on_gpu,fsdp_offload,fsdp_offload+lora16,deepspeed_offload,zenflow,slideformer,slideformer+bf16moments"
+        "all_on_gpu,gpu_compute,fsdp_offload,fsdp_offload+lora16,deepspeed_offload,zenflow,slideformer,"
+        "slideformer+bf16moments"
     )
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--dry-run", "--systems", systems],
@@ -31,6 +32,8 @@ def test_bench_peers_dry_run():
     assert set(rows) == set(systems.split(","))
     assert rows["all_on_gpu"]["precision"] == "bf16-mixed" and rows["all_on_gpu"]["optimizer_name"] == "AdamW fused"
     assert not rows["all_on_gpu"]["capped"]
+    assert rows["gpu_compute"]["precision"] == "bf16-true" and rows["gpu_compute"]["optimizer_name"] == "none"
+    assert not rows["gpu_compute"]["capped"]
     for name in ("fsdp_offload", "fsdp_offload+lora16"):
         assert rows[name]["strategy"] == "FSDPStrategy" and rows[name]["precision"] == "bf16-mixed", name
         assert rows[name]["optimizer_name"] == "AdamW fused, host" and rows[name]["capped"], name
