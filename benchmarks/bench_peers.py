@@ -483,7 +483,7 @@ def main() -> None:
                 str(args.devices),
             ] + (["--host-memory", args.host_memory] if args.host_memory else [])
             try:
-                # "+thp" (any system): torch's CPU allocations of 2 MB and more on transparent huge pages
+                # "+thp" (any system): host allocations of 2 MB and more (slideformer's pinned ones too) on huge pages
                 thp = {"THP_MEM_ALLOC_ENABLE": "1"} if "thp" in options_of(system)[1] else {}
                 done = subprocess.run(
                     command, capture_output=True, text=True, timeout=args.timeout, env={**os.environ, **thp}

@@ -4,12 +4,13 @@ torch's pinned allocator (``pin_memory=True``) rounds every block up to a power 
 layer-sized buffer can cost up to twice its size (measured at the 8B shape in BENCHMARKS.md) — gigabytes of host
 memory over a model. Large buffers are instead mapped anonymously and page-locked in place with
 ``cudaHostRegister``; they are unregistered and unmapped when the last tensor viewing them is freed (a parameter
-may still view its master after training).
+may still view its master after training). They follow torch's ``THP_MEM_ALLOC_ENABLE=1``: transparent huge pages.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import weakref
 
 import torch
@@ -23,8 +24,16 @@ def host_empty(numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
     size = numel * torch.empty((), dtype=dtype).element_size()
     if not pin or size < EXACT_FROM_BYTES:
         return torch.empty(numel, dtype=dtype, pin_memory=pin)
+    return mapped_tensor(anonymous_buffer(size), dtype, pin=True)
+
+
+def anonymous_buffer(size: int) -> mmap.mmap:
+    """``size`` bytes of anonymous memory, advised onto transparent huge pages when torch's own host allocations are
+    (``THP_MEM_ALLOC_ENABLE=1``): one setting for all of a run's large host buffers."""
     buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return mapped_tensor(buffer, dtype, pin=True)
+    if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" and hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
 
 
 def mapped_tensor(buffer: mmap.mmap, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Page-locked host buffers of exactly the size asked for (the pinned path needs a CUDA machine)."""
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_slide.engine.pinned import EXACT_FROM_BYTES, host_empty
+from lightning_slide.engine.pinned import EXACT_FROM_BYTES, anonymous_buffer, host_empty
 
 
 def test_unpinned_buffer_is_a_plain_tensor():
@@ -25,3 +26,29 @@ def test_large_pinned_buffer_is_exact_page_locked_and_outlives_its_first_tensor(
     device = view.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert device.sum().item() == 200.0
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags of the mapping holding ``address`` (``/proc/self/smaps``)."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise LookupError(hex(address))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+@pytest.mark.parametrize("huge", [False, True])
+def test_large_buffers_follow_torchs_transparent_huge_page_setting(monkeypatch, huge):
+    if huge:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    else:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    buffer = anonymous_buffer(8 << 20)
+    tensor = torch.frombuffer(buffer, dtype=torch.uint8)
+    assert ("hg" in _vm_flags(tensor.data_ptr())) == huge
