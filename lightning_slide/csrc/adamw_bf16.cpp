@@ -116,4 +116,7 @@ void adamw_bf16_(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) { module.def("adamw_bf16_", &adamw_bf16_); }
+// The GIL is released for the update: the training thread goes on launching the device's work meanwhile.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("adamw_bf16_", &adamw_bf16_, py::call_guard<py::gil_scoped_release>());
+}

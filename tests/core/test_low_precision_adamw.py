@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
+import time
 
 import lightning as L
 import pytest
@@ -75,6 +77,38 @@ def test_the_fused_kernel_computes_what_the_eager_ops_do(dtype):
     for a, b in rounded:
         a, b = a.float().nan_to_num(), b.float().nan_to_num()
         assert (a - b).abs().max() <= 2**-7 * b.abs().max()  # one bf16 rounding at most
+
+
+@pytest.mark.skipif(ACCELERATOR != "cpu", reason="the host kernel; a GPU run updates on the device")
+def test_the_host_kernel_lets_the_training_thread_run_meanwhile():
+    # slideformer's host thread runs it while the training thread launches the device's work: holding the GIL for
+    # the update would stall that thread for the whole of it.
+    n = 20_000_000
+    tensors = [
+        torch.zeros(n),
+        torch.randn(n),
+        torch.zeros(n, dtype=torch.bfloat16),
+        torch.zeros(n, dtype=torch.bfloat16),
+    ]
+    hyper = torch.tensor([1e-4, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.03, 1.0])
+    optim._kernel(*tensors, hyper)  # built (or loaded) before timing
+    spans, gaps = [], []
+
+    def update():
+        start = time.perf_counter()
+        optim._kernel(*tensors, hyper)
+        spans.append(time.perf_counter() - start)
+
+    worker = threading.Thread(target=update)
+    last = time.perf_counter()
+    worker.start()
+    while worker.is_alive():
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    worker.join()
+    assert optim._kernel.failures == 0
+    assert max(gaps) < spans[0] / 2, (max(gaps), spans[0])
 
 
 def test_state_dict_round_trip_keeps_bf16_and_resumes_exactly():
