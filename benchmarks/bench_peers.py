@@ -33,6 +33,9 @@ The systems, as a user tuning each would run it (AdamW, lr 1e-5, weight decay 0.
 Without DeepSpeed installed (or a DeepSpeed without ZenFlow) those rows say so. ``--dry-run`` builds every system's
 strategy, precision and optimizer on the CPU and prints them (and the ZenFlow config), training nothing.
 
+slideformer's rows also say, per timed step, how long the host thread was busy (of which waiting for the device) and
+the training thread blocked on it, and how long a thread waited to get the GIL back (``GilProbe``).
+
 Each (system, shape, batch) runs in its own child process (a peer that runs out of memory cannot disturb the next
 one) and prints one JSON line; the parent prints a markdown table with tokens/s, TFLOP/s (6·N·tokens), peak GPU
 memory, peak host RSS, the ratio to all-on-GPU and the fraction of the per-step lower bound
@@ -314,6 +317,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
                 self.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             self._start = time.perf_counter()
+            if batch_idx == run["warmup"]:
+                self.timed_from = self._start
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             torch.cuda.synchronize()
@@ -356,12 +361,15 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    probe = GilProbe()
     try:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=batch))
     except torch.OutOfMemoryError:
         return {"error": "out of GPU memory", "params": params}
     except Exception as error:  # noqa: BLE001 - a peer that fails is a row of the table, not the end of the run
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}", "params": params}
+    finally:
+        probe.stop()
     if trainer.global_rank != 0:
         return None  # rank 0 reports
     timed = sorted(module.times[run["warmup"] :])
@@ -378,7 +386,45 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "optimizer": optimizer,
         **engine_seconds_per_step(module.engine_stats, skip=run["warmup"]),
+        **probe.summary(since=getattr(module, "timed_from", math.inf)),
     }
+
+
+class GilProbe:
+    """How long a thread that wants the GIL back waits for it during training: a thread sleeps 2 ms again and again
+    and records how late it wakes, less the lateness measured before training. The engine's update thread takes the
+    GIL back after every torch call it makes; this says what each such return costs while the training thread runs."""
+
+    NAP = 2e-3
+
+    def __init__(self) -> None:
+        import threading
+
+        self.baseline = sorted(self._late() for _ in range(50))[25]  # the timer's own slack, the GIL free
+        self.samples: list[tuple[float, float]] = []  # (when, seconds late)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _late(self) -> float:
+        start = time.perf_counter()
+        time.sleep(self.NAP)
+        return time.perf_counter() - start - self.NAP
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            late = self._late()
+            self.samples.append((time.perf_counter(), max(0.0, late - self.baseline)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, since: float) -> dict:
+        late = sorted(value for when, value in self.samples if when >= since)
+        if not late:
+            return {}
+        return {"gil_wait_ms_mean": 1e3 * sum(late) / len(late), "gil_wait_ms_p90": 1e3 * late[len(late) * 9 // 10]}
 
 
 def dry_run(args) -> None:
@@ -519,7 +565,9 @@ def main() -> None:
             if "host_busy" in result:
                 row += (
                     f" (host busy {result['host_busy']:.2f} s of which waiting {result['host_waiting']:.2f} s, "
-                    f"blocked {result['compute_blocked']:.2f} s)"
+                    f"blocked {result['compute_blocked']:.2f} s; GIL back after "
+                    f"{result.get('gil_wait_ms_mean', math.nan):.2f} ms mean, "
+                    f"{result.get('gil_wait_ms_p90', math.nan):.2f} p90)"
                 )
             print(
                 f"{row} {step:.3f} | {tokens / step:,.0f} | {6 * n * tokens / step / 1e12:.1f} | "
