@@ -205,7 +205,7 @@ def optimizer_state(engine: SlidingEngine, param: nn.Parameter) -> dict | None:
     piece = optimizer.piece_of(param)
     whole: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
     for name in optimizer.state_names:
-        flat = torch.zeros(entry.numel, dtype=torch.float32)
+        flat = torch.zeros(entry.numel, dtype=optimizer.state_dtype)  # bf16 moments stay bf16: the sum adds zeros
         if piece is not None:
             flat[piece.start - entry.offset : piece.stop - entry.offset] = local[name].reshape(-1)
         engine.shards.host_sum(flat)

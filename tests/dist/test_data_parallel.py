@@ -194,6 +194,28 @@ def test_checkpoint_and_exact_resume_with_two_ranks(tmp_path):
     assert_same_weights(single, single_whole)
 
 
+def test_bf16_moments_checkpoint_whole_in_bf16_with_two_ranks(tmp_path):
+    """Each rank holds bf16 pieces of the moments; the checkpoint holds them whole, still in bf16 (not twice the
+    size), and one process resumes it as it would its own checkpoint."""
+    from safetensors.torch import load_file
+
+    from tests.core.test_low_precision_adamw import low_precision
+
+    def module():
+        return TinyLM("llama", initial_state("llama"), optimizer=low_precision)
+
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=HOST, start_method="spawn")
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    train(strategy, devices=2, module=module(), max_epochs=1, max_steps=-1, enable_checkpointing=True,
+          callbacks=[checkpoints])
+    files = sorted((tmp_path / "last.ckpt" / "optimizer").glob("*.safetensors"))
+    moments = [t for f in files for n, t in load_file(f).items() if "exp_avg" in n]
+    assert moments and {t.dtype for t in moments} == {torch.bfloat16}
+    resumed = train(lightning_slide.SlideFormerStrategy(window=2), devices=1, module=module(), max_epochs=2,
+                    max_steps=-1, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.trainer.global_step == 2 * STEPS
+
+
 _NODE = """
 import sys, torch, lightning_slide
 from tests.dist.test_data_parallel import train
