@@ -1,16 +1,20 @@
 #!/bin/bash
-# What a session with the GPU machine checks and measures, stages run in the order given (a call of the device
-# tool has 10 minutes: suite + lora or before_after alone fit in one):
+# What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
+# has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
+# ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
+#   levers3b + before_after   (~560 s) then peers3b (~540 s) then peers8b (~420 s); later: peers8b_rest, peers8b16,
+#   convergence, qwen14b, suite, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parked_grads="auto",
 #                bf16 moments, device_layers="auto", both) against the tuned peers, side by side
-#   peers8b      the same at 8B batch 4
+#   peers8b      8B batch 4: slideformer (defaults, parked_grads="auto", bf16 moments) against tuned FSDP offload
+#   peers8b_rest 8B batch 4, the other rows: device_layers="auto" (with bf16 moments), DeepSpeed, ZenFlow, all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
 #   levers3b     3B batch 8, slideformer with host-side levers the host idle might answer to (BENCHMARKS.md): huge
 #                pages for host memory (+thp), 14 of 16 threads for the host AdamW (+threads14), a 0.5 ms GIL
-#                switch interval (+switch500: the update thread waits less for a Python-busy training thread)
+#                switch interval (+switch500); each row also says how long a thread waits for the GIL (GilProbe)
 #   lora         the LoRA r=16 benchmark at the 8B shape against the full fine-tune
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
 #   qwen14b      a Qwen3-14B-shape model (random weights, the shipped tokenizer and data) trained for a few steps
@@ -18,12 +22,13 @@
 #                moments, clipping by value): slide-plan's prediction first, then the run's tokens/s, peak host RSS
 #                and disk use
 #   before_after the engine before its split (commit 4c29062, unpacked into before/ here:
-#                git archive 4c29062 lightning_slide | tar -x -C before) against now: 3B batch 8, 8B batch 4
+#                git archive 4c29062 lightning_slide | tar -x -C before) against now, at $BEFORE_AFTER_SHAPES
+#                (default 8B batch 4: the 3B batch-8 pair is in BENCHMARKS.md)
 # From the device tool: run(command="bash benchmarks/gpu_session.sh peers3b", carry=[".whl", "before"]), with .whl/
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, hostadamw, peers3b, peers8b, peers8b16, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, hostadamw, peers3b, peers8b, peers8b_rest, peers8b16, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -42,18 +47,23 @@ case $stage in
       > "$out/suite.log" 2>&1 ;;
   hostadamw)
     timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 > "$out/hostadamw.log" 2>&1 ;;
-  peers3b|peers8b)
-    shape=llama3_2_3b:8; [ "$stage" = peers8b ] && shape=llama3_1_8b:4
+  peers3b)
     systems=all_on_gpu,slideformer,slideformer+parkauto,slideformer+bf16moments,slideformer+devauto
-    systems=$systems,slideformer+devauto+bf16moments
-    timeout 580 python3 benchmarks/bench_peers.py --shapes $shape --steps 3 --cap 24GiB \
-      --systems $systems,fsdp_offload,deepspeed_offload,zenflow > "$out/$stage.log" 2>&1 ;;
+    systems=$systems,slideformer+devauto+bf16moments,fsdp_offload,deepspeed_offload,zenflow
+    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
+      --systems $systems > "$out/$stage.log" 2>&1 ;;
+  peers8b|peers8b_rest)
+    systems=slideformer,slideformer+parkauto,slideformer+bf16moments,fsdp_offload
+    [ "$stage" = peers8b_rest ] \
+      && systems=all_on_gpu,slideformer+devauto,slideformer+devauto+bf16moments,deepspeed_offload,zenflow
+    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \
+      --systems $systems > "$out/$stage.log" 2>&1 ;;
   peers8b16)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:16 --steps 3 --cap 24GiB \
       --systems gpu_compute,all_on_gpu,slideformer,slideformer+bf16moments > "$out/peers8b16.log" 2>&1 ;;
   levers3b)
-    timeout 500 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB \
-      --systems slideformer,slideformer+thp,slideformer+threads14,slideformer+switch500,slideformer+thp+threads14 \
+    timeout 300 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB \
+      --timeout 150 --systems slideformer,slideformer+thp,slideformer+threads14,slideformer+switch500 \
       > "$out/levers3b.log" 2>&1 ;;
   lora)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB \
@@ -73,10 +83,11 @@ case $stage in
         "throughput|slide-plan|Maximum resident|Elapsed|Error|error|slideformer" ;
       du -sh /tmp/slide-14b; } > "$out/qwen14b.log" 2>&1 ;;
   before_after)
-    for code in before now before now; do
+    for code in before now; do
       path=$PWD; [ "$code" = before ] && path=$PWD/before
-      PYTHONPATH="$PWD/.site:$path" timeout 140 python3 benchmarks/bench_peers.py \
-        --shapes llama3_2_3b:8,llama3_1_8b:4 --steps 3 --cap 24GiB --systems slideformer >> "$out/before_after.log" 2>&1
+      PYTHONPATH="$PWD/.site:$path" timeout 280 python3 benchmarks/bench_peers.py --timeout 250 \
+        --shapes "${BEFORE_AFTER_SHAPES:-llama3_1_8b:4}" --steps 3 --cap 24GiB --systems slideformer \
+        >> "$out/before_after.log" 2>&1
       echo "^^^ $code" >> "$out/before_after.log"
     done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
