@@ -481,7 +481,7 @@ class SlidingEngine:
         self.window.clear()
         for unit in [self.resident, *(d.unit for d in self.device_layers.values())]:
             unit.park()
-        self.resident_parts.loaded = False
+        self.resident_parts.parked()
 
     # ---------------------------------------------------------------- state and lifetime
     @property

@@ -243,7 +243,7 @@ def build_units(
     device) and the ranks of one host keep one copy of the sharded masters in shared memory where it fits
     (``shared_masters.py``). ``state_store``: keep the layers' masters in its files (the disk tier). Frozen layer
     parameters (a LoRA run's base weights) are kept in the compute dtype only where that is simple
-    (``sizes.frozen_in_compute_dtype``); the resident parts keep fp32 masters.
+    (``sizes.frozen_in_compute_dtype``), and so are the resident parts when none of them is trained.
     """
     on_disk = state_store is not None
     sizes = [sum(p.numel() for _, p in parts.block_parameters(i)) for i in range(len(parts.blocks))]
@@ -273,6 +273,7 @@ def build_units(
     if on_disk:
         for i in range(len(layers)):
             state_store.mark_written(i, MASTER)
+    resident_frozen = frozen_apart and not any(p.requires_grad for _, p in parts.resident)
     resident = HostUnit(
         RESIDENT,
         parts.resident,
@@ -280,6 +281,7 @@ def build_units(
         own_grad=False,
         span=None if resident_on_device else span(parts.resident),
         master=masters[-1] if sizes[-1] else None,
+        frozen_dtype=compute_dtype if resident_frozen else None,
     )
     if shared is not None:
         shards.host_barrier()  # every rank's part of the shared masters is written

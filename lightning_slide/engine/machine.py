@@ -104,6 +104,7 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     layer_params = sliding * shape.layer_params
     head = shape.vocab * shape.hidden if shape.has_dims else shape.resident_params
     resident_host = 0 if s.resident_on_device else 1
+    resident_up = 4 * shape.resident_params if shape.resident_trainable else 0  # frozen: uploaded once, not per step
     offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
     upload = s.element if s.compute_copy else 4  # bytes per layer parameter per upload
     # One upload of every layer; frozen parameters kept in the compute dtype go up as they are.
@@ -112,7 +113,7 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     times = {
         "GPU compute (8·N·tokens)": a * 8 * (shape.layers * shape.layer_params + head) * tokens / m.gpu_flops,
         "H2D weights (forward + recompute)": (
-            a * (2 * layer_upload / s.ranks + offloaded) + resident_host * 4 * shape.resident_params / s.ranks
+            a * (2 * layer_upload / s.ranks + offloaded) + resident_host * resident_up / s.ranks
         )
         / m.h2d_bytes_per_s,
         "D2H gradients (fp32)": a

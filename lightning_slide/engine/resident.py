@@ -1,5 +1,6 @@
-"""The resident parts (embeddings, final norm, output head): one compute copy on the device for a whole step, their
-gradients there, and their update in one of three ways.
+"""The resident parts (embeddings, final norm, output head): one compute copy on the device for a whole step (for
+the whole run when none of them is trained, as in a LoRA run), their gradients there, and their update in one of
+three ways.
 
 - **On the device** (``resident_on_device``): fp32 masters, gradients and Adam state stay on the device, replicated
   over ranks. Their gradients arrive last in backward and their weights are needed first in the next forward, so
@@ -48,6 +49,7 @@ class ResidentParts:
             device=engine.device,
         )
         self.loaded = False  # the parameters point at a current compute copy
+        self.current = False  # the compute copy holds the host's values (kept across steps when nothing trains it)
         # Updated on the device (``device_units.DeviceUnit``), once an optimizer is attached there.
         self.device = DeviceUnit(engine, RESIDENT, unit, self.weights, self.grads)
         self.in_chunks = False  # a streamed step's gradients are left on the device for the update to read
@@ -77,17 +79,23 @@ class ResidentParts:
         if self.loaded:
             return
         engine, unit = self.engine, self.unit
-        if not self.updates_on_device:  # else each update refreshes the copy, on the device
+        # Updated on the device, each update refreshes the copy there; with nothing trained it stays current.
+        if not self.updates_on_device and not self.current:
             engine.parking.wait_for_update(RESIDENT)
             streams = engine.streams
             in_use = streams.record()  # whatever compute still reads the old copy
             with streams.on(streams.upload):
                 streams.wait(in_use)
-                owned = slice(unit.start, unit.stop)
-                copy_cast(self.weights[owned], unit.master[owned], engine.upload_staging)
-                engine.shards.gather(self.weights, unit.numel)
+                if engine.shards.active:
+                    owned = slice(unit.start, unit.stop)
+                    copy_cast(self.weights[owned], unit.master[owned], engine.upload_staging)
+                    engine.shards.gather(self.weights, unit.numel)
+                else:  # frozen parameters kept apart go up as they are
+                    for offset, source in unit.upload_pieces():
+                        copy_cast(self.weights[offset : offset + source.numel()], source, engine.upload_staging)
                 ready = streams.record()
             streams.wait(ready)
+            self.current = not unit.trainable_numel
         for entry in unit.entries:
             entry.param.data = entry.view(self.weights)
         self.loaded = True
@@ -164,8 +172,12 @@ class ResidentParts:
     # ---------------------------------------------------------------- state and lifetime
     def from_host(self) -> None:
         """Take the host masters (a loaded state dict) as the current weights."""
-        self.loaded = False
+        self.parked()
         self.device.from_host()
+
+    def parked(self) -> None:
+        """The parameters point at their host homes, where user code may change them: upload before the next use."""
+        self.loaded = self.current = False
 
     def close(self) -> None:
         if self.chunk_stream is not None:
@@ -173,4 +185,4 @@ class ResidentParts:
         self.device.close()
         self.weights = self.grads = None
         self.chunk_buffer = self.chunk_staging = None
-        self.loaded = False
+        self.loaded = self.current = False

@@ -110,6 +110,12 @@ class ModelShape:
         return self.layers * self.layer_params + self.resident_params
 
     @property
+    def resident_frozen(self) -> int:
+        """Resident parameters kept apart with the layers' frozen ones (``Settings.frozen_apart``): all of them when
+        none is trained (a LoRA run's embeddings and head)."""
+        return self.resident_params if not self.resident_trainable else 0
+
+    @property
     def has_dims(self) -> bool:
         return None not in (self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim, self.vocab)
 
@@ -245,8 +251,9 @@ class Settings:
 def frozen_in_compute_dtype(compute_dtype: torch.dtype, ranks: int, masters_on_disk: bool) -> bool:
     """Whether the decoder layers keep their frozen parameters only in the compute dtype (no fp32 master; 2 bytes
     per parameter in bf16; ``host.HostUnit``'s ``frozen_dtype``): with a compute dtype below fp32, one rank and the
-    masters in memory. Elsewhere (fp32 compute: the master is the compute copy; several ranks; masters on disk) and
-    for the resident parts every parameter keeps its fp32 master."""
+    masters in memory; the resident parts too when none of them is trained (``ModelShape.resident_frozen``).
+    Elsewhere (fp32 compute: the master is the compute copy; several ranks; masters on disk) every parameter keeps
+    its fp32 master."""
     return compute_dtype != torch.float32 and ranks == 1 and not masters_on_disk
 
 
@@ -386,8 +393,8 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
     on_disk = s.on_disk
     if "masters" in on_disk:  # HostUnit.master of the resident parts only; the layers' are files
         items["fp32 masters (resident parts)" + pinned] = 4 * shape.resident_params
-    elif s.frozen_apart:  # HostUnit.master: all but the layers' frozen parameters (one rank)
-        items["fp32 masters" + pinned] = 4 * (shape.params - shape.layers_frozen)
+    elif s.frozen_apart:  # HostUnit.master: all but the frozen parameters kept apart (one rank)
+        items["fp32 masters" + pinned] = 4 * (shape.params - shape.layers_frozen - shape.resident_frozen)
     else:  # HostUnit.master of every unit (host.py); one copy per host of the sharded units when shared
         replicated = shape.resident_params if s.resident_on_device and s.ranks > 1 else 0
         items["fp32 masters" + pinned] = int(4 * (shape.params - replicated) / s.masters_shared_by) + 4 * replicated
@@ -396,6 +403,8 @@ def host_bytes(shape: ModelShape, s: Settings) -> dict[str, int]:
         items["layer compute copies" + pinned] = shape.layers * shape.layer_params * element
     elif s.frozen_apart and shape.layers_frozen:  # HostUnit.frozen of every layer
         items["layer frozen weights (compute dtype)" + pinned] = shape.layers_frozen * element
+    if s.frozen_apart and shape.resident_frozen:  # HostUnit.frozen of the resident unit
+        items["resident frozen weights (compute dtype)" + pinned] = shape.resident_frozen * element
     host_updated = host_updated_trainable(shape, s)
     share = 1 / s.ranks  # with several ranks each keeps its shard of what follows (shard.py)
     if "optimizer" not in on_disk:  # UnitOptimizer.state: exp_avg, exp_avg_sq per host-updated unit

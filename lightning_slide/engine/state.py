@@ -254,7 +254,7 @@ def show_grads(engine: SlidingEngine) -> None:
         for entry in unit.trainable:
             entry.param.grad = view = entry.view(unit.grad)
             engine._shown.append((entry.param, view))
-    engine.resident_parts.loaded = False  # the next forward points the parameters at compute copies again
+    engine.resident_parts.parked()  # the next forward points the parameters at compute copies again
 
 
 def hide_grads(engine: SlidingEngine) -> None:

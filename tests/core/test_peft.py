@@ -71,10 +71,10 @@ def frozen(module) -> dict[str, torch.Tensor]:
 
 
 def assert_frozen_unchanged(module, dtype):
-    """Every frozen parameter holds its initial value: decoder-layer ones in ``dtype`` (rounded once), the resident
-    parts (embeddings, head, final norm) in fp32, their masters."""
+    """Every frozen parameter holds its initial value in ``dtype`` (rounded once): the decoder layers' and the
+    resident parts' (embeddings, head, final norm: LoRA trains none of them)."""
     for name, param in frozen(module).items():
-        expected = param.dtype if ".layers." not in name else dtype
+        expected = dtype
         assert param.device.type == "cpu" and param.dtype == expected, (name, param.dtype)
         assert torch.equal(param.detach(), module.initial[name].to(expected)), name
 
@@ -124,16 +124,40 @@ def test_lora_in_bf16_keeps_frozen_weights_in_bf16_only(family, window, accumula
     for name, param in frozen(ours).items():  # what plain bf16-true computes with too
         assert torch.equal(param.detach().bfloat16(), theirs[name].detach()), name
 
-    # Host memory: fp32 masters only for the adapters and the resident parts, 2 bytes per frozen layer parameter.
+    # Host memory: fp32 masters only for the adapters, 2 bytes per frozen parameter (the layers' and the resident
+    # parts', none of which LoRA trains).
     layer_frozen = sum(p.numel() for n, p in frozen(ours).items() if ".layers." in n)
     adapters = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     resident = sum(p.numel() for n, p in ours.named_parameters() if ".layers." not in n)
-    assert seen.host["fp32 masters"] == 4 * (adapters + resident)
-    assert seen.host["frozen weights"] == 2 * layer_frozen > 0
+    assert seen.host["fp32 masters"] == 4 * adapters
+    assert seen.host["frozen weights"] == 2 * (layer_frozen + resident) > 2 * layer_frozen > 0
+    assert seen.resident.master.numel() == 0 and seen.resident.frozen.dtype == torch.bfloat16
     assert seen.host["compute copies"] == 0
     assert seen.host["optimizer state"] == 8 * adapters  # Adam's moments of the adapters only
     for unit in seen.layers:
         assert unit.master.numel() == unit.trainable_numel and unit.frozen.dtype == torch.bfloat16
+
+
+def test_frozen_resident_parts_go_up_once(monkeypatch):
+    """Nothing trains the embeddings, final norm and head of a LoRA run: their compute copy is uploaded once for the
+    run, not before every step, and training is unchanged."""
+    from lightning_slide.engine import resident as resident_module
+
+    uploads = []
+    real = resident_module.copy_cast
+
+    def counting(dst, src, staging):
+        uploads.append(src.numel())
+        real(dst, src, staging)
+
+    monkeypatch.setattr(resident_module, "copy_cast", counting)
+    options = {"precision": "bf16-true", "accumulate": 1, "clip": None}
+    reference = plain("llama", **options)
+    ours = train("llama", lightning_slide.SlideFormerStrategy(window=2), **options)
+    for step, (a, b) in enumerate(zip(ours.losses, reference.losses, strict=True)):
+        assert abs(a - b) <= LOSS_TOLERANCE_BF16 * abs(b), f"loss {step}: {a} vs {b}"
+    resident = sum(p.numel() for n, p in ours.named_parameters() if ".layers." not in n)
+    assert STEPS > 1 and sum(uploads) == resident  # its pieces, once
 
 
 def test_frozen_layers_and_parts_of_layers_in_bf16():
@@ -177,7 +201,8 @@ def test_lora_with_a_host_compute_copy_uploads_the_same_values():
     for name, param in copied.named_parameters():
         assert torch.equal(param, theirs[name]), name
     layer_params = sum(p.numel() for n, p in copied.named_parameters() if ".layers." in n)
-    assert seen.host["compute copies"] == 2 * layer_params and seen.host["frozen weights"] == 0
+    resident = sum(p.numel() for n, p in copied.named_parameters() if ".layers." not in n)  # no compute copy there
+    assert seen.host["compute copies"] == 2 * layer_params and seen.host["frozen weights"] == 2 * resident
     for unit in seen.layers:
         assert unit.frozen.data_ptr() == unit.weights[unit.trainable_numel :].data_ptr()
 
