@@ -2,10 +2,11 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   levers3b + before_after   (~560 s) then peers3b (~540 s) then peers8b (~420 s); later: peers8b_rest, peers8b16,
+#   gil + levers3b + before_after   (~560 s) then peers3b (~540 s) then peers8b (~420 s); later: peers8b_rest, peers8b16,
 #   convergence, qwen14b, suite, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
+#   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parked_grads="auto",
 #                bf16 moments, device_layers="auto", both) against the tuned peers, side by side
 #   peers8b      8B batch 4: slideformer (defaults, parked_grads="auto", bf16 moments) against tuned FSDP offload
@@ -28,7 +29,7 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, hostadamw, peers3b, peers8b, peers8b_rest, peers8b16, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, peers3b, peers8b, peers8b_rest, peers8b16, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -45,6 +46,8 @@ case $stage in
   suite)
     SLIDE_TEST_ACCELERATOR=gpu timeout 400 python3 -m pytest -q --timeout 120 tests/core -p no:cacheprovider \
       > "$out/suite.log" 2>&1 ;;
+  gil)
+    timeout 120 python3 benchmarks/bench_gil.py > "$out/gil.log" 2>&1 ;;
   hostadamw)
     timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 > "$out/hostadamw.log" 2>&1 ;;
   peers3b)

@@ -1,0 +1,88 @@
+"""How long a thread waits to get the GIL back while another thread runs Python: slideformer's update thread takes
+the GIL back after every torch call it makes (a unit's update makes a few dozen), while the training thread runs the
+model's Python between short calls that launch the device's work.
+
+usage: python benchmarks/bench_gil.py [--holds 0,10,80,250,1000] [--switch 5,0.5]
+Prints, for each stretch of Python the busy thread runs between two short torch calls (µs, measured) and each
+``sys.setswitchinterval`` (ms), the mean time of one tiny torch call on the other thread (µs): the call itself costs
+a few µs; the rest is the wait for the GIL. The busy thread hands the GIL over at its calls only when the waiting one
+wins the race for it; CPython forces a hand-over after the switch interval only if no other thread took the GIL in
+between, which the busy thread itself does at each of its calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+
+import torch
+
+CALLS = 100  # tiny torch calls timed on the waiting thread per cell
+
+
+def python_for(iterations: int) -> None:
+    for _ in range(iterations):
+        pass
+
+
+def iterations_for(microseconds: float) -> int:
+    """Loop iterations of :func:`python_for` that take about ``microseconds``."""
+    start = time.perf_counter()
+    python_for(200_000)
+    per_iteration = (time.perf_counter() - start) / 200_000
+    return max(0, round(microseconds * 1e-6 / per_iteration))
+
+
+def wait_per_call(iterations: int, switch: float) -> float:
+    """Mean µs of one tiny torch call on a thread while another runs ``iterations`` of Python between its own calls."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(switch)
+    stop = threading.Event()
+
+    def busy() -> None:  # the training thread: Python, then a short call that releases the GIL
+        x = torch.zeros(64)
+        while not stop.is_set():
+            x.add_(1.0)
+            python_for(iterations)
+
+    result = []
+
+    def waiting() -> None:  # the update thread: torch calls, each taking the GIL back when it returns
+        y = torch.zeros(64)
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            y.add_(1.0)
+        result.append((time.perf_counter() - start) / CALLS * 1e6)
+
+    other = threading.Thread(target=busy)
+    other.start()
+    time.sleep(0.05)
+    worker = threading.Thread(target=waiting)
+    worker.start()
+    worker.join()
+    stop.set()
+    other.join()
+    sys.setswitchinterval(previous)
+    return result[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--holds", default="0,10,80,250,1000", help="µs of Python between the busy thread's calls")
+    parser.add_argument("--switch", default="5,0.5", help="sys.setswitchinterval values, ms")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    switches = [float(s) for s in args.switch.split(",")]
+    print(f"Python {sys.version.split()[0]}, torch {torch.__version__}; µs per tiny torch call on the waiting thread")
+    print("| Python between the busy thread's calls | " + " | ".join(f"switch {s:g} ms" for s in switches) + " |")
+    print("|---|" + "---|" * len(switches))
+    for hold in (float(h) for h in args.holds.split(",")):
+        iterations = iterations_for(hold)
+        cells = [f"{wait_per_call(iterations, s * 1e-3):,.1f}" for s in switches]
+        print(f"| {hold:g} µs | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
