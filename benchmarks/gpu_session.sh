@@ -14,8 +14,9 @@
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
 #   levers3b     3B batch 8, slideformer with host-side levers the host idle might answer to (BENCHMARKS.md): huge
-#                pages for host memory (+thp), 14 of 16 threads for the host AdamW (+threads14), a 0.5 ms GIL
-#                switch interval (+switch500); each row also says how long a thread waits for the GIL (GilProbe)
+#                pages for host memory (+thp), 14 of 16 threads for the host AdamW (+threads14), both; each row
+#                also says how long a thread waits for the GIL (GilProbe; +switchK, a shorter switch interval, did
+#                not help in bench_gil on the development VM)
 #   lora         the LoRA r=16 benchmark at the 8B shape against the full fine-tune
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
 #   qwen14b      a Qwen3-14B-shape model (random weights, the shipped tokenizer and data) trained for a few steps
@@ -66,7 +67,7 @@ case $stage in
       --systems gpu_compute,all_on_gpu,slideformer,slideformer+bf16moments > "$out/peers8b16.log" 2>&1 ;;
   levers3b)
     timeout 300 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB \
-      --timeout 150 --systems slideformer,slideformer+thp,slideformer+threads14,slideformer+switch500 \
+      --timeout 150 --systems slideformer,slideformer+thp,slideformer+threads14,slideformer+thp+threads14 \
       > "$out/levers3b.log" 2>&1 ;;
   lora)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB \
