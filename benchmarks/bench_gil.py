@@ -2,12 +2,16 @@
 the GIL back after every torch call it makes (a unit's update makes a few dozen), while the training thread runs the
 model's Python between short calls that launch the device's work.
 
-usage: python benchmarks/bench_gil.py [--holds 0,10,80,250,1000] [--switch 5,0.5]
+usage: python benchmarks/bench_gil.py [--holds 0,10,80,250,1000] [--switch 5,0.5] [--meta-seconds 3]
 Prints, for each stretch of Python the busy thread runs between two short torch calls (µs, measured) and each
 ``sys.setswitchinterval`` (ms), the mean time of one tiny torch call on the other thread (µs): the call itself costs
 a few µs; the rest is the wait for the GIL. The busy thread hands the GIL over at its calls only when the waiting one
 wins the race for it; CPython forces a hand-over after the switch interval only if no other thread took the GIL in
 between, which the busy thread itself does at each of its calls.
+
+Then the same wait while the busy thread runs what a training thread runs: forward and backward of four Llama-3.2-3B
+decoder layers (Hugging Face's code) on the meta device, where every op is dispatched but computes nothing, so the
+thread is all Python and dispatch, as when it launches a GPU's kernels (``bench_peers.GilProbe`` measures the wait).
 """
 
 from __future__ import annotations
@@ -68,10 +72,44 @@ def wait_per_call(iterations: int, switch: float) -> float:
     return result[0]
 
 
+def meta_layers_wait(seconds: float) -> dict:
+    """``GilProbe``'s GIL wait while this thread runs HF Llama layers' forward and backward on the meta device."""
+    from bench_peers import GilProbe
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        layers = [LlamaDecoderLayer(config, i).to(torch.bfloat16) for i in range(4)]
+        hidden = torch.randn(8, 1024, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(1024)[None]
+        rotary = LlamaRotaryEmbedding(config)(hidden, positions)
+
+    def step() -> None:
+        h = hidden
+        for layer in layers:
+            out = layer(h, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+            h = out[0] if isinstance(out, tuple) else out
+        h.sum().backward()
+
+    step()
+    probe = GilProbe()
+    since = end = time.perf_counter()
+    steps = 0
+    while end - since < seconds:
+        step()
+        steps += 1
+        end = time.perf_counter()
+    probe.stop()
+    return {"ms_per_step": 1e3 * (end - since) / steps, **probe.summary(since)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--holds", default="0,10,80,250,1000", help="µs of Python between the busy thread's calls")
     parser.add_argument("--switch", default="5,0.5", help="sys.setswitchinterval values, ms")
+    parser.add_argument("--meta-seconds", type=float, default=3.0, help="0: skip the meta-device layers")
     args = parser.parse_args()
     torch.set_num_threads(1)
     switches = [float(s) for s in args.switch.split(",")]
@@ -82,6 +120,13 @@ def main() -> None:
         iterations = iterations_for(hold)
         cells = [f"{wait_per_call(iterations, s * 1e-3):,.1f}" for s in switches]
         print(f"| {hold:g} µs | " + " | ".join(cells) + " |", flush=True)
+    if args.meta_seconds > 0:
+        found = meta_layers_wait(args.meta_seconds)
+        print(
+            f"4 Llama-3.2-3B layers, forward + backward on the meta device ({found['ms_per_step']:.1f} ms a pass, all "
+            f"Python and dispatch): a thread waits {found['gil_wait_ms_mean']:.3f} ms mean, "
+            f"{found['gil_wait_ms_p90']:.3f} ms p90 to get the GIL back"
+        )
 
 
 if __name__ == "__main__":
