@@ -75,12 +75,28 @@ class _Piece:
         return part.view(self.entry.shape) if self.stop - self.start == self.entry.numel else part
 
 
+@dataclass
+class _Span:
+    """``[start, stop)`` (unit offsets): consecutive parameters of one param group (cut at chunk boundaries), which
+    torch's optimizer steps as one flat tensor, ``master``. AdamW is elementwise: one tensor for several parameters
+    updates each as its own would be, in a few kernel calls per unit instead of a few per parameter (the update
+    thread takes the GIL back after each call, BENCHMARKS.md)."""
+
+    start: int
+    stop: int
+    master: torch.Tensor
+
+    def view(self, flat: torch.Tensor, base: int = 0) -> torch.Tensor:
+        return flat[self.start - base : self.stop - base]
+
+
 class UnitOptimizer:
     """The user's optimizer over one unit's trainable fp32 masters, grouped like the user's param groups.
 
     Its state lives in flat arrays (fp32, or the optimizer's ``state_dtype``) laid out like the unit's trainable
-    parameters (one per state name), which torch's optimizer sees as per-parameter views; they stay in memory, or
-    come from the disk tier (files of that dtype) for each step.
+    parameters (one per state name); torch's optimizer steps flat spans of the unit, each holding the consecutive
+    parameters of one group (``_Span``), and ``state_of`` gives each parameter's state as torch keeps it. The state
+    arrays stay in memory, or come from the disk tier (files of that dtype) for each step.
     The masters it steps are views of the unit's flat masters; when those live on disk, each step is handed the
     flat array read from the file and the views are pointed at it for that step (``.data``), then back at the
     unit's resting place (the mapped file).
@@ -93,9 +109,9 @@ class UnitOptimizer:
         master, grad: the flat fp32 buffers to step, laid out like the unit; default: the unit's host masters and
             gradient accumulator. Device buffers run torch's fused kernel on the device instead.
         state_in_memory: allocate the state arrays now and keep them; ``False``: each ``step`` is handed them.
-        chunk: cut the parameters at every ``chunk`` elements of the unit's gradient (from ``unit.grad_start``),
-            each part a tensor of its own for torch's optimizer, so that ``step(only=...)`` can update one chunk
-            at a time from a chunk-sized gradient buffer. Default ``None``: whole parameters.
+        chunk: cut the spans at every ``chunk`` elements of the unit's gradient (from ``unit.grad_start``), so
+            that ``step(only=...)`` can update one chunk at a time from a chunk-sized gradient buffer. Default
+            ``None``: no cuts.
     """
 
     def __init__(
@@ -111,28 +127,28 @@ class UnitOptimizer:
         self.unit = unit
         self._grad = grad  # None: the unit's (lent) host accumulator, looked up at every update
         master_flat = (unit.rest if unit.master is None else unit.master) if master is None else master
-        members: dict[int, list[torch.Tensor]] = {}
-        self._entries: list[tuple[_Piece, torch.Tensor]] = []  # (owned piece, master view) of optimized parameters
-        self._pieces: dict[int, list[tuple[_Piece, torch.Tensor]]] = {}  # id(parameter) -> its entries, in order
+        self._owned: dict[int, _Piece] = {}  # id(parameter) -> the part of it optimized here
+        runs: list[list[int]] = []  # [group, start, stop] of consecutive parameters of one group
         for entry in unit.trainable:
             group = group_of.get(id(entry.param))
             start = max(entry.offset, unit.grad_start)
             stop = min(entry.offset + entry.numel, unit.grad_stop)
             if group is None or start >= stop:
                 continue
-            cuts = (
-                [start, stop]
-                if chunk is None
-                else sorted(
-                    {start, stop, *range(unit.grad_start + -(-(start - unit.grad_start) // chunk) * chunk, stop, chunk)}
-                )
-            )
-            for lo, hi in zip(cuts, cuts[1:]):
-                piece = _Piece(entry, lo, hi)
-                master = piece.view(master_flat)
-                members.setdefault(group, []).append(master)
-                self._pieces.setdefault(id(entry.param), []).append((piece, master))
-                self._entries.append((piece, master))
+            self._owned[id(entry.param)] = _Piece(entry, start, stop)
+            if runs and runs[-1][0] == group and runs[-1][2] == start:
+                runs[-1][2] = stop
+            else:
+                runs.append([group, start, stop])
+        cuts = [] if chunk is None else list(range(unit.grad_start, unit.grad_stop, chunk))
+        members: dict[int, list[torch.Tensor]] = {}
+        self._spans: list[_Span] = []
+        for group, start, stop in runs:
+            bounds = sorted({start, stop, *(c for c in cuts if start < c < stop)})
+            for lo, hi in zip(bounds, bounds[1:]):
+                span = _Span(lo, hi, master_flat[lo:hi])
+                members.setdefault(group, []).append(span.master)
+                self._spans.append(span)
         self.group_indices = sorted(members)
         self.state_names = state_names(optimizer)
         self.state_dtype = state_dtype(optimizer)
@@ -143,8 +159,10 @@ class UnitOptimizer:
             groups = [{"params": members[g], **snapshot[g]} for g in self.group_indices]
             same_state = {"state_dtype": self.state_dtype} if isinstance(optimizer, optim.AdamW) else {}
             self.inner = type(optimizer)(groups, fused=True, **same_state)
-            for _, master in self._entries:  # the step count stays in memory whatever holds the moments
-                self.inner.state[master] = {"step": torch.zeros((), dtype=torch.float32, device=master.device)}
+            for span in self._spans:  # the step count stays in memory whatever holds the moments
+                self.inner.state[span.master] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=span.master.device)
+                }
             if state_in_memory:
                 self.state = self.empty_state(master_flat.device)
                 self._attach(self.state)
@@ -153,7 +171,7 @@ class UnitOptimizer:
     def steps_whole_gradient(self) -> bool:
         """Whether it optimizes every element of the unit's gradient (this rank's part): then the norm of the flat
         gradient is the norm over the parameters it steps."""
-        return sum(piece.stop - piece.start for piece, _ in self._entries) == self.unit.grad_numel
+        return sum(span.stop - span.start for span in self._spans) == self.unit.grad_numel
 
     def empty_state(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {
@@ -161,36 +179,35 @@ class UnitOptimizer:
         }
 
     def _attach(self, state: dict[str, torch.Tensor]) -> None:
-        """Point torch's per-parameter state at views of the flat arrays ``state``."""
+        """Point torch's per-tensor state at views of the flat arrays ``state``."""
         base = self.unit.grad_start
-        for piece, master in self._entries:
-            per_param = self.inner.state[master]
-            per_param.update({name: piece.view(state[name], base) for name in self.state_names})
+        for span in self._spans:
+            self.inner.state[span.master].update({name: span.view(state[name], base) for name in self.state_names})
 
     def _detach(self) -> None:
-        for _, master in self._entries:
-            step = self.inner.state[master]["step"]
-            self.inner.state[master] = {"step": step}
+        for span in self._spans:
+            step = self.inner.state[span.master]["step"]
+            self.inner.state[span.master] = {"step": step}
 
     def _point_masters(self, flat: torch.Tensor) -> None:
         """Make the master views this optimizer steps views of ``flat`` (a unit's masters read from disk)."""
-        for piece, master in self._entries:
-            master.data = piece.view(flat)
+        for span in self._spans:
+            span.master.data = span.view(flat)
 
     def bind(self, only: tuple[int, int, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Point each optimized master's ``.grad`` at its view of the current accumulator; returns those views.
-        ``only=(lo, hi, flat)``: only the parts in ``[lo, hi)`` of the unit (a chunk, see ``chunk``), at their view
+        """Point each span's ``.grad`` at its view of the current accumulator; returns those views.
+        ``only=(lo, hi, flat)``: only the spans in ``[lo, hi)`` of the unit (a chunk, see ``chunk``), at their view
         of ``flat``, the chunk's gradients; the others get none, so torch's optimizer leaves them alone."""
         if only is not None:
             lo, hi, flat = only
-            for piece, master in self._entries:
-                master.grad = piece.view(flat, lo) if lo <= piece.start and piece.stop <= hi else None
-            return [master.grad for _, master in self._entries if master.grad is not None]
+            for span in self._spans:
+                span.master.grad = span.view(flat, lo) if lo <= span.start and span.stop <= hi else None
+            return [span.master.grad for span in self._spans if span.master.grad is not None]
         flat = self.unit.grad if self._grad is None else self._grad
         grads = []
-        for piece, master in self._entries:
-            master.grad = piece.view(flat, self.unit.grad_start)
-            grads.append(master.grad)
+        for span in self._spans:
+            span.master.grad = span.view(flat, self.unit.grad_start)
+            grads.append(span.master.grad)
         return grads
 
     def step(
@@ -231,13 +248,20 @@ class UnitOptimizer:
                 self._detach()
             if master_flat is not None:
                 self._point_masters(self.unit.rest)
-            for _, master in self._entries:
-                master.grad = None  # the accumulator may be lent to another layer next
+            for span in self._spans:
+                span.master.grad = None  # the accumulator may be lent to another layer next
 
     def piece_of(self, param: torch.nn.Parameter) -> _Piece | None:
         """The part of ``param`` this optimizer steps, whole (``None``: none of it)."""
-        pieces = self._pieces.get(id(param))
-        return None if pieces is None else _Piece(pieces[0][0].entry, pieces[0][0].start, pieces[-1][0].stop)
+        return self._owned.get(id(param))
+
+    def _steps_of(self, piece: _Piece) -> list[torch.Tensor]:
+        """The step counts of the spans holding ``piece`` (equal: every span of a unit is stepped together)."""
+        return [
+            self.inner.state[span.master]["step"]
+            for span in self._spans
+            if span.start < piece.stop and piece.start < span.stop
+        ]
 
     def state_of(self, param: torch.nn.Parameter, state: dict[str, torch.Tensor] | None = None) -> dict | None:
         """``param``'s state as torch's optimizer keeps it (views); ``state``: the flat arrays, if not in memory."""
@@ -245,9 +269,8 @@ class UnitOptimizer:
         if piece is None or self.inner is None:
             return None
         flat = self.state if state is None else state
-        first = self._pieces[id(param)][0][1]  # every part of a parameter is stepped alike
         base = self.unit.grad_start
-        return {"step": self.inner.state[first]["step"], **{n: piece.view(flat[n], base) for n in self.state_names}}
+        return {"step": self._steps_of(piece)[0], **{n: piece.view(flat[n], base) for n in self.state_names}}
 
     def load_state_of(
         self, param: torch.nn.Parameter, saved: dict, state: dict[str, torch.Tensor] | None = None
@@ -263,8 +286,8 @@ class UnitOptimizer:
                 continue
             value = torch.as_tensor(value, dtype=torch.float32)
             if name == "step":
-                for _, master in self._pieces[id(param)]:
-                    self.inner.state[master]["step"].copy_(value)
+                for step in self._steps_of(piece):
+                    step.copy_(value)
                 continue
             if value.dim() and current[name].shape != value.shape:
                 value = value.reshape(-1)[piece.start - piece.entry.offset : piece.stop - piece.entry.offset]

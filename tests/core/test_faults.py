@@ -183,7 +183,8 @@ def test_a_failing_update_surfaces_with_its_traceback(monkeypatch, clip):
     step = UnitOptimizer.step
 
     def failing_step(self, *args, **kwargs):
-        if self.unit.name == "layer 2" and self.inner.state[self._entries[0][1]]["step"] >= 1:
+        first = self.inner.param_groups[0]["params"][0]  # torch's optimizer of the unit: its first tensor
+        if self.unit.name == "layer 2" and self.inner.state[first]["step"] >= 1:
             raise RuntimeError("injected update failure")
         return step(self, *args, **kwargs)
 
