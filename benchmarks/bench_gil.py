@@ -11,7 +11,9 @@ between, which the busy thread itself does at each of its calls.
 
 Then the same wait while the busy thread runs what a training thread runs: forward and backward of four Llama-3.2-3B
 decoder layers (Hugging Face's code) on the meta device, where every op is dispatched but computes nothing, so the
-thread is all Python and dispatch, as when it launches a GPU's kernels (``bench_peers.GilProbe`` measures the wait).
+thread is all Python and dispatch, as when it launches a GPU's kernels (``bench_peers.GilProbe`` measures the wait);
+and the engine's update of one small Llama layer (``UnitOptimizer.step``, torch's fused AdamW) on its own and beside
+such a training thread: the difference is what the GIL costs each unit's update.
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ def wait_per_call(iterations: int, switch: float) -> float:
     return result[0]
 
 
-def meta_layers_wait(seconds: float) -> dict:
-    """``GilProbe``'s GIL wait while this thread runs HF Llama layers' forward and backward on the meta device."""
-    from bench_peers import GilProbe
+def meta_training_step():
+    """A training thread's Python and dispatch: forward and backward of four Llama-3.2-3B decoder layers (Hugging
+    Face's code) on the meta device."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -94,6 +96,14 @@ def meta_layers_wait(seconds: float) -> dict:
         h.sum().backward()
 
     step()
+    return step
+
+
+def meta_layers_wait(seconds: float) -> dict:
+    """``GilProbe``'s GIL wait while this thread runs :func:`meta_training_step` again and again."""
+    from bench_peers import GilProbe
+
+    step = meta_training_step()
     probe = GilProbe()
     since = end = time.perf_counter()
     steps = 0
@@ -103,6 +113,52 @@ def meta_layers_wait(seconds: float) -> dict:
         end = time.perf_counter()
     probe.stop()
     return {"ms_per_step": 1e3 * (end - since) / steps, **probe.summary(since)}
+
+
+def unit_update_beside_training(updates: int = 200) -> tuple[float, float]:
+    """ms of one ``UnitOptimizer.step`` of a small Llama layer (hidden 256, weight decay on the matrices only),
+    alone and on a thread beside one running :func:`meta_training_step`."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_slide.engine.host import HostUnit
+    from lightning_slide.engine.optimizer import UnitOptimizer, hyperparameters
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2)
+    named = list(LlamaDecoderLayer(config, 0).named_parameters())
+    groups = [
+        {"params": [p for _, p in named if p.ndim == 2], "weight_decay": 0.1},
+        {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    user = torch.optim.AdamW(groups, lr=1e-3)
+    unit = HostUnit("layer 0", named)
+    optimizer = UnitOptimizer(unit, user, {id(p): g for g, group in enumerate(groups) for p in group["params"]})
+    unit.grad.normal_()
+    hyper = hyperparameters(user.param_groups)
+
+    def timed() -> float:
+        start = time.perf_counter()
+        for _ in range(updates):
+            optimizer.step(hyper, None, None)
+        return 1e3 * (time.perf_counter() - start) / updates
+
+    timed()
+    alone = timed()
+    step, stop, beside = meta_training_step(), threading.Event(), []
+
+    def training() -> None:
+        while not stop.is_set():
+            step()
+
+    busy = threading.Thread(target=training)
+    busy.start()
+    time.sleep(0.2)
+    worker = threading.Thread(target=lambda: beside.append(timed()))
+    worker.start()
+    worker.join()
+    stop.set()
+    busy.join()
+    return alone, beside[0]
 
 
 def main() -> None:
@@ -126,6 +182,11 @@ def main() -> None:
             f"4 Llama-3.2-3B layers, forward + backward on the meta device ({found['ms_per_step']:.1f} ms a pass, all "
             f"Python and dispatch): a thread waits {found['gil_wait_ms_mean']:.3f} ms mean, "
             f"{found['gil_wait_ms_p90']:.3f} ms p90 to get the GIL back"
+        )
+        alone, beside = unit_update_beside_training()
+        print(
+            f"UnitOptimizer.step of a small Llama layer (0.73M parameters): {alone:.2f} ms alone, {beside:.2f} ms "
+            "beside that training thread"
         )
 
 
