@@ -240,3 +240,38 @@ def test_busy_seconds_count_the_time_tasks_ran():
     worker.wait("slow")
     assert worker.busy_seconds >= 0.09 and worker.done("slow")
     worker.close()
+
+
+def test_consecutive_parameters_of_a_group_are_stepped_as_one_tensor():
+    """torch's optimizer gets one flat tensor per run of consecutive parameters of one group (fewer kernel calls,
+    and fewer returns of the update thread to the interpreter), while each parameter's state stays its own."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    named = list(LlamaDecoderLayer(config, 0).named_parameters())
+    plain = {n: p.detach().clone().requires_grad_() for n, p in named}
+    matrices, norms = [n for n, p in named if p.ndim == 2], [n for n, p in named if p.ndim < 2]
+    reference = torch.optim.AdamW(
+        [{"params": [plain[n] for n in matrices], "weight_decay": 0.1}, {"params": [plain[n] for n in norms]}]
+    )
+    groups = [
+        {"params": [p for n, p in named if n in matrices], "weight_decay": 0.1},
+        {"params": [p for n, p in named if n in norms]},
+    ]
+    user = torch.optim.AdamW(groups)
+    unit = HostUnit("layer 0", named)
+    optimizer = UnitOptimizer(unit, user, {id(p): g for g, group in enumerate(groups) for p in group["params"]})
+    assert [len(group["params"]) for group in optimizer.inner.param_groups] == [1, 1]  # the matrices, the norms
+    for step in range(3):
+        for entry, (name, _) in zip(unit.trainable, named):
+            plain[name].grad = torch.randn(entry.shape, generator=torch.Generator().manual_seed(step))
+            entry.view(unit.grad).copy_(plain[name].grad)
+        reference.step()
+        optimizer.step(hyperparameters(user.param_groups), None, None)
+    for name, param in named:
+        torch.testing.assert_close(param.detach(), plain[name].detach(), rtol=1e-6, atol=1e-7)
+        state = optimizer.state_of(param)
+        assert state["step"].item() == 3 and state["exp_avg"].shape == param.shape
+        torch.testing.assert_close(state["exp_avg_sq"], reference.state[plain[name]]["exp_avg_sq"])
