@@ -75,7 +75,7 @@ class _Piece:
         return part.view(self.entry.shape) if self.stop - self.start == self.entry.numel else part
 
 
-@dataclass
+@dataclass(eq=False)  # holds a tensor: compared by identity
 class _Span:
     """``[start, stop)`` (unit offsets): consecutive parameters of one param group (cut at chunk boundaries), which
     torch's optimizer steps as one flat tensor, ``master``. AdamW is elementwise: one tensor for several parameters
