@@ -4,7 +4,7 @@
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
 #   gil + levers3b + before_after   (~560 s) then peers3b (~540 s) then peers8b (~420 s); later: peers8b_rest, peers8b16,
 #   convergence, qwen14b, suite, lora, hostadamw.
-#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout
+#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (~6 min: a call of its own)
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
 #   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parked_grads="auto",
@@ -45,7 +45,7 @@ python3 -c "import torch, lightning, transformers; print(torch.__version__, ligh
 for stage in "$@"; do
 case $stage in
   suite)
-    SLIDE_TEST_ACCELERATOR=gpu timeout 400 python3 -m pytest -q --timeout 120 tests/core -p no:cacheprovider \
+    SLIDE_TEST_ACCELERATOR=gpu timeout 560 python3 -m pytest -q --timeout 120 tests/core -p no:cacheprovider \
       > "$out/suite.log" 2>&1 ;;
   gil)
     timeout 120 python3 benchmarks/bench_gil.py > "$out/gil.log" 2>&1 ;;
