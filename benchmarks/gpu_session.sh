@@ -2,9 +2,9 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   gil + levers3b + before_after   (~560 s) then peers3b (~540 s) then peers8b (~420 s); later: peers8b_rest, peers8b16,
-#   convergence, qwen14b, suite, lora, hostadamw.
-#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (~6 min: a call of its own)
+#   suite (~400 s, after engine changes) then gil + levers3b + before_after (~560 s) then peers3b (~540 s); later:
+#   peers8b, peers8b_rest, peers8b16, convergence, qwen14b, lora, hostadamw.
+#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
 #   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parked_grads="auto",
