@@ -361,7 +361,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    probe = GilProbe()
+    probe = GilProbe() if base == "slideformer" else None  # the peers run without the extra thread
     try:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=batch))
     except torch.OutOfMemoryError:
@@ -369,7 +369,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     except Exception as error:  # noqa: BLE001 - a peer that fails is a row of the table, not the end of the run
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}", "params": params}
     finally:
-        probe.stop()
+        if probe is not None:
+            probe.stop()
     if trainer.global_rank != 0:
         return None  # rank 0 reports
     timed = sorted(module.times[run["warmup"] :])
@@ -386,7 +387,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "optimizer": optimizer,
         **engine_seconds_per_step(module.engine_stats, skip=run["warmup"]),
-        **probe.summary(since=getattr(module, "timed_from", math.inf)),
+        **(probe.summary(since=getattr(module, "timed_from", math.inf)) if probe is not None else {}),
     }
 
 
