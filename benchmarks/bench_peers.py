@@ -220,8 +220,7 @@ def setup(system: str, args) -> dict:
     # "+parkK": parked_grads=K (layer gradients the GPU may hold while no host buffer is free),
     # "+devK": device_layers=K (the first K layers kept and updated on the GPU),
     # "+bf16moments": lightning_slide.optim.AdamW(state_dtype=torch.bfloat16) (bf16 Adam moments on the host),
-    # "+threadsK": torch.set_num_threads(K) in the run, "+thp": huge pages for host memory (any system; see main),
-    # "+switchK": sys.setswitchinterval(K microseconds) (how soon the update thread gets the GIL back; default 5000)
+    # "+threadsK": torch.set_num_threads(K) in the run, "+thp": huge pages for host memory (any system; see main)
     import lightning_slide
 
     buffers = [int(o[len("buffers") :]) for o in options if o.startswith("buffers")]
@@ -281,9 +280,6 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     threads = [int(o[len("threads") :]) for o in options if o.startswith("threads")]
     if threads:  # "+threadsK": K host threads for torch's CPU ops (the host AdamW), the rest left to the others
         torch.set_num_threads(threads[0])
-    switch = [int(o[len("switch") :]) for o in options if o.startswith("switch")]
-    if switch:  # "+switchK": the interpreter forces a GIL hand-over after K µs (a Python-busy training thread)
-        sys.setswitchinterval(switch[0] * 1e-6)
 
     from lightning_slide.engine.plan import parse_bytes
     from lightning_slide.kernels import apply_kernels

@@ -15,8 +15,7 @@
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
 #   levers3b     3B batch 8, slideformer with host-side levers the host idle might answer to (BENCHMARKS.md): huge
 #                pages for host memory (+thp), 14 of 16 threads for the host AdamW (+threads14), both; each row
-#                also says how long a thread waits for the GIL (GilProbe; +switchK, a shorter switch interval, did
-#                not help in bench_gil on the development VM)
+#                also says how long a thread waits for the GIL (GilProbe)
 #   lora         the LoRA r=16 benchmark at the 8B shape against the full fine-tune
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
 #   qwen14b      a Qwen3-14B-shape model (random weights, the shipped tokenizer and data) trained for a few steps
