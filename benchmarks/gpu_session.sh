@@ -7,9 +7,9 @@
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
 #   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
-#   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parked_grads="auto",
-#                bf16 moments, device_layers="auto", both) against the tuned peers, side by side
-#   peers8b      8B batch 4: slideformer (defaults, parked_grads="auto", bf16 moments) against tuned FSDP offload
+#   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parking off as
+#                it was the default before, bf16 moments, device_layers="auto", both) against the tuned peers
+#   peers8b      8B batch 4: slideformer (defaults, parking off, bf16 moments) against tuned FSDP offload
 #   peers8b_rest 8B batch 4, the other rows: device_layers="auto" (with bf16 moments), DeepSpeed, ZenFlow, all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
@@ -51,12 +51,12 @@ case $stage in
   hostadamw)
     timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 > "$out/hostadamw.log" 2>&1 ;;
   peers3b)
-    systems=all_on_gpu,slideformer,slideformer+parkauto,slideformer+bf16moments,slideformer+devauto
+    systems=all_on_gpu,slideformer,slideformer+park0,slideformer+bf16moments,slideformer+devauto
     systems=$systems,slideformer+devauto+bf16moments,fsdp_offload,deepspeed_offload,zenflow
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
-    systems=slideformer,slideformer+parkauto,slideformer+bf16moments,fsdp_offload
+    systems=slideformer,slideformer+park0,slideformer+bf16moments,fsdp_offload
     [ "$stage" = peers8b_rest ] \
       && systems=all_on_gpu,slideformer+devauto,slideformer+devauto+bf16moments,deepspeed_offload,zenflow
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \

@@ -21,9 +21,8 @@ from lightning_slide.engine.plan import (
     Settings,
     device_bytes,
     largest_batch,
-    largest_device_layers,
-    largest_parking,
     make_plan,
+    with_most_that_fit,
 )
 from lightning_slide.kernels import KERNEL_NAMES, active_kernels
 from lightning_slide.precision import planned_clipping
@@ -68,6 +67,7 @@ class RunPlan:
             moments_dtype=getattr(optimizer, "state_dtype", torch.float32),
         )
         self.plan: Plan | None = None  # the latest, also when refused (the numbers stay inspectable)
+        self.largest: tuple[int, int] | None = None  # the largest batch size and sequence length planned
 
     def check(
         self,
@@ -84,8 +84,16 @@ class RunPlan:
         is given), the host against ``tuning.host_memory`` or the memory available now plus what this process already
         holds that the plan counts (shared by the host's ranks), the disk against the free space under ``offload_dir``.
         """
-        strategy = self.strategy
         settings = self.settings if batch is None else dataclasses.replace(self.settings, batch=batch, seq=seq)
+        plan = self.plan = self.plan_of(module, engine, settings)
+        if plan.problems():
+            plan.suggested_batch = largest_batch(plan.shape, settings, plan.machine)
+            plan.check()
+        return plan
+
+    def plan_of(self, module: LightningModule, engine: SlidingEngine | None, settings: Settings) -> Plan:
+        """The plan of ``settings`` on this run's machine, as :meth:`check` counts it (not checked)."""
+        strategy = self.strategy
         host_memory = self.options.tuning.host_memory
         shape = ModelShape.of(module, self.options.blocks)
         limit = strategy.device_memory_limit()
@@ -99,32 +107,39 @@ class RunPlan:
             if host_memory is None:  # MemAvailable leaves out what this process already holds
                 machine.host_memory += _host_held(module, engine, plan) * strategy.num_processes
             machine.host_memory //= strategy.num_processes  # this host's ranks share it
-        self.plan = plan
-        if plan.problems():
-            plan.suggested_batch = largest_batch(shape, settings, machine)
-            plan.check()
         return plan
 
     def most_that_fit(self, option: str) -> int:
         """``parked_grads="auto"`` or ``device_layers="auto"`` (``option``): the most layers the latest plan (the
         first batch's) leaves room for, which the plan then counts; ``0`` when it does not know the batch or the GPU."""
-        plan = self.plan
-        if plan is None:
+        if self.plan is None:
             return 0
-        largest = {"parked_grads": largest_parking, "device_layers": largest_device_layers}[option]
-        most = largest(plan.shape, plan.settings, plan.machine) or 0
+        self.plan = with_most_that_fit(self.plan, option)
+        most = getattr(self.plan.settings, option)
         self.options = self.options.resolve(**{option: most})
         self.settings = dataclasses.replace(self.settings, **{option: most})
-        settings = dataclasses.replace(plan.settings, **{option: most})
-        self.plan = make_plan(plan.shape, settings, plan.machine, suggest=False)
         return most
 
     def check_first_batch(self, module: LightningModule, engine: SlidingEngine, batch: Any) -> None:
-        """Check the activations of the first training batch (later batches are not checked: a longer one runs
-        into the allocator's own out-of-memory error)."""
+        """Check the activations of the first training batch (later batches are not refused: a longer one that
+        cannot fit runs into the allocator's own out-of-memory error)."""
         size = batch_shape(batch)
         if size is not None:
+            self.largest = size
             self.check(module, engine, *size)
+
+    def parking_for(self, module: LightningModule, engine: SlidingEngine, batch: Any) -> int | None:
+        """``parked_grads="auto"`` after the first batch: when ``batch`` is larger in either dimension than every
+        batch before it, the most layers' gradients that may park beside its activations, which the plan then counts
+        (planned, never refused); ``None`` when it is not larger."""
+        size = batch_shape(batch)
+        if size is None or self.largest is None or all(n <= m for n, m in zip(size, self.largest)):
+            return None
+        self.largest = tuple(max(n, m) for n, m in zip(size, self.largest))
+        batch_size, seq = self.largest
+        settings = dataclasses.replace(self.settings, batch=batch_size, seq=seq, parked_grads=0)
+        self.plan = self.plan_of(module, engine, settings)
+        return self.most_that_fit("parked_grads")
 
 
 def _host_held(module: LightningModule, engine: SlidingEngine | None, plan: Plan) -> int:

@@ -75,7 +75,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
             ``True``.
         tuning: memory-for-speed choices the planner makes by default, same training whatever they say: a dict (or
             :class:`~lightning_slide.engine.options.Tuning`) of ``resident_optimizer``, ``host_weights``,
-            ``grad_buffers``, ``parked_grads``, ``host_memory``. Default ``None``: as the planner decides (no parking).
+            ``grad_buffers``, ``parked_grads``, ``host_memory``, ``device_layers``. Default ``None``: as the planner
+            decides.
         start_method: how the ranks start with several devices: ``"popen"`` (default), ``"spawn"``, ``"fork"``,
             ``"forkserver"`` (notebooks, tests). The backend follows the device: NCCL on GPUs, gloo on the CPU.
         timeout: how long a collective may wait for the other ranks before failing. Default 30 minutes.
@@ -303,7 +304,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
 
     def run_options(self, module: LightningModule) -> SlideOptions:
         """The options of a run on ``module``: :attr:`options` with what ``"auto"`` leaves to this device and model
-        decided (``SlideOptions.resolve``; ``parked_grads="auto"`` waits for the first training batch)."""
+        decided (``SlideOptions.resolve``; ``parked_grads="auto"`` waits for the training batches)."""
         resident = sum(p.numel() for _, p in find_parts(module, self.options.blocks).resident)
         return self.options.resolve(
             device=self.root_device,
@@ -375,19 +376,24 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         return getattr(super(), hook)(*args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch, run_plan = args[0] if args else kwargs.get("batch"), self._run_plan
         if not self._batch_checked:
             self._batch_checked = True
-            self._run_plan.check_first_batch(
-                self.lightning_module, self.engine, args[0] if args else kwargs.get("batch")
-            )
+            run_plan.check_first_batch(self.lightning_module, self.engine, batch)
             if self.options.tuning.device_layers == "auto":  # first: parking takes what memory they leave
-                kept = 0 if self._observers else self._run_plan.most_that_fit("device_layers")
+                kept = 0 if self._observers else run_plan.most_that_fit("device_layers")
                 self.engine.keep_on_device(kept)
                 rank_zero_info(f"slideformer: device_layers='auto' -> {kept} (the first batch's plan)")
             if self.options.tuning.parked_grads == "auto":
-                parked = self._run_plan.most_that_fit("parked_grads")
-                self.engine.add_parking(parked)
+                parked = run_plan.most_that_fit("parked_grads")
+                self.engine.set_parking(parked)
                 rank_zero_info(f"slideformer: parked_grads='auto' -> {parked} (the first batch's plan)")
+        elif self.options.tuning.parked_grads == "auto":  # a larger batch than any before: its activations first
+            before = run_plan.settings.parked_grads
+            parked = run_plan.parking_for(self.lightning_module, self.engine, batch)
+            if parked is not None and parked != before:
+                self.engine.set_parking(parked)
+                rank_zero_info(f"slideformer: parked_grads='auto' -> {parked} (a larger batch's plan)")
         return self._forward("training_step", *args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:

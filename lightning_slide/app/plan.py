@@ -24,7 +24,15 @@ from lightning_slide.app.errors import ModelDirError, SlideAppError
 from lightning_slide.app.module import CausalLMModule
 from lightning_slide.app.train import CONF, build_piece, target_of
 from lightning_slide.engine.options import KERNEL_NAMES, SlideOptions, parse_kernels
-from lightning_slide.engine.plan import Machine, ModelShape, Plan, Settings, make_plan, parse_bytes
+from lightning_slide.engine.plan import (
+    Machine,
+    ModelShape,
+    Plan,
+    Settings,
+    make_plan,
+    parse_bytes,
+    with_most_that_fit,
+)
 
 USAGE = """usage: slide-plan [group=option ...] [key=value ...]
 
@@ -185,6 +193,10 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     if machine.host_memory is not None and settings.ranks > 1:
         machine.host_memory //= settings.ranks  # the items are one rank's; the ranks share this host
     plan = make_plan(shape, settings, machine)
+    for option in ("device_layers", "parked_grads"):  # "auto" as the first batch decides it (layers kept first)
+        if getattr(strategy.tuning, option) == "auto":
+            plan = with_most_that_fit(plan, option)
+            plan.notes.append(f"tuning.{option}='auto' -> {getattr(plan.settings, option)} at this batch")
     if cfg.model.get("path") is None and cfg.model.get("config") is None:
         plan.notes.append("the model's shape comes from its config (model.expect): no model directory was read")
     if device == "cpu" and cfg.trainer.get("accelerator") != "cpu":

@@ -178,7 +178,7 @@ class SlidingEngine:
         )
         self.parking = Parking(self)  # layers' gradients held on the device for a host buffer (parked_grads)
         self.streamed_steps = 0  # optimizer steps whose updates streamed out of their backward, since construction
-        self.add_parking(parked_grads)
+        self.set_parking(parked_grads)
 
         self.device_layers = {i: DeviceUnit.layer(self, i) for i in range(on_device)}
         self.activations = ActivationOffload(self.device, self.streams) if offload_activations else None
@@ -458,10 +458,11 @@ class SlidingEngine:
         self._master_cache.flush()
 
     # ---------------------------------------------------------------- next forward: a load waits for its update
-    def add_parking(self, count: int) -> None:
-        """Let ``count`` more layers' gradients park on the device (``parked_grads``; allocated now)."""
+    def set_parking(self, count: int) -> None:
+        """Let ``count`` layers' gradients park on the device from now on (``parked_grads``): buffers added are
+        allocated now, buffers beyond it let go (a longer batch's activations need the room)."""
         check_count("parked_grads", count, minimum=0)
-        self.parking.add(count)
+        self.parking.resize(count)
 
     # ---------------------------------------------------------------- what user code between steps sees
     def show_grads(self) -> None:

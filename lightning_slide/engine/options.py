@@ -4,8 +4,8 @@
 it takes) and settles there whatever the options alone decide: the kernel names, what lives on disk,
 ``host_weights="auto"``, memory sizes in bytes. What needs the run is settled by :meth:`SlideOptions.resolve`:
 ``resident_optimizer="auto"`` (the device, the model and the GPU's memory, at setup) and ``parked_grads="auto"``
-(the first training batch's plan). Options that trade memory for speed without changing training are grouped in
-:class:`Tuning`; the planner (or a rule) picks each by default.
+(the plans of the first training batch and of larger ones). Options that trade memory for speed without changing
+training are grouped in :class:`Tuning`; the planner (or a rule) picks each by default.
 """
 
 from __future__ import annotations
@@ -101,9 +101,9 @@ class Tuning:
     ``"compute"`` when the masters are on disk, else ``"fp32"`` (decided when the options are built)."""
     grad_buffers: int | None = None
     """fp32 layer gradient buffers the host may hold while updates stream out of a backward; ``None``: window + 2."""
-    parked_grads: int | str = 0
-    """Layers' gradients the GPU may hold when no host buffer is free; ``"auto"``: as many as the first batch's plan
-    leaves room for (decided then); ``0``: none."""
+    parked_grads: int | str = "auto"
+    """Layers' gradients the GPU may hold when no host buffer is free; ``"auto"``: as many as the plan of the largest
+    batch so far leaves room for (decided at the first, fewer at a larger one); ``0``: none."""
     host_memory: int | str | None = None
     """Host memory the plan may count on (``"240GiB"``; bytes once built); ``None``: what the OS reports available."""
     device_layers: int | str = 0

@@ -35,6 +35,7 @@ class Parking:
         self.parked: dict[int, tuple[torch.Tensor, object, tuple | None]] = {}
         self.stream = self.staging = None
         self.total = 0  # layers whose gradients were parked, since construction
+        self.capacity = 0  # buffers kept, free or holding a parked layer (more may be held until they go down)
 
     def __contains__(self, index: int) -> bool:
         return index in self.parked
@@ -42,8 +43,9 @@ class Parking:
     def __bool__(self) -> bool:
         return bool(self.parked)
 
-    def add(self, count: int) -> None:
-        """Let ``count`` more layers' gradients park (allocated now)."""
+    def resize(self, count: int) -> None:
+        """Keep ``count`` buffers from now on. More are allocated now; beyond it, free ones go now and those holding
+        parked gradients once these have gone down (a longer batch's activations need their memory)."""
         engine = self.engine
         if count and self.stream is None and engine.device.type == "cuda":
             # Parked gradients go down on their own stream (and staging): the download stream runs as far behind
@@ -52,10 +54,28 @@ class Parking:
             self.stream = torch.cuda.Stream(engine.device)
             if engine.download_staging is not None:
                 self.staging = torch.empty_like(engine.download_staging)
+        held = len(self.free) + len(self.parked)
         self.free += [
             (torch.empty(engine.loans.pool.numel, dtype=engine.compute_dtype, device=engine.device), None)
-            for _ in range(count)
+            for _ in range(count - held)
         ]
+        self.capacity = count
+        while self.free and len(self.free) + len(self.parked) > count:
+            self._let_go(self.free.pop()[1])
+
+    def _give_back(self, buffer: torch.Tensor, event) -> None:
+        """``buffer`` is free once ``event`` has happened: kept for the next park, or let go beyond ``capacity``."""
+        if len(self.free) + len(self.parked) < self.capacity:
+            self.free.append((buffer, event))
+        else:
+            self._let_go(event)
+
+    @staticmethod
+    def _let_go(event) -> None:
+        """Before a buffer's memory goes back to the allocator, which may hand it to the compute stream at once: the
+        copies that read or wrote it on other streams (up to ``event``) must be done. Rare: a longer batch only."""
+        if event is not None:
+            event.synchronize()
 
     def wants(self, unit: HostUnit, key) -> bool:
         """Whether the first micro-batch's gradients of layer ``key``, about to go down, park instead. While updates
@@ -98,7 +118,7 @@ class Parking:
         """Forget the layers whose step gave no update (it was skipped): their buffers are free again."""
         for index in [i for i, (_, _, update) in self.parked.items() if update is None]:
             buffer, landed, _ = self.parked.pop(index)
-            self.free.append((buffer, landed))
+            self._give_back(buffer, landed)
 
     def unpark(self, index: int) -> None:
         """Send layer ``index``'s parked gradients down into a host buffer (waiting for one) and queue its update."""
@@ -111,7 +131,7 @@ class Parking:
             copy_cast(unit.grad, buffer[: unit.grad_numel], self.staging)
             unit.grad_empty = False
             unit.grad_event = engine.streams.record()
-        self.free.append((buffer, unit.grad_event))
+        self._give_back(buffer, unit.grad_event)
         engine.updates.submit(index, *update, ready=unit.grad_event)
         if engine.mode.streaming is None:  # after the backward: the next forward's order, this update among the first
             engine.updates.prefer_forward_order()

@@ -74,6 +74,7 @@ __all__ = [
     "make_plan",
     "parse_bytes",
     "step_times",
+    "with_most_that_fit",
 ]
 
 # Suggestions leave this share of the GPU for the allocator's fragmentation and whatever the model adds.
@@ -336,6 +337,18 @@ def largest_device_layers(shape: ModelShape, s: Settings, m: Machine, margin: fl
         return None
     fitting = [k for k in range(shape.layers) if _fits(shape, dataclasses.replace(s, device_layers=k), m, margin)]
     return fitting[-1] if fitting else None
+
+
+def with_most_that_fit(plan: Plan, option: str) -> Plan:
+    """``plan`` with ``option`` (``"parked_grads"`` or ``"device_layers"``) set to the most layers it leaves room
+    for, as ``"auto"`` decides it: ``0`` when the GPU or the batch is unknown. Its suggestions are kept."""
+    largest = {"parked_grads": largest_parking, "device_layers": largest_device_layers}[option]
+    most = largest(plan.shape, plan.settings, plan.machine) or 0
+    decided = make_plan(plan.shape, dataclasses.replace(plan.settings, **{option: most}), plan.machine, suggest=False)
+    for name in ("suggested_batch", "suggested_window", "suggested_parked_grads", "suggested_device_layers"):
+        setattr(decided, name, getattr(plan, name))
+    decided.fitting, decided.searched, decided.notes = plan.fitting, plan.searched, list(plan.notes)
+    return decided
 
 
 def make_plan(shape: ModelShape, settings: Settings, machine: Machine | None = None, *, suggest: bool = True) -> Plan:

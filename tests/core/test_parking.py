@@ -9,10 +9,11 @@ import time
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import lightning_slide
 from lightning_slide.engine.optimizer import UnitOptimizer
-from tests.core.tiny import ACCELERATOR, TinyLM, batches, initial_state, trainer
+from tests.core.tiny import ACCELERATOR, VOCAB, TinyLM, batches, initial_state, trainer
 
 STEPS = 6
 
@@ -92,29 +93,45 @@ def test_parked_grads_option_is_validated():
 
 
 class _Pool(L.Callback):
-    """The most host gradient buffers the engine ever allocated."""
+    """The most host gradient buffers the engine ever allocated, and the layers the plan let park at each step."""
+
+    def __init__(self):
+        self.planned = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.planned.append(trainer.strategy.plan.settings.parked_grads)
 
     def on_train_end(self, trainer, module):
         self.allocated = trainer.strategy.engine.loans.pool.allocated
         self.parked = trainer.strategy.engine.stats()["parked_layers"]
 
 
-def _held_step_run(parked, nonfinite="error", limit=None):
+def _held_step_run(parked, nonfinite="error", limit=None, data=None, clip=0.05, grad_buffers=2):
     """llama_deep trained with updates that wait for the end of backward: clipping by norm, or nonfinite="skip"."""
     torch.manual_seed(123)
     module = TinyLM("llama_deep", initial_state("llama_deep"))
     pool = _Pool()
-    strategy = lightning_slide.SlideFormerStrategy(
-        window=2, tuning=dict(grad_buffers=2, parked_grads=parked), nonfinite=nonfinite, gpu_memory_limit=limit
-    )
+    tuning = dict(grad_buffers=grad_buffers, parked_grads=parked)
+    strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=tuning, nonfinite=nonfinite, gpu_memory_limit=limit)
     trainer(
         strategy,
         max_steps=STEPS,
         accumulate_grad_batches=1,
         callbacks=[pool],
-        gradient_clip_val=0.05 if nonfinite == "error" else None,
-    ).fit(module, batches(STEPS))
+        gradient_clip_val=clip if nonfinite == "error" else None,
+    ).fit(module, data or batches(STEPS))
     return module, pool, strategy
+
+
+def _growing_batches(short: int = 3) -> DataLoader:
+    """``short`` batches of 16 tokens, then longer ones of 64 (padding to each batch's longest does this)."""
+    generator = torch.Generator().manual_seed(5)
+    rows = []
+    for step in range(STEPS):
+        seq = 16 if step < short else 64
+        start = torch.randint(0, VOCAB, (2, 1), generator=generator)
+        rows.append(((start + torch.arange(seq)) % VOCAB,))
+    return DataLoader(rows, batch_size=None)
 
 
 @pytest.mark.parametrize("nonfinite", ["error", "skip"])
@@ -147,3 +164,44 @@ def test_auto_parks_as_many_as_the_first_batch_plan_allows():
     layer = plan.gpu["parked layer gradients"] // 24
     _, tight_pool, tight_strategy = _held_step_run("auto", limit=str(int((fixed + 3.5 * layer) / 0.9)))
     assert tight_strategy.plan.settings.parked_grads == 3 and tight_pool.parked == 3 * STEPS
+
+
+def _tight_limit(run) -> str:
+    """A GPU limit at which the plan of the 64-token batches leaves room for 3 parked layers (none too many)."""
+    plan = run.plan
+    fixed = sum(v for k, v in plan.gpu.items() if k != "parked layer gradients")
+    layer = plan.gpu["parked layer gradients"] // plan.settings.parked_grads
+    return str(int((fixed + 3.5 * layer) / 0.9))
+
+
+@pytest.mark.skipif(ACCELERATOR != "cpu", reason="a GPU's caching allocator reserves more than this tiny plan")
+def test_auto_parks_fewer_when_a_larger_batch_comes_and_trains_the_same():
+    """Padding each batch to its longest makes later batches longer than the first: "auto" plans each larger
+    batch and lets buffers go so that its activations fit. Training is unchanged."""
+    _, _, roomy = _held_step_run("auto", limit="1GiB", data=_growing_batches())
+    assert roomy.plan.settings.parked_grads == 24 and roomy.plan.settings.seq == 64
+    limit = _tight_limit(roomy)
+    held, _, _ = _held_step_run(0, limit=limit, data=_growing_batches())
+    parked, pool, _ = _held_step_run("auto", limit=limit, data=_growing_batches())
+    short = pool.planned[0]
+    assert short > 3 and pool.planned == [short] * 3 + [3] * 3  # each step parks as many as it may
+    assert pool.parked == 3 * short + 3 * 3
+    assert held.losses == parked.losses
+    theirs = dict(held.named_parameters())
+    for name, param in parked.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+
+
+@pytest.mark.skipif(ACCELERATOR != "cpu", reason="a GPU's caching allocator reserves more than this tiny plan")
+def test_parked_layers_beyond_a_smaller_parking_go_down_and_train_the_same(slow_host):
+    """While updates stream, layers still parked when a larger batch shrinks the parking keep their buffers until
+    they go down; the backward parks only into buffers that are kept. Bit for bit as without parking."""
+    _, _, roomy = _held_step_run("auto", limit="1GiB", data=_growing_batches(), clip=None, grad_buffers=1)
+    limit = _tight_limit(roomy)
+    waited, _, _ = _held_step_run(0, limit=limit, data=_growing_batches(), clip=None, grad_buffers=1)
+    parked, pool, _ = _held_step_run("auto", limit=limit, data=_growing_batches(), clip=None, grad_buffers=1)
+    assert pool.parked > 0 and pool.planned[0] > 3 and pool.planned[-1] == 3
+    assert waited.losses == parked.losses
+    theirs = dict(waited.named_parameters())
+    for name, param in parked.named_parameters():
+        assert torch.equal(param, theirs[name]), name
