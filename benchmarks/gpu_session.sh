@@ -24,7 +24,8 @@
 #                and disk use
 #   before_after the engine before its split (commit 4c29062, unpacked into before/ here:
 #                git archive 4c29062 lightning_slide | tar -x -C before) against now, at $BEFORE_AFTER_SHAPES
-#                (default 8B batch 4: the 3B batch-8 pair is in BENCHMARKS.md)
+#                (default 8B batch 4: the 3B batch-8 pair is in BENCHMARKS.md), both without parking (the
+#                default then; "auto" since)
 # From the device tool: run(command="bash benchmarks/gpu_session.sh peers3b", carry=[".whl", "before"]), with .whl/
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
@@ -89,7 +90,7 @@ case $stage in
     for code in before now; do
       path=$PWD; [ "$code" = before ] && path=$PWD/before
       PYTHONPATH="$PWD/.site:$path" timeout 280 python3 benchmarks/bench_peers.py --timeout 250 \
-        --shapes "${BEFORE_AFTER_SHAPES:-llama3_1_8b:4}" --steps 3 --cap 24GiB --systems slideformer \
+        --shapes "${BEFORE_AFTER_SHAPES:-llama3_1_8b:4}" --steps 3 --cap 24GiB --systems slideformer+park0 \
         >> "$out/before_after.log" 2>&1
       echo "^^^ $code" >> "$out/before_after.log"
     done ;;
