@@ -221,8 +221,9 @@ def test_offload_options_are_validated(tmp_path):
 
 
 @pytest.mark.timeout(120)  # a deadlock between reordered updates and their reads would hang here
-@pytest.mark.parametrize("grad_buffers", [None, 1])
-def test_slow_host_with_everything_on_disk_streams_reordered_updates(tmp_path, grad_buffers):
+@pytest.mark.parametrize("grad_buffers, parked, clip", [(None, 0, None), (1, 0, None), (1, 2, None), (1, 2, 0.5)])
+def test_slow_host_with_everything_on_disk_streams_reordered_updates(tmp_path, grad_buffers, parked, clip):
+    """Also with parked gradients: streamed (no clipping), or held until the norm (clipping by norm)."""
     import time
 
     class SlowHost(L.Callback):
@@ -236,11 +237,15 @@ def test_slow_host_with_everything_on_disk_streams_reordered_updates(tmp_path, g
 
             engine.updates.run = slow_update
 
-    plain = _fit("auto", clip=None, accumulate=1, steps=4)
-    strategy = lightning_slide.SlideFormerStrategy(
-        window=1, offload_dir=str(tmp_path), offload="both", tuning=dict(grad_buffers=grad_buffers)
-    )
-    ours = _fit(strategy, clip=None, accumulate=1, steps=4, callbacks=[SlowHost()])
+        def on_train_end(self, trainer, pl_module):
+            self.parked = trainer.strategy.engine.stats()["parked_layers"]
+
+    plain = _fit("auto", clip=clip, accumulate=1, steps=4)
+    tuning = dict(grad_buffers=grad_buffers, parked_grads=parked)
+    strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(tmp_path), offload="both", tuning=tuning)
+    slow = SlowHost()
+    ours = _fit(strategy, clip=clip, accumulate=1, steps=4, callbacks=[slow])
+    assert (slow.parked > 0) == (parked > 0)
     assert ours.losses == pytest.approx(plain.losses, rel=1e-5)
     theirs = dict(plain.named_parameters())
     for name, param in ours.named_parameters():
