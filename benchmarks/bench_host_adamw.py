@@ -1,5 +1,7 @@
 """Host AdamW rate (G params/s) of torch's fused CPU kernel, from the main thread and from a worker thread, and of
 ``lightning_slide.optim.AdamW`` with bf16 moments (its C++ host loop) from a worker thread, as the engine runs it.
+Then clipping by norm, fp32 on the worker: the gradients scaled in a pass of their own before the kernel, against
+the scale folded into the kernel's pass (its ``grad_scale``, as the engine does).
 
 usage: python benchmarks/bench_host_adamw.py [--numel 110e6] [--threads 4,8,16]
 The host optimizer is the step's binding term for large models; this says what the machine gives.
@@ -16,14 +18,20 @@ import torch
 from lightning_slide.optim import AdamW
 
 
-def rate(numel: int, pin: bool, repeats: int = 5, moments: torch.dtype = torch.float32) -> float:
+def rate(numel: int, pin: bool, repeats: int = 5, moments: torch.dtype = torch.float32, clip: str = "") -> float:
+    """``clip``: ``"pass"`` scales the gradients by a clip coefficient first, ``"folded"`` hands its inverse to the
+    fused kernel as ``grad_scale``; ``""``: no clipping."""
     param = torch.zeros(numel, pin_memory=pin and torch.cuda.is_available())
     param.grad = torch.randn(numel)
     fused = True if moments == torch.float32 else None
     optimizer = AdamW([param], lr=1e-4, fused=fused, state_dtype=moments)  # fp32: torch.optim.AdamW itself
     optimizer.step()
+    coefficient = torch.tensor(0.5)
     start = time.perf_counter()
     for _ in range(repeats):
+        if clip == "pass":
+            param.grad.mul_(coefficient)
+        optimizer.grad_scale = 1 / coefficient if clip == "folded" else None
         optimizer.step()
     return numel * repeats / (time.perf_counter() - start) / 1e9
 
@@ -40,6 +48,7 @@ def main() -> None:
     )
     print("| threads | main thread | worker thread | worker, pinned | bf16 moments, worker, pinned | bf16 / fp32 |")
     print("|---|---|---|---|---|---|")
+    clipped = {}
     with ThreadPoolExecutor(1) as pool:
         for threads in map(int, args.threads.split(",")):
             torch.set_num_threads(threads)
@@ -54,6 +63,15 @@ def main() -> None:
                 f"{bf16_rate / pinned_rate:.2f} |",
                 flush=True,
             )
+            clipped[threads] = [
+                pool.submit(lambda t=threads, c=c: (torch.set_num_threads(t), rate(numel, True, clip=c))[1]).result()
+                for c in ("pass", "folded")
+            ]
+    print("\nclipping by norm, fp32, worker, pinned:")
+    print("| threads | scaled in a pass of its own | folded into the kernel (grad_scale) | folded / own pass |")
+    print("|---|---|---|---|")
+    for threads, (own, folded) in clipped.items():
+        print(f"| {threads} | {own:.2f} | {folded:.2f} | {folded / own:.2f} |")
 
 
 if __name__ == "__main__":

@@ -227,7 +227,13 @@ class UnitOptimizer:
         master_flat = state.get("master")
         moments = self.state is None and all(name in state for name in self.state_names)
         grads = self.bind(only)
-        if clip_coefficient is not None:
+        # torch's fused kernels divide each gradient by ``grad_scale`` in their own pass over it (the protocol of
+        # GradScaler): clipping by norm then costs no pass of its own over the host's memory.
+        folded = clip_coefficient is not None and clip_value is None
+        folded = folded and getattr(self.inner, "_step_supports_amp_scaling", False)
+        if folded:
+            self.inner.grad_scale = 1.0 / clip_coefficient
+        elif clip_coefficient is not None:
             for grad in grads:
                 grad.mul_(clip_coefficient)
         if clip_value is not None:
@@ -244,6 +250,8 @@ class UnitOptimizer:
         try:
             self.inner.step()
         finally:
+            if folded:
+                self.inner.grad_scale = None
             if moments:
                 self._detach()
             if master_flat is not None:

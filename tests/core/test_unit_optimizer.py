@@ -164,6 +164,30 @@ def test_a_clip_coefficient_scales_the_gradients_as_clip_grad_norm_does(coeffici
     assert grads
 
 
+def test_clipping_by_norm_is_folded_into_the_fused_kernel_pass():
+    """The clip coefficient reaches torch's fused AdamW as its ``grad_scale`` (the kernel divides by it as it reads
+    each gradient) instead of a pass of its own over the gradients: the host's update is memory-bound."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append((func.overloadpacket.__name__, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    pair = Pair(weight_decay=0.1)
+    pair.set_grads(0)
+    with Ops() as ops:
+        pair.optimizer.step(hyperparameters(pair.user.param_groups), torch.tensor(0.25), None)
+    names = [name for name, _ in ops.seen]
+    assert "mul_" not in names and "_fused_adamw_" in names
+    fused = next(kwargs for name, kwargs in ops.seen if name == "_fused_adamw_")
+    assert fused["grad_scale"].item() == 4.0 and pair.optimizer.inner.grad_scale is None  # for this step only
+
+
 def test_a_clip_value_clamps_every_gradient_element():
     pair = Pair(weight_decay=0.1)
     for step in range(STEPS):
