@@ -1,7 +1,7 @@
 """Host AdamW rate (G params/s) of torch's fused CPU kernel, from the main thread and from a worker thread, and of
 ``lightning_slide.optim.AdamW`` with bf16 moments (its C++ host loop) from a worker thread, as the engine runs it.
-Then clipping by norm, fp32 on the worker: the gradients scaled in a pass of their own before the kernel, against
-the scale folded into the kernel's pass (its ``grad_scale``, as the engine does).
+Then clipping by norm on the worker: the gradients scaled in a pass of their own before the kernel, against the
+scale folded into the kernel's pass (its ``grad_scale``, as the engine does), with fp32 and with bf16 moments.
 
 usage: python benchmarks/bench_host_adamw.py [--numel 110e6] [--threads 4,8,16]
 The host optimizer is the step's binding term for large models; this says what the machine gives.
@@ -64,14 +64,20 @@ def main() -> None:
                 flush=True,
             )
             clipped[threads] = [
-                pool.submit(lambda t=threads, c=c: (torch.set_num_threads(t), rate(numel, True, clip=c))[1]).result()
+                pool.submit(
+                    lambda t=threads, c=c, m=m: (torch.set_num_threads(t), rate(numel, True, moments=m, clip=c))[1]
+                ).result()
+                for m in (torch.float32, torch.bfloat16)
                 for c in ("pass", "folded")
             ]
-    print("\nclipping by norm, fp32, worker, pinned:")
-    print("| threads | scaled in a pass of its own | folded into the kernel (grad_scale) | folded / own pass |")
-    print("|---|---|---|---|")
-    for threads, (own, folded) in clipped.items():
-        print(f"| {threads} | {own:.2f} | {folded:.2f} | {folded / own:.2f} |")
+    print("\nclipping by norm, worker, pinned: the gradients scaled in a pass of their own, or folded into the kernel")
+    print("| threads | fp32: own pass | fp32: folded | folded / own | bf16 moments: own pass | folded | folded / own |")
+    print("|---|---|---|---|---|---|---|")
+    for threads, (own, folded, own16, folded16) in clipped.items():
+        print(
+            f"| {threads} | {own:.2f} | {folded:.2f} | {folded / own:.2f} | {own16:.2f} | {folded16:.2f} | "
+            f"{folded16 / own16:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ def _adamw_update(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, hyper: torch.Tensor
 ) -> None:
     """One AdamW update of flat ``param`` in fp32, the moments read from and rounded back to their own dtype.
-    ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2), sign]``
-    (``sign`` -1 maximizes). Tensors, not Python numbers: a changed learning rate does not recompile."""
-    lr, beta1, beta2, eps, decay, bias1, bias2_sqrt, sign = hyper.unbind()
-    grad = grad.float() * sign
+    ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2), factor]``:
+    each gradient is multiplied by ``factor`` as it is read (its sign maximizes; GradScaler's ``1 / grad_scale``).
+    Tensors, not Python numbers: a changed learning rate does not recompile."""
+    lr, beta1, beta2, eps, decay, bias1, bias2_sqrt, factor = hyper.unbind()
+    grad = grad.float() * factor
     exp_avg32 = exp_avg.float().lerp(grad, 1 - beta1)
     exp_avg_sq32 = exp_avg_sq.float() * beta2 + grad * grad * (1 - beta2)
     denom = exp_avg_sq32.sqrt() / bias2_sqrt + eps
@@ -139,7 +140,9 @@ class AdamW(torch.optim.AdamW):
             ``torch.float32``: exactly ``torch.optim.AdamW`` (its fused kernel where it has one).
         fused, foreach: ``torch.optim.AdamW``'s, used with ``state_dtype=torch.float32`` only.
 
-    ``amsgrad``, ``capturable`` and ``differentiable`` are not offered with bf16 moments.
+    ``amsgrad``, ``capturable`` and ``differentiable`` are not offered with bf16 moments. As torch's fused kernels
+    it takes ``grad_scale`` and ``found_inf`` from ``torch.amp.GradScaler`` (the gradients are unscaled as the kernel
+    reads them; a step with inf/NaN gradients is skipped), which also clips by norm without a pass of its own.
     """
 
     def __init__(
@@ -169,6 +172,8 @@ class AdamW(torch.optim.AdamW):
             fused=None if low else fused,
             foreach=None if low else foreach,
         )
+        if low:
+            self._step_supports_amp_scaling = True  # GradScaler hands grad_scale and found_inf to step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -178,6 +183,10 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf):
+            return loss  # GradScaler found inf/NaN gradients: no update, no step counted (as torch's fused kernels)
+        factor = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             made: dict[tuple, torch.Tensor] = {}  # one hyperparameter tensor per step count and device (uploaded once)
@@ -205,7 +214,7 @@ class AdamW(torch.optim.AdamW):
                             group["weight_decay"],
                             1 - beta1**step,
                             math.sqrt(1 - beta2**step),
-                            -1.0 if group["maximize"] else 1.0,
+                            -factor if group["maximize"] else factor,
                         ],
                         dtype=torch.float32,
                         device=param.device,

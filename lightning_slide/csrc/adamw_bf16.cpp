@@ -31,7 +31,7 @@ inline void store(float* data, int64_t i, float value) { data[i] = value; }
 inline void store(uint16_t* data, int64_t i, float value) { data[i] = narrow(value); }
 
 struct Scalars {  // as the eager ops compute them, in fp32
-  float weight, rest, new_share, beta2, eps, bias2_sqrt, keep, step, sign;
+  float weight, rest, new_share, beta2, eps, bias2_sqrt, keep, step, factor;
   bool small;  // torch's lerp takes the side of the smaller weight
 };
 
@@ -40,9 +40,9 @@ void update_range(P* __restrict param, const G* __restrict grad, uint16_t* __res
                   uint16_t* __restrict exp_avg_sq, int64_t begin, int64_t end, const Scalars s) {
   // Locals and restrict pointers: the stores cannot alias them, so the compiler vectorizes the loop.
   const float weight = s.weight, rest = s.rest, new_share = s.new_share, beta2 = s.beta2, eps = s.eps;
-  const float bias2_sqrt = s.bias2_sqrt, keep = s.keep, step = s.step, sign = s.sign;
+  const float bias2_sqrt = s.bias2_sqrt, keep = s.keep, step = s.step, factor = s.factor;
   for (int64_t i = begin; i < end; ++i) {
-    const float g = load(grad, i) * sign;
+    const float g = load(grad, i) * factor;
     const float m_old = widen(exp_avg[i]);
     const float diff = g - m_old;
     const float m = Small ? m_old + weight * diff : g - diff * rest;
@@ -56,7 +56,7 @@ void update_range(P* __restrict param, const G* __restrict grad, uint16_t* __res
 
 template <typename P, typename G>
 void update(P* param, const G* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq, int64_t numel, const float* hyper) {
-  // hyper: lr, beta1, beta2, eps, decay, bias1, sqrt(bias2), sign
+  // hyper: lr, beta1, beta2, eps, decay, bias1, sqrt(bias2), factor (each gradient's: sign and unscaling)
   const float lr = hyper[0], beta1 = hyper[1], decay = hyper[4], bias1 = hyper[5];
   Scalars s;
   s.weight = 1.0f - beta1;
@@ -67,7 +67,7 @@ void update(P* param, const G* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq, in
   s.bias2_sqrt = hyper[6];
   s.keep = 1.0f - lr * decay;
   s.step = lr / bias1;
-  s.sign = hyper[7];
+  s.factor = hyper[7];
   s.small = std::abs(s.weight) < 0.5f;
   at::parallel_for(0, numel, 1 << 14, [=](int64_t begin, int64_t end) {
     if (s.small) {

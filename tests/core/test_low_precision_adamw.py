@@ -53,6 +53,26 @@ def test_maximize_ascends():
     assert torch.allclose((up - start * (1 - 1e-3)), -(down - start * (1 - 1e-3)), atol=1e-6)
 
 
+def test_grad_scale_and_found_inf_as_torch_amp_gradscaler_hands_them():
+    """As torch's fused kernels take them: the gradients are divided by ``grad_scale`` as they are read, and a step
+    whose gradients had inf/NaN (``found_inf``) changes nothing, not even the step count."""
+    scaled, plain = (torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(3))) for _ in "ab")
+    opts = [optim.AdamW([p], lr=1e-2) for p in (scaled, plain)]
+    assert opts[0]._step_supports_amp_scaling  # what GradScaler.step looks for
+    for step in range(3):
+        grad = torch.randn(300, generator=torch.Generator().manual_seed(step))
+        scaled.grad, plain.grad = grad * 1024, grad.clone()  # a power of two: the unscaled gradients are exact
+        opts[0].grad_scale, opts[0].found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+        opts[0].step()
+        opts[1].step()
+        assert torch.equal(scaled, plain)
+    before = (scaled.detach().clone(), {k: v.clone() for k, v in opts[0].state[scaled].items()})
+    opts[0].found_inf = torch.tensor(1.0)
+    opts[0].step()
+    assert torch.equal(scaled, before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in opts[0].state[scaled].items())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp32 masters; bf16-true parameters
 def test_the_fused_kernel_computes_what_the_eager_ops_do(dtype):
     torch.manual_seed(1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_slide import optim
 from lightning_slide.engine.host import HostUnit
 from lightning_slide.engine.optimizer import UnitOptimizer, UpdateWorker, check_optimizer, hyperparameters
 
@@ -164,8 +165,9 @@ def test_a_clip_coefficient_scales_the_gradients_as_clip_grad_norm_does(coeffici
     assert grads
 
 
-def test_clipping_by_norm_is_folded_into_the_fused_kernel_pass():
-    """The clip coefficient reaches torch's fused AdamW as its ``grad_scale`` (the kernel divides by it as it reads
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, optim.AdamW])  # fp32; bf16 moments (its own host kernel)
+def test_clipping_by_norm_is_folded_into_the_fused_kernel_pass(cls):
+    """The clip coefficient reaches the fused kernel as its ``grad_scale`` (the kernel divides by it as it reads
     each gradient) instead of a pass of its own over the gradients: the host's update is memory-bound."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -178,14 +180,20 @@ def test_clipping_by_norm_is_folded_into_the_fused_kernel_pass():
             self.seen.append((func.overloadpacket.__name__, kwargs or {}))
             return func(*args, **(kwargs or {}))
 
-    pair = Pair(weight_decay=0.1)
-    pair.set_grads(0)
-    with Ops() as ops:
-        pair.optimizer.step(hyperparameters(pair.user.param_groups), torch.tensor(0.25), None)
-    names = [name for name, _ in ops.seen]
-    assert "mul_" not in names and "_fused_adamw_" in names
-    fused = next(kwargs for name, kwargs in ops.seen if name == "_fused_adamw_")
-    assert fused["grad_scale"].item() == 4.0 and pair.optimizer.inner.grad_scale is None  # for this step only
+    pair = Pair(cls, weight_decay=0.1)
+    for step in range(STEPS):
+        pair.set_grads(step)
+        for param in pair.plain.parameters():
+            if param.grad is not None:
+                param.grad.mul_(0.25)
+        pair.reference.step()
+        with Ops() as ops:
+            pair.optimizer.step(hyperparameters(pair.user.param_groups), torch.tensor(0.25), None)
+        pair.assert_close()
+        assert "mul_" not in [name for name, _ in ops.seen] and pair.optimizer.inner.grad_scale is None
+    if cls is torch.optim.AdamW:
+        fused = next(kwargs for name, kwargs in ops.seen if name == "_fused_adamw_")
+        assert fused["grad_scale"].item() == 4.0
 
 
 def test_a_clip_value_clamps_every_gradient_element():
