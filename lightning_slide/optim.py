@@ -186,7 +186,6 @@ class AdamW(torch.optim.AdamW):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf):
             return loss  # GradScaler found inf/NaN gradients: no update, no step counted (as torch's fused kernels)
-        factor = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             made: dict[tuple, torch.Tensor] = {}  # one hyperparameter tensor per step count and device (uploaded once)
@@ -214,11 +213,13 @@ class AdamW(torch.optim.AdamW):
                             group["weight_decay"],
                             1 - beta1**step,
                             math.sqrt(1 - beta2**step),
-                            -factor if group["maximize"] else factor,
+                            -1.0 if group["maximize"] else 1.0,
                         ],
                         dtype=torch.float32,
                         device=param.device,
                     )
+                    if grad_scale is not None:  # the gradients' factor, divided on their device (no sync)
+                        hyper[7:] /= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
                 _update_flat(param, param.grad, state["exp_avg"], state["exp_avg_sq"], hyper)
         return loss
 
