@@ -29,6 +29,9 @@ def host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+ADD_SPEEDUP = 28 / 12  # a gradient sum moves 12 bytes per parameter, fp32 AdamW 28: both memory-bound
+
+
 @dataclass
 class Machine:
     """Memory sizes and rates of the machine. Memory ``None``: unknown, not checked.
@@ -47,6 +50,8 @@ class Machine:
     host_adamw_params_per_s: float = 1e9
     # With bf16 moments (lightning_slide.optim.AdamW); None: taken as the fp32 rate
     host_adamw_bf16_params_per_s: float | None = None
+    # fp32 gradient sums (accumulation: acc += micro-batch); None: ADD_SPEEDUP x the fp32 AdamW rate
+    host_add_params_per_s: float | None = None
     gpu_flops: float = 150e12  # sustained bf16 matmul FLOP/s
 
     @classmethod
@@ -73,6 +78,12 @@ class Machine:
             return self.host_adamw_params_per_s
         return self.host_adamw_bf16_params_per_s or self.host_adamw_params_per_s
 
+    @property
+    def add_rate(self) -> float:
+        """Host gradient sums per second: measured, or as memory-bound as fp32 AdamW (12 bytes per parameter against
+        its 28)."""
+        return self.host_add_params_per_s or ADD_SPEEDUP * self.host_adamw_params_per_s
+
     def measure(
         self, offload_dir: str | None = None, seconds: float = 0.2, moments: torch.dtype = torch.float32
     ) -> Machine:
@@ -93,7 +104,8 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     the compute dtype, 2 B/param),
     the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: fp32
     gradients (4 B/param, cast on the device) per micro-batch, offloaded layer inputs going out. Host AdamW: every
-    host-updated parameter once per step. Disk: the Adam moments read and written once per step.
+    host-updated parameter once per step, and with accumulation each later micro-batch's gradients added into the
+    host accumulators (the same thread). Disk: the Adam moments read and written once per step.
     With several ranks on one host (``s.ranks``): each GPU moves its shard of the weights and gradients over its
     own link (the all-gathers and reduce-scatters between GPUs are not counted), while the host's AdamW and its disk
     serve every rank.
@@ -119,8 +131,12 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
         "D2H gradients (fp32)": a
         * ((4 * sliding * shape.layer_trainable + resident_host * 4 * shape.resident_trainable) / s.ranks + offloaded)
         / m.d2h_bytes_per_s,
-        "host AdamW": host_updated_trainable(shape, s) / m.adamw_rate(s.moments_dtype),
     }
+    updated = host_updated_trainable(shape, s)
+    if a > 1:
+        times["host AdamW + gradient sums"] = updated / m.adamw_rate(s.moments_dtype) + (a - 1) * updated / m.add_rate
+    else:
+        times["host AdamW"] = updated / m.adamw_rate(s.moments_dtype)
     files = sum(disk_bytes(shape, s).values()) * s.ranks  # every rank's, each read and written once per step
     if files:
         what = " + ".join(

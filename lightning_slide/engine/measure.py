@@ -1,5 +1,5 @@
-"""Measured rates of this machine for the planner: host AdamW, and with a GPU the copy bandwidths and matmul FLOP/s,
-and with a directory the disk's read and write bandwidths. Each measurement takes a fraction of a second."""
+"""Measured rates of this machine for the planner: host AdamW and gradient sums, and with a GPU the copy bandwidths
+and matmul FLOP/s, and with a directory the disk's read and write bandwidths. Each takes a fraction of a second."""
 
 from __future__ import annotations
 
@@ -36,12 +36,18 @@ def host_adamw_rate(seconds: float = 0.2, numel: int = 2**22, moments: torch.dty
     return _rate(optimizer.step, numel, seconds)
 
 
+def host_add_rate(seconds: float = 0.2, numel: int = 2**22) -> float:
+    """Parameters per second of an fp32 gradient sum on the host (accumulation: ``acc += micro-batch``)."""
+    total, part = torch.zeros(numel, dtype=torch.float32), torch.ones(numel, dtype=torch.float32)
+    return _rate(lambda: total.add_(part), numel, seconds)
+
+
 def measure_rates(
     directory: str | None = None, seconds: float = 0.2, moments: torch.dtype = torch.float32
 ) -> dict[str, float]:
     """The rate fields of :class:`~lightning_slide.engine.machine.Machine` this machine can measure (the host AdamW
     with bf16 moments too when ``moments`` is bf16: its kernel is built first)."""
-    rates = {"host_adamw_params_per_s": host_adamw_rate(seconds)}
+    rates = {"host_adamw_params_per_s": host_adamw_rate(seconds), "host_add_params_per_s": host_add_rate(seconds)}
     if moments != torch.float32:
         rates["host_adamw_bf16_params_per_s"] = host_adamw_rate(seconds, moments=moments)
     if torch.cuda.is_available():

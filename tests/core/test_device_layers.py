@@ -145,7 +145,9 @@ def test_the_plan_counts_the_layers_kept_on_the_device_as_allocated():
             seen["plan"] = trainer.strategy.plan
 
     strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(device_layers=2))
-    trainer(strategy, max_steps=1, callbacks=[Snapshot()]).fit(TinyLM("llama", initial_state("llama")), batches(2))
+    trainer(strategy, max_steps=1, accumulate_grad_batches=1, callbacks=[Snapshot()]).fit(
+        TinyLM("llama", initial_state("llama")), batches(2)
+    )
     plan = seen["plan"]
     assert plan.gpu["layers kept on the device (weights, gradients, fp32 masters, Adam moments)"] == seen["allocated"]
     assert plan.settings.device_layers == 2

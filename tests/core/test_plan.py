@@ -287,6 +287,16 @@ def test_plan_numbers_of_a_known_shape():
     assert plan.time["host AdamW"] == pytest.approx(shape.params / m.host_adamw_params_per_s)
     assert plan.binding == "host AdamW" and plan.step_seconds == plan.time["host AdamW"]
     assert not plan.problems()
+    # With accumulation the same thread adds each later micro-batch's gradients into the host accumulators: 12
+    # bytes per parameter against AdamW's 28, so 28/12 times as fast unless measured.
+    four = make_plan(shape, dataclasses.replace(plan.settings, accumulate=4), m)
+    sums = four.time["host AdamW + gradient sums"]
+    assert sums == pytest.approx(shape.params / m.host_adamw_params_per_s * (1 + 3 * 12 / 28))
+    assert "host AdamW" not in four.time and four.binding == "host AdamW + gradient sums"
+    measured = dataclasses.replace(m, host_add_params_per_s=m.host_adamw_params_per_s)
+    assert make_plan(shape, four.settings, measured).time["host AdamW + gradient sums"] == pytest.approx(
+        4 * plan.time["host AdamW"]
+    )
     # The disk tier moves the moments to files and adds their traffic.
     disk = make_plan(shape, dataclasses.replace(plan.settings, offload_dir="/x"), Machine(disk_free=2**40))
     assert disk.disk_total == 8 * shape.params and "disk write (Adam moments)" in disk.time
@@ -468,3 +478,10 @@ def test_several_ranks_plan_per_rank():
     h2d = "H2D weights (forward + recompute)"
     assert two.time[h2d] == pytest.approx(one.time[h2d] / 2)
     assert two.time["host AdamW"] == one.time["host AdamW"]
+
+
+def test_the_machine_measures_its_host_rates():
+    """``Machine.measure`` (``slide-plan plan.measure=true``) times the host's AdamW and gradient sums here."""
+    measured = Machine().measure(seconds=0.02)
+    assert measured.host_adamw_params_per_s > 0 and measured.host_add_params_per_s > 0
+    assert measured.add_rate == measured.host_add_params_per_s
