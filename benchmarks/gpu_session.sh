@@ -5,7 +5,8 @@
 #   suite (~400 s, after engine changes) then gil + levers3b + before_after (~560 s) then peers3b (~540 s); later:
 #   peers8b, peers8b_rest, peers8b16, convergence, qwen14b, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
-#   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host)
+#   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; clipping by
+#                norm in a pass of its own against folded into the kernel)
 #   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parking off as
 #                it was the default before, bf16 moments, device_layers="auto", both) against the tuned peers
