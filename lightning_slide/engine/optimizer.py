@@ -231,9 +231,7 @@ class UnitOptimizer:
         # GradScaler): clipping by norm then costs no pass of its own over the host's memory.
         folded = clip_coefficient is not None and clip_value is None
         folded = folded and getattr(self.inner, "_step_supports_amp_scaling", False)
-        if folded:
-            self.inner.grad_scale = 1.0 / clip_coefficient
-        elif clip_coefficient is not None:
+        if clip_coefficient is not None and not folded:
             for grad in grads:
                 grad.mul_(clip_coefficient)
         if clip_value is not None:
@@ -248,6 +246,8 @@ class UnitOptimizer:
         if master_flat is not None:
             self._point_masters(master_flat)
         try:
+            if folded:
+                self.inner.grad_scale = 1.0 / clip_coefficient
             self.inner.step()
         finally:
             if folded:
