@@ -293,7 +293,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         if self._observers:
             rank_zero_info(
                 f"slideformer: {', '.join(self._observers)} may read or change a step between its backward and its "
-                "update, so each step's updates wait for its backward (they stream out of it otherwise)"
+                "update, so each step's updates wait for its backward (they stream out of it otherwise) and no "
+                "gradient parks on the GPU"
             )
         if fitting and options.monitor and not any(isinstance(c, SlideMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(SlideMonitor())
@@ -377,6 +378,8 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch, run_plan = args[0] if args else kwargs.get("batch"), self._run_plan
+        # (a step that hooks observe parks nothing: its gradients all show on the host)
+        auto_parking = self.options.tuning.parked_grads == "auto" and not self._observers
         if not self._batch_checked:
             self._batch_checked = True
             run_plan.check_first_batch(self.lightning_module, self.engine, batch)
@@ -384,11 +387,11 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 kept = 0 if self._observers else run_plan.most_that_fit("device_layers")
                 self.engine.keep_on_device(kept)
                 rank_zero_info(f"slideformer: device_layers='auto' -> {kept} (the first batch's plan)")
-            if self.options.tuning.parked_grads == "auto":
+            if auto_parking:
                 parked = run_plan.most_that_fit("parked_grads")
                 self.engine.set_parking(parked)
                 rank_zero_info(f"slideformer: parked_grads='auto' -> {parked} (the first batch's plan)")
-        elif self.options.tuning.parked_grads == "auto":  # a larger batch than any before: its activations first
+        elif auto_parking:  # a larger batch than any before: its activations first
             before = run_plan.settings.parked_grads
             parked = run_plan.parking_for(self.lightning_module, self.engine, batch)
             if parked is not None and parked != before:

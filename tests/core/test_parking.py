@@ -205,3 +205,26 @@ def test_parked_layers_beyond_a_smaller_parking_go_down_and_train_the_same(slow_
     theirs = dict(waited.named_parameters())
     for name, param in parked.named_parameters():
         assert torch.equal(param, theirs[name]), name
+
+
+class _ReadsGradients(L.Callback):
+    """A hook between backward and step that reads every gradient, as gradient-norm loggers do."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.seen.append(sum(p.grad is not None for p in module.parameters()))
+
+    def on_train_end(self, trainer, module):
+        self.capacity = trainer.strategy.engine.parking.capacity
+
+
+def test_auto_parks_nothing_when_hooks_observe_the_step():
+    """Hooks that read a step's gradients see them all on the host: "auto" then keeps no parking buffer."""
+    reads = _ReadsGradients()
+    strategy = lightning_slide.SlideFormerStrategy(window=2, gpu_memory_limit="1GiB")
+    module = train(strategy, [reads], gradient_clip_val=0.5)
+    trainable = sum(p.requires_grad for p in module.parameters())
+    assert reads.seen == [trainable] * STEPS and reads.capacity == 0
+    assert strategy.plan.settings.parked_grads == 0
