@@ -196,7 +196,8 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     for option in ("device_layers", "parked_grads"):  # "auto" as the first batch decides it (layers kept first)
         if getattr(strategy.tuning, option) == "auto":
             plan = with_most_that_fit(plan, option)
-            plan.notes.append(f"tuning.{option}='auto' -> {getattr(plan.settings, option)} at this batch")
+            why = " (several micro-batches per step)" if option == "parked_grads" and settings.accumulate > 1 else ""
+            plan.notes.append(f"tuning.{option}='auto' -> {getattr(plan.settings, option)} at this batch{why}")
     if cfg.model.get("path") is None and cfg.model.get("config") is None:
         plan.notes.append("the model's shape comes from its config (model.expect): no model directory was read")
     if device == "cpu" and cfg.trainer.get("accelerator") != "cpu":
