@@ -105,7 +105,9 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: fp32
     gradients (4 B/param, cast on the device) per micro-batch, offloaded layer inputs going out. Host AdamW: every
     host-updated parameter once per step, and with accumulation each later micro-batch's gradients added into the
-    host accumulators (the same thread). Disk: the Adam moments read and written once per step.
+    host accumulators (the same thread); with clipping by norm the updates start only once the last backward has
+    ended, so that backward and the AdamW pass follow each other. Disk: the Adam moments read and written once per
+    step.
     With several ranks on one host (``s.ranks``): each GPU moves its shard of the weights and gradients over its
     own link (the all-gathers and reduce-scatters between GPUs are not counted), while the host's AdamW and its disk
     serve every rank.
@@ -133,10 +135,14 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
         / m.d2h_bytes_per_s,
     }
     updated = host_updated_trainable(shape, s)
+    adamw = updated / m.adamw_rate(s.moments_dtype)
     if a > 1:
-        times["host AdamW + gradient sums"] = updated / m.adamw_rate(s.moments_dtype) + (a - 1) * updated / m.add_rate
+        times["host AdamW + gradient sums"] = adamw + (a - 1) * updated / m.add_rate
     else:
-        times["host AdamW"] = updated / m.adamw_rate(s.moments_dtype)
+        times["host AdamW"] = adamw
+    if s.clipping and updated and tokens:  # the updates wait for the global norm: the host idles through the backward
+        backward = 6 * (shape.layers * shape.layer_params + head) * tokens / m.gpu_flops  # recompute 2, backward 4
+        times["last backward, then host AdamW (clipping by norm)"] = backward + adamw
     files = sum(disk_bytes(shape, s).values()) * s.ranks  # every rank's, each read and written once per step
     if files:
         what = " + ".join(

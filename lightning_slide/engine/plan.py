@@ -216,7 +216,7 @@ class Plan:
         block("host (peak)", self.host, self.machine.host_memory)
         if self.disk:
             block("disk (offload_dir)", self.disk, self.machine.disk_free)
-        rows.append("-- step time lower bound (per optimizer step; each resource alone)")
+        rows.append("-- step time lower bound (per optimizer step; each term alone)")
         rows.extend(
             f"  {k:<56} {_seconds(v):>16}" + ("  <- binds" if k == self.binding else "") for k, v in self.time.items()
         )

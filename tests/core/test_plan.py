@@ -272,7 +272,7 @@ def test_plan_numbers_of_a_known_shape():
     )
     plan = make_plan(
         shape,
-        Settings(window=2, batch=4, seq=1024, kernels=("fused_linear_cross_entropy",)),
+        Settings(window=2, batch=4, seq=1024, kernels=("fused_linear_cross_entropy",), clipping=False),
         Machine(gpu_memory=24 * 2**30, host_memory=256 * 2**30),
     )
     assert plan.gpu["window slots (weights + gradients)"] == 2 * 2 * 2 * shape.layer_params
@@ -287,6 +287,12 @@ def test_plan_numbers_of_a_known_shape():
     assert plan.time["host AdamW"] == pytest.approx(shape.params / m.host_adamw_params_per_s)
     assert plan.binding == "host AdamW" and plan.step_seconds == plan.time["host AdamW"]
     assert not plan.problems()
+    # Clipping by norm: the updates wait for the global norm, so the last backward (recompute and backward,
+    # 6·N·tokens) and the AdamW pass follow each other.
+    clipped = make_plan(shape, dataclasses.replace(plan.settings, clipping=True), m)
+    backward = 6 * (32 * shape.layer_params + 128256 * 4096) * 4 * 1024 / m.gpu_flops
+    term = "last backward, then host AdamW (clipping by norm)"
+    assert clipped.time[term] == pytest.approx(backward + plan.time["host AdamW"]) and clipped.binding == term
     # With accumulation the same thread adds each later micro-batch's gradients into the host accumulators: 12
     # bytes per parameter against AdamW's 28, so 28/12 times as fast unless measured.
     four = make_plan(shape, dataclasses.replace(plan.settings, accumulate=4), m)
