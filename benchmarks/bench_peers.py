@@ -323,12 +323,18 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             if engine is not None:  # slideformer: cumulative host-busy / compute-blocked seconds
                 self.engine_stats.append(engine.stats())
 
+        def on_before_optimizer_step(self, optimizer):
+            if own_clipping:  # FSDP's own norm over its sharded, offloaded gradients, as its docs advise
+                self.trainer.strategy.model.clip_grad_norm_(args.clip)
+
         def configure_optimizers(self):  # not called where DeepSpeed builds the optimizer from its config (zenflow)
             if base == "gpu_compute":  # forward and backward only
                 return None
             return run["optimizer"]([p for p in self.parameters() if p.requires_grad])
 
     run = setup(system, args)
+    # Lightning refuses clipping by norm under FSDP; a user tuning it calls FSDP's clip_grad_norm_ instead
+    own_clipping = base == "fsdp_offload" and args.clip is not None and args.clip_by == "norm"
     if "error" in run:
         return run
     torch.manual_seed(0)
@@ -350,8 +356,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         devices=devices,
         precision=run["precision"],
         max_steps=steps,
-        gradient_clip_val=args.clip,
-        gradient_clip_algorithm=args.clip_by,
+        gradient_clip_val=None if own_clipping else args.clip,
+        gradient_clip_algorithm=None if own_clipping else args.clip_by,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
