@@ -2,16 +2,18 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   suite (~400 s, after engine changes) then gil + levers3b + before_after (~560 s) then peers3b (~540 s); later:
-#   peers8b, peers8b_rest, peers8b16, clipped3b, convergence, qwen14b, lora, hostadamw.
+#   suite (~400 s, after engine changes), then peers8b (~540 s), peers8b_rest, peers8b16, zenflow3b, qwen14b,
+#   convergence; measured already (BENCHMARKS.md): peers3b, clipped3b, before_after, hostadamw, levers3b, gil, lora.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; clipping by
 #                norm in a pass of its own against folded into the kernel)
 #   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parking off as
 #                it was the default before, bf16 moments, device_layers="auto", both) against the tuned peers
-#   peers8b      8B batch 4: slideformer (defaults, parking off, bf16 moments) against tuned FSDP offload
-#   peers8b_rest 8B batch 4, the other rows: device_layers="auto" (with bf16 moments), DeepSpeed, ZenFlow, all-on-GPU
+#                but ZenFlow (too slow to start to fit beside them in one call: zenflow3b, with FSDP offload)
+#   peers8b      8B batch 4: slideformer (defaults, bf16 moments, device_layers="auto" with bf16 moments) against
+#                tuned FSDP offload
+#   peers8b_rest 8B batch 4, the other rows: device_layers="auto", DeepSpeed, ZenFlow, all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
 #   clipped3b    3B batch 8 clipped by norm at 1.0 (as most fine-tunes run): slideformer (defaults, bf16 moments)
@@ -33,7 +35,7 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, peers3b, peers8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, peers3b, zenflow3b, peers8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -56,18 +58,20 @@ case $stage in
     timeout 150 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 > "$out/hostadamw.log" 2>&1 ;;
   peers3b)
     systems=all_on_gpu,slideformer,slideformer+park0,slideformer+bf16moments,slideformer+devauto
-    systems=$systems,slideformer+devauto+bf16moments,fsdp_offload,deepspeed_offload,zenflow
+    systems=$systems,slideformer+devauto+bf16moments,fsdp_offload,deepspeed_offload
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
-    systems=slideformer,slideformer+park0,slideformer+bf16moments,fsdp_offload
-    [ "$stage" = peers8b_rest ] \
-      && systems=all_on_gpu,slideformer+devauto,slideformer+devauto+bf16moments,deepspeed_offload,zenflow
+    systems=slideformer,slideformer+bf16moments,slideformer+devauto+bf16moments,fsdp_offload
+    [ "$stage" = peers8b_rest ] && systems=all_on_gpu,slideformer+devauto,deepspeed_offload,zenflow
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
   peers8b16)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:16 --steps 3 --cap 24GiB \
       --systems gpu_compute,all_on_gpu,slideformer,slideformer+bf16moments > "$out/peers8b16.log" 2>&1 ;;
+  zenflow3b)
+    timeout 400 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 250 \
+      --systems zenflow,fsdp_offload > "$out/zenflow3b.log" 2>&1 ;;
   clipped3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --clip 1.0 --systems slideformer,slideformer+bf16moments,fsdp_offload > "$out/clipped3b.log" 2>&1 ;;
