@@ -109,12 +109,12 @@ class RunPlan:
             machine.host_memory //= strategy.num_processes  # this host's ranks share it
         return plan
 
-    def most_that_fit(self, option: str) -> int:
+    def most_that_fit(self, option: str, at_most: int | None = None) -> int:
         """``parked_grads="auto"`` or ``device_layers="auto"`` (``option``): the most layers the latest plan (the
         first batch's) leaves room for, which the plan then counts; ``0`` when it does not know the batch or the GPU."""
         if self.plan is None:
             return 0
-        self.plan = with_most_that_fit(self.plan, option)
+        self.plan = with_most_that_fit(self.plan, option, at_most)
         most = getattr(self.plan.settings, option)
         self.options = self.options.resolve(**{option: most})
         self.settings = dataclasses.replace(self.settings, **{option: most})
@@ -128,18 +128,29 @@ class RunPlan:
             self.largest = size
             self.check(module, engine, *size)
 
-    def parking_for(self, module: LightningModule, engine: SlidingEngine, batch: Any) -> int | None:
-        """``parked_grads="auto"`` after the first batch: when ``batch`` is larger in either dimension than every
-        batch before it, the most layers' gradients that may park beside its activations, which the plan then counts
+    def for_larger_batch(
+        self, module: LightningModule, engine: SlidingEngine, batch: Any, options: tuple[str, ...]
+    ) -> dict[str, int] | None:
+        """The ``"auto"`` ``options`` (``device_layers``, ``parked_grads``) after the first batch: when ``batch`` is
+        larger in either dimension than every batch before it, the layers it leaves room for beside its activations
+        (no more layers on the device than now; those first, as at the first batch), which the plan then counts
         (planned, never refused); ``None`` when it is not larger."""
         size = batch_shape(batch)
         if size is None or self.largest is None or all(n <= m for n, m in zip(size, self.largest)):
             return None
         self.largest = tuple(max(n, m) for n, m in zip(size, self.largest))
         batch_size, seq = self.largest
+        kept = self.settings.device_layers
         settings = dataclasses.replace(self.settings, batch=batch_size, seq=seq, parked_grads=0)
+        if "device_layers" in options:  # planned from none, then at most as many as now
+            settings = dataclasses.replace(settings, device_layers=0)
         self.plan = self.plan_of(module, engine, settings)
-        return self.most_that_fit("parked_grads")
+        decided = {}
+        if "device_layers" in options:
+            decided["device_layers"] = self.most_that_fit("device_layers", at_most=kept)
+        if "parked_grads" in options:
+            decided["parked_grads"] = self.most_that_fit("parked_grads")
+        return decided
 
 
 def _host_held(module: LightningModule, engine: SlidingEngine | None, plan: Plan) -> int:

@@ -37,6 +37,9 @@ from lightning_slide.precision import SUPPORTED_PRECISIONS, SlidePrecision, plan
 from lightning_slide.run_plan import RunPlan
 from lightning_slide.strategy_checkpoints import CheckpointHooks
 
+# Options the planner may set at the first training batch and lower for a larger one: the engine's setter of each
+SET_BY_PLAN = {"device_layers": "keep_on_device", "parked_grads": "set_parking"}
+
 
 class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
     """Full-parameter fine-tuning with only a window of decoder layers on the GPU (SlideFormer).
@@ -377,26 +380,24 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         return getattr(super(), hook)(*args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        batch, run_plan = args[0] if args else kwargs.get("batch"), self._run_plan
-        # (a step that hooks observe parks nothing: its gradients all show on the host)
-        auto_parking = self.options.tuning.parked_grads == "auto" and not self._observers
-        if not self._batch_checked:
+        batch, run_plan, module = args[0] if args else kwargs.get("batch"), self._run_plan, self.lightning_module
+        # The "auto" options, the layers kept on the device first (parking takes the memory they leave). A step that
+        # hooks observe keeps no layer on the device and parks nothing: its gradients all show on the host.
+        tuning = self.options.tuning
+        automatic = () if self._observers else tuple(o for o in SET_BY_PLAN if getattr(tuning, o) == "auto")
+        first = not self._batch_checked
+        before = {option: getattr(run_plan.settings, option) for option in automatic}
+        if first:
             self._batch_checked = True
-            run_plan.check_first_batch(self.lightning_module, self.engine, batch)
-            if self.options.tuning.device_layers == "auto":  # first: parking takes what memory they leave
-                kept = 0 if self._observers else run_plan.most_that_fit("device_layers")
-                self.engine.keep_on_device(kept)
-                rank_zero_info(f"slideformer: device_layers='auto' -> {kept} (the first batch's plan)")
-            if auto_parking:
-                parked = run_plan.most_that_fit("parked_grads")
-                self.engine.set_parking(parked)
-                rank_zero_info(f"slideformer: parked_grads='auto' -> {parked} (the first batch's plan)")
-        elif auto_parking:  # a larger batch than any before: its activations first
-            before = run_plan.settings.parked_grads
-            parked = run_plan.parking_for(self.lightning_module, self.engine, batch)
-            if parked is not None and parked != before:
-                self.engine.set_parking(parked)
-                rank_zero_info(f"slideformer: parked_grads='auto' -> {parked} (a larger batch's plan)")
+            run_plan.check_first_batch(module, self.engine, batch)
+            decided = {option: run_plan.most_that_fit(option) for option in automatic}
+        else:  # re-planned when a batch is larger than every one before: its activations first
+            decided = run_plan.for_larger_batch(module, self.engine, batch, automatic) or {}
+        for option, count in decided.items():
+            if first or count != before[option]:
+                getattr(self.engine, SET_BY_PLAN[option])(count)
+                plan = "the first batch's plan" if first else "a larger batch's plan"
+                rank_zero_info(f"slideformer: {option}='auto' -> {count} ({plan})")
         return self._forward("training_step", *args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -2,10 +2,10 @@
 and their update runs there, on the training thread, refreshing the compute copy the parameters use.
 
 Two kinds of unit are: the resident parts with ``tuning.resident_optimizer="device"`` (``resident.py`` owns their
-compute copy), and the first ``tuning.device_layers`` decoder layers, which then never slide: their compute copy and
-gradient buffer stay on the device for the engine's life (:meth:`DeviceUnit.layer`), so the host neither transfers
-nor updates them. Those are the first layers because the next forward needs them first and their gradients arrive
-last: a host update of theirs is the step's critical path.
+compute copy), and the first ``tuning.device_layers`` decoder layers, which then do not slide: their compute copy and
+gradient buffer stay on the device (:meth:`DeviceUnit.layer`) until a larger batch needs their room
+(:func:`let_layers_slide`), so the host neither transfers nor updates them. Those are the first layers because the
+next forward needs them first and their gradients arrive last: a host update of theirs is the step's critical path.
 """
 
 from __future__ import annotations
@@ -61,6 +61,33 @@ def keep_layers(engine: SlidingEngine, count: int) -> None:
             if saved is not None:
                 optimizer.load_state_of(entry.param, saved)
     window.depth = min(window.depth, len(engine.layers) - len(window.pinned))
+
+
+def let_layers_slide(engine: SlidingEngine, count: int) -> None:
+    """Keep only layers ``0 .. count - 1`` on the device (a larger batch's activations need the room): each layer
+    above goes back to sliding, its masters, optimizer state and any gradients summed so far this step with it."""
+    engine.worker.wait_all()
+    updates = engine.updates
+    for index in sorted(engine.device_layers, reverse=True):
+        if index < count:
+            break
+        device = engine.device_layers.pop(index)
+        device.apply_deferred()
+        device.to_host()
+        unit, on_device = device.unit, updates.optimizers.get(index)
+        if on_device is not None:
+            host = updates.optimizers[index] = UnitOptimizer(unit, *updates.source)
+            for entry in unit.trainable:
+                saved = on_device.state_of(entry.param)
+                if saved is not None:
+                    host.load_state_of(entry.param, saved)
+        if not unit.grad_empty:  # mid-accumulation: the sum so far goes to a host accumulator
+            unit.grad = engine.loans.lend(index, bounded=False)
+            unit.grad.copy_(device.grad)
+        device.close()
+        unit.park()
+        engine.window.pinned.discard(index)
+    engine.window.depth = min(len(engine.window.slots), len(engine.layers) - len(engine.window.pinned))
 
 
 class DeviceUnit:

@@ -39,7 +39,7 @@ from lightning_slide.engine import checks, state
 from lightning_slide.engine.activations import ActivationOffload
 from lightning_slide.engine.blocks import find_parts
 from lightning_slide.engine.checks import GradientChecks, Verdict, decide
-from lightning_slide.engine.device_units import DeviceUnit, check_device_layers, keep_layers
+from lightning_slide.engine.device_units import DeviceUnit, check_device_layers, keep_layers, let_layers_slide
 from lightning_slide.engine.disk import open_tier
 from lightning_slide.engine.downloads import GradientDownloads
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
@@ -227,8 +227,12 @@ class SlidingEngine:
         return [d for d in [*self.device_layers.values(), resident] if d is not None and d.updates]
 
     def keep_on_device(self, count: int) -> None:
-        """Keep the first ``count`` layers on the device from now on (``device_layers="auto"``, at the first batch)."""
-        keep_layers(self, count)
+        """Keep the first ``count`` layers on the device from now on (``device_layers="auto"``: more at the first
+        batch, fewer when a larger batch needs their room); the others slide."""
+        if count < len(self.device_layers):
+            let_layers_slide(self, count)
+        else:
+            keep_layers(self, count)
 
     def units(self) -> dict[Any, HostUnit]:
         """The host state of every unit by key: ``"resident"`` and each layer index, in the order the next forward

@@ -339,11 +339,13 @@ def largest_device_layers(shape: ModelShape, s: Settings, m: Machine, margin: fl
     return fitting[-1] if fitting else None
 
 
-def with_most_that_fit(plan: Plan, option: str) -> Plan:
+def with_most_that_fit(plan: Plan, option: str, at_most: int | None = None) -> Plan:
     """``plan`` with ``option`` (``"parked_grads"`` or ``"device_layers"``) set to the most layers it leaves room
-    for, as ``"auto"`` decides it: ``0`` when the GPU or the batch is unknown. Its suggestions are kept."""
+    for (and at most ``at_most``), as ``"auto"`` decides it: ``0`` when the GPU or the batch is unknown. Its
+    suggestions are kept."""
     largest = {"parked_grads": largest_parking, "device_layers": largest_device_layers}[option]
     most = largest(plan.shape, plan.settings, plan.machine) or 0
+    most = most if at_most is None else min(most, at_most)
     decided = make_plan(plan.shape, dataclasses.replace(plan.settings, **{option: most}), plan.machine, suggest=False)
     for name in ("suggested_batch", "suggested_window", "suggested_parked_grads", "suggested_device_layers"):
         setattr(decided, name, getattr(plan, name))

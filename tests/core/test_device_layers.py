@@ -3,13 +3,26 @@ others (and as plain Lightning), in every step mode, and come back to the host f
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
 
 import lightning_slide
-from tests.core.test_parity import assert_same_training, train
-from tests.core.tiny import TinyLM, assert_resumes_exactly, batches, inf_grad, initial_state, trainer
+from lightning_slide import optim
+from tests.core.test_parity import TOLERANCE, assert_same_training, train
+from tests.core.tiny import (
+    ACCELERATOR,
+    TinyLM,
+    assert_resumes_exactly,
+    batches,
+    growing_batches,
+    inf_grad,
+    initial_state,
+    relative_error,
+    trainer,
+)
 
 
 class Records(L.Callback):
@@ -184,3 +197,51 @@ def test_auto_keeps_what_the_first_batch_plan_allows_and_trains_the_same():
 
 def test_auto_resumes_exactly(tmp_path):
     assert_resumes_exactly(tmp_path, auto)
+
+
+class KeptPerBatch(L.Callback):
+    def __init__(self) -> None:
+        self.kept: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        engine = getattr(trainer.strategy, "engine", None)
+        self.kept.append(None if engine is None else len(engine.device_layers))
+
+
+def _growing_run(strategy, accumulate, clip, moments):
+    """llama_deep trained on batches of 2 x 16 tokens, then of 2 x 64; the layers kept on the device per batch."""
+    torch.manual_seed(123)
+    optimizer = "adamw"  # torch's, as TinyLM builds it; else bf16 moments with its hyperparameters
+    if moments != torch.float32:
+        optimizer = functools.partial(optim.AdamW, lr=3e-3, betas=(0.9, 0.95), state_dtype=moments)
+    module = TinyLM("llama_deep", initial_state("llama_deep"), optimizer=optimizer)
+    kept = KeptPerBatch()
+    options = dict(accumulate_grad_batches=accumulate, gradient_clip_val=clip, callbacks=[kept])
+    trainer(strategy, max_steps=6 // accumulate, **options).fit(module, growing_batches(6))
+    return module, kept.kept
+
+
+@pytest.mark.skipif(ACCELERATOR != "cpu", reason="a GPU's caching allocator reserves more than this tiny plan")
+@pytest.mark.parametrize(
+    ("accumulate", "clip", "moments"), [(1, None, torch.float32), (2, 0.05, torch.float32), (1, None, torch.bfloat16)]
+)
+def test_auto_lets_layers_slide_when_a_larger_batch_comes_and_trains_the_same(accumulate, clip, moments):
+    """Padding each batch to its longest makes later batches longer than the first: "auto" plans each larger batch
+    and lets the last layers kept on the device slide again (their masters, moments and, mid-accumulation, the
+    gradients summed so far go with them), so that its activations fit. Training is unchanged."""
+    plain, _ = _growing_run("auto", accumulate, clip, moments)
+    # With fp32 moments this limit leaves room for 6 of the 24 layers beside 2 x 16 tokens' activations, and for 3
+    # beside 2 x 64's.
+    strategy = lightning_slide.SlideFormerStrategy(
+        window=2, gpu_memory_limit="2000000", tuning=dict(device_layers="auto")
+    )
+    ours, kept = _growing_run(strategy, accumulate, clip, moments)
+    short, long = (6, 3) if moments == torch.float32 else (7, 4)  # bf16 moments take less room on the device
+    assert kept == [short] * 3 + [long] * 3  # with 2 micro-batches per step, the larger batch comes mid-step
+    tolerance = TOLERANCE if moments == torch.float32 else 1e-4  # (as test_low_precision_adamw.py says why)
+    assert len(ours.losses) == len(plain.losses) == 6
+    for a, b in zip(ours.losses, plain.losses):
+        assert abs(a - b) <= tolerance * abs(b)
+    theirs = dict(plain.named_parameters())
+    for name, param in ours.named_parameters():
+        assert relative_error(param.detach(), theirs[name].detach()) <= tolerance, name

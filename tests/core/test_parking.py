@@ -9,11 +9,10 @@ import time
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 import lightning_slide
 from lightning_slide.engine.optimizer import UnitOptimizer
-from tests.core.tiny import ACCELERATOR, VOCAB, TinyLM, batches, initial_state, trainer
+from tests.core.tiny import ACCELERATOR, TinyLM, batches, growing_batches, initial_state, trainer
 
 STEPS = 6
 
@@ -125,17 +124,6 @@ def _held_step_run(parked, nonfinite="error", limit=None, data=None, clip=0.05, 
     return module, pool, strategy
 
 
-def _growing_batches(short: int = 3) -> DataLoader:
-    """``short`` batches of 16 tokens, then longer ones of 64 (padding to each batch's longest does this)."""
-    generator = torch.Generator().manual_seed(5)
-    rows = []
-    for step in range(STEPS):
-        seq = 16 if step < short else 64
-        start = torch.randint(0, VOCAB, (2, 1), generator=generator)
-        rows.append(((start + torch.arange(seq)) % VOCAB,))
-    return DataLoader(rows, batch_size=None)
-
-
 @pytest.mark.parametrize("nonfinite", ["error", "skip"])
 def test_a_step_that_waits_for_the_backward_parks_its_gradients_and_trains_the_same(nonfinite):
     """With clipping by norm (or nonfinite="skip") the updates wait for the end of backward, so every layer's
@@ -180,11 +168,11 @@ def _tight_limit(run) -> str:
 def test_auto_parks_fewer_when_a_larger_batch_comes_and_trains_the_same():
     """Padding each batch to its longest makes later batches longer than the first: "auto" plans each larger
     batch and lets buffers go so that its activations fit. Training is unchanged."""
-    _, _, roomy = _held_step_run("auto", limit="1GiB", data=_growing_batches())
+    _, _, roomy = _held_step_run("auto", limit="1GiB", data=growing_batches(STEPS))
     assert roomy.plan.settings.parked_grads == 24 and roomy.plan.settings.seq == 64
     limit = _tight_limit(roomy)
-    held, _, _ = _held_step_run(0, limit=limit, data=_growing_batches())
-    parked, pool, _ = _held_step_run("auto", limit=limit, data=_growing_batches())
+    held, _, _ = _held_step_run(0, limit=limit, data=growing_batches(STEPS))
+    parked, pool, _ = _held_step_run("auto", limit=limit, data=growing_batches(STEPS))
     short = pool.planned[0]
     assert short > 3 and pool.planned == [short] * 3 + [3] * 3  # each step parks as many as it may
     assert pool.parked == 3 * short + 3 * 3
@@ -198,10 +186,10 @@ def test_auto_parks_fewer_when_a_larger_batch_comes_and_trains_the_same():
 def test_parked_layers_beyond_a_smaller_parking_go_down_and_train_the_same(slow_host):
     """While updates stream, layers still parked when a larger batch shrinks the parking keep their buffers until
     they go down, and those buffers are then let go. Bit for bit as without parking."""
-    _, _, roomy = _held_step_run("auto", limit="1GiB", data=_growing_batches(), clip=None, grad_buffers=1)
+    _, _, roomy = _held_step_run("auto", limit="1GiB", data=growing_batches(STEPS), clip=None, grad_buffers=1)
     limit = _tight_limit(roomy)
-    waited, _, _ = _held_step_run(0, limit=limit, data=_growing_batches(), clip=None, grad_buffers=1)
-    parked, pool, _ = _held_step_run("auto", limit=limit, data=_growing_batches(), clip=None, grad_buffers=1)
+    waited, _, _ = _held_step_run(0, limit=limit, data=growing_batches(STEPS), clip=None, grad_buffers=1)
+    parked, pool, _ = _held_step_run("auto", limit=limit, data=growing_batches(STEPS), clip=None, grad_buffers=1)
     assert pool.parked > 0 and pool.planned[0] > 3 and pool.planned[-1] == 3 and pool.buffers <= 3
     assert waited.losses == parked.losses
     theirs = dict(waited.named_parameters())

@@ -134,6 +134,17 @@ def batches(count: int, batch_size: int = 2, seed: int = 1) -> DataLoader:
     return DataLoader(TensorDataset(ids), batch_size=batch_size, shuffle=False)
 
 
+def growing_batches(count: int, short: int = 3) -> DataLoader:
+    """``short`` batches of 2 x 16 tokens, then longer ones of 2 x 64 (padding to each batch's longest does this)."""
+    generator = torch.Generator().manual_seed(5)
+    rows = []
+    for step in range(count):
+        seq = 16 if step < short else 64
+        start = torch.randint(0, VOCAB, (2, 1), generator=generator)
+        rows.append(((start + torch.arange(seq)) % VOCAB,))
+    return DataLoader(rows, batch_size=None)
+
+
 def trainer(strategy, **kwargs) -> L.Trainer:
     options = dict(
         accelerator=ACCELERATOR,
