@@ -25,8 +25,8 @@
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
 #   qwen14b      a Qwen3-14B-shape model (random weights, the shipped tokenizer and data) trained for a few steps
 #                under the 24 GiB cap with the options slide-plan picks for this machine (masters on disk, bf16
-#                moments, clipping by value): slide-plan's prediction first, then the run's tokens/s, peak host RSS
-#                and disk use
+#                moments, clipping by value): slide-plan's prediction first (rates measured here), then the run's
+#                tokens/s, peak host RSS and disk use
 #   before_after the engine before its split (commit 4c29062, unpacked into before/ here:
 #                git archive 4c29062 lightning_slide | tar -x -C before) against now, at $BEFORE_AFTER_SHAPES
 #                (default 8B batch 4: the 3B batch-8 pair is in BENCHMARKS.md), both without parking (the
@@ -92,7 +92,7 @@ case $stage in
     run="model=causal_lm model.path=null $shape model.moments=bf16 kernels=all data.batch_size=8 data.max_length=1024"
     run="$run strategy.gpu_memory_limit=24GiB strategy.offload_dir=/tmp/slide-14b strategy.offload=masters"
     run="$run trainer.gradient_clip_algorithm=value trainer.max_steps=4 trainer.limit_val_batches=0 export.enabled=false"
-    { python3 -m lightning_slide.app.plan $run plan.disk_free=60GB; echo "plan exit $?";
+    { python3 -m lightning_slide.app.plan $run plan.disk_free=60GB plan.measure=true; echo "plan exit $?";
       /usr/bin/time -v timeout 560 python3 -m lightning_slide.app.train $run 2>&1 | grep -E \
         "throughput|slide-plan|Maximum resident|Elapsed|Error|error|slideformer" ;
       du -sh /tmp/slide-14b; } > "$out/qwen14b.log" 2>&1 ;;
