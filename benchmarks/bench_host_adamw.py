@@ -2,6 +2,9 @@
 ``lightning_slide.optim.AdamW`` with bf16 moments (its C++ host loop) from a worker thread, as the engine runs it.
 Then clipping by norm on the worker: the gradients scaled in a pass of their own before the kernel, against the
 scale folded into the kernel's pass (its ``grad_scale``, as the engine does), with fp32 and with bf16 moments.
+On a GPU machine, last: the same kernels while page-locked copies to and from the GPU run back to back (a step's
+weight uploads and gradient downloads load the host memory meanwhile), and bf16 gradients read by the bf16-moment
+kernel, which say whether the host's memory bus, not its cores, binds the update during a step.
 
 usage: python benchmarks/bench_host_adamw.py [--numel 110e6] [--threads 4,8,16]
 The host optimizer is the step's binding term for large models; this says what the machine gives.
@@ -10,6 +13,7 @@ The host optimizer is the step's binding term for large models; this says what t
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,11 +22,18 @@ import torch
 from lightning_slide.optim import AdamW
 
 
-def rate(numel: int, pin: bool, repeats: int = 5, moments: torch.dtype = torch.float32, clip: str = "") -> float:
+def rate(
+    numel: int,
+    pin: bool,
+    repeats: int = 5,
+    moments: torch.dtype = torch.float32,
+    clip: str = "",
+    grads: torch.dtype = torch.float32,
+) -> float:
     """``clip``: ``"pass"`` scales the gradients by a clip coefficient first, ``"folded"`` hands its inverse to the
-    fused kernel as ``grad_scale``; ``""``: no clipping."""
+    fused kernel as ``grad_scale``; ``""``: no clipping. ``grads``: the gradients' dtype (bf16: bf16 moments only)."""
     param = torch.zeros(numel, pin_memory=pin and torch.cuda.is_available())
-    param.grad = torch.randn(numel)
+    param.grad = torch.randn(numel).to(grads)
     fused = True if moments == torch.float32 else None
     optimizer = AdamW([param], lr=1e-4, fused=fused, state_dtype=moments)  # fp32: torch.optim.AdamW itself
     optimizer.step()
@@ -34,6 +45,58 @@ def rate(numel: int, pin: bool, repeats: int = 5, moments: torch.dtype = torch.f
         optimizer.grad_scale = 1 / coefficient if clip == "folded" else None
         optimizer.step()
     return numel * repeats / (time.perf_counter() - start) / 1e9
+
+
+class CopyLoad:
+    """Copies between page-locked host buffers and the GPU, both ways at once and back to back, on a thread of their
+    own while in the ``with`` block; ``gb_per_s`` after it: the host memory traffic they made."""
+
+    def __init__(self, numel: int = 2**27) -> None:
+        self.host = [torch.empty(numel, pin_memory=True) for _ in range(2)]
+        self.device = [torch.empty(numel, device="cuda") for _ in range(2)]
+        self.stop = threading.Event()
+        self.gb_per_s = 0.0
+
+    def _run(self) -> None:
+        up, down = torch.cuda.Stream(), torch.cuda.Stream()
+        copied, start = 0, time.perf_counter()
+        while not self.stop.is_set():
+            with torch.cuda.stream(up):
+                self.device[0].copy_(self.host[0], non_blocking=True)
+            with torch.cuda.stream(down):
+                self.host[1].copy_(self.device[1], non_blocking=True)
+            up.synchronize()
+            down.synchronize()
+            copied += self.host[0].nbytes + self.host[1].nbytes
+        self.gb_per_s = copied / (time.perf_counter() - start) / 1e9
+
+    def __enter__(self) -> CopyLoad:
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        time.sleep(0.2)  # copies under way before the kernel is timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def under_copies(pool: ThreadPoolExecutor, numel: int, threads: int) -> None:
+    """The kernels alone and under ``CopyLoad``, each from the worker on page-locked parameters, as one table row."""
+    cases = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    cells, traffic = [], []
+    for moments, grads in cases:
+
+        def timed(m=moments, g=grads):
+            torch.set_num_threads(threads)
+            return rate(numel, True, moments=m, grads=g)
+
+        alone = pool.submit(timed).result()
+        with CopyLoad() as load:
+            loaded = pool.submit(timed).result()
+        cells += [f"{alone:.2f}", f"{loaded:.2f}"]
+        traffic.append(load.gb_per_s)
+    print(f"| {threads} | " + " | ".join(cells) + f" | {min(traffic):.0f}-{max(traffic):.0f} |", flush=True)
 
 
 def main() -> None:
@@ -78,6 +141,19 @@ def main() -> None:
             f"| {threads} | {own:.2f} | {folded:.2f} | {folded / own:.2f} | {own16:.2f} | {folded16:.2f} | "
             f"{folded16 / own16:.2f} |"
         )
+    if not torch.cuda.is_available():
+        return
+    print(
+        "\nwhile page-locked copies to and from the GPU run (worker, pinned; G params/s alone, then under the copies)"
+    )
+    print(
+        "| threads | fp32 | under copies | bf16 moments | under copies | bf16 moments, bf16 grads | under copies "
+        "| copies GB/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    with ThreadPoolExecutor(1) as pool:
+        for threads in map(int, args.threads.split(",")):
+            under_copies(pool, numel, threads)
 
 
 if __name__ == "__main__":
