@@ -2,7 +2,7 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   suite (~400 s, after engine changes), then hostadamw (~60 s: its table under copies is new) + peers8b (~540 s),
+#   suite (~400 s, after engine changes) + hostadamw (~60 s: its table under copies is new), then peers8b (~540 s),
 #   peers8b_rest, peers8b16, zenflow3b, qwen14b, convergence; measured already (BENCHMARKS.md): peers3b, clipped3b,
 #   before_after, levers3b, gil, lora.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
