@@ -183,16 +183,24 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.update({p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None})
+        return loss
+
+    @torch.no_grad()
+    def update(self, grads: dict[torch.Tensor, torch.Tensor]) -> None:
+        """One step with ``grads[param]`` as each parameter's gradient (``step`` hands it ``.grad``). With bf16
+        moments a gradient may be bf16 for fp32 parameters, which ``.grad`` cannot hold: the kernel widens it."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf):
-            return loss  # GradScaler found inf/NaN gradients: no update, no step counted (as torch's fused kernels)
+            return  # GradScaler found inf/NaN gradients: no update, no step counted (as torch's fused kernels)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             made: dict[tuple, torch.Tensor] = {}  # one hyperparameter tensor per step count and device (uploaded once)
             for param in group["params"]:
-                if param.grad is None:
+                grad = grads.get(param)
+                if grad is None:
                     continue
-                if param.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("lightning_slide.optim.AdamW does not support sparse gradients")
                 state = self.state[param]
                 if "step" not in state:
@@ -220,8 +228,7 @@ class AdamW(torch.optim.AdamW):
                     )
                     if grad_scale is not None:  # the gradients' factor, divided on their device (no sync)
                         hyper[7:] /= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
-                _update_flat(param, param.grad, state["exp_avg"], state["exp_avg_sq"], hyper)
-        return loss
+                _update_flat(param, grad, state["exp_avg"], state["exp_avg_sq"], hyper)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, keeping the moments in ``state_dtype`` (torch casts them to the parameter's dtype)."""

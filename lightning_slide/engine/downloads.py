@@ -59,7 +59,7 @@ class GradientDownloads:
                     unit.grad = (
                         engine.resident_parts.accumulator()
                         if unit is engine.resident
-                        else engine.loans.lend(index, bounded=mode.streaming is not None)
+                        else engine.loans.lend(index, mode.streaming is not None, engine.gradient_dtype(key))
                     )
                 copy_cast(unit.grad, device_grads, engine.download_staging)
                 unit.grad_empty = False

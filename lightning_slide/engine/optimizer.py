@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from torch.profiler import record_function
 
 from lightning_slide import optim
-from lightning_slide.engine.host import Entry, HostUnit
+from lightning_slide.engine.host import MASTER_DTYPE, Entry, HostUnit
 
 SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, optim.AdamW)
 # Per-group settings read from the user's param groups at every update (LR schedulers change them between steps).
@@ -204,11 +204,20 @@ class UnitOptimizer:
                 span.master.grad = span.view(flat, lo) if lo <= span.start and span.stop <= hi else None
             return [span.master.grad for span in self._spans if span.master.grad is not None]
         flat = self.unit.grad if self._grad is None else self._grad
-        grads = []
-        for span in self._spans:
-            span.master.grad = span.view(flat, self.unit.grad_start)
-            grads.append(span.master.grad)
+        grads = [span.view(flat, self.unit.grad_start) for span in self._spans]
+        if flat.dtype == MASTER_DTYPE:  # (narrower gradients reach the kernel without ``.grad``: ``step``)
+            for span, grad in zip(self._spans, grads):
+                span.master.grad = grad
         return grads
+
+    def takes(self, dtype: torch.dtype) -> bool:
+        """Whether its update reads gradients in ``dtype`` as they are: fp32, or bf16 for the bf16-moment kernel,
+        which widens them as it reads (torch's fused kernels take their parameters' dtype only). Over the whole
+        gradient only, whose norm is then taken on the device."""
+        if dtype == MASTER_DTYPE:
+            return True
+        narrow = isinstance(self.inner, optim.AdamW) and self.state_dtype == dtype == torch.bfloat16
+        return narrow and self.steps_whole_gradient
 
     def step(
         self,
@@ -248,7 +257,10 @@ class UnitOptimizer:
         try:
             if folded:
                 self.inner.grad_scale = 1.0 / clip_coefficient
-            self.inner.step()
+            if grads and grads[0].dtype != MASTER_DTYPE:
+                self.inner.update({span.master: grad for span, grad in zip(self._spans, grads)})
+            else:
+                self.inner.step()
         finally:
             if folded:
                 self.inner.grad_scale = None

@@ -125,7 +125,7 @@ class Parking:
         engine = self.engine
         buffer, landed, update = self.parked.pop(index)
         unit = engine.layers[index]
-        unit.grad = engine.loans.lend(index, bounded=True)
+        unit.grad = engine.loans.lend(index, bounded=True, dtype=engine.gradient_dtype(index))
         with engine.streams.on(self.stream):
             engine.streams.wait(landed)
             copy_cast(unit.grad, buffer[: unit.grad_numel], self.staging)

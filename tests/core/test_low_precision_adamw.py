@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import lightning_slide
 from lightning_slide import optim
 from tests.core.test_parity import assert_same_training, train
-from tests.core.tiny import ACCELERATOR, relative_error
+from tests.core.tiny import ACCELERATOR, TinyLM, batches, initial_state, relative_error, trainer
 
 
 def _run(cls, steps=12, seed=0, **options):
@@ -199,3 +199,80 @@ def test_bf16_moments_checkpoint_and_resume_exactly(tmp_path):
     files = sorted((tmp_path / "a" / "last.ckpt" / "optimizer").glob("*.safetensors"))
     moments = [load_file(f) for f in files]
     assert files and {t.dtype for m in moments for n, t in m.items() if "exp_avg" in n} == {torch.bfloat16}
+
+
+class HostGradientDtypes(L.Callback):
+    """The dtypes of the layer gradients the host optimizer read (spied on ``UnitOptimizer.step``)."""
+
+    def __init__(self) -> None:
+        self.seen: set[torch.dtype] = set()
+
+    def on_train_start(self, trainer, pl_module):
+        for key, optimizer in trainer.strategy.engine.updates.optimizers.items():
+            if isinstance(key, int):
+                step = optimizer.step
+
+                def spied(*args, optimizer=optimizer, step=step, **kwargs):
+                    self.seen.add(optimizer.unit.grad.dtype)
+                    return step(*args, **kwargs)
+
+                optimizer.step = spied
+
+    def on_train_end(self, trainer, pl_module):
+        self.parked = trainer.strategy.engine.stats()["parked_layers"]
+
+
+class ReadsGradientsBeforeTheStep(L.Callback):
+    """A user's hook between backward and step: the host shows it every gradient, in fp32."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in pl_module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "clip", "parked", "narrow"),
+    [(1, None, 0, True), (1, None, 2, True), (1, 0.05, 2, True), (2, None, 0, False)],
+)
+def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(accumulate, clip, parked, narrow):
+    """With bf16 moments a step of one micro-batch sends its layers' gradients down in bf16, as the device computed
+    them, and the kernel widens them as it reads: half the copy and half the gradient reads of the update, bit for bit
+    what fp32 gradients give (those of a step that hooks observe, which see fp32; with clipping by norm that step
+    takes the norm on the host, from other roundings), parked on the device on their way or not. Several
+    micro-batches add up in fp32 and stay so."""
+    runs, spies = {}, {}
+    for observed in (False, True):
+        spy = HostGradientDtypes()
+        callbacks = [spy, *([ReadsGradientsBeforeTheStep()] if observed else [])]
+        torch.manual_seed(123)
+        module = TinyLM("llama", initial_state("llama"), optimizer=low_precision)
+        options = dict(accumulate_grad_batches=accumulate, gradient_clip_val=clip, callbacks=callbacks)
+        strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(parked_grads=parked, grad_buffers=1))
+        run = trainer(strategy, precision="bf16-true", max_steps=4, **options)
+        run.fit(module, batches(4 * accumulate))
+        runs[observed], spies[observed] = (module, spy.seen), spy
+    (narrowed, seen), (widened, seen_observed) = runs[False], runs[True]
+    assert (spies[False].parked > 0) == (parked > 0)
+    assert seen == {torch.bfloat16 if narrow else torch.float32} and seen_observed == {torch.float32}
+    theirs = dict(widened.named_parameters())
+    for name, param in narrowed.named_parameters():
+        if clip is None:
+            assert torch.equal(param, theirs[name]), name
+        else:
+            assert relative_error(param.detach(), theirs[name].detach()) < 1e-6, name
+
+
+def test_the_kernel_widens_bf16_gradients_exactly():
+    """bf16 gradients into the bf16-moment kernel update exactly as the same values in fp32, unscaling included."""
+    torch.manual_seed(0)
+    grads = [torch.randn(4096).bfloat16() for _ in range(3)]
+    start = torch.randn(4096)
+    results = []
+    for widen in (False, True):
+        param = torch.nn.Parameter(start.clone())
+        opt = optim.AdamW([param], lr=1e-2, weight_decay=0.1)
+        for step, grad in enumerate(grads):
+            opt.grad_scale = torch.tensor(2.0 + step)
+            opt.update({param: grad.float() if widen else grad})
+        results.append((param.detach().clone(), *(opt.state[param][n] for n in ("exp_avg", "exp_avg_sq"))))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
