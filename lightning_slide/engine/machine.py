@@ -121,10 +121,11 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     resident_up = 4 * shape.resident_params if shape.resident_trainable else 0  # frozen: uploaded once, not per step
     offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
     upload = s.element if s.compute_copy else 4  # bytes per layer parameter per upload
-    # bytes per layer gradient down: the compute dtype where the bf16-moment kernel reads them so (one micro-batch per
-    # step and one rank; clipping by value, which the settings do not tell, sends fp32)
+    # Layer gradients go down in the compute dtype where the bf16-moment kernel reads them so (one micro-batch per step
+    # and one rank; clipping by value, which the settings do not tell, sends fp32), else in fp32.
     narrow = s.moments_dtype == torch.bfloat16 and a == 1 and s.ranks == 1
-    down = s.element if narrow else 4
+    layer_down = (s.element if narrow else 4) * sliding * shape.layer_trainable
+    resident_down = resident_host * 4 * shape.resident_trainable
     # One upload of every layer; frozen parameters kept in the compute dtype go up as they are.
     frozen = shape.layers_frozen if s.frozen_apart else 0
     layer_upload = upload * (layer_params - frozen) + s.element * frozen
@@ -134,9 +135,7 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
             a * (2 * layer_upload / s.ranks + offloaded) + resident_host * resident_up / s.ranks
         )
         / m.h2d_bytes_per_s,
-        "D2H gradients": a
-        * ((down * sliding * shape.layer_trainable + resident_host * 4 * shape.resident_trainable) / s.ranks + offloaded)
-        / m.d2h_bytes_per_s,
+        "D2H gradients": a * ((layer_down + resident_down) / s.ranks + offloaded) / m.d2h_bytes_per_s,
     }
     updated = host_updated_trainable(shape, s)
     adamw = updated / m.adamw_rate(s.moments_dtype)
