@@ -303,6 +303,16 @@ def test_plan_numbers_of_a_known_shape():
     assert make_plan(shape, four.settings, measured).time["host AdamW + gradient sums"] == pytest.approx(
         4 * plan.time["host AdamW"]
     )
+    # bf16 moments: the layers' gradients go down in bf16 (the kernel reads them so), unless they add up on the host.
+    down = {
+        a: make_plan(shape, dataclasses.replace(plan.settings, moments_dtype=torch.bfloat16, accumulate=a), m)
+        for a in (1, 2)
+    }
+    resident = 4 * shape.resident_params / m.d2h_bytes_per_s
+    assert down[1].time["D2H gradients"] == pytest.approx(2 * 32 * shape.layer_params / m.d2h_bytes_per_s + resident)
+    assert down[2].time["D2H gradients"] == pytest.approx(
+        2 * (4 * 32 * shape.layer_params / m.d2h_bytes_per_s + resident)
+    )
     # The disk tier moves the moments to files and adds their traffic.
     disk = make_plan(shape, dataclasses.replace(plan.settings, offload_dir="/x"), Machine(disk_free=2**40))
     assert disk.disk_total == 8 * shape.params and "disk write (Adam moments)" in disk.time
