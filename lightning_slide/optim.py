@@ -28,12 +28,18 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _adamw_update(
-    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, hyper: torch.Tensor
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    hyper: torch.Tensor,
+    copy: torch.Tensor | None = None,
 ) -> None:
     """One AdamW update of flat ``param`` in fp32, the moments read from and rounded back to their own dtype.
     ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2), factor]``:
     each gradient is multiplied by ``factor`` as it is read (its sign maximizes; GradScaler's ``1 / grad_scale``).
-    Tensors, not Python numbers: a changed learning rate does not recompile."""
+    Tensors, not Python numbers: a changed learning rate does not recompile. ``copy``: receives the updated
+    parameter in its own dtype."""
     lr, beta1, beta2, eps, decay, bias1, bias2_sqrt, factor = hyper.unbind()
     grad = grad.float() * factor
     exp_avg32 = exp_avg.float().lerp(grad, 1 - beta1)
@@ -42,6 +48,8 @@ def _adamw_update(
     param.copy_(param.float() * (1 - lr * decay) - (lr / bias1) * exp_avg32 / denom)
     exp_avg.copy_(exp_avg32)
     exp_avg_sq.copy_(exp_avg_sq32)
+    if copy is not None:
+        copy.copy_(param)
 
 
 class _Kernel:
@@ -60,7 +68,7 @@ class _Kernel:
         if self.failures < _GIVE_UP:
             try:
                 if tensors[0].device.type == "cpu":
-                    return self._host().adamw_bf16_(*tensors)
+                    return self._host().adamw_bf16_(*tensors[:5], tensors[5] if len(tensors) > 5 else None)
                 with self._lock:  # (dynamo serializes compiling itself; the kernels then run concurrently)
                     if self.compiled is None:
                         self.compiled = torch.compile(_adamw_update, dynamic=True, fullgraph=True)
@@ -187,9 +195,10 @@ class AdamW(torch.optim.AdamW):
         return loss
 
     @torch.no_grad()
-    def update(self, grads: dict[torch.Tensor, torch.Tensor]) -> None:
+    def update(self, grads: dict[torch.Tensor, torch.Tensor], copies: dict[torch.Tensor, torch.Tensor] = {}) -> None:  # noqa: B006
         """One step with ``grads[param]`` as each parameter's gradient (``step`` hands it ``.grad``). With bf16
-        moments a gradient may be bf16 for fp32 parameters, which ``.grad`` cannot hold: the kernel widens it."""
+        moments a gradient may be bf16 for fp32 parameters, which ``.grad`` cannot hold: the kernel widens it.
+        ``copies[param]`` (bf16 moments, optional): receives the updated parameter in bf16, in the same pass."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf):
             return  # GradScaler found inf/NaN gradients: no update, no step counted (as torch's fused kernels)
@@ -228,7 +237,7 @@ class AdamW(torch.optim.AdamW):
                     )
                     if grad_scale is not None:  # the gradients' factor, divided on their device (no sync)
                         hyper[7:] /= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
-                _update_flat(param, grad, state["exp_avg"], state["exp_avg_sq"], hyper)
+                _update_flat(param, grad, state["exp_avg"], state["exp_avg_sq"], hyper, copies.get(param))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, keeping the moments in ``state_dtype`` (torch casts them to the parameter's dtype)."""
@@ -243,14 +252,14 @@ class AdamW(torch.optim.AdamW):
         self.__dict__.setdefault("state_dtype", torch.float32)
 
 
-def _update_flat(param, grad, exp_avg, exp_avg_sq, hyper) -> None:
+def _update_flat(param, grad, exp_avg, exp_avg_sq, hyper, copy=None) -> None:
     """The kernel over flat views (one compiled shape family); tensors that have none go through copies."""
-    tensors = (param, grad, exp_avg, exp_avg_sq)
+    tensors = (param, grad, exp_avg, exp_avg_sq) + (() if copy is None else (copy,))
     if all(t.is_contiguous() for t in tensors):
-        _kernel(*(t.view(-1) for t in tensors), hyper)
+        _kernel(*(t.view(-1) for t in tensors[:4]), hyper, *(t.view(-1) for t in tensors[4:]))
         return
     flat = [t.reshape(-1).clone() if not t.is_contiguous() else t.view(-1) for t in tensors]
-    _kernel(*flat, hyper)
-    for original, copy in zip(tensors, flat):
+    _kernel(*flat[:4], hyper, *flat[4:])
+    for original, copied in zip(tensors, flat):
         if not original.is_contiguous() and original is not grad:
-            original.copy_(copy.view_as(original))
+            original.copy_(copied.view_as(original))

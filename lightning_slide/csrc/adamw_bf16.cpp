@@ -1,5 +1,6 @@
 // The host's AdamW step with bf16 moments: one pass over memory per parameter, the moments read into fp32 and
-// rounded back to the nearest bf16 (ties to even), in the operation order of lightning_slide.optim._adamw_update.
+// rounded back to the nearest bf16 (ties to even), in the operation order of lightning_slide.optim._adamw_update;
+// optionally the updated parameter's bf16 copy written in the same pass (the compute copy uploads read).
 // Built on first use by lightning_slide/optim.py (torch.utils.cpp_extension); the compiler vectorizes the loop.
 #include <torch/extension.h>
 
@@ -35,9 +36,10 @@ struct Scalars {  // as the eager ops compute them, in fp32
   bool small;  // torch's lerp takes the side of the smaller weight
 };
 
-template <bool Small, typename P, typename G>
+template <bool Small, bool Copy, typename P, typename G>
 void update_range(P* __restrict param, const G* __restrict grad, uint16_t* __restrict exp_avg,
-                  uint16_t* __restrict exp_avg_sq, int64_t begin, int64_t end, const Scalars s) {
+                  uint16_t* __restrict exp_avg_sq, uint16_t* __restrict copy, int64_t begin, int64_t end,
+                  const Scalars s) {
   // Locals and restrict pointers: the stores cannot alias them, so the compiler vectorizes the loop.
   const float weight = s.weight, rest = s.rest, new_share = s.new_share, beta2 = s.beta2, eps = s.eps;
   const float bias2_sqrt = s.bias2_sqrt, keep = s.keep, step = s.step, factor = s.factor;
@@ -48,14 +50,17 @@ void update_range(P* __restrict param, const G* __restrict grad, uint16_t* __res
     const float m = Small ? m_old + weight * diff : g - diff * rest;
     const float v = widen(exp_avg_sq[i]) * beta2 + g * g * new_share;
     const float denom = std::sqrt(v) / bias2_sqrt + eps;
-    store(param, i, load(param, i) * keep - step * m / denom);
+    const float p = load(param, i) * keep - step * m / denom;
+    store(param, i, p);
+    if (Copy) copy[i] = narrow(p);  // the value the cast of the stored parameter gives
     exp_avg[i] = narrow(m);
     exp_avg_sq[i] = narrow(v);
   }
 }
 
 template <typename P, typename G>
-void update(P* param, const G* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq, int64_t numel, const float* hyper) {
+void update(P* param, const G* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq, uint16_t* copy, int64_t numel,
+            const float* hyper) {
   // hyper: lr, beta1, beta2, eps, decay, bias1, sqrt(bias2), factor (each gradient's: sign and unscaling)
   const float lr = hyper[0], beta1 = hyper[1], decay = hyper[4], bias1 = hyper[5];
   Scalars s;
@@ -70,30 +75,33 @@ void update(P* param, const G* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq, in
   s.factor = hyper[7];
   s.small = std::abs(s.weight) < 0.5f;
   at::parallel_for(0, numel, 1 << 14, [=](int64_t begin, int64_t end) {
-    if (s.small) {
-      update_range<true>(param, grad, exp_avg, exp_avg_sq, begin, end, s);
+    if (copy != nullptr) {
+      s.small ? update_range<true, true>(param, grad, exp_avg, exp_avg_sq, copy, begin, end, s)
+              : update_range<false, true>(param, grad, exp_avg, exp_avg_sq, copy, begin, end, s);
     } else {
-      update_range<false>(param, grad, exp_avg, exp_avg_sq, begin, end, s);
+      s.small ? update_range<true, false>(param, grad, exp_avg, exp_avg_sq, copy, begin, end, s)
+              : update_range<false, false>(param, grad, exp_avg, exp_avg_sq, copy, begin, end, s);
     }
   });
 }
 
 template <typename P>
-void update_for_grad(const torch::Tensor& param, const torch::Tensor& grad, uint16_t* m, uint16_t* v,
+void update_for_grad(const torch::Tensor& param, const torch::Tensor& grad, uint16_t* m, uint16_t* v, uint16_t* copy,
                      const float* hyper) {
   P* p = reinterpret_cast<P*>(param.data_ptr());
   if (grad.scalar_type() == torch::kFloat32) {
-    update(p, grad.data_ptr<float>(), m, v, param.numel(), hyper);
+    update(p, grad.data_ptr<float>(), m, v, copy, param.numel(), hyper);
   } else {
-    update(p, reinterpret_cast<const uint16_t*>(grad.data_ptr()), m, v, param.numel(), hyper);
+    update(p, reinterpret_cast<const uint16_t*>(grad.data_ptr()), m, v, copy, param.numel(), hyper);
   }
 }
 
 }  // namespace
 
-// In place on flat contiguous CPU tensors: param and grad fp32 or bf16, the moments bf16, hyper 8 fp32 values.
+// In place on flat contiguous CPU tensors: param and grad fp32 or bf16, the moments bf16, hyper 8 fp32 values;
+// copy (optional, bf16): receives the updated parameter rounded to bf16.
 void adamw_bf16_(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
-                 torch::Tensor hyper) {
+                 torch::Tensor hyper, std::optional<torch::Tensor> copy) {
   for (const auto* t : {&param, &grad, &exp_avg, &exp_avg_sq, &hyper}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "adamw_bf16_: contiguous CPU tensors only");
   }
@@ -106,13 +114,20 @@ void adamw_bf16_(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
                 "adamw_bf16_: param and grad must be fp32 or bf16");
   }
   TORCH_CHECK(hyper.scalar_type() == torch::kFloat32 && hyper.numel() == 8, "adamw_bf16_: hyper is 8 fp32 values");
+  uint16_t* c = nullptr;
+  if (copy.has_value()) {
+    TORCH_CHECK(copy->device().is_cpu() && copy->is_contiguous() && copy->scalar_type() == torch::kBFloat16 &&
+                    copy->numel() == n,
+                "adamw_bf16_: copy is a contiguous bf16 CPU tensor of the parameter's size");
+    c = reinterpret_cast<uint16_t*>(copy->data_ptr());
+  }
   auto* m = reinterpret_cast<uint16_t*>(exp_avg.data_ptr());
   auto* v = reinterpret_cast<uint16_t*>(exp_avg_sq.data_ptr());
   const float* h = hyper.data_ptr<float>();
   if (param.scalar_type() == torch::kFloat32) {
-    update_for_grad<float>(param, grad, m, v, h);
+    update_for_grad<float>(param, grad, m, v, c, h);
   } else {
-    update_for_grad<uint16_t>(param, grad, m, v, h);
+    update_for_grad<uint16_t>(param, grad, m, v, c, h);
   }
 }
 

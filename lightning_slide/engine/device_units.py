@@ -74,6 +74,7 @@ def let_layers_slide(engine: SlidingEngine, count: int) -> None:
         device = engine.device_layers.pop(index)
         device.apply_deferred()
         device.to_host()
+        device.unit.refresh_weights()  # a compute copy on the host was not kept up to date meanwhile
         unit, on_device = device.unit, updates.optimizers.get(index)
         if on_device is not None:
             host = updates.optimizers[index] = UnitOptimizer(unit, *updates.source)

@@ -126,6 +126,7 @@ class UnitOptimizer:
     ) -> None:
         self.unit = unit
         self._grad = grad  # None: the unit's (lent) host accumulator, looked up at every update
+        self._host_masters = master is None  # (a unit updated on the device steps a copy of them there)
         master_flat = (unit.rest if unit.master is None else unit.master) if master is None else master
         self._owned: dict[int, _Piece] = {}  # id(parameter) -> the part of it optimized here
         runs: list[list[int]] = []  # [group, start, stop] of consecutive parameters of one group
@@ -226,12 +227,13 @@ class UnitOptimizer:
         clip_value: float | None,
         state: dict[str, torch.Tensor] | None = None,
         only: tuple[int, int, torch.Tensor] | None = None,
-    ) -> None:
+    ) -> bool:
         """One update of the unit. ``state``: arrays read from the disk tier: the moments when they are not kept in
         memory, and ``"master"``, the unit's flat fp32 masters, when they live on disk (updated in place).
-        ``only``: update one chunk from its own gradient buffer (``bind``)."""
+        ``only``: update one chunk from its own gradient buffer (``bind``). Returns whether it also brought the
+        unit's compute copy up to date (``_copies``)."""
         if self.inner is None:
-            return
+            return False
         state = state or {}
         master_flat = state.get("master")
         moments = self.state is None and all(name in state for name in self.state_names)
@@ -254,11 +256,12 @@ class UnitOptimizer:
             self._attach(state)
         if master_flat is not None:
             self._point_masters(master_flat)
+        copies = self._copies() if only is None else {}
         try:
             if folded:
                 self.inner.grad_scale = 1.0 / clip_coefficient
-            if grads and grads[0].dtype != MASTER_DTYPE:
-                self.inner.update({span.master: grad for span, grad in zip(self._spans, grads)})
+            if copies or (grads and grads[0].dtype != MASTER_DTYPE):
+                self.inner.update({span.master: grad for span, grad in zip(self._spans, grads)}, copies)
             else:
                 self.inner.step()
         finally:
@@ -270,6 +273,17 @@ class UnitOptimizer:
                 self._point_masters(self.unit.rest)
             for span in self._spans:
                 span.master.grad = None  # the accumulator may be lent to another layer next
+        return bool(copies)
+
+    def _copies(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Where the bf16-moment kernel writes each span's updated weights in bf16 in its own pass: the unit's compute
+        copy, which then needs no refresh of its own (``HostUnit.refresh_weights``); empty where it cannot."""
+        unit, weights = self.unit, self.unit.weights
+        writes = self._host_masters and isinstance(self.inner, optim.AdamW) and self.state_dtype == torch.bfloat16
+        whole = (unit.start, unit.stop) == (0, unit.numel)  # (with several ranks each updates its shard)
+        if not writes or weights is None or weights.dtype != torch.bfloat16 or not whole:
+            return {}
+        return {span.master: span.view(weights) for span in self._spans}
 
     def piece_of(self, param: torch.nn.Parameter) -> _Piece | None:
         """The part of ``param`` this optimizer steps, whole (``None``: none of it)."""
