@@ -4,7 +4,8 @@ Then clipping by norm on the worker: the gradients scaled in a pass of their own
 scale folded into the kernel's pass (its ``grad_scale``, as the engine does), with fp32 and with bf16 moments.
 On a GPU machine, last: the same kernels while page-locked copies to and from the GPU run back to back (a step's
 weight uploads and gradient downloads load the host memory meanwhile), and bf16 gradients read by the bf16-moment
-kernel, which say whether the host's memory bus, not its cores, binds the update during a step.
+kernel (and the bf16 compute copy written by it), which say whether the host's memory bus, not its cores, binds the
+update during a step.
 
 usage: python benchmarks/bench_host_adamw.py [--numel 110e6] [--threads 4,8,16]
 The host optimizer is the step's binding term for large models; this says what the machine gives.
@@ -13,6 +14,7 @@ The host optimizer is the step's binding term for large models; this says what t
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,21 +31,33 @@ def rate(
     moments: torch.dtype = torch.float32,
     clip: str = "",
     grads: torch.dtype = torch.float32,
+    copy: str = "",
 ) -> float:
     """``clip``: ``"pass"`` scales the gradients by a clip coefficient first, ``"folded"`` hands its inverse to the
-    fused kernel as ``grad_scale``; ``""``: no clipping. ``grads``: the gradients' dtype (bf16: bf16 moments only)."""
-    param = torch.zeros(numel, pin_memory=pin and torch.cuda.is_available())
-    param.grad = torch.randn(numel).to(grads)
+    fused kernel as ``grad_scale``; ``""``: no clipping. ``grads``: the gradients' dtype and ``copy``: the updated
+    weights also written in bf16, as the engine's compute copy, by the kernel (``"kernel"``) or in a pass of their
+    own (``"pass"``); both with bf16 moments only."""
+    pinned = pin and torch.cuda.is_available()
+    param = torch.zeros(numel, pin_memory=pinned)
+    grad = torch.randn(numel).to(grads)
+    weights = torch.empty(numel, dtype=torch.bfloat16, pin_memory=pinned)
+    copies = {param: weights} if copy == "kernel" else {}
     fused = True if moments == torch.float32 else None
     optimizer = AdamW([param], lr=1e-4, fused=fused, state_dtype=moments)  # fp32: torch.optim.AdamW itself
-    optimizer.step()
+    if moments == torch.float32:
+        param.grad = grad
+        step = optimizer.step
+    else:  # as the engine hands gradients that ``.grad`` cannot hold
+        update = functools.partial(optimizer.update, {param: grad}, copies)
+        step = (lambda: (update(), weights.copy_(param))) if copy == "pass" else update
+    step()
     coefficient = torch.tensor(0.5)
     start = time.perf_counter()
     for _ in range(repeats):
         if clip == "pass":
-            param.grad.mul_(coefficient)
+            grad.mul_(coefficient)
         optimizer.grad_scale = 1 / coefficient if clip == "folded" else None
-        optimizer.step()
+        step()
     return numel * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -83,20 +97,24 @@ class CopyLoad:
 
 def under_copies(pool: ThreadPoolExecutor, numel: int, threads: int) -> None:
     """The kernels alone and under ``CopyLoad``, each from the worker on page-locked parameters, as one table row."""
-    cases = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    fp32, bf16 = torch.float32, torch.bfloat16
+    cases = [(fp32, fp32, ""), (bf16, fp32, ""), (bf16, bf16, ""), (bf16, bf16, "pass"), (bf16, bf16, "kernel")]
     cells, traffic = [], []
-    for moments, grads in cases:
+    for moments, grads, copy in cases:
 
-        def timed(m=moments, g=grads):
+        def timed(m=moments, g=grads, c=copy):
             torch.set_num_threads(threads)
-            return rate(numel, True, moments=m, grads=g)
+            return rate(numel, True, moments=m, grads=g, copy=c)
 
-        alone = pool.submit(timed).result()
-        with CopyLoad() as load:
-            loaded = pool.submit(timed).result()
-        cells += [f"{alone:.2f}", f"{loaded:.2f}"]
-        traffic.append(load.gb_per_s)
-    print(f"| {threads} | " + " | ".join(cells) + f" | {min(traffic):.0f}-{max(traffic):.0f} |", flush=True)
+        cells.append(f"{pool.submit(timed).result():.2f}")
+        if torch.cuda.is_available():
+            with CopyLoad() as load:
+                cells.append(f"{pool.submit(timed).result():.2f}")
+            traffic.append(load.gb_per_s)
+        else:
+            cells.append("–")
+    copies = f"{min(traffic):.0f}-{max(traffic):.0f}" if traffic else "–"
+    print(f"| {threads} | " + " | ".join(cells) + f" | {copies} |", flush=True)
 
 
 def main() -> None:
@@ -141,16 +159,16 @@ def main() -> None:
             f"| {threads} | {own:.2f} | {folded:.2f} | {folded / own:.2f} | {own16:.2f} | {folded16:.2f} | "
             f"{folded16 / own16:.2f} |"
         )
-    if not torch.cuda.is_available():
-        return
     print(
-        "\nwhile page-locked copies to and from the GPU run (worker, pinned; G params/s alone, then under the copies)"
+        "\nthe update as a step runs it (worker, pinned; G params/s alone, then while page-locked copies to and from "
+        "the GPU run: a GPU machine only)"
     )
     print(
-        "| threads | fp32 | under copies | bf16 moments | under copies | bf16 moments, bf16 grads | under copies "
+        "| threads | fp32 | under copies | bf16 moments | under copies | + bf16 grads | under copies "
+        "| + bf16 weights written after | under copies | + bf16 weights written by the kernel | under copies "
         "| copies GB/s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with ThreadPoolExecutor(1) as pool:
         for threads in map(int, args.threads.split(",")):
             under_copies(pool, numel, threads)
