@@ -6,7 +6,8 @@
 #   peers8b_rest, peers8b16, zenflow3b, qwen14b, convergence; measured already (BENCHMARKS.md): peers3b, clipped3b,
 #   before_after, levers3b, gil, lora.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
-#   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host, alone and under
+#   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
+#                and the compute copy written by the kernel; alone and under
 #                copies to and from the GPU (does the memory bus bind the update in a step?); clipping by
 #                norm in a pass of its own against folded into the kernel)
 #   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
