@@ -27,11 +27,11 @@ class GradientLoans:
         self.layers, self.bound, self.worker = layers, bound, worker
         self.pool = GradientPool(numel, pin=pin)
         self.lent: collections.deque = collections.deque()  # layers holding a buffer, oldest first
-        self._narrow: dict[int, torch.Tensor] = {}  # the fp32 buffer of each lent narrower view, by its address
+        self._whole: dict[int, torch.Tensor] = {}  # the pool's whole fp32 buffer of each lent view, by its address
 
     def lend(self, index: int, bounded: bool, dtype: torch.dtype = MASTER_DTYPE) -> torch.Tensor:
-        """A buffer for layer ``index``, in ``dtype`` (a narrower one takes the front of an fp32 buffer);
-        ``bounded`` (updates stream): first wait until few enough are lent."""
+        """A buffer for layer ``index``: the front of one of the pool's, viewed as ``dtype`` (a narrower one takes
+        less of it); ``bounded`` (updates stream): first wait until few enough are lent."""
         if bounded:
             self.wait_for_room()
         else:
@@ -39,15 +39,14 @@ class GradientLoans:
         self.lent.append(index)
         buffer = self.pool.take()
         lent = buffer.view(dtype)[: self.layers[index].grad_numel]
-        if dtype != MASTER_DTYPE:
-            self._narrow[lent.data_ptr()] = buffer
+        self._whole[lent.data_ptr()] = buffer
         return lent
 
     def give_back(self, unit: HostUnit) -> None:
         """Return a layer's buffer (the resident parts own theirs)."""
         if unit in self.layers and unit.grad is not None:
             buffer, unit.grad = unit.grad, None
-            self.pool.give(self._narrow.pop(buffer.data_ptr(), buffer))
+            self.pool.give(self._whole.pop(buffer.data_ptr()))
 
     def wait_for_room(self) -> None:
         """Block until a layer could borrow a buffer within the bound: until one of the layers holding one
@@ -76,5 +75,5 @@ class GradientLoans:
         for unit in self.layers:
             unit.grad = None  # buffers lent by the pool
         self.lent.clear()
-        self._narrow.clear()
+        self._whole.clear()
         self.pool = GradientPool(0, pin=False)

@@ -251,7 +251,8 @@ def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(acc
         run.fit(module, batches(4 * accumulate))
         runs[observed], spies[observed] = (module, spy.seen), spy
     (narrowed, seen), (widened, seen_observed) = runs[False], runs[True]
-    assert (spies[False].parked > 0) == (parked > 0)
+    if clip is not None:  # a held step parks while buffers are free (a streamed one only when the host lags)
+        assert (spies[False].parked > 0) == (parked > 0)
     assert seen == {torch.bfloat16 if narrow else torch.float32} and seen_observed == {torch.float32}
     theirs = dict(widened.named_parameters())
     for name, param in narrowed.named_parameters():
