@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from lightning_slide.engine.host import GradientPool, HostUnit
+from lightning_slide.engine.loans import GradientLoans
+from lightning_slide.engine.optimizer import UpdateWorker
 
 
 def block(frozen: tuple[str, ...] = ()) -> nn.Module:
@@ -197,3 +199,22 @@ def test_gradient_pool_counts_buffers_taken_from_several_threads():
         t.join()
     assert 1 <= pool.allocated <= 4  # at most one buffer per thread in use at once
     assert len({t.data_ptr() for t in taken}) == pool.allocated
+
+
+def test_loans_lend_views_of_whole_pool_buffers_and_take_them_back_whole():
+    """A layer borrows the front of a pool buffer (in bf16 for the bf16-moment kernel: half of it); giving it back
+    returns the whole buffer, so a larger layer borrowing it next gets all it needs."""
+    small, large = (HostUnit(name, list(nn.Linear(n, n).named_parameters())) for name, n in (("small", 2), ("big", 4)))
+    worker = UpdateWorker()
+    try:
+        loans = GradientLoans([small, large], large.grad_numel, bound=4, worker=worker, pin=False)
+        small.grad = loans.lend(0, bounded=False)
+        assert small.grad.numel() == small.grad_numel and small.grad.dtype == torch.float32
+        loans.give_back(small)
+        large.grad = loans.lend(1, bounded=False, dtype=torch.bfloat16)
+        assert large.grad.numel() == large.grad_numel and large.grad.dtype == torch.bfloat16
+        loans.give_back(large)
+        again = loans.lend(1, bounded=False)
+        assert again.numel() == large.grad_numel and again.dtype == torch.float32 and loans.pool.allocated == 1
+    finally:
+        worker.close()
