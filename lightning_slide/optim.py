@@ -195,10 +195,11 @@ class AdamW(torch.optim.AdamW):
         return loss
 
     @torch.no_grad()
-    def update(self, grads: dict[torch.Tensor, torch.Tensor], copies: dict[torch.Tensor, torch.Tensor] = {}) -> None:  # noqa: B006
+    def update(self, grads: dict[torch.Tensor, torch.Tensor], copies: dict[torch.Tensor, torch.Tensor] | None = None):
         """One step with ``grads[param]`` as each parameter's gradient (``step`` hands it ``.grad``). With bf16
         moments a gradient may be bf16 for fp32 parameters, which ``.grad`` cannot hold: the kernel widens it.
         ``copies[param]`` (bf16 moments, optional): receives the updated parameter in bf16, in the same pass."""
+        copies = copies or {}
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf):
             return  # GradScaler found inf/NaN gradients: no update, no step counted (as torch's fused kernels)
