@@ -16,6 +16,7 @@ import torch
 
 from lightning_slide.engine import state
 from lightning_slide.engine.checks import Verdict, index_of, raise_if_nonfinite
+from lightning_slide.engine.disk import place_optimizer_state
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit
 from lightning_slide.engine.optimizer import UnitOptimizer
 from lightning_slide.engine.streams import copy_cast
@@ -68,6 +69,7 @@ def let_layers_slide(engine: SlidingEngine, count: int) -> None:
     above goes back to sliding, its masters, optimizer state and any gradients summed so far this step with it."""
     engine.worker.wait_all()
     updates = engine.updates
+    store = engine.state_store if "optimizer" in engine.offload else None
     for index in sorted(engine.device_layers, reverse=True):
         if index < count:
             break
@@ -76,12 +78,17 @@ def let_layers_slide(engine: SlidingEngine, count: int) -> None:
         device.to_host()
         device.unit.refresh_weights()  # a compute copy on the host was not kept up to date meanwhile
         unit, on_device = device.unit, updates.optimizers.get(index)
-        if on_device is not None:
-            host = updates.optimizers[index] = UnitOptimizer(unit, *updates.source)
+        if on_device is not None:  # its optimizer state goes where the other layers' is: memory, or the disk tier
+            names, dtype = on_device.state_names, on_device.state_dtype
+            on_disk = bool(place_optimizer_state(store, {index: unit}, names, [index], dtype))
+            host = updates.optimizers[index] = UnitOptimizer(unit, *updates.source, state_in_memory=not on_disk)
+            arrays = host.empty_state() if on_disk else None
             for entry in unit.trainable:
                 saved = on_device.state_of(entry.param)
                 if saved is not None:
-                    host.load_state_of(entry.param, saved)
+                    host.load_state_of(entry.param, saved, arrays)
+            if on_disk:
+                store.put(index, arrays)
         if not unit.grad_empty:  # mid-accumulation: the sum so far goes to a host accumulator
             unit.grad = engine.loans.lend(index, bounded=False)
             unit.grad.copy_(device.grad)

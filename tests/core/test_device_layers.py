@@ -208,7 +208,7 @@ class KeptPerBatch(L.Callback):
         self.kept.append(None if engine is None else len(engine.device_layers))
 
 
-def _growing_run(strategy, accumulate, clip, moments):
+def _growing_run(strategy, accumulate, clip, moments=torch.float32):
     """llama_deep trained on batches of 2 x 16 tokens, then of 2 x 64; the layers kept on the device per batch."""
     torch.manual_seed(123)
     optimizer = "adamw"  # torch's, as TinyLM builds it; else bf16 moments with its hyperparameters
@@ -245,3 +245,16 @@ def test_auto_lets_layers_slide_when_a_larger_batch_comes_and_trains_the_same(ac
     theirs = dict(plain.named_parameters())
     for name, param in ours.named_parameters():
         assert relative_error(param.detach(), theirs[name].detach()) <= tolerance, name
+
+
+@pytest.mark.skipif(ACCELERATOR != "cpu", reason="a GPU's caching allocator reserves more than this tiny plan")
+def test_layers_letting_go_of_the_device_put_their_moments_on_disk_beside_the_others(tmp_path):
+    """With the others' optimizer state on disk, a layer that slides again gets its files there too."""
+    plain, _ = _growing_run("auto", 1, None)
+    tuning = dict(device_layers="auto")
+    options = dict(offload_dir=str(tmp_path), offload="optimizer", gpu_memory_limit="2000000", tuning=tuning)
+    ours, kept = _growing_run(lightning_slide.SlideFormerStrategy(window=2, **options), 1, None)
+    assert kept[0] > kept[-1] > 0
+    assert_same_training(ours, plain)
+    assert not any(tmp_path.glob(f"layer{kept[-1] - 1:05d}.*"))  # still on the device: no files
+    assert any(tmp_path.glob(f"layer{kept[-1]:05d}.*"))  # slid again: files beside the others'
