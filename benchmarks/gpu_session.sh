@@ -3,8 +3,8 @@
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
 #   suite (~400 s, after engine changes) + hostadamw (~60 s: its table under copies is new), then peers8b (~540 s),
-#   peers8b_rest, peers8b16, zenflow3b, qwen14b, convergence; measured already (BENCHMARKS.md): peers3b, clipped3b,
-#   before_after, levers3b, gil, lora.
+#   bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b, qwen14b, convergence; measured already (BENCHMARKS.md):
+#   peers3b, clipped3b, before_after, levers3b, gil, lora.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
 #                and the compute copy written by the kernel; alone and under
@@ -19,6 +19,8 @@
 #   peers8b_rest 8B batch 4, the other rows: device_layers="auto", DeepSpeed, ZenFlow, all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
+#   bytes8b      8B batch 4 with bf16 moments, uploads from the fp32 masters against the bf16 compute copy the
+#                kernel now writes in its pass (host_weights="compute": 4 bytes per parameter fewer copied)
 #   clipped3b    3B batch 8 clipped by norm at 1.0 (as most fine-tunes run): slideformer (defaults, bf16 moments)
 #                against tuned FSDP offload, whose clipping is a pass of its own over the host's gradients
 #   levers3b     3B batch 8, slideformer with host-side levers the host idle might answer to (BENCHMARKS.md): huge
@@ -38,7 +40,7 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, peers3b, zenflow3b, peers8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -75,6 +77,9 @@ case $stage in
   zenflow3b)
     timeout 400 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 250 \
       --systems zenflow,fsdp_offload > "$out/zenflow3b.log" 2>&1 ;;
+  bytes8b)
+    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 250 \
+      --systems slideformer+bf16moments,slideformer+bf16moments+bf16 > "$out/bytes8b.log" 2>&1 ;;
   clipped3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --clip 1.0 --systems slideformer,slideformer+bf16moments,fsdp_offload > "$out/clipped3b.log" 2>&1 ;;
