@@ -36,12 +36,13 @@ def _adamw_update(
     copy: torch.Tensor | None = None,
 ) -> None:
     """One AdamW update of flat ``param`` in fp32, the moments read from and rounded back to their own dtype.
-    ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2), factor]``:
-    each gradient is multiplied by ``factor`` as it is read (its sign maximizes; GradScaler's ``1 / grad_scale``).
+    ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2), factor, clip]``:
+    each gradient element is clamped to ``[-clip, clip]`` (clipping by value; ``inf``: none) and multiplied by
+    ``factor`` as it is read (its sign maximizes; GradScaler's ``1 / grad_scale``).
     Tensors, not Python numbers: a changed learning rate does not recompile. ``copy``: receives the updated
     parameter in its own dtype."""
-    lr, beta1, beta2, eps, decay, bias1, bias2_sqrt, factor = hyper.unbind()
-    grad = grad.float() * factor
+    lr, beta1, beta2, eps, decay, bias1, bias2_sqrt, factor, clip = hyper.unbind()
+    grad = grad.float().clamp(-clip, clip) * factor
     exp_avg32 = exp_avg.float().lerp(grad, 1 - beta1)
     exp_avg_sq32 = exp_avg_sq.float() * beta2 + grad * grad * (1 - beta2)
     denom = exp_avg_sq32.sqrt() / bias2_sqrt + eps
@@ -150,7 +151,9 @@ class AdamW(torch.optim.AdamW):
 
     ``amsgrad``, ``capturable`` and ``differentiable`` are not offered with bf16 moments. As torch's fused kernels
     it takes ``grad_scale`` and ``found_inf`` from ``torch.amp.GradScaler`` (the gradients are unscaled as the kernel
-    reads them; a step with inf/NaN gradients is skipped), which also clips by norm without a pass of its own.
+    reads them; a step with inf/NaN gradients is skipped), which also clips by norm without a pass of its own; and
+    ``clip_value`` (set by slideformer's engine) clamps each gradient element to ``[-clip_value, clip_value]`` as the
+    kernel reads it: clipping by value without a pass of its own either.
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class AdamW(torch.optim.AdamW):
         ``copies[param]`` (bf16 moments, optional): receives the updated parameter in bf16, in the same pass."""
         copies = copies or {}
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        clip = getattr(self, "clip_value", None)
         if found_inf is not None and float(found_inf):
             return  # GradScaler found inf/NaN gradients: no update, no step counted (as torch's fused kernels)
         for group in self.param_groups:
@@ -232,12 +236,13 @@ class AdamW(torch.optim.AdamW):
                             1 - beta1**step,
                             math.sqrt(1 - beta2**step),
                             -1.0 if group["maximize"] else 1.0,
+                            math.inf if clip is None else float(clip),
                         ],
                         dtype=torch.float32,
                         device=param.device,
                     )
                     if grad_scale is not None:  # the gradients' factor, divided on their device (no sync)
-                        hyper[7:] /= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
+                        hyper[7:8] /= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
                 _update_flat(param, grad, state["exp_avg"], state["exp_avg_sq"], hyper, copies.get(param))
 
     def load_state_dict(self, state_dict: dict) -> None:

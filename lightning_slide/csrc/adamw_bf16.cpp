@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -32,7 +33,7 @@ inline void store(float* data, int64_t i, float value) { data[i] = value; }
 inline void store(uint16_t* data, int64_t i, float value) { data[i] = narrow(value); }
 
 struct Scalars {  // as the eager ops compute them, in fp32
-  float weight, rest, new_share, beta2, eps, bias2_sqrt, keep, step, factor;
+  float weight, rest, new_share, beta2, eps, bias2_sqrt, keep, step, factor, clip;
   bool small;  // torch's lerp takes the side of the smaller weight
 };
 
@@ -42,9 +43,9 @@ void update_range(P* __restrict param, const G* __restrict grad, uint16_t* __res
                   const Scalars s) {
   // Locals and restrict pointers: the stores cannot alias them, so the compiler vectorizes the loop.
   const float weight = s.weight, rest = s.rest, new_share = s.new_share, beta2 = s.beta2, eps = s.eps;
-  const float bias2_sqrt = s.bias2_sqrt, keep = s.keep, step = s.step, factor = s.factor;
+  const float bias2_sqrt = s.bias2_sqrt, keep = s.keep, step = s.step, factor = s.factor, clip = s.clip;
   for (int64_t i = begin; i < end; ++i) {
-    const float g = load(grad, i) * factor;
+    const float g = std::min(std::max(load(grad, i), -clip), clip) * factor;  // NaN stays NaN
     const float m_old = widen(exp_avg[i]);
     const float diff = g - m_old;
     const float m = Small ? m_old + weight * diff : g - diff * rest;
@@ -61,7 +62,8 @@ void update_range(P* __restrict param, const G* __restrict grad, uint16_t* __res
 template <typename P, typename G>
 void update(P* param, const G* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq, uint16_t* copy, int64_t numel,
             const float* hyper) {
-  // hyper: lr, beta1, beta2, eps, decay, bias1, sqrt(bias2), factor (each gradient's: sign and unscaling)
+  // hyper: lr, beta1, beta2, eps, decay, bias1, sqrt(bias2), factor (each gradient's: sign and unscaling), clip
+  // (each gradient element clamped to [-clip, clip] first: clipping by value; inf: none)
   const float lr = hyper[0], beta1 = hyper[1], decay = hyper[4], bias1 = hyper[5];
   Scalars s;
   s.weight = 1.0f - beta1;
@@ -73,6 +75,7 @@ void update(P* param, const G* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq, ui
   s.keep = 1.0f - lr * decay;
   s.step = lr / bias1;
   s.factor = hyper[7];
+  s.clip = hyper[8];
   s.small = std::abs(s.weight) < 0.5f;
   at::parallel_for(0, numel, 1 << 14, [=](int64_t begin, int64_t end) {
     if (copy != nullptr) {
@@ -98,7 +101,7 @@ void update_for_grad(const torch::Tensor& param, const torch::Tensor& grad, uint
 
 }  // namespace
 
-// In place on flat contiguous CPU tensors: param and grad fp32 or bf16, the moments bf16, hyper 8 fp32 values;
+// In place on flat contiguous CPU tensors: param and grad fp32 or bf16, the moments bf16, hyper 9 fp32 values;
 // copy (optional, bf16): receives the updated parameter rounded to bf16.
 void adamw_bf16_(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                  torch::Tensor hyper, std::optional<torch::Tensor> copy) {
@@ -113,7 +116,7 @@ void adamw_bf16_(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kBFloat16,
                 "adamw_bf16_: param and grad must be fp32 or bf16");
   }
-  TORCH_CHECK(hyper.scalar_type() == torch::kFloat32 && hyper.numel() == 8, "adamw_bf16_: hyper is 8 fp32 values");
+  TORCH_CHECK(hyper.scalar_type() == torch::kFloat32 && hyper.numel() == 9, "adamw_bf16_: hyper is 9 fp32 values");
   uint16_t* c = nullptr;
   if (copy.has_value()) {
     TORCH_CHECK(copy->device().is_cpu() && copy->is_contiguous() && copy->scalar_type() == torch::kBFloat16 &&

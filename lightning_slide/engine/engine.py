@@ -328,20 +328,16 @@ class SlidingEngine:
         mode.clip_value = None if clip_value is None else float(clip_value)
         # The step's updates wait for the end of backward: its layers' gradients may park (parked_grads).
         mode.holding = last_micro_batch and not stream and bool(self.updates) and not observed
-        # Nothing adds to, clamps or shows the host gradients of a step's only micro-batch.
+        # Nothing adds to or shows the host gradients of a step's only micro-batch.
         mode.narrow_grads = (
-            last_micro_batch
-            and clip_value is None
-            and not observed
-            and not self.shards.active
-            and self.compute_dtype != MASTER_DTYPE
+            last_micro_batch and not observed and not self.shards.active and self.compute_dtype != MASTER_DTYPE
         )
         self.resident_parts.begin_backward()
 
     def gradient_dtype(self, key) -> torch.dtype:
         """The dtype layer ``key``'s gradients of this backward cross to the host in: the compute dtype, as the
-        device computed them (half the copy, and the update reads half), when nothing adds to, clamps or shows them
-        there before an update whose kernel widens them itself; else fp32. Exact either way."""
+        device computed them (half the copy, and the update reads half), when nothing adds to or shows them there
+        before an update whose kernel widens (and clamps) them itself; else fp32. Exact either way."""
         optimizer = self.updates.optimizers.get(key)
         if self.mode.narrow_grads and optimizer is not None and optimizer.takes(self.compute_dtype):
             return self.compute_dtype

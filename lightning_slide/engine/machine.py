@@ -122,7 +122,7 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
     upload = s.element if s.compute_copy else 4  # bytes per layer parameter per upload
     # Layer gradients go down in the compute dtype where the bf16-moment kernel reads them so (one micro-batch per step
-    # and one rank; clipping by value, which the settings do not tell, sends fp32), else in fp32.
+    # and one rank), else in fp32.
     narrow = s.moments_dtype == torch.bfloat16 and a == 1 and s.ranks == 1
     layer_down = (s.element if narrow else 4) * sliding * shape.layer_trainable
     resident_down = resident_host * 4 * shape.resident_trainable

@@ -212,13 +212,18 @@ class UnitOptimizer:
         return grads
 
     def takes(self, dtype: torch.dtype) -> bool:
-        """Whether its update reads gradients in ``dtype`` as they are: fp32, or bf16 for the bf16-moment kernel,
-        which widens them as it reads (torch's fused kernels take their parameters' dtype only). Over the whole
-        gradient only, whose norm is then taken on the device."""
+        """Whether its update reads gradients in ``dtype`` as they are (no pass over them first): fp32, or bf16 for
+        the bf16-moment kernel, which widens them as it reads (torch's fused kernels take their parameters' dtype
+        only). Over the whole gradient only, whose norm is then taken on the device."""
         if dtype == MASTER_DTYPE:
             return True
-        narrow = isinstance(self.inner, optim.AdamW) and self.state_dtype == dtype == torch.bfloat16
-        return narrow and self.steps_whole_gradient
+        return self._own_kernel and dtype == torch.bfloat16 and self.steps_whole_gradient
+
+    @property
+    def _own_kernel(self) -> bool:
+        """Whether its update is the bf16-moment kernel, which widens bf16 gradients, clamps them (clipping by value)
+        and writes a bf16 copy of the weights in its own pass."""
+        return isinstance(self.inner, optim.AdamW) and self.state_dtype == torch.bfloat16
 
     def step(
         self,
@@ -245,7 +250,8 @@ class UnitOptimizer:
         if clip_coefficient is not None and not folded:
             for grad in grads:
                 grad.mul_(clip_coefficient)
-        if clip_value is not None:
+        clamped = clip_value is not None and self._own_kernel  # it clamps them as it reads them
+        if clip_value is not None and not clamped:
             for grad in grads:
                 grad.clamp_(-clip_value, clip_value)
         for inner_group, g in zip(self.inner.param_groups, self.group_indices):
@@ -260,6 +266,8 @@ class UnitOptimizer:
         try:
             if folded:
                 self.inner.grad_scale = 1.0 / clip_coefficient
+            if clamped:
+                self.inner.clip_value = clip_value
             if copies or (grads and grads[0].dtype != MASTER_DTYPE):
                 self.inner.update({span.master: grad for span, grad in zip(self._spans, grads)}, copies)
             else:
@@ -267,6 +275,8 @@ class UnitOptimizer:
         finally:
             if folded:
                 self.inner.grad_scale = None
+            if clamped:
+                self.inner.clip_value = None
             if moments:
                 self._detach()
             if master_flat is not None:
@@ -279,7 +289,7 @@ class UnitOptimizer:
         """Where the bf16-moment kernel writes each span's updated weights in bf16 in its own pass: the unit's compute
         copy, which then needs no refresh of its own (``HostUnit.refresh_weights``); empty where it cannot."""
         unit, weights = self.unit, self.unit.weights
-        writes = self._host_masters and isinstance(self.inner, optim.AdamW) and self.state_dtype == torch.bfloat16
+        writes = self._host_masters and self._own_kernel
         whole = (unit.start, unit.stop) == (0, unit.numel)  # (with several ranks each updates its shard)
         if not writes or weights is None or weights.dtype != torch.bfloat16 or not whole:
             return {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import threading
 import time
 
@@ -80,7 +81,7 @@ def test_the_fused_kernel_computes_what_the_eager_ops_do(dtype):
     param, grad = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
     moments = [torch.randn(n).abs().to(torch.bfloat16) for _ in range(2)]
     moments[1][7] = float("nan")  # a NaN stays NaN, as torch's rounding keeps it
-    hyper = torch.tensor([1e-2, 0.9, 0.95, 1e-8, 0.1, 0.3, 0.2, 1.0])
+    hyper = torch.tensor([1e-2, 0.9, 0.95, 1e-8, 0.1, 0.3, 0.2, 1.0, 0.5])
     eager = [t.clone() for t in (param, grad, *moments)]
     fused = [t.clone() for t in (param, grad, *moments)]
     optim._adamw_update(*eager, hyper)
@@ -110,7 +111,7 @@ def test_the_host_kernel_lets_the_training_thread_run_meanwhile():
         torch.zeros(n, dtype=torch.bfloat16),
         torch.zeros(n, dtype=torch.bfloat16),
     ]
-    hyper = torch.tensor([1e-4, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.03, 1.0])
+    hyper = torch.tensor([1e-4, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.03, 1.0, math.inf])
     optim._kernel(*tensors, hyper)  # built (or loaded) before timing
     span, seen = [], []  # the update's start and end; when this thread ran meanwhile
 
@@ -231,7 +232,7 @@ class ReadsGradientsBeforeTheStep(L.Callback):
 
 @pytest.mark.parametrize(
     ("accumulate", "clip", "parked", "narrow"),
-    [(1, None, 0, True), (1, None, 2, True), (1, 0.05, 2, True), (2, None, 0, False)],
+    [(1, None, 0, True), (1, None, 2, True), (1, 0.05, 2, True), (1, "value", 0, True), (2, None, 0, False)],
 )
 def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(accumulate, clip, parked, narrow):
     """With bf16 moments a step of one micro-batch sends its layers' gradients down in bf16, as the device computed
@@ -245,7 +246,9 @@ def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(acc
         callbacks = [spy, *([ReadsGradientsBeforeTheStep()] if observed else [])]
         torch.manual_seed(123)
         module = TinyLM("llama", initial_state("llama"), optimizer=low_precision)
-        options = dict(accumulate_grad_batches=accumulate, gradient_clip_val=clip, callbacks=callbacks)
+        by_value = dict(gradient_clip_val=1e-3, gradient_clip_algorithm="value")  # the kernel clamps as it reads
+        clipping = by_value if clip == "value" else dict(gradient_clip_val=clip)
+        options = dict(accumulate_grad_batches=accumulate, callbacks=callbacks, **clipping)
         strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(parked_grads=parked, grad_buffers=1))
         run = trainer(strategy, precision="bf16-true", max_steps=4, **options)
         run.fit(module, batches(4 * accumulate))
@@ -256,14 +259,15 @@ def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(acc
     assert seen == {torch.bfloat16 if narrow else torch.float32} and seen_observed == {torch.float32}
     theirs = dict(widened.named_parameters())
     for name, param in narrowed.named_parameters():
-        if clip is None:
+        if clip in (None, "value"):
             assert torch.equal(param, theirs[name]), name
         else:
             assert relative_error(param.detach(), theirs[name].detach()) < 1e-6, name
 
 
-def test_the_kernel_widens_bf16_gradients_exactly():
-    """bf16 gradients into the bf16-moment kernel update exactly as the same values in fp32, unscaling included."""
+def test_the_kernel_widens_and_clamps_bf16_gradients_exactly():
+    """bf16 gradients into the bf16-moment kernel update exactly as the same values in fp32, unscaling included; and
+    its clamp (clipping by value) as clamping them first."""
     torch.manual_seed(0)
     grads = [torch.randn(4096).bfloat16() for _ in range(3)]
     start = torch.randn(4096)
@@ -273,7 +277,8 @@ def test_the_kernel_widens_bf16_gradients_exactly():
         opt = optim.AdamW([param], lr=1e-2, weight_decay=0.1)
         for step, grad in enumerate(grads):
             opt.grad_scale = torch.tensor(2.0 + step)
-            opt.update({param: grad.float() if widen else grad})
+            opt.clip_value = None if widen else 0.7
+            opt.update({param: grad.float().clamp(-0.7, 0.7) if widen else grad})
         results.append((param.detach().clone(), *(opt.state[param][n] for n in ("exp_avg", "exp_avg_sq"))))
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)

@@ -196,14 +196,18 @@ def test_clipping_by_norm_is_folded_into_the_fused_kernel_pass(cls):
         assert fused["grad_scale"].item() == 4.0
 
 
-def test_a_clip_value_clamps_every_gradient_element():
-    pair = Pair(weight_decay=0.1)
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, optim.AdamW])  # fp32: a pass; bf16 moments: in its kernel
+def test_a_clip_value_clamps_every_gradient_element(cls):
+    pair = Pair(cls, weight_decay=0.1)
     for step in range(STEPS):
-        pair.set_grads(step)
+        grads = pair.set_grads(step)
         torch.nn.utils.clip_grad_value_(pair.plain.parameters(), 0.5)
         pair.reference.step()
         pair.optimizer.step(hyperparameters(pair.user.param_groups), None, 0.5)
         pair.assert_close()
+        # the bf16-moment kernel clamps them as it reads them: the host's gradients are left as they came
+        clamped = torch.equal(pair.unit.grad, pair.unit.grad.clamp(-0.5, 0.5))
+        assert clamped == (cls is torch.optim.AdamW) and max(g.abs().max() for g in grads) > 0.5
 
 
 def test_only_adam_and_adamw_without_differentiable_or_capturable_are_accepted():
