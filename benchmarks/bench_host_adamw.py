@@ -34,9 +34,10 @@ def rate(
     copy: str = "",
 ) -> float:
     """``clip``: ``"pass"`` scales the gradients by a clip coefficient first, ``"folded"`` hands its inverse to the
-    fused kernel as ``grad_scale``; ``""``: no clipping. ``grads``: the gradients' dtype and ``copy``: the updated
-    weights also written in bf16, as the engine's compute copy, by the kernel (``"kernel"``) or in a pass of their
-    own (``"pass"``); both with bf16 moments only."""
+    fused kernel as ``grad_scale``; ``"clamp"`` clamps them first (clipping by value), ``"clamped"`` has the
+    bf16-moment kernel clamp them as it reads them; ``""``: no clipping. ``grads``: the gradients' dtype and
+    ``copy``: the updated weights also written in bf16, as the engine's compute copy, by the kernel (``"kernel"``)
+    or in a pass of their own (``"pass"``); both with bf16 moments only."""
     pinned = pin and torch.cuda.is_available()
     param = torch.zeros(numel, pin_memory=pinned)
     grad = torch.randn(numel).to(grads)
@@ -56,7 +57,10 @@ def rate(
     for _ in range(repeats):
         if clip == "pass":
             grad.mul_(coefficient)
+        if clip == "clamp":
+            grad.clamp_(-0.5, 0.5)
         optimizer.grad_scale = 1 / coefficient if clip == "folded" else None
+        optimizer.clip_value = 0.5 if clip == "clamped" else None
         step()
     return numel * repeats / (time.perf_counter() - start) / 1e9
 
@@ -150,14 +154,28 @@ def main() -> None:
                 ).result()
                 for m in (torch.float32, torch.bfloat16)
                 for c in ("pass", "folded")
+            ] + [
+                pool.submit(
+                    lambda t=threads, c=c: (
+                        torch.set_num_threads(t),
+                        rate(numel, True, moments=torch.bfloat16, clip=c),
+                    )[1]
+                ).result()
+                for c in ("clamp", "clamped")
             ]
-    print("\nclipping by norm, worker, pinned: the gradients scaled in a pass of their own, or folded into the kernel")
-    print("| threads | fp32: own pass | fp32: folded | folded / own | bf16 moments: own pass | folded | folded / own |")
-    print("|---|---|---|---|---|---|---|")
-    for threads, (own, folded, own16, folded16) in clipped.items():
+    print(
+        "\nclipping, worker, pinned: the gradients scaled (by norm) or clamped (by value) in a pass of their own, or "
+        "folded into the kernel"
+    )
+    print(
+        "| threads | norm, fp32: own pass | folded | folded / own | norm, bf16 moments: own pass | folded "
+        "| folded / own | value, bf16 moments: own pass | folded | folded / own |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for threads, (own, folded, own16, folded16, clamp16, clamped16) in clipped.items():
         print(
             f"| {threads} | {own:.2f} | {folded:.2f} | {folded / own:.2f} | {own16:.2f} | {folded16:.2f} | "
-            f"{folded16 / own16:.2f} |"
+            f"{folded16 / own16:.2f} | {clamp16:.2f} | {clamped16:.2f} | {clamped16 / clamp16:.2f} |"
         )
     print(
         "\nthe update as a step runs it (worker, pinned; G params/s alone, then while page-locked copies to and from "
