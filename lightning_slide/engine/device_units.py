@@ -56,11 +56,7 @@ def keep_layers(engine: SlidingEngine, count: int) -> None:
         if host is None:
             continue
         optimizer = updates.optimizers[index] = device.optimizer(*updates.source)
-        stored = state.stored_state(engine, index, host)
-        for entry in device.unit.trainable:
-            saved = host.state_of(entry.param, stored)
-            if saved is not None:
-                optimizer.load_state_of(entry.param, saved)
+        _move_state(device.unit, host, optimizer, read=state.stored_state(engine, index, host))
     window.depth = min(window.depth, len(engine.layers) - len(window.pinned))
 
 
@@ -74,19 +70,16 @@ def let_layers_slide(engine: SlidingEngine, count: int) -> None:
         if index < count:
             break
         device = engine.device_layers.pop(index)
+        unit, on_device = device.unit, updates.optimizers.get(index)
         device.apply_deferred()
         device.to_host()
-        device.unit.refresh_weights()  # a compute copy on the host was not kept up to date meanwhile
-        unit, on_device = device.unit, updates.optimizers.get(index)
+        unit.refresh_weights()  # a compute copy on the host was not kept up to date meanwhile
         if on_device is not None:  # its optimizer state goes where the other layers' is: memory, or the disk tier
             names, dtype = on_device.state_names, on_device.state_dtype
             on_disk = bool(place_optimizer_state(store, {index: unit}, names, [index], dtype))
             host = updates.optimizers[index] = UnitOptimizer(unit, *updates.source, state_in_memory=not on_disk)
             arrays = host.empty_state() if on_disk else None
-            for entry in unit.trainable:
-                saved = on_device.state_of(entry.param)
-                if saved is not None:
-                    host.load_state_of(entry.param, saved, arrays)
+            _move_state(unit, on_device, host, write=arrays)
             if on_disk:
                 store.put(index, arrays)
         if not unit.grad_empty:  # mid-accumulation: the sum so far goes to a host accumulator
@@ -96,6 +89,15 @@ def let_layers_slide(engine: SlidingEngine, count: int) -> None:
         unit.park()
         engine.window.pinned.discard(index)
     engine.window.depth = min(len(engine.window.slots), len(engine.layers) - len(engine.window.pinned))
+
+
+def _move_state(unit: HostUnit, source: UnitOptimizer, target: UnitOptimizer, read=None, write=None) -> None:
+    """Copy each of ``unit``'s parameters' optimizer state from ``source`` to ``target``; ``read``/``write``: the
+    flat state arrays of the disk tier where one of them keeps its state there."""
+    for entry in unit.trainable:
+        saved = source.state_of(entry.param, read)
+        if saved is not None:
+            target.load_state_of(entry.param, saved, write)
 
 
 class DeviceUnit:

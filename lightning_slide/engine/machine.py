@@ -102,8 +102,9 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     head's parameters). H2D: every layer's weights twice per micro-batch (forward and recompute; the fp32 masters,
     4 B/param, or with ``host_weights="compute"`` the compute copy, 2 B/param in bf16; frozen parameters kept in
     the compute dtype, 2 B/param),
-    the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: fp32
-    gradients (4 B/param, cast on the device) per micro-batch, offloaded layer inputs going out. Host AdamW: every
+    the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: gradients
+    per micro-batch, fp32 (4 B/param, cast on the device) or, for the bf16-moment kernel with one micro-batch per
+    step, as computed (2 B/param), offloaded layer inputs going out. Host AdamW: every
     host-updated parameter once per step, and with accumulation each later micro-batch's gradients added into the
     host accumulators (the same thread); with clipping by norm the updates start only once the last backward has
     ended, so that backward and the AdamW pass follow each other. Disk: the Adam moments read and written once per
