@@ -1,10 +1,10 @@
 """Host AdamW rate (G params/s) of torch's fused CPU kernel, from the main thread and from a worker thread, and of
-``lightning_slide.optim.AdamW`` with bf16 moments (its C++ host loop) from a worker thread, as the engine runs it.
+``lightning_slide.optim.AdamW``'s C++ host loop (the engine's for AdamW: fp32 or bf16 moments) from a worker thread.
 Then clipping by norm on the worker: the gradients scaled in a pass of their own before the kernel, against the
 scale folded into the kernel's pass (its ``grad_scale``, as the engine does), with fp32 and with bf16 moments.
 On a GPU machine, last: the same kernels while page-locked copies to and from the GPU run back to back (a step's
-weight uploads and gradient downloads load the host memory meanwhile), and bf16 gradients read by the bf16-moment
-kernel (and the bf16 compute copy written by it), which say whether the host's memory bus, not its cores, binds the
+weight uploads and gradient downloads load the host memory meanwhile), and bf16 gradients read by the host loop
+(and the bf16 compute copy written by it), which say whether the host's memory bus, not its cores, binds the
 update during a step.
 
 usage: python benchmarks/bench_host_adamw.py [--numel 110e6] [--threads 4,8,16]
@@ -32,20 +32,23 @@ def rate(
     clip: str = "",
     grads: torch.dtype = torch.float32,
     copy: str = "",
+    kernel: str = "",
 ) -> float:
     """``clip``: ``"pass"`` scales the gradients by a clip coefficient first, ``"folded"`` hands its inverse to the
     fused kernel as ``grad_scale``; ``"clamp"`` clamps them first (clipping by value), ``"clamped"`` has the
     bf16-moment kernel clamp them as it reads them; ``""``: no clipping. ``grads``: the gradients' dtype and
     ``copy``: the updated weights also written in bf16, as the engine's compute copy, by the kernel (``"kernel"``)
-    or in a pass of their own (``"pass"``); both with bf16 moments only."""
+    or in a pass of their own (``"pass"``). ``kernel``: ``"torch"`` (fused; fp32 moments and gradients only) or
+    ``"own"`` (lightning_slide's host loop); default: torch's for fp32 moments."""
     pinned = pin and torch.cuda.is_available()
     param = torch.zeros(numel, pin_memory=pinned)
     grad = torch.randn(numel).to(grads)
     weights = torch.empty(numel, dtype=torch.bfloat16, pin_memory=pinned)
     copies = {param: weights} if copy == "kernel" else {}
+    kernel = kernel or ("torch" if moments == torch.float32 else "own")
     fused = True if moments == torch.float32 else None
-    optimizer = AdamW([param], lr=1e-4, fused=fused, state_dtype=moments)  # fp32: torch.optim.AdamW itself
-    if moments == torch.float32:
+    optimizer = AdamW([param], lr=1e-4, fused=fused, state_dtype=moments)  # its step, fp32: torch.optim.AdamW's
+    if kernel == "torch":
         param.grad = grad
         step = optimizer.step
     else:  # as the engine hands gradients that ``.grad`` cannot hold
@@ -102,13 +105,14 @@ class CopyLoad:
 def under_copies(pool: ThreadPoolExecutor, numel: int, threads: int) -> None:
     """The kernels alone and under ``CopyLoad``, each from the worker on page-locked parameters, as one table row."""
     fp32, bf16 = torch.float32, torch.bfloat16
-    cases = [(fp32, fp32, ""), (bf16, fp32, ""), (bf16, bf16, ""), (bf16, bf16, "pass"), (bf16, bf16, "kernel")]
+    cases = [(fp32, fp32, "", "torch")] + [(fp32, g, c, "own") for g, c in ((fp32, ""), (bf16, ""), (bf16, "kernel"))]
+    cases += [(bf16, g, c, "own") for g, c in ((fp32, ""), (bf16, ""), (bf16, "pass"), (bf16, "kernel"))]
     cells, traffic = [], []
-    for moments, grads, copy in cases:
+    for moments, grads, copy, kernel in cases:
 
-        def timed(m=moments, g=grads, c=copy):
+        def timed(m=moments, g=grads, c=copy, k=kernel):
             torch.set_num_threads(threads)
-            return rate(numel, True, moments=m, grads=g, copy=c)
+            return rate(numel, True, moments=m, grads=g, copy=c, kernel=k)
 
         cells.append(f"{pool.submit(timed).result():.2f}")
         if torch.cuda.is_available():
@@ -181,12 +185,10 @@ def main() -> None:
         "\nthe update as a step runs it (worker, pinned; G params/s alone, then while page-locked copies to and from "
         "the GPU run: a GPU machine only)"
     )
-    print(
-        "| threads | fp32 | under copies | bf16 moments | under copies | + bf16 grads | under copies "
-        "| + bf16 weights written after | under copies | + bf16 weights written by the kernel | under copies "
-        "| copies GB/s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["fp32, torch's", "fp32, own loop", "+ bf16 grads", "+ bf16 weights written by the loop"]
+    columns += ["bf16 moments", "+ bf16 grads", "+ bf16 weights written after", "+ bf16 weights written by the loop"]
+    print("| threads | " + " | ".join(f"{c} | under copies" for c in columns) + " | copies GB/s |")
+    print("|---" * (2 * len(columns) + 2) + "|")
     with ThreadPoolExecutor(1) as pool:
         for threads in map(int, args.threads.split(",")):
             under_copies(pool, numel, threads)

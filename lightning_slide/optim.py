@@ -4,9 +4,11 @@
 hyperparameters and ``state_dict`` layout) whose ``exp_avg`` and ``exp_avg_sq`` are stored in bf16: each update
 reads them into fp32, updates the parameter in fp32 and rounds them back to the nearest bf16. It trains anywhere —
 plain Lightning, any device — and under slideformer the host runs the same kernel over the fp32 masters. One pass
-over memory per parameter: on the CPU a C++ loop (``csrc/adamw_bf16.cpp``, built on first use), on a GPU a Triton
+over memory per parameter: on the CPU a C++ loop (``csrc/adamw.cpp``, built on first use), on a GPU a Triton
 kernel from ``torch.compile``; 20 bytes moved per parameter instead of fp32 AdamW's 28, and 4 bytes of state instead
 of 8. Its speed and quality cost: BENCHMARKS.md (``benchmarks/bench_host_adamw.py``, ``benchmarks/convergence.py``).
+The same loop serves fp32 moments where torch's fused kernel cannot: gradients narrower than the parameters, a bf16
+copy of the updated weights written in the same pass (:meth:`AdamW.update`, which slideformer's host calls).
 """
 
 from __future__ import annotations
@@ -35,18 +37,19 @@ def _adamw_update(
     hyper: torch.Tensor,
     copy: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW update of flat ``param`` in fp32, the moments read from and rounded back to their own dtype.
-    ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2), factor, clip]``:
-    each gradient element is clamped to ``[-clip, clip]`` (clipping by value; ``inf``: none) and multiplied by
-    ``factor`` as it is read (its sign maximizes; GradScaler's ``1 / grad_scale``).
-    Tensors, not Python numbers: a changed learning rate does not recompile. ``copy``: receives the updated
+    """One AdamW update of flat ``param`` in fp32, the moments read from and rounded back to their own dtype, in the
+    order of operations of torch's fused CPU AdamW (up to where it fuses a multiply-add). ``hyper``: fp32
+    ``[1 - lr * weight_decay, -lr / bias_correction1, 1 - beta1, beta2, 1 - beta2, eps, sqrt(bias_correction2),
+    divisor, clip]``, computed in double (as torch's): each gradient element is clamped to ``[-clip, clip]``
+    (clipping by value; ``inf``: none) and divided by ``divisor`` as it is read (its sign maximizes; GradScaler's
+    scale). Tensors, not Python numbers: a changed learning rate does not recompile. ``copy``: receives the updated
     parameter in its own dtype."""
-    lr, beta1, beta2, eps, decay, bias1, bias2_sqrt, factor, clip = hyper.unbind()
-    grad = grad.float().clamp(-clip, clip) * factor
-    exp_avg32 = exp_avg.float().lerp(grad, 1 - beta1)
-    exp_avg_sq32 = exp_avg_sq.float() * beta2 + grad * grad * (1 - beta2)
+    keep, neg_step, weight, beta2, new_share, eps, bias2_sqrt, divisor, clip = hyper.unbind()
+    grad = grad.float().clamp(-clip, clip) / divisor
+    exp_avg32 = exp_avg.float().lerp(grad, weight)
+    exp_avg_sq32 = torch.addcmul(exp_avg_sq.float() * beta2, new_share * grad, grad)
     denom = exp_avg_sq32.sqrt() / bias2_sqrt + eps
-    param.copy_(param.float() * (1 - lr * decay) - (lr / bias1) * exp_avg32 / denom)
+    param.copy_(param.float() * keep + neg_step * exp_avg32 / denom)
     exp_avg.copy_(exp_avg32)
     exp_avg_sq.copy_(exp_avg_sq32)
     if copy is not None:
@@ -54,7 +57,7 @@ def _adamw_update(
 
 
 class _Kernel:
-    """``_adamw_update`` fused: on the CPU the C++ loop of ``csrc/adamw_bf16.cpp`` (built once per machine into
+    """``_adamw_update`` fused: on the CPU the C++ loop of ``csrc/adamw.cpp`` (built once per machine into
     torch's extension cache), elsewhere ``torch.compile``'s kernel (shapes dynamic). A call neither can run (no C++
     compiler, an unsupported backend, a context that forbids compiling) runs torch's eager ops instead, with a warning
     the first time; after :data:`_GIVE_UP` such calls it stops trying."""
@@ -69,7 +72,7 @@ class _Kernel:
         if self.failures < _GIVE_UP:
             try:
                 if tensors[0].device.type == "cpu":
-                    return self._host().adamw_bf16_(*tensors[:5], tensors[5] if len(tensors) > 5 else None)
+                    return self._host().adamw_(*tensors[:5], tensors[5] if len(tensors) > 5 else None)
                 with self._lock:  # (dynamo serializes compiling itself; the kernels then run concurrently)
                     if self.compiled is None:
                         self.compiled = torch.compile(_adamw_update, dynamic=True, fullgraph=True)
@@ -97,7 +100,7 @@ class _Kernel:
 
 
 def _build_host_kernel():
-    """Build (or load from torch's extension cache) ``csrc/adamw_bf16.cpp``; the exception when it cannot."""
+    """Build (or load from torch's extension cache) ``csrc/adamw.cpp``; the exception when it cannot."""
     from torch.utils.cpp_extension import load
 
     _put_ninja_on_path()
@@ -105,8 +108,8 @@ def _build_host_kernel():
     flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     try:
         return load(
-            name=f"lightning_slide_adamw_bf16_{_cpu_tag()}",  # -march=native: one build per CPU kind
-            sources=[str(Path(__file__).parent / "csrc" / "adamw_bf16.cpp")],
+            name=f"lightning_slide_adamw_{_cpu_tag()}",  # -march=native: one build per CPU kind
+            sources=[str(Path(__file__).parent / "csrc" / "adamw.cpp")],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
         )
@@ -199,9 +202,9 @@ class AdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def update(self, grads: dict[torch.Tensor, torch.Tensor], copies: dict[torch.Tensor, torch.Tensor] | None = None):
-        """One step with ``grads[param]`` as each parameter's gradient (``step`` hands it ``.grad``). With bf16
-        moments a gradient may be bf16 for fp32 parameters, which ``.grad`` cannot hold: the kernel widens it.
-        ``copies[param]`` (bf16 moments, optional): receives the updated parameter in bf16, in the same pass."""
+        """One step of the fused kernel, whatever ``state_dtype``, with ``grads[param]`` as each parameter's gradient
+        (``step`` hands it ``.grad``): a gradient may be bf16 for fp32 parameters, which ``.grad`` cannot hold (the
+        kernel widens it). ``copies[param]`` (optional): receives the updated parameter in bf16, in the same pass."""
         copies = copies or {}
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         clip = getattr(self, "clip_value", None)
@@ -226,14 +229,15 @@ class AdamW(torch.optim.AdamW):
                 step = float(state["step"])
                 hyper = made.get((step, param.device))
                 if hyper is None:
+                    lr = float(group["lr"])
                     hyper = made[step, param.device] = torch.tensor(
                         [
-                            float(group["lr"]),
-                            beta1,
+                            1 - lr * group["weight_decay"],
+                            -lr / (1 - beta1**step),
+                            1 - beta1,
                             beta2,
+                            1 - beta2,
                             group["eps"],
-                            group["weight_decay"],
-                            1 - beta1**step,
                             math.sqrt(1 - beta2**step),
                             -1.0 if group["maximize"] else 1.0,
                             math.inf if clip is None else float(clip),
@@ -241,8 +245,8 @@ class AdamW(torch.optim.AdamW):
                         dtype=torch.float32,
                         device=param.device,
                     )
-                    if grad_scale is not None:  # the gradients' factor, divided on their device (no sync)
-                        hyper[7:8] /= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
+                    if grad_scale is not None:  # the gradients' divisor, on their device (no sync)
+                        hyper[7:8] *= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
                 _update_flat(param, grad, state["exp_avg"], state["exp_avg_sq"], hyper, copies.get(param))
 
     def load_state_dict(self, state_dict: dict) -> None:

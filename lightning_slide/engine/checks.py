@@ -125,7 +125,7 @@ def clip_task(engine: SlidingEngine, max_norm: float, units: list[HostUnit], dev
         if checks.norm_down[index_of(key)] and optimizer.steps_whole_gradient:
             norms.append(checks.norms_host[index_of(key)].clone())  # taken on the device
         else:
-            norms.extend(torch.linalg.vector_norm(g) for g in optimizer.bind())
+            norms.extend(torch.linalg.vector_norm(g) for g in optimizer.bind().values())
     for host, event in device_norms if shards.rank == 0 else ():  # replicated on every rank: counted once
         engine.worker.await_device(event)
         norms.extend(host.unbind())

@@ -160,7 +160,8 @@ class DeviceUnit:
     # ---------------------------------------------------------------- update
     def norms(self):
         """Per-parameter gradient norms, on their way to the host: ``(host tensor, event)``."""
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in self.engine.updates.optimizers[self.key].bind()])
+        grads = self.engine.updates.optimizers[self.key].bind().values()
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
         host = torch.empty(norms.shape, dtype=norms.dtype, pin_memory=self.engine.pin)
         host.copy_(norms, non_blocking=True)
         return host, self.engine.streams.record()

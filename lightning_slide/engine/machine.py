@@ -103,7 +103,7 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     4 B/param, or with ``host_weights="compute"`` the compute copy, 2 B/param in bf16; frozen parameters kept in
     the compute dtype, 2 B/param),
     the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: gradients
-    per micro-batch, fp32 (4 B/param, cast on the device) or, for the bf16-moment kernel with one micro-batch per
+    per micro-batch, fp32 (4 B/param, cast on the device) or, for AdamW's own host kernel with one micro-batch per
     step, as computed (2 B/param), offloaded layer inputs going out. Host AdamW: every
     host-updated parameter once per step, and with accumulation each later micro-batch's gradients added into the
     host accumulators (the same thread); with clipping by norm the updates start only once the last backward has
@@ -122,9 +122,9 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     resident_up = 4 * shape.resident_params if shape.resident_trainable else 0  # frozen: uploaded once, not per step
     offloaded = shape.layers * tokens * (shape.hidden or 0) * s.element if s.offload_activations else 0
     upload = s.element if s.compute_copy else 4  # bytes per layer parameter per upload
-    # Layer gradients go down in the compute dtype where the bf16-moment kernel reads them so (one micro-batch per step
-    # and one rank), else in fp32.
-    narrow = s.moments_dtype == torch.bfloat16 and a == 1 and s.ranks == 1
+    # Layer gradients go down in the compute dtype where AdamW's own host kernel reads them so (one micro-batch per
+    # step and one rank: the plan assumes AdamW), else in fp32.
+    narrow = a == 1 and s.ranks == 1
     layer_down = (s.element if narrow else 4) * sliding * shape.layer_trainable
     resident_down = resident_host * 4 * shape.resident_trainable
     # One upload of every layer; frozen parameters kept in the compute dtype go up as they are.

@@ -1,6 +1,7 @@
 """The host optimizer: the user's optimizer rebuilt over the fp32 masters, run unit by unit on a host thread.
 
-``UnitOptimizer`` is the user's AdamW/Adam over one unit's master views, using torch's fused CPU kernel.
+``UnitOptimizer`` is the user's AdamW/Adam over one unit's master views, using torch's fused CPU kernel, or for
+AdamW the kernel of ``lightning_slide.optim`` where a step asks what torch's cannot (bf16 gradients, a bf16 copy).
 ``UpdateWorker`` runs unit updates on a background thread, in submission order or in the next forward's; the
 compute side waits only for the unit it is about to load, so an update of layer ``i`` overlaps whatever runs before
 layer ``i`` is needed.
@@ -158,8 +159,12 @@ class UnitOptimizer:
         if members:
             snapshot = hyperparameters(optimizer.param_groups)
             groups = [{"params": members[g], **snapshot[g]} for g in self.group_indices]
-            same_state = {"state_dtype": self.state_dtype} if isinstance(optimizer, optim.AdamW) else {}
-            self.inner = type(optimizer)(groups, fused=True, **same_state)
+            kind, same_state = type(optimizer), {}
+            if kind in (torch.optim.AdamW, optim.AdamW) and "max_exp_avg_sq" not in self.state_names:
+                # the same AdamW (torch's fused kernel for its ``step``) whose ``update`` runs the kernel that takes
+                # bf16 gradients and writes the compute copy
+                kind, same_state = optim.AdamW, {"state_dtype": self.state_dtype}
+            self.inner = kind(groups, fused=True, **same_state)
             for span in self._spans:  # the step count stays in memory whatever holds the moments
                 self.inner.state[span.master] = {
                     "step": torch.zeros((), dtype=torch.float32, device=span.master.device)
@@ -195,25 +200,25 @@ class UnitOptimizer:
         for span in self._spans:
             span.master.data = span.view(flat)
 
-    def bind(self, only: tuple[int, int, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Point each span's ``.grad`` at its view of the current accumulator; returns those views.
+    def bind(self, only: tuple[int, int, torch.Tensor] | None = None) -> dict[torch.Tensor, torch.Tensor]:
+        """Point each span's ``.grad`` at its view of the current accumulator; returns those views by span master.
         ``only=(lo, hi, flat)``: only the spans in ``[lo, hi)`` of the unit (a chunk, see ``chunk``), at their view
         of ``flat``, the chunk's gradients; the others get none, so torch's optimizer leaves them alone."""
         if only is not None:
             lo, hi, flat = only
             for span in self._spans:
                 span.master.grad = span.view(flat, lo) if lo <= span.start and span.stop <= hi else None
-            return [span.master.grad for span in self._spans if span.master.grad is not None]
+            return {span.master: span.master.grad for span in self._spans if span.master.grad is not None}
         flat = self.unit.grad if self._grad is None else self._grad
-        grads = [span.view(flat, self.unit.grad_start) for span in self._spans]
+        grads = {span.master: span.view(flat, self.unit.grad_start) for span in self._spans}
         if flat.dtype == MASTER_DTYPE:  # (narrower gradients reach the kernel without ``.grad``: ``step``)
-            for span, grad in zip(self._spans, grads):
-                span.master.grad = grad
+            for master, grad in grads.items():
+                master.grad = grad
         return grads
 
     def takes(self, dtype: torch.dtype) -> bool:
         """Whether its update reads gradients in ``dtype`` as they are (no pass over them first): fp32, or bf16 for
-        the bf16-moment kernel, which widens them as it reads (torch's fused kernels take their parameters' dtype
+        AdamW's own kernel, which widens them as it reads (torch's fused kernels take their parameters' dtype
         only). Over the whole gradient only, whose norm is then taken on the device."""
         if dtype == MASTER_DTYPE:
             return True
@@ -221,9 +226,11 @@ class UnitOptimizer:
 
     @property
     def _own_kernel(self) -> bool:
-        """Whether its update is the bf16-moment kernel, which widens bf16 gradients, clamps them (clipping by value)
-        and writes a bf16 copy of the weights in its own pass."""
-        return isinstance(self.inner, optim.AdamW) and self.state_dtype == torch.bfloat16
+        """Whether its update is ``lightning_slide.optim``'s kernel (AdamW without amsgrad; on the host, or with
+        bf16 moments), which widens bf16 gradients, clamps them (clipping by value) and writes a bf16 copy of the
+        weights in its own pass. Torch's fused kernel runs the rest (fp32 moments on the device, Adam, amsgrad)."""
+        host_or_low = self._host_masters or self.state_dtype != MASTER_DTYPE
+        return isinstance(self.inner, optim.AdamW) and host_or_low
 
     def step(
         self,
@@ -248,11 +255,11 @@ class UnitOptimizer:
         folded = clip_coefficient is not None and clip_value is None
         folded = folded and getattr(self.inner, "_step_supports_amp_scaling", False)
         if clip_coefficient is not None and not folded:
-            for grad in grads:
+            for grad in grads.values():
                 grad.mul_(clip_coefficient)
         clamped = clip_value is not None and self._own_kernel  # it clamps them as it reads them
         if clip_value is not None and not clamped:
-            for grad in grads:
+            for grad in grads.values():
                 grad.clamp_(-clip_value, clip_value)
         for inner_group, g in zip(self.inner.param_groups, self.group_indices):
             inner_group.update(hyper[g])
@@ -268,8 +275,8 @@ class UnitOptimizer:
                 self.inner.grad_scale = 1.0 / clip_coefficient
             if clamped:
                 self.inner.clip_value = clip_value
-            if copies or (grads and grads[0].dtype != MASTER_DTYPE):
-                self.inner.update({span.master: grad for span, grad in zip(self._spans, grads)}, copies)
+            if self._own_kernel:  # (one kernel for every host step: each mode trains alike, bit for bit)
+                self.inner.update(grads, copies)
             else:
                 self.inner.step()
         finally:
@@ -286,7 +293,7 @@ class UnitOptimizer:
         return bool(copies)
 
     def _copies(self) -> dict[torch.Tensor, torch.Tensor]:
-        """Where the bf16-moment kernel writes each span's updated weights in bf16 in its own pass: the unit's compute
+        """Where AdamW's own kernel writes each span's updated weights in bf16 in its own pass: the unit's compute
         copy, which then needs no refresh of its own (``HostUnit.refresh_weights``); empty where it cannot."""
         unit, weights = self.unit, self.unit.weights
         writes = self._host_masters and self._own_kernel

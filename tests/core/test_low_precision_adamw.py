@@ -74,27 +74,28 @@ def test_grad_scale_and_found_inf_as_torch_amp_gradscaler_hands_them():
     assert all(torch.equal(v, before[1][k]) for k, v in opts[0].state[scaled].items())
 
 
+@pytest.mark.parametrize("moments", [torch.bfloat16, torch.float32])  # fp32: slideformer's host, torch's can't
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp32 masters; bf16-true parameters
-def test_the_fused_kernel_computes_what_the_eager_ops_do(dtype):
+def test_the_fused_kernel_computes_what_the_eager_ops_do(dtype, moments):
     torch.manual_seed(1)
     n = 10_007  # not a multiple of any vector width
     param, grad = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
-    moments = [torch.randn(n).abs().to(torch.bfloat16) for _ in range(2)]
-    moments[1][7] = float("nan")  # a NaN stays NaN, as torch's rounding keeps it
-    hyper = torch.tensor([1e-2, 0.9, 0.95, 1e-8, 0.1, 0.3, 0.2, 1.0, 0.5])
-    eager = [t.clone() for t in (param, grad, *moments)]
-    fused = [t.clone() for t in (param, grad, *moments)]
+    state = [torch.randn(n).abs().to(moments) for _ in range(2)]
+    state[1][7] = float("nan")  # a NaN stays NaN, as torch's rounding keeps it
+    hyper = torch.tensor([1 - 1e-3, -1e-2 / 0.3, 0.1, 0.95, 0.05, 1e-8, 0.2, 1.0, 0.5])
+    eager = [t.clone() for t in (param, grad, *state)]
+    fused = [t.clone() for t in (param, grad, *state)]
     optim._adamw_update(*eager, hyper)
     optim._kernel(*fused, hyper)
     if ACCELERATOR == "cpu":  # the host kernel was built and ran (CI has a C++ compiler), not the eager ops
         assert optim._kernel.failures == 0
-        assert hasattr(optim._kernel.host, "adamw_bf16_")
+        assert hasattr(optim._kernel.host, "adamw_")
     assert torch.equal(fused[0].isnan(), eager[0].isnan()) and torch.equal(fused[3].isnan(), eager[3].isnan())
-    rounded = list(zip(fused[2:], eager[2:]))  # the moments, and bf16 parameters
-    if dtype == torch.float32:
-        assert torch.allclose(fused[0], eager[0], rtol=1e-6, atol=1e-7, equal_nan=True)
-    else:
-        rounded.append((fused[0], eager[0]))
+    exact = [(fused[0], eager[0])] if dtype == torch.float32 else []
+    rounded = [] if dtype == torch.float32 else [(fused[0], eager[0])]
+    (exact if moments == torch.float32 else rounded).extend(zip(fused[2:], eager[2:]))
+    for a, b in exact:
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7, equal_nan=True)
     for a, b in rounded:
         a, b = a.float().nan_to_num(), b.float().nan_to_num()
         assert (a - b).abs().max() <= 2**-7 * b.abs().max()  # one bf16 rounding at most
@@ -111,7 +112,7 @@ def test_the_host_kernel_lets_the_training_thread_run_meanwhile():
         torch.zeros(n, dtype=torch.bfloat16),
         torch.zeros(n, dtype=torch.bfloat16),
     ]
-    hyper = torch.tensor([1e-4, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.03, 1.0, math.inf])
+    hyper = torch.tensor([1 - 1e-6, -1e-3, 0.1, 0.999, 1e-3, 1e-8, 0.03, 1.0, math.inf])
     optim._kernel(*tensors, hyper)  # built (or loaded) before timing
     span, seen = [], []  # the update's start and end; when this thread ran meanwhile
 
@@ -175,9 +176,9 @@ def test_bf16_moments_train_as_under_plain_lightning(window, accumulate, options
 
     ours = train("llama", strategy, accumulate=accumulate, optimizer=low_precision, callbacks=[Moments()])
     # Rounding to bf16 turns the last-bit differences of fp32 sums (plain and slideformer add gradients in other
-    # orders) into an occasional one-bf16-step difference of a moment: ten times fp32 parity's tolerance.
+    # orders) into an occasional one-bf16-step difference of a moment: twenty times fp32 parity's tolerance.
     # On a GPU, plain training updates there and slideformer on the host: fp32 roundings differ a little more.
-    assert_same_training(ours, plain, tolerance=1e-4 if ACCELERATOR == "cpu" else 3e-4)
+    assert_same_training(ours, plain, tolerance=2e-4 if ACCELERATOR == "cpu" else 3e-4)
     assert dtypes == {torch.bfloat16}  # the host kept the moments in bf16 (half the state)
 
 
@@ -231,11 +232,21 @@ class ReadsGradientsBeforeTheStep(L.Callback):
 
 
 @pytest.mark.parametrize(
-    ("accumulate", "clip", "parked", "narrow"),
-    [(1, None, 0, True), (1, None, 2, True), (1, 0.05, 2, True), (1, "value", 0, True), (2, None, 0, False)],
-)
-def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(accumulate, clip, parked, narrow):
-    """With bf16 moments a step of one micro-batch sends its layers' gradients down in bf16, as the device computed
+    ("accumulate", "clip", "parked", "narrow", "optimizer"),
+    [
+        (1, None, 0, True, low_precision),
+        (1, None, 2, True, low_precision),
+        (1, 0.05, 2, True, low_precision),
+        (1, "value", 0, True, low_precision),
+        (2, None, 0, False, low_precision),
+        (1, None, 2, True, "adamw"),
+        (1, "value", 0, True, "adamw"),
+    ],
+)  # bf16 moments; torch.optim.AdamW (fp32 moments: the same host loop)
+def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(
+    accumulate, clip, parked, narrow, optimizer
+):
+    """With AdamW a step of one micro-batch sends its layers' gradients down in bf16, as the device computed
     them, and the kernel widens them as it reads: half the copy and half the gradient reads of the update, bit for bit
     what fp32 gradients give (those of a step that hooks observe, which see fp32; with clipping by norm that step
     takes the norm on the host, from other roundings), parked on the device on their way or not. Several
@@ -245,7 +256,7 @@ def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(acc
         spy = HostGradientDtypes()
         callbacks = [spy, *([ReadsGradientsBeforeTheStep()] if observed else [])]
         torch.manual_seed(123)
-        module = TinyLM("llama", initial_state("llama"), optimizer=low_precision)
+        module = TinyLM("llama", initial_state("llama"), optimizer=optimizer)
         by_value = dict(gradient_clip_val=1e-3, gradient_clip_algorithm="value")  # the kernel clamps as it reads
         clipping = by_value if clip == "value" else dict(gradient_clip_val=clip)
         options = dict(accumulate_grad_batches=accumulate, callbacks=callbacks, **clipping)

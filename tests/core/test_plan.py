@@ -303,16 +303,19 @@ def test_plan_numbers_of_a_known_shape():
     assert make_plan(shape, four.settings, measured).time["host AdamW + gradient sums"] == pytest.approx(
         4 * plan.time["host AdamW"]
     )
-    # bf16 moments: the layers' gradients go down in bf16 (the kernel reads them so), unless they add up on the host.
-    down = {
-        a: make_plan(shape, dataclasses.replace(plan.settings, moments_dtype=torch.bfloat16, accumulate=a), m)
-        for a in (1, 2)
-    }
+    # AdamW: the layers' gradients go down in bf16 (its host kernel reads them so, fp32 moments or bf16), unless they
+    # add up on the host.
     resident = 4 * shape.resident_params / m.d2h_bytes_per_s
-    assert down[1].time["D2H gradients"] == pytest.approx(2 * 32 * shape.layer_params / m.d2h_bytes_per_s + resident)
-    assert down[2].time["D2H gradients"] == pytest.approx(
-        2 * (4 * 32 * shape.layer_params / m.d2h_bytes_per_s + resident)
-    )
+    for moments in (torch.float32, torch.bfloat16):
+        down = {
+            a: make_plan(shape, dataclasses.replace(plan.settings, moments_dtype=moments, accumulate=a), m)
+            for a in (1, 2)
+        }
+        one = 2 * 32 * shape.layer_params / m.d2h_bytes_per_s + resident
+        assert down[1].time["D2H gradients"] == pytest.approx(one)
+        assert down[2].time["D2H gradients"] == pytest.approx(
+            2 * (4 * 32 * shape.layer_params / m.d2h_bytes_per_s + resident)
+        )
     # The disk tier moves the moments to files and adds their traffic.
     disk = make_plan(shape, dataclasses.replace(plan.settings, offload_dir="/x"), Machine(disk_free=2**40))
     assert disk.disk_total == 8 * shape.params and "disk write (Adam moments)" in disk.time
