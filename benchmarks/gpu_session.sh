@@ -2,9 +2,9 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   suite (~330 s, after engine changes) + hostadamw (~120 s: its table under copies is new), then peers8b (~540 s),
-#   bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b, qwen14b, convergence; measured already (BENCHMARKS.md):
-#   peers3b, clipped3b, before_after, levers3b, gil, lora.
+#   suite (~330 s, after engine changes) + hostadamw (~120 s: its table under copies is new), then defaults3b
+#   (~300 s), peers8b (~540 s), qwen14b, convergence, bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b; measured
+#   already (BENCHMARKS.md): peers3b, clipped3b, before_after, levers3b, gil, lora.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
 #                and the compute copy written by the kernel; alone and under
@@ -14,6 +14,8 @@
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parking off as
 #                it was the default before, bf16 moments, device_layers="auto", both) against the tuned peers
 #                but ZenFlow (too slow to start to fit beside them in one call: zenflow3b, with FSDP offload)
+#   defaults3b   3B batch 8: slideformer's defaults (AdamW's host loop reading bf16 gradients), with the compute copy
+#                the loop writes (host_weights="compute"), and with bf16 moments too, against tuned FSDP offload
 #   peers8b      8B batch 4: slideformer (defaults, bf16 moments, device_layers="auto" with bf16 moments) against
 #                tuned FSDP offload
 #   peers8b_rest 8B batch 4, the other rows: device_layers="auto", DeepSpeed, ZenFlow, all-on-GPU
@@ -40,7 +42,7 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, defaults3b, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -66,6 +68,9 @@ case $stage in
     systems=$systems,slideformer+devauto+bf16moments,fsdp_offload,deepspeed_offload
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
+  defaults3b)
+    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
+      --systems slideformer,slideformer+bf16,slideformer+bf16moments+bf16,fsdp_offload > "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
     systems=slideformer,slideformer+bf16moments,slideformer+devauto+bf16moments,fsdp_offload
     [ "$stage" = peers8b_rest ] && systems=all_on_gpu,slideformer+devauto,deepspeed_offload,zenflow

@@ -99,6 +99,16 @@ class _Kernel:
         return self.host
 
 
+def host_loop_ready() -> bool:
+    """Whether the C++ host loop is built (building it on the first call): where it cannot be, slideformer's host
+    steps fp32 moments with torch's fused kernel instead, with fp32 gradients."""
+    try:
+        _kernel._host()
+    except Exception:  # noqa: BLE001 - the build's error is kept; bf16 moments warn with it on their first update
+        return False
+    return True
+
+
 def _build_host_kernel():
     """Build (or load from torch's extension cache) ``csrc/adamw.cpp``; the exception when it cannot."""
     from torch.utils.cpp_extension import load

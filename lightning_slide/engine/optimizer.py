@@ -160,10 +160,13 @@ class UnitOptimizer:
             snapshot = hyperparameters(optimizer.param_groups)
             groups = [{"params": members[g], **snapshot[g]} for g in self.group_indices]
             kind, same_state = type(optimizer), {}
-            if kind in (torch.optim.AdamW, optim.AdamW) and "max_exp_avg_sq" not in self.state_names:
-                # the same AdamW (torch's fused kernel for its ``step``) whose ``update`` runs the kernel that takes
+            adamw = kind in (torch.optim.AdamW, optim.AdamW) and "max_exp_avg_sq" not in self.state_names
+            if adamw and (self.state_dtype != MASTER_DTYPE or self._host_masters and optim.host_loop_ready()):
+                # the same AdamW (torch's fused kernel for its ``step``) whose ``update`` runs the host loop that takes
                 # bf16 gradients and writes the compute copy
                 kind, same_state = optim.AdamW, {"state_dtype": self.state_dtype}
+            elif kind is optim.AdamW:  # fp32 moments, on the device or where the loop cannot be built: torch's
+                kind = torch.optim.AdamW
             self.inner = kind(groups, fused=True, **same_state)
             for span in self._spans:  # the step count stays in memory whatever holds the moments
                 self.inner.state[span.master] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
@@ -314,3 +315,17 @@ def test_consecutive_parameters_of_a_group_are_stepped_as_one_tensor():
         state = optimizer.state_of(param)
         assert state["step"].item() == 3 and state["exp_avg"].shape == param.shape
         torch.testing.assert_close(state["exp_avg_sq"], reference.state[plain[name]]["exp_avg_sq"])
+
+
+def test_without_the_host_loop_fp32_adamw_steps_with_torchs_fused_kernel(monkeypatch):
+    """Where the C++ host loop cannot be built (no compiler), fp32 moments keep torch's fused kernel, fed fp32
+    gradients, rather than the eager ops' several passes."""
+    monkeypatch.setattr(optim._kernel, "host", RuntimeError("no C++ compiler"))
+    for cls in (torch.optim.AdamW, functools.partial(optim.AdamW, state_dtype=torch.float32)):
+        pair = Pair(cls, weight_decay=0.1)
+        assert type(pair.optimizer.inner) is torch.optim.AdamW and not pair.optimizer.takes(torch.bfloat16)
+        for step in range(STEPS):
+            pair.set_grads(step)
+            pair.reference.step()
+            pair.optimizer.step(hyperparameters(pair.user.param_groups), None, None)
+            pair.assert_close()
