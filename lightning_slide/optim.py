@@ -40,12 +40,12 @@ def _adamw_update(
     """One AdamW update of flat ``param`` in fp32, the moments read from and rounded back to their own dtype, in the
     order of operations of torch's fused CPU AdamW (up to where it fuses a multiply-add). ``hyper``: fp32
     ``[1 - lr * weight_decay, -lr / bias_correction1, 1 - beta1, beta2, 1 - beta2, eps, sqrt(bias_correction2),
-    divisor, clip]``, computed in double (as torch's): each gradient element is clamped to ``[-clip, clip]``
-    (clipping by value; ``inf``: none) and divided by ``divisor`` as it is read (its sign maximizes; GradScaler's
-    scale). Tensors, not Python numbers: a changed learning rate does not recompile. ``copy``: receives the updated
-    parameter in its own dtype."""
-    keep, neg_step, weight, beta2, new_share, eps, bias2_sqrt, divisor, clip = hyper.unbind()
-    grad = grad.float().clamp(-clip, clip) / divisor
+    factor, clip]``, computed in double (as torch's): each gradient element is clamped to ``[-clip, clip]``
+    (clipping by value; ``inf``: none) and multiplied by ``factor`` as it is read (its sign maximizes; GradScaler's
+    ``1 / scale``). Tensors, not Python numbers: a changed learning rate does not recompile. ``copy``: receives the
+    updated parameter in its own dtype."""
+    keep, neg_step, weight, beta2, new_share, eps, bias2_sqrt, factor, clip = hyper.unbind()
+    grad = grad.float().clamp(-clip, clip) * factor
     exp_avg32 = exp_avg.float().lerp(grad, weight)
     exp_avg_sq32 = torch.addcmul(exp_avg_sq.float() * beta2, new_share * grad, grad)
     denom = exp_avg_sq32.sqrt() / bias2_sqrt + eps
@@ -115,7 +115,7 @@ def _build_host_kernel():
 
     _put_ninja_on_path()
     # -ffp-contract=off: no fused multiply-adds, so every build rounds alike, operation by operation.
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     try:
         return load(
             name=f"lightning_slide_adamw_{_cpu_tag()}",  # -march=native: one build per CPU kind
@@ -255,8 +255,8 @@ class AdamW(torch.optim.AdamW):
                         dtype=torch.float32,
                         device=param.device,
                     )
-                    if grad_scale is not None:  # the gradients' divisor, on their device (no sync)
-                        hyper[7:8] *= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
+                    if grad_scale is not None:  # the gradients' factor, divided on their device (no sync)
+                        hyper[7:8] /= torch.as_tensor(grad_scale, dtype=torch.float32).to(param.device)
                 _update_flat(param, grad, state["exp_avg"], state["exp_avg_sq"], hyper, copies.get(param))
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -34,7 +34,7 @@ inline void store(float* data, int64_t i, float value) { data[i] = value; }
 inline void store(uint16_t* data, int64_t i, float value) { data[i] = narrow(value); }
 
 struct Scalars {  // fp32, as torch's fused kernel rounds its double scalars
-  float keep, neg_step, weight, beta2, new_share, eps, bias2_sqrt, divisor, clip;
+  float keep, neg_step, weight, beta2, new_share, eps, bias2_sqrt, factor, clip;
 };
 
 // Close to torch's fused CPU AdamW operation by operation (the lerp and the second moment's sum each one fused
@@ -44,10 +44,10 @@ void update_range(P* __restrict param, const G* __restrict grad, M* __restrict e
                   uint16_t* __restrict copy, int64_t begin, int64_t end, const Scalars s) {
   // Locals and restrict pointers: the stores cannot alias them, so the compiler vectorizes the loop.
   const float keep = s.keep, neg_step = s.neg_step, weight = s.weight, beta2 = s.beta2, new_share = s.new_share;
-  const float eps = s.eps, bias2_sqrt = s.bias2_sqrt, divisor = s.divisor, clip = s.clip;
+  const float eps = s.eps, bias2_sqrt = s.bias2_sqrt, factor = s.factor, clip = s.clip;
   const float lerp_scale = Small ? weight : weight - 1.0f;
   for (int64_t i = begin; i < end; ++i) {
-    const float g = std::min(std::max(load(grad, i), -clip), clip) / divisor;  // NaN stays NaN
+    const float g = std::min(std::max(load(grad, i), -clip), clip) * factor;  // NaN stays NaN
     const float m_old = load(exp_avg, i);
     const float m = std::fma(lerp_scale, g - m_old, Small ? m_old : g);  // torch's lerp
     const float v = std::fma(new_share * g, g, load(exp_avg_sq, i) * beta2);
@@ -62,9 +62,9 @@ void update_range(P* __restrict param, const G* __restrict grad, M* __restrict e
 
 template <typename P, typename G, typename M>
 void update(P* param, const G* grad, M* exp_avg, M* exp_avg_sq, uint16_t* copy, int64_t numel, const float* hyper) {
-  // hyper: 1 - lr * decay, -lr / bias1, 1 - beta1, beta2, 1 - beta2, eps, sqrt(bias2), the gradients' divisor (its
-  // sign: maximize; GradScaler's scale), clip (each gradient element clamped to [-clip, clip] first: clipping by
-  // value; inf: none)
+  // hyper: 1 - lr * decay, -lr / bias1, 1 - beta1, beta2, 1 - beta2, eps, sqrt(bias2), the gradients' factor (its
+  // sign: maximize; 1 / GradScaler's scale, a multiplication where torch divides: one division less per element),
+  // clip (each gradient element clamped to [-clip, clip] first: clipping by value; inf: none)
   const Scalars s{hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5], hyper[6], hyper[7], hyper[8]};
   const bool small = std::abs(s.weight) < 0.5f;  // torch's lerp takes the side of the smaller weight
   at::parallel_for(0, numel, 1 << 14, [=](int64_t begin, int64_t end) {
