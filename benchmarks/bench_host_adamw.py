@@ -50,10 +50,10 @@ def rate(
     optimizer = AdamW([param], lr=1e-4, fused=fused, state_dtype=moments)  # its step, fp32: torch.optim.AdamW's
     if kernel == "torch":
         param.grad = grad
-        step = optimizer.step
+        update = optimizer.step
     else:  # as the engine hands gradients that ``.grad`` cannot hold
         update = functools.partial(optimizer.update, {param: grad}, copies)
-        step = (lambda: (update(), weights.copy_(param))) if copy == "pass" else update
+    step = (lambda: (update(), weights.copy_(param))) if copy == "pass" else update
     step()
     coefficient = torch.tensor(0.5)
     start = time.perf_counter()
@@ -105,7 +105,8 @@ class CopyLoad:
 def under_copies(pool: ThreadPoolExecutor, numel: int, threads: int) -> None:
     """The kernels alone and under ``CopyLoad``, each from the worker on page-locked parameters, as one table row."""
     fp32, bf16 = torch.float32, torch.bfloat16
-    cases = [(fp32, fp32, "", "torch")] + [(fp32, g, c, "own") for g, c in ((fp32, ""), (bf16, ""), (bf16, "kernel"))]
+    cases = [(fp32, fp32, c, "torch") for c in ("", "pass")]
+    cases += [(fp32, g, c, "own") for g, c in ((fp32, ""), (bf16, ""), (bf16, "kernel"))]
     cases += [(bf16, g, c, "own") for g, c in ((fp32, ""), (bf16, ""), (bf16, "pass"), (bf16, "kernel"))]
     cells, traffic = [], []
     for moments, grads, copy, kernel in cases:
@@ -185,7 +186,8 @@ def main() -> None:
         "\nthe update as a step runs it (worker, pinned; G params/s alone, then while page-locked copies to and from "
         "the GPU run: a GPU machine only)"
     )
-    columns = ["fp32, torch's", "fp32, own loop", "+ bf16 grads", "+ bf16 weights written by the loop"]
+    columns = ["fp32, torch's", "+ bf16 weights written after", "fp32, own loop", "+ bf16 grads"]
+    columns += ["+ bf16 weights written by the loop"]
     columns += ["bf16 moments", "+ bf16 grads", "+ bf16 weights written after", "+ bf16 weights written by the loop"]
     print("| threads | " + " | ".join(f"{c} | under copies" for c in columns) + " | copies GB/s |")
     print("|---" * (2 * len(columns) + 2) + "|")
