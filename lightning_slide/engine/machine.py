@@ -29,7 +29,8 @@ def host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-ADD_SPEEDUP = 28 / 12  # a gradient sum moves 12 bytes per parameter, fp32 AdamW 28: both memory-bound
+ADAMW_BYTES = 28  # fp32 AdamW moves 28 bytes per parameter (reads the master, gradient and moments, writes 3)
+ADD_SPEEDUP = ADAMW_BYTES / 12  # a gradient sum moves 12 bytes per parameter: both memory-bound
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Machine:
     host_adamw_bf16_params_per_s: float | None = None
     # fp32 gradient sums (accumulation: acc += micro-batch); None: ADD_SPEEDUP x the fp32 AdamW rate
     host_add_params_per_s: float | None = None
+    # What the host's memory moves while the update and the GPU's copies share it; None: what the fp32 AdamW kernel,
+    # memory-bound, draws alone (ADAMW_BYTES x its rate)
+    host_memory_bytes_per_s: float | None = None
     gpu_flops: float = 150e12  # sustained bf16 matmul FLOP/s
 
     @classmethod
@@ -79,6 +83,11 @@ class Machine:
         return self.host_adamw_bf16_params_per_s or self.host_adamw_params_per_s
 
     @property
+    def memory_rate(self) -> float:
+        """Host memory bytes per second: measured, or the fp32 AdamW kernel's draw alone."""
+        return self.host_memory_bytes_per_s or ADAMW_BYTES * self.host_adamw_params_per_s
+
+    @property
     def add_rate(self) -> float:
         """Host gradient sums per second: measured, or as memory-bound as fp32 AdamW (12 bytes per parameter against
         its 28)."""
@@ -104,11 +113,13 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     the compute dtype, 2 B/param),
     the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: gradients
     per micro-batch, fp32 (4 B/param, cast on the device) or, for AdamW's own host kernel with one micro-batch per
-    step, as computed (2 B/param), offloaded layer inputs going out. Host AdamW: every
-    host-updated parameter once per step, and with accumulation each later micro-batch's gradients added into the
-    host accumulators (the same thread); with clipping by norm the updates start only once the last backward has
-    ended, so that backward and the AdamW pass follow each other. Disk: the Adam moments read and written once per
-    step.
+    step, as computed (2 B/param), offloaded layer inputs going out. Host AdamW: every host-updated parameter once
+    per step, and with accumulation each later micro-batch's gradients added into the host accumulators (the same
+    thread). Host memory: the bytes of those updates and sums and of every copy to and from the GPU (each crosses
+    the host's memory once), which share its bus: on the GPU machine this term was within 8% of every measured step
+    it bound (BENCHMARKS.md). With clipping by norm the updates start only once the last backward has ended: that
+    backward and the larger of the two host terms follow each other. Disk: the Adam moments read and written once
+    per step.
     With several ranks on one host (``s.ranks``): each GPU moves its shard of the weights and gradients over its
     own link (the all-gathers and reduce-scatters between GPUs are not counted), while the host's AdamW and its disk
     serve every rank.
@@ -130,13 +141,12 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     # One upload of every layer; frozen parameters kept in the compute dtype go up as they are.
     frozen = shape.layers_frozen if s.frozen_apart else 0
     layer_upload = upload * (layer_params - frozen) + s.element * frozen
+    h2d = a * (2 * layer_upload / s.ranks + offloaded) + resident_host * resident_up / s.ranks  # bytes, per rank
+    d2h = a * ((layer_down + resident_down) / s.ranks + offloaded)
     times = {
         "GPU compute (8·N·tokens)": a * 8 * (shape.layers * shape.layer_params + head) * tokens / m.gpu_flops,
-        "H2D weights (forward + recompute)": (
-            a * (2 * layer_upload / s.ranks + offloaded) + resident_host * resident_up / s.ranks
-        )
-        / m.h2d_bytes_per_s,
-        "D2H gradients": a * ((layer_down + resident_down) / s.ranks + offloaded) / m.d2h_bytes_per_s,
+        "H2D weights (forward + recompute)": h2d / m.h2d_bytes_per_s,
+        "D2H gradients": d2h / m.d2h_bytes_per_s,
     }
     updated = host_updated_trainable(shape, s)
     adamw = updated / m.adamw_rate(s.moments_dtype)
@@ -144,9 +154,16 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
         times["host AdamW + gradient sums"] = adamw + (a - 1) * updated / m.add_rate
     else:
         times["host AdamW"] = adamw
+    # The update reads and writes the masters and moments and reads the gradients (the layers' as they came down); it
+    # writes the layers' compute copy if kept.
+    layers = sliding * shape.layer_trainable
+    update = updated * (8 + 4 * s.moment_element + 4) - (4 - s.element) * layers * narrow
+    update += s.element * layers * s.compute_copy
+    traffic = update + updated * (a - 1) * 12 + s.ranks * (h2d + d2h)
+    memory = times["host memory (update + copies)"] = traffic / m.memory_rate
     if s.clipping and updated and tokens:  # the updates wait for the global norm: the host idles through the backward
         backward = 6 * (shape.layers * shape.layer_params + head) * tokens / m.gpu_flops  # recompute 2, backward 4
-        times["last backward, then host AdamW (clipping by norm)"] = backward + adamw
+        times["last backward, then host AdamW (clipping by norm)"] = backward + max(adamw, memory)
     files = sum(disk_bytes(shape, s).values()) * s.ranks  # every rank's, each read and written once per step
     if files:
         what = " + ".join(
