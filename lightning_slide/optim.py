@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import threading
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -116,15 +117,38 @@ def _build_host_kernel():
     _put_ninja_on_path()
     # -ffp-contract=off: no fused multiply-adds, so every build rounds alike, operation by operation.
     flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    name = f"lightning_slide_adamw_{_cpu_tag()}"  # -march=native: one build per CPU kind
     try:
+        _clear_stale_lock(name)
         return load(
-            name=f"lightning_slide_adamw_{_cpu_tag()}",  # -march=native: one build per CPU kind
+            name=name,
             sources=[str(Path(__file__).parent / "csrc" / "adamw.cpp")],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
         )
     except Exception as error:  # noqa: BLE001 - kept and raised for each call: the caller falls back to eager ops
         return error
+
+
+_STALE_LOCK_SECONDS = 600  # a build takes ~25 s: a lock this old was left by one that was killed
+
+
+def _clear_stale_lock(name: str) -> None:
+    """Remove the build lock a killed build left behind: torch's ``load`` waits for it to go, without end, so every
+    later run would hang at its first update. A fresh lock (a build under way in another process) is left alone."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_SECONDS:
+        warnings.warn(
+            f"removing {lock}, left {age / 60:.0f} minutes ago by a build of the host AdamW loop that did not finish",
+            stacklevel=4,
+        )
+        lock.unlink(missing_ok=True)
 
 
 def _put_ninja_on_path() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 import threading
 import time
 
@@ -293,3 +294,19 @@ def test_the_kernel_widens_and_clamps_bf16_gradients_exactly():
         results.append((param.detach().clone(), *(opt.state[param][n] for n in ("exp_avg", "exp_avg_sq"))))
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_not_waited_for(tmp_path, monkeypatch):
+    """torch's extension loader waits without end for a lock file a killed build left: every later run would hang
+    at its first host update. An old lock goes (with a warning); a fresh one, a build under way, stays."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "killed" / "lock", tmp_path / "building" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    with pytest.warns(UserWarning, match="did not finish"):
+        optim._clear_stale_lock("killed")
+    optim._clear_stale_lock("building")
+    assert not stale.exists() and fresh.exists()
