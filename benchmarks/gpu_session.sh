@@ -2,7 +2,7 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   suite (~330 s, after engine changes) + hostadamw (~120 s: its table under copies is new), then defaults3b
+#   suite (~300 s, after engine changes) + hostadamw (~170 s: its table under copies is new), then defaults3b
 #   (~300 s), peers8b (~540 s), qwen14b, convergence, bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b; measured
 #   already (BENCHMARKS.md): peers3b, clipped3b, before_after, levers3b, gil, lora.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
@@ -62,7 +62,7 @@ case $stage in
   gil)
     timeout 120 python3 benchmarks/bench_gil.py > "$out/gil.log" 2>&1 ;;
   hostadamw)
-    timeout 220 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 > "$out/hostadamw.log" 2>&1 ;;
+    timeout 280 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 > "$out/hostadamw.log" 2>&1 ;;
   peers3b)
     systems=all_on_gpu,slideformer,slideformer+park0,slideformer+bf16moments,slideformer+devauto
     systems=$systems,slideformer+devauto+bf16moments,fsdp_offload,deepspeed_offload
