@@ -1,7 +1,8 @@
 """The host optimizer: the user's optimizer rebuilt over the fp32 masters, run unit by unit on a host thread.
 
-``UnitOptimizer`` is the user's AdamW/Adam over one unit's master views, using torch's fused CPU kernel, or for
-AdamW the kernel of ``lightning_slide.optim`` where a step asks what torch's cannot (bf16 gradients, a bf16 copy).
+``UnitOptimizer`` is the user's AdamW/Adam over one unit's master views: AdamW runs ``lightning_slide.optim``'s host
+loop (bf16 gradients in, the bf16 compute copy out, which torch's fused kernel cannot), Adam and amsgrad torch's
+fused CPU kernel.
 ``UpdateWorker`` runs unit updates on a background thread, in submission order or in the next forward's; the
 compute side waits only for the unit it is about to load, so an update of layer ``i`` overlaps whatever runs before
 layer ``i`` is needed.
