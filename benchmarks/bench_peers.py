@@ -240,7 +240,7 @@ def setup(system: str, args) -> dict:
         name = "lightning_slide AdamW, bf16 moments"
     else:
 
-        def optimizer(params):  # the engine runs it as torch's fused host kernel
+        def optimizer(params):  # the engine runs it as its host loop (torch's fused kernel within a rounding)
             return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
 
         name = "AdamW"

@@ -3,7 +3,7 @@
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
 #   suite (~300 s, after engine changes) + hostadamw (~170 s: its table under copies is new), then defaults3b
-#   (~300 s), peers8b (~540 s), qwen14b, convergence, bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b; measured
+#   (~450 s), peers8b (~540 s), qwen14b, convergence, bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b; measured
 #   already (BENCHMARKS.md): peers3b, clipped3b, before_after, levers3b, gil, lora.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
@@ -15,7 +15,8 @@
 #                it was the default before, bf16 moments, device_layers="auto", both) against the tuned peers
 #                but ZenFlow (too slow to start to fit beside them in one call: zenflow3b, with FSDP offload)
 #   defaults3b   3B batch 8: slideformer's defaults (AdamW's host loop reading bf16 gradients), with the compute copy
-#                the loop writes (host_weights="compute"), and with bf16 moments too, against tuned FSDP offload
+#                the loop writes (host_weights="compute"), each also with device_layers="auto" (would it do as a
+#                default?), and bf16 moments with the copy, against tuned FSDP offload (~450 s)
 #   peers8b      8B batch 4: slideformer (defaults, bf16 moments, device_layers="auto" with bf16 moments) against
 #                tuned FSDP offload
 #   peers8b_rest 8B batch 4, the other rows: device_layers="auto", DeepSpeed, ZenFlow, all-on-GPU
@@ -70,7 +71,8 @@ case $stage in
       --systems $systems > "$out/$stage.log" 2>&1 ;;
   defaults3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
-      --systems slideformer,slideformer+bf16,slideformer+bf16moments+bf16,fsdp_offload > "$out/$stage.log" 2>&1 ;;
+      --systems slideformer,slideformer+bf16,slideformer+devauto,slideformer+devauto+bf16,slideformer+bf16moments+bf16,fsdp_offload \
+      > "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
     systems=slideformer,slideformer+bf16moments,slideformer+devauto+bf16moments,fsdp_offload
     [ "$stage" = peers8b_rest ] && systems=all_on_gpu,slideformer+devauto,deepspeed_offload,zenflow
