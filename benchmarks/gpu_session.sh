@@ -3,7 +3,7 @@
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
 #   suite (~300 s, after engine changes) + hostadamw (~170 s: its table under copies is new), then defaults3b
-#   (~450 s), peers8b (~540 s), qwen14b, convergence, bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b; measured
+#   (~450 s), plan (~250 s), peers8b (~540 s), qwen14b, convergence, bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b; measured
 #   already (BENCHMARKS.md): peers3b, clipped3b, before_after, levers3b, gil, lora.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
@@ -17,6 +17,8 @@
 #   defaults3b   3B batch 8: slideformer's defaults (AdamW's host loop reading bf16 gradients), with the compute copy
 #                the loop writes (host_weights="compute"), each also with device_layers="auto" (would it do as a
 #                default?), and bf16 moments with the copy, against tuned FSDP offload (~450 s)
+#   plan         the planner's bound (now with the host memory term) against the measured step, GPU and host peaks:
+#                bench_plan at 3B batch 8 and 8B batch 4 under the cap, default options
 #   peers8b      8B batch 4: slideformer (defaults, bf16 moments, device_layers="auto" with bf16 moments) against
 #                tuned FSDP offload
 #   peers8b_rest 8B batch 4, the other rows: device_layers="auto", DeepSpeed, ZenFlow, all-on-GPU
@@ -43,7 +45,7 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, defaults3b, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, defaults3b, plan, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -69,6 +71,11 @@ case $stage in
     systems=$systems,slideformer+devauto+bf16moments,fsdp_offload,deepspeed_offload
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
+  plan)
+    for shape in llama3_2_3b:8 llama3_1_8b:4; do
+      timeout 280 python3 benchmarks/bench_plan.py --shapes "${shape%:*}" --batch "${shape#*:}" --cap 24GiB \
+        --timeout 250 >> "$out/plan.log" 2>&1
+    done ;;
   defaults3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --systems slideformer,slideformer+bf16,slideformer+devauto,slideformer+devauto+bf16,slideformer+bf16moments+bf16,fsdp_offload \
