@@ -246,6 +246,14 @@ class Plan:
                     f"  most layer gradients parked on the GPU (parked_grads) at batch {s.batch}, window "
                     f"{s.window}: {self.suggested_parked_grads}"
                 )
+            if not s.compute_copy and s.compute_dtype != torch.float32:  # fewer bytes through the host's memory
+                with_copy = dataclasses.replace(s, host_weights="compute")
+                copy = make_plan(self.shape, with_copy, self.machine, suggest=False)
+                if copy.step_seconds < self.step_seconds and not copy.problems():
+                    rows.append(
+                        f"  a bf16 copy of the layers on the host (tuning.host_weights='compute'): step bound then "
+                        f"{_seconds(copy.step_seconds)}, host {human(copy.host_total)}"
+                    )
         if self.fitting is not None and self.problems():
             rows.extend(self.fitting.rows())
         elif self.searched and self.problems():

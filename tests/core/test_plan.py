@@ -352,6 +352,11 @@ def test_plan_numbers_of_a_known_shape():
     assert copy.time[memory] == pytest.approx(plan.time[memory] - fewer)
     table = plan.table()
     assert "<- binds" in table and "largest batch" in table and "GiB" in table
+    # The copy is suggested where it shortens the step and fits the host's memory.
+    suggested = "tuning.host_weights='compute'"
+    assert suggested in table
+    tight = dataclasses.replace(m, host_memory=plan.host_total + 2**30)
+    assert suggested not in make_plan(shape, plan.settings, tight).table()
     assert plan.to_dict()["binding"] == memory
 
 
