@@ -19,8 +19,8 @@
 #                default?), and bf16 moments with the copy, against tuned FSDP offload (~450 s)
 #   plan         the planner's bound (now with the host memory term) against the measured step, GPU and host peaks:
 #                bench_plan at 3B batch 8 and 8B batch 4 under the cap, default options
-#   peers8b      8B batch 4: slideformer (defaults, bf16 moments, device_layers="auto" with bf16 moments) against
-#                tuned FSDP offload
+#   peers8b      8B batch 4: slideformer (defaults; bf16 moments with the compute copy the loop writes, also with
+#                device_layers="auto") against tuned FSDP offload
 #   peers8b_rest 8B batch 4, the other rows: device_layers="auto", DeepSpeed, ZenFlow, all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
@@ -81,7 +81,7 @@ case $stage in
       --systems slideformer,slideformer+bf16,slideformer+devauto,slideformer+devauto+bf16,slideformer+bf16moments+bf16,fsdp_offload \
       > "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
-    systems=slideformer,slideformer+bf16moments,slideformer+devauto+bf16moments,fsdp_offload
+    systems=slideformer,slideformer+bf16moments+bf16,slideformer+devauto+bf16moments+bf16,fsdp_offload
     [ "$stage" = peers8b_rest ] && systems=all_on_gpu,slideformer+devauto,deepspeed_offload,zenflow
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
