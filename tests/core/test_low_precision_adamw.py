@@ -261,7 +261,10 @@ def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(
         by_value = dict(gradient_clip_val=1e-3, gradient_clip_algorithm="value")  # the kernel clamps as it reads
         clipping = by_value if clip == "value" else dict(gradient_clip_val=clip)
         options = dict(accumulate_grad_batches=accumulate, callbacks=callbacks, **clipping)
-        strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=dict(parked_grads=parked, grad_buffers=1))
+        # The resident parts update on the host in both runs: "auto" puts them on a GPU only where no hook observes
+        # the step, and a GPU's kernels round otherwise than the host's.
+        tuning = dict(parked_grads=parked, grad_buffers=1, resident_optimizer="host")
+        strategy = lightning_slide.SlideFormerStrategy(window=1, tuning=tuning)
         run = trainer(strategy, precision="bf16-true", max_steps=4, **options)
         run.fit(module, batches(4 * accumulate))
         runs[observed], spies[observed] = (module, spy.seen), spy
@@ -274,7 +277,9 @@ def test_bf16_gradients_reach_the_host_kernel_as_they_are_and_train_the_same(
         if clip in (None, "value"):
             assert torch.equal(param, theirs[name]), name
         else:
-            assert relative_error(param.detach(), theirs[name].detach()) < 1e-6, name
+            # (a GPU's layer norms, taken as the gradients leave it, round otherwise than the host's)
+            tolerance = 1e-6 if ACCELERATOR == "cpu" else 1e-5
+            assert relative_error(param.detach(), theirs[name].detach()) < tolerance, name
 
 
 def test_the_kernel_widens_and_clamps_bf16_gradients_exactly():
