@@ -36,7 +36,7 @@ def rate(
 ) -> float:
     """``clip``: ``"pass"`` scales the gradients by a clip coefficient first, ``"folded"`` hands its inverse to the
     fused kernel as ``grad_scale``; ``"clamp"`` clamps them first (clipping by value), ``"clamped"`` has the
-    bf16-moment kernel clamp them as it reads them; ``""``: no clipping. ``grads``: the gradients' dtype and
+    host loop clamp them as it reads them; ``""``: no clipping. ``grads``: the gradients' dtype and
     ``copy``: the updated weights also written in bf16, as the engine's compute copy, by the kernel (``"kernel"``)
     or in a pass of their own (``"pass"``). ``kernel``: ``"torch"`` (fused; fp32 moments and gradients only) or
     ``"own"`` (lightning_slide's host loop); default: torch's for fp32 moments."""

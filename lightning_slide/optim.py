@@ -115,7 +115,7 @@ def _build_host_kernel():
     from torch.utils.cpp_extension import load
 
     _put_ninja_on_path()
-    # -ffp-contract=off: no fused multiply-adds, so every build rounds alike, operation by operation.
+    # -ffp-contract=off: no fused multiply-adds but the loop's own std::fma, so every build rounds alike.
     flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     name = f"lightning_slide_adamw_{_cpu_tag()}"  # -march=native: one build per CPU kind
     try:

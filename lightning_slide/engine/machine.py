@@ -116,10 +116,9 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     step, as computed (2 B/param), offloaded layer inputs going out. Host AdamW: every host-updated parameter once
     per step, and with accumulation each later micro-batch's gradients added into the host accumulators (the same
     thread). Host memory: the bytes of those updates and sums and of every copy to and from the GPU (each crosses
-    the host's memory once), which share its bus: on the GPU machine this term was within 8% of every measured step
-    it bound (BENCHMARKS.md). With clipping by norm the updates start only once the last backward has ended: that
-    backward and the larger of the two host terms follow each other. Disk: the Adam moments read and written once
-    per step.
+    the host's memory once), which share its bus (its calibration against measured steps: BENCHMARKS.md, "Plans").
+    With clipping by norm the updates start only once the last backward has ended: that backward and the larger of
+    the two host terms follow each other. Disk: the Adam moments read and written once per step.
     With several ranks on one host (``s.ranks``): each GPU moves its shard of the weights and gradients over its
     own link (the all-gathers and reduce-scatters between GPUs are not counted), while the host's AdamW and its disk
     serve every rank.

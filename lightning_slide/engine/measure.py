@@ -27,8 +27,8 @@ def _rate(work, amount: float, seconds: float, sync=lambda: None) -> float:
 
 def host_adamw_rate(seconds: float = 0.2, numel: int = 2**22, moments: torch.dtype = torch.float32) -> float:
     """Parameters per second of the host AdamW: torch's fused kernel with fp32 moments (the host loop the engine runs
-    for AdamW is within a few percent of it; 28 bytes per parameter at this rate are also what the planner takes the
-    host memory to move), ``lightning_slide.optim.AdamW``'s loop with bf16 ones."""
+    for AdamW moves the same bytes; 28 bytes per parameter at this rate are also what the planner takes the host
+    memory to move), ``lightning_slide.optim.AdamW``'s loop with bf16 ones."""
     from lightning_slide.optim import AdamW
 
     param = torch.zeros(numel, dtype=torch.float32)

@@ -106,7 +106,7 @@ class HostUpdates:
                 if key == RESIDENT and engine.resident_parts.in_chunks:
                     engine.resident_parts.step_in_chunks(optimizer, hyper, clip_value, state)
                     refreshed = False
-                else:  # (the bf16-moment kernel may bring the compute copy up to date in its own pass)
+                else:  # (AdamW's host loop may bring the compute copy up to date in its own pass)
                     refreshed = optimizer.step(hyper, verdict.coefficient, clip_value, state)
                 if not refreshed:  # before the next upload of the unit, which waits for this task
                     unit.refresh_weights(None if state is None else state.get(MASTER))

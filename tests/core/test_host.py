@@ -202,7 +202,7 @@ def test_gradient_pool_counts_buffers_taken_from_several_threads():
 
 
 def test_loans_lend_views_of_whole_pool_buffers_and_take_them_back_whole():
-    """A layer borrows the front of a pool buffer (in bf16 for the bf16-moment kernel: half of it); giving it back
+    """A layer borrows the front of a pool buffer (in bf16 for AdamW's host loop: half of it); giving it back
     returns the whole buffer, so a larger layer borrowing it next gets all it needs."""
     small, large = (HostUnit(name, list(nn.Linear(n, n).named_parameters())) for name, n in (("small", 2), ("big", 4)))
     worker = UpdateWorker()

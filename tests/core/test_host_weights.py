@@ -72,7 +72,7 @@ def test_host_weights_is_validated():
 
 
 def test_masters_on_disk_with_bf16_moments_train_exactly_like_fp32_uploads(tmp_path):
-    """With the masters on disk the layers upload from the bf16 copy, which the bf16-moment kernel writes from the
+    """With the masters on disk the layers upload from the bf16 copy, which AdamW's host loop writes from the
     masters it has just read and updated, in the same pass."""
     modules = {}
     for offload in (None, "both"):
