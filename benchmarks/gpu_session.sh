@@ -5,7 +5,8 @@
 #   suite (~300 s, after engine changes) + hostadamw (~170 s: its table under copies is new), then defaults3b
 #   (~450 s), plan (~250 s), peers8b (~540 s), qwen14b, convergence, bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b; measured
 #   already (BENCHMARKS.md): peers3b, clipped3b, before_after, levers3b, gil, lora.
-#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own)
+#   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
+#                SUITE_PATHS=... SUITE_TIMEOUT=... run a part of it beside another stage
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
 #                and the compute copy written by the kernel; alone and under
 #                copies to and from the GPU (does the memory bus bind the update in a step?); clipping by
@@ -60,7 +61,8 @@ python3 -c "import torch, lightning, transformers; print(torch.__version__, ligh
 for stage in "$@"; do
 case $stage in
   suite)
-    SLIDE_TEST_ACCELERATOR=gpu timeout 560 python3 -m pytest -q --timeout 120 tests/core -p no:cacheprovider \
+    SLIDE_TEST_ACCELERATOR=gpu timeout "${SUITE_TIMEOUT:-560}" python3 -m pytest -q --timeout 120 -p no:cacheprovider \
+      ${SUITE_PATHS:-tests/core} \
       > "$out/suite.log" 2>&1 ;;
   gil)
     timeout 120 python3 benchmarks/bench_gil.py > "$out/gil.log" 2>&1 ;;
