@@ -323,10 +323,6 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             if engine is not None:  # slideformer: cumulative host-busy / compute-blocked seconds
                 self.engine_stats.append(engine.stats())
 
-        def on_before_optimizer_step(self, optimizer):
-            if own_clipping:  # FSDP's own norm over its sharded, offloaded gradients, as its docs advise
-                self.trainer.strategy.model.clip_grad_norm_(args.clip)
-
         def configure_optimizers(self):  # not called where DeepSpeed builds the optimizer from its config (zenflow)
             if base == "gpu_compute":  # forward and backward only
                 return None
@@ -337,6 +333,12 @@ def child(system: str, shape: str, batch: int, args) -> dict:
     own_clipping = base == "fsdp_offload" and args.clip is not None and args.clip_by == "norm"
     if "error" in run:
         return run
+    if own_clipping:  # only here: slideformer serializes a step's updates behind a hook that may read them
+
+        class LM(LM):
+            def on_before_optimizer_step(self, optimizer):  # FSDP's own norm over its offloaded gradients
+                self.trainer.strategy.model.clip_grad_norm_(args.clip)
+
     torch.manual_seed(0)
     module = LM()
     params = sum(p.numel() for p in module.parameters())
