@@ -18,6 +18,9 @@
 #   defaults3b   3B batch 8: slideformer's defaults (AdamW's host loop reading bf16 gradients), with the compute copy
 #                the loop writes (host_weights="compute"), each also with device_layers="auto" (would it do as a
 #                default?), and bf16 moments with the copy, against tuned FSDP offload (~450 s)
+#   headline     defaults3b's main rows and peers8b's opt-in rows in one call (~560 s): 3B batch 8 defaults, with the
+#                compute copy, with it and device_layers="auto", tuned FSDP offload; 8B batch 4 bf16 moments + copy,
+#                also with device_layers="auto"
 #   plan         the planner's bound (now with the host memory term) against the measured step, GPU and host peaks:
 #                bench_plan at 3B batch 8 and 8B batch 4 under the cap, default options
 #   peers8b      8B batch 4: slideformer (defaults; bf16 moments with the compute copy the loop writes, also with
@@ -46,7 +49,7 @@
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, defaults3b, plan, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
@@ -82,6 +85,11 @@ case $stage in
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --systems slideformer,slideformer+bf16,slideformer+devauto,slideformer+devauto+bf16,slideformer+bf16moments+bf16,fsdp_offload \
       > "$out/$stage.log" 2>&1 ;;
+  headline)
+    timeout 300 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 120 \
+      --systems slideformer,slideformer+bf16,slideformer+devauto+bf16,fsdp_offload > "$out/$stage.log" 2>&1
+    timeout 280 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \
+      --systems slideformer+bf16moments+bf16,slideformer+devauto+bf16moments+bf16 >> "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
     systems=slideformer,slideformer+bf16moments+bf16,slideformer+devauto+bf16moments+bf16,fsdp_offload
     [ "$stage" = peers8b_rest ] && systems=all_on_gpu,slideformer+devauto,deepspeed_offload,zenflow
