@@ -18,9 +18,8 @@
 #   defaults3b   3B batch 8: slideformer's defaults (AdamW's host loop reading bf16 gradients), with the compute copy
 #                the loop writes (host_weights="compute"), each also with device_layers="auto" (would it do as a
 #                default?), and bf16 moments with the copy, against tuned FSDP offload (~450 s)
-#   headline     defaults3b's main rows and peers8b's opt-in rows in one call (~560 s): 3B batch 8 defaults, with the
-#                compute copy, with it and device_layers="auto", tuned FSDP offload; 8B batch 4 bf16 moments + copy,
-#                also with device_layers="auto"
+#   headline     the rows issue 18's targets turn on, in one short call (~380 s): 3B batch 8 defaults, with the
+#                compute copy and device_layers="auto", tuned FSDP offload; 8B batch 4 with both and bf16 moments
 #   plan         the planner's bound (now with the host memory term) against the measured step, GPU and host peaks:
 #                bench_plan at 3B batch 8 and 8B batch 4 under the cap, default options
 #   peers8b      8B batch 4: slideformer (defaults; bf16 moments with the compute copy the loop writes, also with
@@ -86,10 +85,10 @@ case $stage in
       --systems slideformer,slideformer+bf16,slideformer+devauto,slideformer+devauto+bf16,slideformer+bf16moments+bf16,fsdp_offload \
       > "$out/$stage.log" 2>&1 ;;
   headline)
-    timeout 300 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 120 \
-      --systems slideformer,slideformer+bf16,slideformer+devauto+bf16,fsdp_offload > "$out/$stage.log" 2>&1
-    timeout 280 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \
-      --systems slideformer+bf16moments+bf16,slideformer+devauto+bf16moments+bf16 >> "$out/$stage.log" 2>&1 ;;
+    timeout 240 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 120 \
+      --systems slideformer,slideformer+devauto+bf16,fsdp_offload > "$out/$stage.log" 2>&1
+    timeout 180 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 170 \
+      --systems slideformer+devauto+bf16moments+bf16 >> "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
     systems=slideformer,slideformer+bf16moments+bf16,slideformer+devauto+bf16moments+bf16,fsdp_offload
     [ "$stage" = peers8b_rest ] && systems=all_on_gpu,slideformer+devauto,deepspeed_offload,zenflow
