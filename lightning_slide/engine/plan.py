@@ -331,7 +331,8 @@ def largest_parking(shape: ModelShape, s: Settings, m: Machine, margin: float = 
     per step), the GPU or the activations are unknown, or the run does not fit even without parking."""
     if s.accumulate > 1 or m.gpu_memory is None or s.batch is None or s.seq is None or not shape.has_dims:
         return None
-    fitting = [p for p in range(shape.layers + 1) if _fits(shape, dataclasses.replace(s, parked_grads=p), m, margin)]
+    sliding = s.sliding(shape)  # layers kept on the device send no gradients down: none of theirs parks
+    fitting = [p for p in range(sliding + 1) if _fits(shape, dataclasses.replace(s, parked_grads=p), m, margin)]
     return fitting[-1] if fitting else None
 
 

@@ -416,6 +416,9 @@ def test_the_most_parked_gradients_that_fit_are_suggested():
     assert sum(planner.host_bytes(shape, clipped).values()) > host.host_memory
     assert sum(planner.host_bytes(shape, dataclasses.replace(clipped, parked_grads=most)).values()) <= host.host_memory
     assert largest_parking(shape, dataclasses.replace(settings, accumulate=2), machine) is None  # no parking then
+    # Layers kept on the device send no gradients down: at most the sliding ones park, however much room is left.
+    roomy = Machine(gpu_memory=400 * 2**30)
+    assert largest_parking(shape, dataclasses.replace(settings, device_layers=8), roomy) == shape.layers - 8
 
 
 def test_strategy_refuses_activations_that_cannot_fit_at_the_first_batch():
