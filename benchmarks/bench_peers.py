@@ -6,7 +6,7 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8,
                                          slideformer+park24 = parked_grads=24 (+park0: none),
-                                         slideformer+dev4 = device_layers=4 (+devauto: "auto"),
+                                         slideformer+dev4 = device_layers=4 (+dev0: none; default "auto"),
                                          slideformer+bf16moments = lightning_slide.optim.AdamW with
                                          state_dtype=torch.bfloat16 (bf16 Adam moments); combine with +;
                                          any system+lora16 = LoRA of rank 16 on every linear layer but the head,

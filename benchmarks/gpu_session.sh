@@ -12,19 +12,20 @@
 #                copies to and from the GPU (does the memory bus bind the update in a step?); clipping by
 #                norm in a pass of its own against folded into the kernel)
 #   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
-#   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, parking off as
-#                it was the default before, bf16 moments, device_layers="auto", both) against the tuned peers
-#                but ZenFlow (too slow to start to fit beside them in one call: zenflow3b, with FSDP offload)
+#   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, no layer kept on
+#                the GPU as was the default before session 7, bf16 moments with the compute copy) against the tuned
+#                peers but ZenFlow (too slow to start to fit beside them in one call: zenflow3b, with FSDP offload)
 #   defaults3b   3B batch 8: slideformer's defaults (AdamW's host loop reading bf16 gradients), with the compute copy
-#                the loop writes (host_weights="compute"), each also with device_layers="auto" (would it do as a
-#                default?), and bf16 moments with the copy, against tuned FSDP offload (~450 s)
-#   headline     the rows issue 18's targets turn on, in one short call (~380 s): 3B batch 8 defaults, with the
-#                compute copy and device_layers="auto", tuned FSDP offload; 8B batch 4 with both and bf16 moments
+#                the loop writes (host_weights="compute"), each also with no layer kept on the GPU (device_layers=0,
+#                the default before session 7), and bf16 moments with the copy, against tuned FSDP offload (~450 s)
+#   headline     the rows issue 18's targets turn on, in one call (~540 s): 3B batch 8 defaults (device_layers
+#                "auto" since session 7), the old default (+dev0), bf16 moments + compute copy, tuned FSDP offload;
+#                8B batch 4 defaults and bf16 moments + compute copy
 #   plan         the planner's bound (now with the host memory term) against the measured step, GPU and host peaks:
 #                bench_plan at 3B batch 8 and 8B batch 4 under the cap, default options
-#   peers8b      8B batch 4: slideformer (defaults; bf16 moments with the compute copy the loop writes, also with
-#                device_layers="auto") against tuned FSDP offload
-#   peers8b_rest 8B batch 4, the other rows: device_layers="auto", DeepSpeed, ZenFlow, all-on-GPU
+#   peers8b      8B batch 4: slideformer (defaults, also with device_layers=0; bf16 moments with the compute copy the
+#                loop writes) against tuned FSDP offload
+#   peers8b_rest 8B batch 4, the other rows: DeepSpeed, ZenFlow, all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
 #   bytes8b      8B batch 4 with bf16 moments, uploads from the fp32 masters against the bf16 compute copy the
@@ -43,7 +44,7 @@
 #   before_after the engine before its split (commit 4c29062, unpacked into before/ here:
 #                git archive 4c29062 lightning_slide | tar -x -C before) against now, at $BEFORE_AFTER_SHAPES
 #                (default 8B batch 4: the 3B batch-8 pair is in BENCHMARKS.md), both without parking (the
-#                default then; "auto" since)
+#                default then; "auto" since) and now without layers kept on the GPU (the default since session 7)
 # From the device tool: run(command="bash benchmarks/gpu_session.sh peers3b", carry=[".whl", "before"]), with .whl/
 # made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
 # the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
@@ -71,8 +72,7 @@ case $stage in
   hostadamw)
     timeout 280 python3 benchmarks/bench_host_adamw.py --numel 110e6 --threads 8,16 > "$out/hostadamw.log" 2>&1 ;;
   peers3b)
-    systems=all_on_gpu,slideformer,slideformer+park0,slideformer+bf16moments,slideformer+devauto
-    systems=$systems,slideformer+devauto+bf16moments,fsdp_offload,deepspeed_offload
+    systems=all_on_gpu,slideformer,slideformer+dev0,slideformer+bf16moments+bf16,fsdp_offload,deepspeed_offload
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
   plan)
@@ -82,16 +82,16 @@ case $stage in
     done ;;
   defaults3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
-      --systems slideformer,slideformer+bf16,slideformer+devauto,slideformer+devauto+bf16,slideformer+bf16moments+bf16,fsdp_offload \
+      --systems slideformer,slideformer+bf16,slideformer+dev0,slideformer+dev0+bf16,slideformer+bf16moments+bf16,fsdp_offload \
       > "$out/$stage.log" 2>&1 ;;
   headline)
-    timeout 240 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 120 \
-      --systems slideformer,slideformer+devauto+bf16,fsdp_offload > "$out/$stage.log" 2>&1
-    timeout 180 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 170 \
-      --systems slideformer+devauto+bf16moments+bf16 >> "$out/$stage.log" 2>&1 ;;
+    timeout 290 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 100 \
+      --systems slideformer,slideformer+dev0,slideformer+bf16moments+bf16,fsdp_offload > "$out/$stage.log" 2>&1
+    timeout 270 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 150 \
+      --systems slideformer,slideformer+bf16moments+bf16 >> "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
-    systems=slideformer,slideformer+bf16moments+bf16,slideformer+devauto+bf16moments+bf16,fsdp_offload
-    [ "$stage" = peers8b_rest ] && systems=all_on_gpu,slideformer+devauto,deepspeed_offload,zenflow
+    systems=slideformer,slideformer+dev0,slideformer+bf16moments+bf16,fsdp_offload
+    [ "$stage" = peers8b_rest ] && systems=all_on_gpu,deepspeed_offload,zenflow
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
   peers8b16)
@@ -130,9 +130,9 @@ case $stage in
       du -sh /tmp/slide-14b; } > "$out/qwen14b.log" 2>&1 ;;
   before_after)
     for code in before now; do
-      path=$PWD; [ "$code" = before ] && path=$PWD/before
+      path=$PWD system=slideformer+park0+dev0; [ "$code" = before ] && path=$PWD/before system=slideformer+park0
       PYTHONPATH="$PWD/.site:$path" timeout 280 python3 benchmarks/bench_peers.py --timeout 250 \
-        --shapes "${BEFORE_AFTER_SHAPES:-llama3_1_8b:4}" --steps 3 --cap 24GiB --systems slideformer+park0 \
+        --shapes "${BEFORE_AFTER_SHAPES:-llama3_1_8b:4}" --steps 3 --cap 24GiB --systems $system \
         >> "$out/before_after.log" 2>&1
       echo "^^^ $code" >> "$out/before_after.log"
     done ;;

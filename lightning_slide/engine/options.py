@@ -106,7 +106,7 @@ class Tuning:
     batch so far leaves room for (decided at the first, fewer at a larger one); ``0``: none."""
     host_memory: int | str | None = None
     """Host memory the plan may count on (``"240GiB"``; bytes once built); ``None``: what the OS reports available."""
-    device_layers: int | str = 0
+    device_layers: int | str = "auto"
     """The first decoder layers kept and updated on the GPU (fp32 masters, gradients, Adam state there: ~20 B/param);
     the host neither transfers nor updates them; ``"auto"``: as many as the first batch's plan leaves room for."""
 

@@ -112,7 +112,7 @@ def _held_step_run(parked, nonfinite="error", limit=None, data=None, clip=0.05, 
     torch.manual_seed(123)
     module = TinyLM("llama_deep", initial_state("llama_deep"))
     pool = _Pool()
-    tuning = dict(grad_buffers=grad_buffers, parked_grads=parked)
+    tuning = dict(grad_buffers=grad_buffers, parked_grads=parked, device_layers=0)  # parking alone (layers kept first)
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=tuning, nonfinite=nonfinite, gpu_memory_limit=limit)
     trainer(
         strategy,
