@@ -181,9 +181,9 @@ def test_device_layers_with_the_moments_of_the_others_on_disk(tmp_path):
 
 
 def auto():
-    """device_layers="auto", the default: as many as the first batch's plan leaves room for under the limit (all but
-    one here)."""
-    return lightning_slide.SlideFormerStrategy(window=1, gpu_memory_limit="1GiB")
+    """device_layers="auto" (the default; named, as the GPU suite keeps every layer sliding otherwise): as many as
+    the first batch's plan leaves room for under the limit (all but one here)."""
+    return lightning_slide.SlideFormerStrategy(window=1, gpu_memory_limit="1GiB", tuning=dict(device_layers="auto"))
 
 
 def test_auto_keeps_what_the_first_batch_plan_allows_and_trains_the_same():

@@ -21,6 +21,8 @@ from tests.core.tiny import TinyLM, batches, initial_state, trainer
 def test_defaults_are_built_once_and_rebuilding_changes_nothing(tmp_path):
     options = SlideOptions()
     assert options.kernels == () and options.offload == () and options.tuning == Tuning(host_weights="fp32")
+    defaults = {field.name: field.default for field in dataclasses.fields(Tuning)}
+    assert defaults["device_layers"] == defaults["parked_grads"] == defaults["resident_optimizer"] == "auto"
     built = SlideOptions(
         window=3,
         kernels=["swiglu", "rmsnorm"],
