@@ -123,11 +123,14 @@ case $stage in
     run="model=causal_lm model.path=null $shape model.moments=bf16 kernels=all data.batch_size=8 data.max_length=1024"
     run="$run strategy.gpu_memory_limit=24GiB strategy.offload_dir=/tmp/slide-14b strategy.offload=masters"
     run="$run trainer.gradient_clip_algorithm=value trainer.max_steps=4 trainer.limit_val_batches=0 export.enabled=false"
+    # no checkpoint (fp32 weights and moments would not fit beside the masters on this disk); every step logged
+    run="$run callbacks=none +trainer.enable_checkpointing=false trainer.log_every_n_steps=1 hydra.run.dir=/tmp/run-14b"
     { python3 -m lightning_slide.app.plan $run plan.disk_free=60GB plan.measure=true; echo "plan exit $?";
       timer=""; [ -x /usr/bin/time ] && timer="/usr/bin/time -v"  # its peak RSS; the app's summary says it too
       $timer timeout 560 python3 -m lightning_slide.app.train $run 2>&1 | grep -E \
         "throughput|peak memory|slide-plan|Maximum resident|Elapsed|Error|error|slideformer" ;
-      du -sh /tmp/slide-14b; } > "$out/qwen14b.log" 2>&1 ;;
+      du -sh /tmp/slide-14b  # per step (the first builds the host loop and warms up): tokens/s, host peak
+      cut -d, -f1- /tmp/run-14b/csv/version_0/metrics.csv; } > "$out/qwen14b.log" 2>&1 ;;
   before_after)
     for code in before now; do
       path=$PWD system=slideformer+park0+dev0; [ "$code" = before ] && path=$PWD/before system=slideformer+park0
