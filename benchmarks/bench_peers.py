@@ -365,6 +365,12 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    if base == "slideformer":  # a hook between backward and step would hold every update behind its backward
+        from lightning_slide.hooks import step_observers
+
+        observers = step_observers(trainer, module)
+        if observers:
+            return {"error": f"{', '.join(observers)} would serialize the step: not what this row measures"}
     probe = GilProbe() if base == "slideformer" else None  # the peers run without the extra thread
     try:
         trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=batch))
