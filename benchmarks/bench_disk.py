@@ -138,7 +138,8 @@ def child(spec: dict) -> dict:
         window=spec["window"],
         offload_dir=spec["dir"] if spec["offload"] else None,
         offload=spec["offload"],
-        tuning=dict(host_weights=spec["host_weights"], grad_buffers=spec.get("grad_buffers")),
+        # every layer's state through the disk tier (none kept on the GPU), as the measured figures were taken
+        tuning=dict(host_weights=spec["host_weights"], grad_buffers=spec.get("grad_buffers"), device_layers=0),
         monitor=False,
     )
     trainer = L.Trainer(

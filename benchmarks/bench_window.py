@@ -114,7 +114,8 @@ def main():
         print(run("all-on-GPU Lightning (bf16-true params, GPU AdamW)", "auto", config, args), flush=True)
     for window in map(int, args.windows.split(",")):
         for host_weights in args.host_weights.split(","):
-            strategy = lightning_slide.SlideFormerStrategy(window=window, tuning=dict(host_weights=host_weights))
+            tuning = dict(host_weights=host_weights, device_layers=0)  # every layer through the window measured
+            strategy = lightning_slide.SlideFormerStrategy(window=window, tuning=tuning)
             print(run(f"slideformer window={window} host_weights={host_weights}", strategy, config, args), flush=True)
 
 

@@ -25,7 +25,8 @@ embeddings), linear warm-up then cosine decay to 10% of ``--lr``, ``accumulate_g
 Runs (``--runs``, comma list; each a real ``Trainer.fit`` in this process, seeded alike):
 
 - ``plain``: plain Lightning (``strategy="auto"``), ``precision="bf16-mixed"`` (fp32 weights, bf16 autocast).
-- ``slideformer``: ``SlideFormerStrategy()``, ``precision="bf16-true"`` (it keeps fp32 masters itself).
+- ``slideformer``: ``SlideFormerStrategy(tuning=dict(device_layers=0))`` (every layer slides and is updated on the
+  host, the path under test), ``precision="bf16-true"`` (it keeps fp32 masters itself).
   Compared with ``plain``: final train loss and validation loss within 1%.
 - ``slideformer+bf16moments``: as ``slideformer`` with ``lightning_slide.optim.AdamW(..., state_dtype=bfloat16)``
   (bf16 Adam moments, an opt-in low-precision mode). Compared with ``slideformer``: within 2%.
@@ -238,7 +239,8 @@ def train(name: str, args, config, state, train_ids, val_ids, accelerator: str) 
     if strategy_name == "slideformer":
         import lightning_slide
 
-        strategy = lightning_slide.SlideFormerStrategy(window=args.window)
+        # every layer slides and is updated on the host (uncapped, "auto" would keep all but one of them on the GPU)
+        strategy = lightning_slide.SlideFormerStrategy(window=args.window, tuning=dict(device_layers=0))
     else:
         strategy = "auto"
     L.seed_everything(args.seed, verbose=False)
