@@ -2,9 +2,9 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   suite (~300 s, after engine changes) + hostadamw (~170 s: its table under copies is new), then defaults3b
-#   (~450 s), plan (~250 s), peers8b (~540 s), qwen14b, convergence, bytes8b (~280 s), peers8b_rest, peers8b16, zenflow3b; measured
-#   already (BENCHMARKS.md): peers3b, clipped3b, before_after, levers3b, gil, lora.
+#   suite (~300 s, after engine changes), headline (~540 s), qwen14b, convergence, peers8b (~540 s), zenflow3b,
+#   peers8b16, plan (~250 s), then bytes8b (~280 s), peers8b_rest, defaults3b (~450 s); measured already
+#   (BENCHMARKS.md): peers3b, clipped3b, before_after, levers3b, gil, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
 #                SUITE_PATHS=... SUITE_TIMEOUT=... run a part of it beside another stage
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
@@ -129,8 +129,9 @@ case $stage in
       timer=""; [ -x /usr/bin/time ] && timer="/usr/bin/time -v"  # its peak RSS; the app's summary says it too
       $timer timeout 560 python3 -m lightning_slide.app.train $run 2>&1 | grep -E \
         "throughput|peak memory|slide-plan|Maximum resident|Elapsed|Error|error|slideformer" ;
-      du -sh /tmp/slide-14b  # per step (the first builds the host loop and warms up): tokens/s, host peak
-      cut -d, -f1- /tmp/run-14b/csv/version_0/metrics.csv; } > "$out/qwen14b.log" 2>&1 ;;
+      du -sh /tmp/slide-14b
+      # per step (the first builds the host loop and warms up): tokens/s, host peak
+      cat /tmp/run-14b/csv/version_0/metrics.csv; } > "$out/qwen14b.log" 2>&1 ;;
   before_after)
     for code in before now; do
       path=$PWD system=slideformer+park0+dev0; [ "$code" = before ] && path=$PWD/before system=slideformer+park0
