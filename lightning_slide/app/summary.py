@@ -38,14 +38,17 @@ class RunSummary(L.Callback):
     """Counts real (non-padding) tokens, training time and train losses during ``fit``; :meth:`report` formats them.
 
     Training time runs from each batch's start to its end (data loading, validation and checkpointing excluded), so
-    tokens per second measure the training steps themselves. With several devices the tokens are every rank's
-    (summed when training ends); losses, time and memory are this rank's.
+    tokens per second measure the training steps themselves; the rate after the first batch is reported beside it,
+    as the first one also warms up (kernels, the host loop, allocators) and weighs much in a short run. With several
+    devices the tokens are every rank's (summed when training ends); losses, time and memory are this rank's.
     """
 
     def __init__(self) -> None:
         self.tokens = 0
         self.steps = 0
         self.seconds = 0.0
+        self.first_tokens = 0  # of the first batch, so the rate after it can be told apart
+        self.first_seconds = 0.0
         self.losses: list[float] = []
         self.ranks = 1
         self.counts_tokens = True  # False once a batch had no tokens to count
@@ -66,17 +69,25 @@ class RunSummary(L.Callback):
             self.counts_tokens = False
         else:
             self.tokens += tokens
+        if self.steps == 0:
+            self.first_tokens, self.first_seconds = tokens or 0, self.seconds
         self.steps += 1
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.ranks = trainer.world_size
         if self.ranks > 1:  # every rank calls this: a collective
-            tokens = torch.tensor(float(self.tokens), device=trainer.strategy.root_device)
-            self.tokens = int(trainer.strategy.reduce(tokens, reduce_op="sum").item())
+            tokens = torch.tensor([float(self.tokens), float(self.first_tokens)], device=trainer.strategy.root_device)
+            self.tokens, self.first_tokens = (int(t) for t in trainer.strategy.reduce(tokens, reduce_op="sum").tolist())
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_second_after_first(self) -> float | None:
+        """The rate over every batch but the first; ``None`` with one batch."""
+        seconds = self.seconds - self.first_seconds
+        return (self.tokens - self.first_tokens) / seconds if self.steps > 1 and seconds > 0 else None
 
     def report(
         self, before: float | None, after: float | None, output_dir: str | Path | None, metric: str = "val/loss"
@@ -94,9 +105,11 @@ class RunSummary(L.Callback):
             lines.append(f"{metric}:".ljust(12) + f"{start}{after:.3f} (after)")
         ranks = f" on {self.ranks} devices" if self.ranks > 1 else ""
         if self.counts_tokens:
+            after_first = self.tokens_per_second_after_first
+            steady = "" if after_first is None else f", {after_first:,.0f} after the first batch"
             lines.append(
                 f"throughput: {self.tokens_per_second:,.0f} tokens/s{ranks} ({self.tokens:,} real tokens in "
-                f"{self.steps} batches, {self.seconds:.1f} s of training steps; padding not counted)"
+                f"{self.steps} batches, {self.seconds:.1f} s of training steps{steady}; padding not counted)"
             )
         else:
             lines.append(
