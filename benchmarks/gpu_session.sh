@@ -124,14 +124,20 @@ case $stage in
     run="$run strategy.gpu_memory_limit=24GiB strategy.offload_dir=/tmp/slide-14b strategy.offload=masters"
     run="$run trainer.gradient_clip_algorithm=value trainer.max_steps=4 trainer.limit_val_batches=0 export.enabled=false"
     # no checkpoint (fp32 weights and moments would not fit beside the masters on this disk); every step logged
-    run="$run callbacks=none +trainer.enable_checkpointing=false trainer.log_every_n_steps=1 hydra.run.dir=/tmp/run-14b"
+    # the run directory (its per-step CSV log) under $out, so what a run cut by the timeout logged still comes back
+    run="$run callbacks=none +trainer.enable_checkpointing=false trainer.log_every_n_steps=1 hydra.run.dir=$out/run-14b"
+    run="$run +logger.csv.flush_logs_every_n_steps=1"
     { python3 -m lightning_slide.app.plan $run plan.disk_free=60GB plan.measure=true; echo "plan exit $?";
+      # the disk tier's peak use, sampled every 5 s while the run goes
+      ( peak=0; while sleep 5; do used=$(du -sb /tmp/slide-14b 2>/dev/null | cut -f1)
+          [ "${used:-0}" -gt "$peak" ] && peak=$used && echo "$peak" > "$out/qwen14b-disk-peak.txt"; done ) &
+      sampler=$!
       timer=""; [ -x /usr/bin/time ] && timer="/usr/bin/time -v"  # its peak RSS; the app's summary says it too
-      $timer timeout 560 python3 -m lightning_slide.app.train $run 2>&1 | grep -E \
-        "throughput|peak memory|slide-plan|Maximum resident|Elapsed|Error|error|slideformer" ;
-      du -sh /tmp/slide-14b
+      $timer timeout "${QWEN14B_TIMEOUT:-520}" python3 -m lightning_slide.app.train $run 2>&1 | grep --line-buffered \
+        -E "throughput|peak memory|slide-plan|Maximum resident|Elapsed|Error|error|slideformer"
+      kill $sampler; echo "disk tier peak: $(cat "$out/qwen14b-disk-peak.txt" 2>/dev/null) bytes"
       # per step (the first builds the host loop and warms up): tokens/s, host peak
-      cat /tmp/run-14b/csv/version_0/metrics.csv; } > "$out/qwen14b.log" 2>&1 ;;
+      cat "$out/run-14b/csv/version_0/metrics.csv"; } > "$out/qwen14b.log" 2>&1 ;;
   before_after)
     for code in before now; do
       path=$PWD system=slideformer+park0+dev0; [ "$code" = before ] && path=$PWD/before system=slideformer+park0
