@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         if earlier.get("key") == key:
             results = earlier["runs"]
     failed = False
+    device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "CPU"
     for name in args.runs:
         print(f"--- {name}: {RUNS[name][0]}, precision {RUNS[name][1]}, optimizer {RUNS[name][2]}", flush=True)
         try:
@@ -461,21 +462,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: final {res['final_loss']:.4f}, val {res['val_loss']:.4f}, {res['seconds']:.0f} s")
         else:
             print(f"{name}: {res.get('skipped') or res.get('error')}", flush=True)
-    results = {n: results[n] for n in RUNS if n in results}  # a stable order: references first
-
-    rows = compare(results)
-    device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "CPU"
-    report = {
-        "key": key,
-        "settings": settings,
-        "params": params,
-        "data": source,
-        "device": device_name,
-        "versions": {"torch": torch.__version__, **versions()},
-        "runs": results,
-        "comparisons": rows,
-    }
-    path.write_text(json.dumps(report, indent=1))
+        results = {n: results[n] for n in RUNS if n in results}  # a stable order: references first
+        rows = compare(results)
+        report = {
+            "key": key,
+            "settings": settings,
+            "params": params,
+            "data": source,
+            "device": device_name,
+            "versions": {"torch": torch.__version__, **versions()},
+            "runs": results,
+            "comparisons": rows,
+        }
+        path.write_text(json.dumps(report, indent=1))  # after each run: a call cut short keeps the runs done
     print(f"\n{table(rows)}\n")
     print(f"final train loss: mean of the last {args.final_steps} steps; val loss: fp32, {args.val_blocks} blocks")
     print(f"results: {path}")
