@@ -27,8 +27,11 @@ The systems, as a user tuning each would run it (AdamW, lr 1e-5, weight decay 0.
   bf16 parameters stay on the GPU): ``zero_optimization.zenflow`` = ``ZENFLOW`` below, the DeepSpeed tutorial's
   settings; the top 5% gradient columns are updated on the GPU every step, the rest accumulate and are updated on the
   host (``ZenFlowCPUAdam``, built by DeepSpeed from the config's ``optimizer`` block) every 4 steps, overlapped with
-  the next steps. Its s/step is the mean over whole update intervals after one interval of warm-up (the median of the
-  others would hide the update steps), and it has no "of bound": it does not take an AdamW step every step.
+  the next steps (``overlap_step``: a process of its own holding two copies of the Adam state; ``+sequential``: in
+  the training process, between steps, where the overlapped one does not fit the host). Its s/step is the mean over
+  whole update intervals after one interval of warm-up (the median of the others would hide the update steps), and
+  it has no "of bound": it does not take an AdamW step every step. Its peak host memory is the machine's rise in use
+  (its optimizer process included), not the training process's RSS.
 - ``slideformer``: ``"bf16-true"`` (the strategy keeps fp32 masters and runs the host AdamW itself).
 Without DeepSpeed installed (or a DeepSpeed without ZenFlow) those rows say so. ``--dry-run`` builds every system's
 strategy, precision and optimizer on the CPU and prints them (and the ZenFlow config), training nothing.
@@ -62,6 +65,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +95,7 @@ ZENFLOW = {
 }
 
 
-def zenflow_config() -> dict:
+def zenflow_config(overlap: bool = True) -> dict:
     """The DeepSpeed config of the ``zenflow`` row, for ``DeepSpeedStrategy(config=...)`` (Lightning adds bf16, the
     micro-batch size, gradient accumulation and clipping). The ``optimizer`` block makes DeepSpeed build
     ``ZenFlowCPUAdam`` (ZenFlow's host step needs it: a torch optimizer lacks its step signature)."""
@@ -104,7 +108,7 @@ def zenflow_config() -> dict:
             "overlap_comm": True,
             "allgather_bucket_size": 200_000_000,
             "reduce_bucket_size": 200_000_000,
-            "zenflow": dict(ZENFLOW),
+            "zenflow": {**ZENFLOW, "overlap_step": overlap},
         },
         "optimizer": {
             "type": "AdamW",
@@ -183,7 +187,7 @@ def setup(system: str, args) -> dict:
             update = ZENFLOW["update_interval"]  # whole update intervals, after one of warm-up
             return {
                 **done,
-                "strategy": DeepSpeedStrategy(config=zenflow_config()),
+                "strategy": DeepSpeedStrategy(config=zenflow_config(overlap="sequential" not in options)),
                 "precision": "bf16-mixed",
                 "optimizer": None,
                 "optimizer_name": "ZenFlowCPUAdam",
@@ -454,7 +458,8 @@ def dry_run(args) -> None:
             shown["strategy"] = type(shown["strategy"]).__name__
         print(f"{system}: {json.dumps(shown) if 'error' not in run else run['error']}", flush=True)
         if options_of(system)[0] == "zenflow":
-            print(f"  zenflow DeepSpeed config (deepspeed >= {ZENFLOW_MIN_DEEPSPEED}): {json.dumps(zenflow_config())}")
+            config = zenflow_config(overlap="sequential" not in options_of(system)[1])
+            print(f"  zenflow DeepSpeed config (deepspeed >= {ZENFLOW_MIN_DEEPSPEED}): {json.dumps(config)}")
 
 
 def engine_seconds_per_step(stats: list[dict], skip: int) -> dict:
@@ -463,6 +468,38 @@ def engine_seconds_per_step(stats: list[dict], skip: int) -> dict:
         return {}
     steps = len(stats) - skip
     return {k: (stats[-1][k] - stats[skip - 1][k]) / steps for k in ("host_busy", "host_waiting", "compute_blocked")}
+
+
+def run_child(command: list[str], timeout: float, env: dict) -> tuple[int | None, str, str, float]:
+    """Run one child: (exit code, None when over ``timeout``; its stdout; stdout and stderr; GiB by which the
+    machine's host memory in use rose above its level at the start, at most, sampled twice a second). The rise counts
+    every process the child starts (ZenFlow's optimizer process) and still tells when the child is killed."""
+    import psutil
+
+    def in_use() -> float:
+        memory = psutil.virtual_memory()
+        return (memory.total - memory.available) / 2**30
+
+    start, peak = in_use(), 0.0
+    # a session of its own: its ranks and helper processes are killed with it, and none keeps its pipes open after
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out, err = child.communicate(timeout=0.5)
+            return child.returncode, out, out + err, max(peak, in_use() - start)
+        except subprocess.TimeoutExpired:
+            peak = max(peak, in_use() - start)
+            code = child.poll()
+            if code is not None or time.monotonic() > deadline:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                out, err = child.communicate()
+                return code, out, out + err, peak
 
 
 def main() -> None:
@@ -539,17 +576,18 @@ def main() -> None:
                 "--devices",
                 str(args.devices),
             ] + (["--host-memory", args.host_memory] if args.host_memory else [])
-            try:
-                # "+thp" (any system): host allocations of 2 MB and more (slideformer's pinned ones too) on huge pages
-                thp = {"THP_MEM_ALLOC_ENABLE": "1"} if "thp" in options_of(system)[1] else {}
-                done = subprocess.run(
-                    command, capture_output=True, text=True, timeout=args.timeout, env={**os.environ, **thp}
-                )
-                out, log = done.stdout, done.stdout + done.stderr
-                lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-                result = json.loads(lines[-1][7:]) if lines else {"error": f"crashed, exit {done.returncode}"}
-            except subprocess.TimeoutExpired as timeout:
-                result, log = {"error": f"over {args.timeout} s"}, str(timeout.stdout or "") + str(timeout.stderr or "")
+            # "+thp" (any system): host allocations of 2 MB and more (slideformer's pinned ones too) on huge pages
+            thp = {"THP_MEM_ALLOC_ENABLE": "1"} if "thp" in options_of(system)[1] else {}
+            code, out, log, host_rise = run_child(command, args.timeout, {**os.environ, **thp})
+            lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+            if lines:
+                result = json.loads(lines[-1][7:])
+                if system.split("+")[0] == "zenflow":  # its host optimizer runs in a process of its own
+                    result["peak_host_gib"] = max(result["peak_host_gib"], host_rise)
+            elif code is None:
+                result = {"error": f"over {args.timeout} s (host memory in use rose {host_rise:.1f} GiB)"}
+            else:  # -9 with no traceback: most often the kernel's OOM killer
+                result = {"error": f"crashed, exit {code} (host memory in use rose {host_rise:.1f} GiB at most)"}
             if os.environ.get("OUT"):  # each child's full output, for the record
                 name = f"peers-{system.replace('+', '_')}-{shape}-{batch}-{args.seq}-{args.devices}gpu.log"
                 Path(os.environ["OUT"], name).write_text(log)

@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"final train loss: mean of the last {args.final_steps} steps; val loss: fp32, {args.val_blocks} blocks")
     print(f"results: {path}")
     title = (
-        f"{params / 1e6:.3g}M-param Llama on Python {source['python']} stdlib sources, {device_name}; "
+        f"{params / 1e6:.3g}M-param Llama on Python {source['python']} stdlib sources, {device_name}\n"
         f"{args.steps} steps x {tokens_per_step} tokens, accumulate {args.accumulate}, clip {args.clip}"
     )
     print(plot(results, rows, out / "convergence.png", title))

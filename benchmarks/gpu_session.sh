@@ -2,9 +2,10 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   suite (~300 s, after engine changes), headline (~540 s), qwen14b, convergence, peers8b (~540 s), zenflow3b,
-#   peers8b16, plan (~250 s), then bytes8b (~280 s), peers8b_rest, defaults3b (~450 s); measured already
-#   (BENCHMARKS.md): peers3b, clipped3b, before_after, levers3b, gil, lora, hostadamw.
+#   qwen14b (needs datasets, dill, multiprocess and pyarrow >= 24 in .whl), zenflow3b, peers8b (~540 s), peers8b16,
+#   peers8b_rest, then suite (~300 s, after engine changes), headline (~380 s), bytes8b (~280 s), defaults3b
+#   (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s), peers3b, clipped3b, before_after,
+#   levers3b, gil, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
 #                SUITE_PATHS=... SUITE_TIMEOUT=... run a part of it beside another stage
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
@@ -14,7 +15,9 @@
 #   gil          how long a thread waits for the GIL while another runs Python between short calls (bench_gil, ~30 s)
 #   peers3b      bench_peers at 3B batch 8 under the 24 GiB cap: slideformer (default options, no layer kept on
 #                the GPU as was the default before session 7, bf16 moments with the compute copy) against the tuned
-#                peers but ZenFlow (too slow to start to fit beside them in one call: zenflow3b, with FSDP offload)
+#                peers but ZenFlow (too slow to start to fit beside them in one call: zenflow3b)
+#   zenflow3b    3B batch 8: ZenFlow with its host step in the training process (+sequential) and overlapped in a
+#                process of its own (the tutorial's; killed on this host in session 8), tuned FSDP offload
 #   defaults3b   3B batch 8: slideformer's defaults (AdamW's host loop reading bf16 gradients), with the compute copy
 #                the loop writes (host_weights="compute"), each also with no layer kept on the GPU (device_layers=0,
 #                the default before session 7), and bf16 moments with the copy, against tuned FSDP offload (~450 s)
@@ -98,8 +101,8 @@ case $stage in
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:16 --steps 3 --cap 24GiB \
       --systems gpu_compute,all_on_gpu,slideformer,slideformer+bf16moments > "$out/peers8b16.log" 2>&1 ;;
   zenflow3b)
-    timeout 400 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 250 \
-      --systems zenflow,fsdp_offload > "$out/zenflow3b.log" 2>&1 ;;
+    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 250 \
+      --systems zenflow+sequential,zenflow,fsdp_offload > "$out/zenflow3b.log" 2>&1 ;;
   bytes8b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 250 \
       --systems slideformer+bf16moments,slideformer+bf16moments+bf16 > "$out/bytes8b.log" 2>&1 ;;

@@ -14,7 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_peers.py"
 @pytest.mark.timeout(300)
 def test_bench_peers_dry_run():
     systems = (
-        "all_on_gpu,gpu_compute,fsdp_offload,fsdp_offload+lora16,deepspeed_offload,zenflow,slideformer,"
+        "all_on_gpu,gpu_compute,fsdp_offload,fsdp_offload+lora16,deepspeed_offload,zenflow,zenflow+sequential,slideformer,"
         "slideformer+bf16moments"
     )
     run = subprocess.run(
@@ -40,14 +40,16 @@ def test_bench_peers_dry_run():
     assert rows["slideformer"]["precision"] == "bf16-true" and rows["slideformer"]["strategy"] == "SlideFormerStrategy"
     moments = rows["slideformer+bf16moments"]
     assert moments == "lightning_slide.optim.AdamW not available" or "bf16 moments" in moments["optimizer_name"]
-    for name in ("deepspeed_offload", "zenflow"):
+    for name in ("deepspeed_offload", "zenflow", "zenflow+sequential"):
         assert isinstance(rows[name], dict) or rows[name].startswith(("deepspeed not installed", "ZenFlow")), name
     if isinstance(rows["zenflow"], dict):  # whole update intervals, their mean
         assert rows["zenflow"]["mean"] and rows["zenflow"]["timed"] % 4 == 0 and rows["zenflow"]["warmup"] >= 4
-    (config,) = [line for line in run.stdout.splitlines() if "zenflow DeepSpeed config" in line]
-    config = json.loads(config.split(": ", 1)[1])
-    assert (
-        config["zero_optimization"]["stage"] == 2
-        and config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    )
-    assert {"topk_ratio", "update_interval", "overlap_step"} <= set(config["zero_optimization"]["zenflow"])
+    overlapped, sequential = [
+        json.loads(line.split(": ", 1)[1]) for line in run.stdout.splitlines() if "zenflow DeepSpeed config" in line
+    ]
+    for config in (overlapped, sequential):
+        zero = config["zero_optimization"]
+        assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
+        assert {"topk_ratio", "update_interval", "overlap_step"} <= set(zero["zenflow"])
+    assert overlapped["zero_optimization"]["zenflow"]["overlap_step"]
+    assert not sequential["zero_optimization"]["zenflow"]["overlap_step"]
