@@ -2,9 +2,9 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   qwen14b (needs datasets, dill, multiprocess and pyarrow >= 24 in .whl), zenflow3b, peers8b (~540 s), peers8b16,
-#   peers8b_rest, then suite (~300 s, after engine changes), headline (~380 s), bytes8b (~280 s), defaults3b
-#   (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s), peers3b, clipped3b, before_after,
+#   qwen14b (needs datasets, dill and multiprocess in .whl; not pyarrow: see below), zenflow3b, peers8b (~540 s),
+#   peers8b16, peers8b_rest, then suite (~300 s, after engine changes), headline (~380 s), bytes8b (~280 s),
+#   defaults3b (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s), peers3b, clipped3b, before_after,
 #   levers3b, gil, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
 #                SUITE_PATHS=... SUITE_TIMEOUT=... run a part of it beside another stage
@@ -49,13 +49,17 @@
 #                (default 8B batch 4: the 3B batch-8 pair is in BENCHMARKS.md), both without parking (the
 #                default then; "auto" since) and now without layers kept on the GPU (the default since session 7)
 # From the device tool: run(command="bash benchmarks/gpu_session.sh peers3b", carry=[".whl", "before"]), with .whl/
-# made by ../shared/tools/device-wheels.sh peft==0.21.2 accelerate==1.16.0 psutil matplotlib (WITH_DEEPSPEED=1 for
-# the DeepSpeed rows). Logs and tables go to $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
+# made by ../shared/tools/device-wheels.sh datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 (WITH_DEEPSPEED=1 for
+# the DeepSpeed rows; the machine has peft, accelerate, psutil, pyarrow and matplotlib). Logs and tables go to
+# $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
 [ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-if ls .whl/*.whl > /dev/null 2>&1; then  # hydra-core for the app (qwen14b), DeepSpeed for its rows
+# hydra-core and datasets for the app (qwen14b), DeepSpeed for its rows. Not pyarrow: datasets hashes its tables with
+# dill, which pickles by value any module outside the interpreter's prefix, and pyarrow's types cannot be (the
+# machine's own pyarrow, inside it, is used)
+if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PWD/.site" \
     .whl/*.whl || exit 1
 fi
