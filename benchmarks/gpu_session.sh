@@ -28,7 +28,7 @@
 #                bench_plan at 3B batch 8 and 8B batch 4 under the cap, default options
 #   peers8b      8B batch 4: slideformer (defaults, also with device_layers=0; bf16 moments with the compute copy the
 #                loop writes) against tuned FSDP offload
-#   peers8b_rest 8B batch 4, the other rows: DeepSpeed, ZenFlow, all-on-GPU
+#   peers8b_rest 8B batch 4, the other rows: DeepSpeed, ZenFlow (+sequential), all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
 #   bytes8b      8B batch 4 with bf16 moments, uploads from the fp32 masters against the bf16 compute copy the
@@ -98,7 +98,8 @@ case $stage in
       --systems slideformer,slideformer+bf16moments+bf16 >> "$out/$stage.log" 2>&1 ;;
   peers8b|peers8b_rest)
     systems=slideformer,slideformer+dev0,slideformer+bf16moments+bf16,fsdp_offload
-    [ "$stage" = peers8b_rest ] && systems=all_on_gpu,deepspeed_offload,zenflow
+    # ZenFlow overlapped holds two copies of the moments in a process of its own: no fit at 8B on 125 GiB
+    [ "$stage" = peers8b_rest ] && systems=all_on_gpu,deepspeed_offload,zenflow+sequential
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
   peers8b16)
