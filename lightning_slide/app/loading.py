@@ -12,7 +12,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from lightning_slide.app.errors import ModelDirError
+from lightning_slide.app.errors import ModelDirError, SlideAppError
+from lightning_slide.engine.machine import host_available
+from lightning_slide.engine.sizes import human
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -58,23 +60,49 @@ def load_config(path: str | Path, trust_remote_code: bool = False) -> Pretrained
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def build_causal_lm(config: PretrainedConfig, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A randomly initialized fp32 model on the CPU (the demo model, or any shape to train from scratch)."""
+def check_room_to_load(model: torch.nn.Module, what: str, host_memory: int | None = None, copies: int = 1) -> None:
+    """Raise ``SlideAppError`` when ``copies`` fp32 copies of ``model`` (on the meta device: its parameters count)
+    need more host memory than ``host_memory`` (default: what the OS reports available now) — before any is made.
+    ``copies``: the processes of this host that each load one (data-parallel ranks)."""
+    needed = copies * 4 * sum(p.numel() for p in model.parameters())
+    available = host_available() if host_memory is None else host_memory
+    if needed > available:
+        ranks = f", once in each of the {copies} processes on this host" if copies > 1 else ""
+        raise SlideAppError(
+            f"{what} needs {human(needed)} of host memory (the model whole in fp32, before the strategy splits it"
+            f"{ranks}), more than the {human(available)} available; use a machine with more host memory or a "
+            "smaller model (if the OS reports too little, e.g. in a VM whose memory grows, set "
+            "strategy.tuning.host_memory)"
+        )
+
+
+def build_causal_lm(
+    config: PretrainedConfig, trust_remote_code: bool = False, host_memory: int | None = None, copies: int = 1
+) -> torch.nn.Module:
+    """A randomly initialized fp32 model on the CPU (the demo model, or any shape to train from scratch), after
+    checking that the host has room for it (:func:`check_room_to_load`)."""
+    with torch.device("meta"):
+        shape_only = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    check_room_to_load(shape_only, "building the model", host_memory, copies)
     with torch.device("cpu"):  # explicit: the caller may run under a Lightning init context that targets the GPU
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_causal_lm(
+    path: str | Path, trust_remote_code: bool = False, host_memory: int | None = None, copies: int = 1
+) -> torch.nn.Module:
     """The model of a local Hugging Face directory with fp32 weights on the CPU, loaded shard by shard.
 
     Args:
         path: directory with ``config.json``, ``model.safetensors`` or an index and its shards, and a tokenizer.
         trust_remote_code: allow the directory's own modeling code (off by default: it runs arbitrary code).
+        host_memory, copies: what :func:`check_room_to_load` checks before the first shard is read.
     """
     shards = weight_files(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    check_room_to_load(model, f"loading {str(path)!r}", host_memory, copies)
     expected = set(model.state_dict())
     loaded: set[str] = set()
     for shard in shards:

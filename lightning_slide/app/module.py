@@ -134,7 +134,14 @@ class CausalLMModule(L.LightningModule):
         if self.model is not None:
             return
         trust = self.hparams.trust_remote_code
-        self.model = load_causal_lm(self.path, trust) if self.path else build_causal_lm(self.config, trust)
+        # Every process of this host loads its own fp32 copy; slideformer's tuning.host_memory, where given, is the room
+        trainer = self._trainer
+        tuning = getattr(getattr(trainer.strategy, "options", None), "tuning", None) if trainer else None
+        room = dict(copies=trainer.num_devices if trainer else 1, host_memory=getattr(tuning, "host_memory", None))
+        if self.path:
+            self.model = load_causal_lm(self.path, trust, **room)
+        else:
+            self.model = build_causal_lm(self.config, trust, **room)
         kernels = self.hparams.kernels
         if kernels != "none":
             from lightning_slide.kernels import apply_kernels

@@ -25,6 +25,7 @@ from lightning_slide.app.module import CausalLMModule
 from lightning_slide.app.train import CONF, build_piece, target_of
 from lightning_slide.engine.options import KERNEL_NAMES, SlideOptions, parse_kernels
 from lightning_slide.engine.plan import (
+    RUNTIME_HOST_BYTES,
     Machine,
     ModelShape,
     Plan,
@@ -198,6 +199,8 @@ def plan_from_config(cfg: DictConfig) -> Plan:
             plan = with_most_that_fit(plan, option)
             why = " (several micro-batches per step)" if option == "parked_grads" and settings.accumulate > 1 else ""
             plan.notes.append(f"tuning.{option}='auto' -> {getattr(plan.settings, option)} at this batch{why}")
+    if issubclass(target_of("model", cfg.model), CausalLMModule):  # it loads or builds the model whole, in fp32
+        plan.host_at_setup = RUNTIME_HOST_BYTES[device] + 4 * shape.params
     if cfg.model.get("path") is None and cfg.model.get("config") is None:
         plan.notes.append("the model's shape comes from its config (model.expect): no model directory was read")
     if device == "cpu" and cfg.trainer.get("accelerator") != "cpu":

@@ -112,6 +112,9 @@ class Plan:
     fitting: Choice | None = None  # when the run does not fit: the fastest options that do (fitting_options)
     notes: list[str] = field(default_factory=list)
     searched: bool = False  # the suggestions were searched for
+    # Host bytes while the strategy takes the model, where whoever plans knows them (the app: its model as loaded,
+    # whole, before the strategy splits it); None: not planned. The options above do not change it.
+    host_at_setup: int | None = None
 
     @property
     def gpu_total(self) -> int:
@@ -152,12 +155,17 @@ class Plan:
         ):
             if limit is not None and total > limit:
                 out.append(f"{name}: needs {human(total)}, more than the {human(limit)} available")
+        if self.host_at_setup is not None and m.host_memory is not None and self.host_at_setup > m.host_memory:
+            out.append(
+                f"loading: the model as loaded needs {human(self.host_at_setup)} of host memory, more than the "
+                f"{human(m.host_memory)} available"
+            )
         return out
 
     def advice(self) -> list[str]:
         """What to change, for the tiers that do not fit."""
         s, tips = self.settings, []
-        problems = " ".join(self.problems())
+        problems = " ".join(p.split(":")[0] for p in self.problems())  # the tiers that do not fit
         if "GPU" in problems:
             if s.batch is not None:
                 tips.append(
@@ -182,6 +190,11 @@ class Plan:
             tips.append("free host memory or use a machine with more")
         if "disk" in problems:
             tips.append("free disk space, choose another offload_dir, or set offload_dir=None")
+        if "loading" in problems:
+            tips.append(
+                "the model is loaded whole in fp32 before the strategy splits it, whatever the options: "
+                "use a machine with more host memory"
+            )
         return tips
 
     def check(self) -> None:
@@ -214,6 +227,12 @@ class Plan:
         device = "GPU (peak)" if s.device == "cuda" else "compute device: the CPU (peak; also in host memory below)"
         block(device, self.gpu, self.machine.gpu_memory)
         block("host (peak)", self.host, self.machine.host_memory)
+        if self.host_at_setup is not None:
+            limit = self.machine.host_memory
+            fits = "fits" if limit is None or self.host_at_setup <= limit else "DOES NOT FIT"
+            against = f"  (of {human(limit)}: {fits})" if limit else ""
+            label = "at setup: the model as loaded (fp32, whole), runtime"
+            rows.append(f"  {label:<56} {self.host_at_setup:>16,}  {human(self.host_at_setup):>10}{against}")
         if self.disk:
             block("disk (offload_dir)", self.disk, self.machine.disk_free)
         rows.append("-- step time lower bound (per optimizer step; each term alone)")
@@ -256,6 +275,8 @@ class Plan:
                     )
         if self.fitting is not None and self.problems():
             rows.extend(self.fitting.rows())
+            if any(p.startswith("loading") for p in self.problems()):
+                rows.append("  but none of them changes what loading the model needs (above): it still does not fit")
         elif self.searched and self.problems():
             rows.append(
                 "-- options that fit: none found (moments and masters on disk, bf16 moments, clipping by value, "
@@ -291,6 +312,7 @@ class Plan:
             "fitting_options": None if self.fitting is None else self.fitting.to_dict(),
             "problems": self.problems(),
             "notes": self.notes,
+            "host_at_setup": self.host_at_setup,
         }
 
 

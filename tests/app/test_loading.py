@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_slide.app.errors import ModelDirError
+from lightning_slide.app.errors import ModelDirError, SlideAppError
 from lightning_slide.app.loading import load_causal_lm, weight_files
 
 
@@ -59,3 +59,12 @@ def test_foreign_tensors_are_refused(tiny_model_dir, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelDirError, match="not parameters of LlamaForCausalLM"):
         load_causal_lm(broken)
+
+
+def test_room_to_load_is_checked_first(tiny_model_dir):
+    fp32 = 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert load_causal_lm(tiny_model_dir, host_memory=fp32) is not None  # exactly enough
+    with pytest.raises(SlideAppError, match="once in each of the 2 processes on this host"):
+        load_causal_lm(tiny_model_dir, host_memory=fp32, copies=2)
+    with pytest.raises(SlideAppError, match=r"the model whole in fp32, before the strategy splits it\), more than"):
+        load_causal_lm(tiny_model_dir, host_memory=fp32 - 1)

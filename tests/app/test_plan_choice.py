@@ -52,3 +52,9 @@ def test_large_models_on_a_big_host_get_a_plan(tmp_path, capsys, model, host, di
     options = json.loads(target.read_text())["fitting_options"]
     assert options["host_total"] <= 0.95 * 256 * 2**30 and options["disk_total"] <= 0.95 * 2e12
     assert "strategy.offload=both" in options["overrides"]
+    # The app loads the model whole in fp32 before the strategy splits it: 70.6B needs 4 bytes a parameter at setup
+    loading = json.loads(target.read_text())["host_at_setup"]
+    assert loading >= 4 * (70.5e9 if model == "llama3_70b" else 32.7e9)
+    too_large = model == "llama3_70b"
+    assert (loading > 256 * 2**30) == too_large
+    assert ("what loading the model needs" in out) == too_large and ("loading: the model as loaded" in out) == too_large

@@ -130,3 +130,22 @@ def test_kernels_option_reaches_the_model(tmp_path):
     batch = next(iter(result["datamodule"].val_dataloader()))
     out = result["module"](batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
     assert out.logits is None and torch.isfinite(out.loss)  # the fused loss never builds the logits
+
+
+def test_a_model_too_large_to_load_is_refused_before_it_is_built(tiny_model_dir, tmp_path):
+    # slide-train loads (or builds) the model whole in fp32 before the strategy splits it: that must fit the host
+    with pytest.raises(
+        SlideAppError, match=r"building the model needs [\d.]+ MiB of host memory .* more than the 64.00 KiB"
+    ):
+        train(compose_cfg(*FAST, "strategy.tuning.host_memory=64KiB", output_dir=tmp_path))
+    with pytest.raises(SlideAppError, match=r"loading '.*' needs .* strategy.tuning.host_memory"):
+        train(
+            compose_cfg(
+                *FAST,
+                "model=causal_lm",
+                f"model.path={tiny_model_dir}",
+                "strategy.tuning.host_memory=64KiB",
+                output_dir=tmp_path,
+            )
+        )
+    assert not (tmp_path / "checkpoints").exists()  # nothing ran
