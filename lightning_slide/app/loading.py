@@ -1,8 +1,9 @@
 """Load a Hugging Face causal LM into host memory, one safetensors shard at a time.
 
 The model is built on the meta device (no memory), then every shard is read tensor by tensor, converted to fp32 on
-the CPU and *assigned* into the model (``load_state_dict(assign=True)``): the loaded tensors become the parameters,
-so host memory peaks at one fp32 model plus one shard, never two copies of the model, and nothing touches the GPU.
+the CPU (or kept as stored, for slideformer, which makes its own fp32 masters) and *assigned* into the model
+(``load_state_dict(assign=True)``): the loaded tensors become the parameters, so host memory peaks at one model plus
+one shard, never two copies of the model, and nothing touches the GPU. That peak is checked before anything loads.
 """
 
 import json
@@ -60,16 +61,32 @@ def load_config(path: str | Path, trust_remote_code: bool = False) -> Pretrained
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def check_room_to_load(model: torch.nn.Module, what: str, host_memory: int | None = None, copies: int = 1) -> None:
-    """Raise ``SlideAppError`` when ``copies`` fp32 copies of ``model`` (on the meta device: its parameters count)
-    need more host memory than ``host_memory`` (default: what the OS reports available now) — before any is made.
-    ``copies``: the processes of this host that each load one (data-parallel ranks)."""
-    needed = copies * 4 * sum(p.numel() for p in model.parameters())
+def stored_bytes(shards: list[Path]) -> int:
+    """Bytes of the tensors in ``shards`` as stored (read from their headers, not their data)."""
+    total = 0
+    for shard in shards:
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                numel = 1
+                for n in piece.get_shape():
+                    numel *= n
+                total += numel * _ELEMENT_BYTES.get(piece.get_dtype(), 4)
+    return total
+
+
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def check_room_to_load(needed: int, what: str, host_memory: int | None = None, copies: int = 1) -> None:
+    """Raise ``SlideAppError`` when ``copies`` copies of a model of ``needed`` bytes need more host memory than
+    ``host_memory`` (default: what the OS reports available now) — before any is made. ``copies``: the processes of
+    this host that each load one (data-parallel ranks)."""
     available = host_available() if host_memory is None else host_memory
-    if needed > available:
+    if copies * needed > available:
         ranks = f", once in each of the {copies} processes on this host" if copies > 1 else ""
         raise SlideAppError(
-            f"{what} needs {human(needed)} of host memory (the model whole in fp32, before the strategy splits it"
+            f"{what} needs {human(copies * needed)} of host memory (the model whole, before the strategy splits it"
             f"{ranks}), more than the {human(available)} available; use a machine with more host memory or a "
             "smaller model (if the OS reports too little, e.g. in a VM whose memory grows, set "
             "strategy.tuning.host_memory)"
@@ -83,13 +100,18 @@ def build_causal_lm(
     checking that the host has room for it (:func:`check_room_to_load`)."""
     with torch.device("meta"):
         shape_only = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    check_room_to_load(shape_only, "building the model", host_memory, copies)
+    fp32 = 4 * sum(p.numel() for p in shape_only.parameters())
+    check_room_to_load(fp32, "building the model in fp32", host_memory, copies)
     with torch.device("cpu"):  # explicit: the caller may run under a Lightning init context that targets the GPU
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 
 def load_causal_lm(
-    path: str | Path, trust_remote_code: bool = False, host_memory: int | None = None, copies: int = 1
+    path: str | Path,
+    trust_remote_code: bool = False,
+    host_memory: int | None = None,
+    copies: int = 1,
+    as_stored: bool = False,
 ) -> torch.nn.Module:
     """The model of a local Hugging Face directory with fp32 weights on the CPU, loaded shard by shard.
 
@@ -97,18 +119,22 @@ def load_causal_lm(
         path: directory with ``config.json``, ``model.safetensors`` or an index and its shards, and a tokenizer.
         trust_remote_code: allow the directory's own modeling code (off by default: it runs arbitrary code).
         host_memory, copies: what :func:`check_room_to_load` checks before the first shard is read.
+        as_stored: keep each weight in the dtype of its file (a bf16 checkpoint takes half the memory of fp32) for
+            a strategy that makes its own fp32 masters from them (slideformer: the same values, so the same training).
     """
     shards = weight_files(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    check_room_to_load(model, f"loading {str(path)!r}", host_memory, copies)
+    needed = stored_bytes(shards) if as_stored else 4 * sum(p.numel() for p in model.parameters())
+    how = "as stored" if as_stored else "in fp32"
+    check_room_to_load(needed, f"loading {str(path)!r} {how}", host_memory, copies)
     expected = set(model.state_dict())
     loaded: set[str] = set()
     for shard in shards:
         with safe_open(shard, framework="pt", device="cpu") as f:
             # Converting tensor by tensor keeps at most one shard (in fp32) besides the model.
-            tensors = {key: f.get_tensor(key).to(torch.float32) for key in f.keys()}
+            tensors = {key: _read(f, key, as_stored) for key in f.keys()}
         unexpected = sorted(set(tensors) - expected)
         if unexpected:
             raise ModelDirError(
@@ -126,6 +152,11 @@ def load_causal_lm(
             f"model directory {str(path)!r}: the weights lack {still_meta[:5]} ({len(still_meta)} tensors in all)"
         )
     return model
+
+
+def _read(f, key: str, as_stored: bool) -> torch.Tensor:
+    tensor = f.get_tensor(key)
+    return tensor if as_stored else tensor.to(torch.float32)
 
 
 def _materialize_buffers(model: torch.nn.Module) -> None:

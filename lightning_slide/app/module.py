@@ -138,8 +138,11 @@ class CausalLMModule(L.LightningModule):
         trainer = self._trainer
         tuning = getattr(getattr(trainer.strategy, "options", None), "tuning", None) if trainer else None
         room = dict(copies=trainer.num_devices if trainer else 1, host_memory=getattr(tuning, "host_memory", None))
-        if self.path:
-            self.model = load_causal_lm(self.path, trust, **room)
+        if self.path:  # slideformer makes fp32 masters of the weights as stored: the same values in less memory
+            from lightning_slide.strategy import SlideFormerStrategy
+
+            as_stored = trainer is not None and isinstance(trainer.strategy, SlideFormerStrategy)
+            self.model = load_causal_lm(self.path, trust, **room, as_stored=as_stored)
         else:
             self.model = build_causal_lm(self.config, trust, **room)
         kernels = self.hparams.kernels

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lightning_slide.app.data import DEFAULT_MAX_LENGTH
 from lightning_slide.app.errors import ModelDirError, SlideAppError
+from lightning_slide.app.loading import stored_bytes, weight_files
 from lightning_slide.app.module import CausalLMModule
 from lightning_slide.app.train import CONF, build_piece, target_of
 from lightning_slide.engine.options import KERNEL_NAMES, SlideOptions, parse_kernels
@@ -199,8 +200,10 @@ def plan_from_config(cfg: DictConfig) -> Plan:
             plan = with_most_that_fit(plan, option)
             why = " (several micro-batches per step)" if option == "parked_grads" and settings.accumulate > 1 else ""
             plan.notes.append(f"tuning.{option}='auto' -> {getattr(plan.settings, option)} at this batch{why}")
-    if issubclass(target_of("model", cfg.model), CausalLMModule):  # it loads or builds the model whole, in fp32
-        plan.host_at_setup = RUNTIME_HOST_BYTES[device] + 4 * shape.params
+    if issubclass(target_of("model", cfg.model), CausalLMModule):  # it loads or builds the model whole first
+        model_bytes, how = loading_bytes(cfg.model, config, shape.params)
+        plan.host_at_setup = RUNTIME_HOST_BYTES[device] + model_bytes
+        plan.notes.append(f"at setup the model is loaded whole ({how}) before the strategy splits it")
     if cfg.model.get("path") is None and cfg.model.get("config") is None:
         plan.notes.append("the model's shape comes from its config (model.expect): no model directory was read")
     if device == "cpu" and cfg.trainer.get("accelerator") != "cpu":
@@ -211,6 +214,22 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     elif machine.gpu_memory is None:
         plan.notes.append("no GPU here and no plan.gpu_memory / strategy.gpu_memory_limit: the GPU is not checked")
     return plan
+
+
+def loading_bytes(node: DictConfig, config: Any, params: int) -> tuple[int, str]:
+    """Host bytes of the app's model as it loads, whole, and how they were counted: a checkpoint's weights as stored
+    (slideformer keeps them so), a config's dtype where only ``config.json`` is there, fp32 for a model built from a
+    config, and a bf16 checkpoint (as hub models of these shapes are) for a shape config alone."""
+    if node.get("path") is not None:
+        try:
+            return stored_bytes(weight_files(node.path)), "its weights as stored"
+        except ModelDirError:  # slide-plan needs only config.json: its dtype then
+            dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+            element = 2 if dtype.endswith(("bfloat16", "float16")) else 4
+            return element * params, f"no weights here: {dtype.removeprefix('torch.')}, as config.json says"
+    if node.get("config") is not None:
+        return 4 * params, "built from its config in fp32"
+    return 2 * params, "no model directory: a bf16 checkpoint assumed"
 
 
 def planned_device(trainer: DictConfig, gpu_memory_given: bool) -> str:

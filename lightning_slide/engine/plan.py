@@ -192,7 +192,7 @@ class Plan:
             tips.append("free disk space, choose another offload_dir, or set offload_dir=None")
         if "loading" in problems:
             tips.append(
-                "the model is loaded whole in fp32 before the strategy splits it, whatever the options: "
+                "the model is loaded whole before the strategy splits it, whatever the options: "
                 "use a machine with more host memory"
             )
         return tips
@@ -231,7 +231,7 @@ class Plan:
             limit = self.machine.host_memory
             fits = "fits" if limit is None or self.host_at_setup <= limit else "DOES NOT FIT"
             against = f"  (of {human(limit)}: {fits})" if limit else ""
-            label = "at setup: the model as loaded (fp32, whole), runtime"
+            label = "at setup: the model as loaded, whole, and the runtime"
             rows.append(f"  {label:<56} {self.host_at_setup:>16,}  {human(self.host_at_setup):>10}{against}")
         if self.disk:
             block("disk (offload_dir)", self.disk, self.machine.disk_free)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_slide.app.errors import ModelDirError, SlideAppError
-from lightning_slide.app.loading import load_causal_lm, weight_files
+from lightning_slide.app.loading import load_causal_lm, stored_bytes, weight_files
 
 
 def test_loads_sharded_bf16_as_fp32_on_cpu(tiny_model_dir):
@@ -66,5 +66,16 @@ def test_room_to_load_is_checked_first(tiny_model_dir):
     assert load_causal_lm(tiny_model_dir, host_memory=fp32) is not None  # exactly enough
     with pytest.raises(SlideAppError, match="once in each of the 2 processes on this host"):
         load_causal_lm(tiny_model_dir, host_memory=fp32, copies=2)
-    with pytest.raises(SlideAppError, match=r"the model whole in fp32, before the strategy splits it\), more than"):
+    with pytest.raises(SlideAppError, match=r"in fp32 needs .* \(the model whole, before the strategy splits it\)"):
         load_causal_lm(tiny_model_dir, host_memory=fp32 - 1)
+
+
+def test_as_stored_keeps_the_checkpoints_dtype_and_values(tiny_model_dir):
+    fp32 = load_causal_lm(tiny_model_dir)
+    stored = load_causal_lm(tiny_model_dir, as_stored=True, host_memory=stored_bytes(weight_files(tiny_model_dir)))
+    assert stored_bytes(weight_files(tiny_model_dir)) * 2 == 4 * sum(p.numel() for p in fp32.parameters())
+    assert stored.lm_head.weight is stored.model.embed_tokens.weight
+    for (name, p), (_, q) in zip(stored.named_parameters(), fp32.named_parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p.float(), q), name  # the file's bf16, the same values
+    with pytest.raises(SlideAppError, match="as stored needs"):
+        load_causal_lm(tiny_model_dir, as_stored=True, host_memory=stored_bytes(weight_files(tiny_model_dir)) - 1)

@@ -135,10 +135,10 @@ def test_kernels_option_reaches_the_model(tmp_path):
 def test_a_model_too_large_to_load_is_refused_before_it_is_built(tiny_model_dir, tmp_path):
     # slide-train loads (or builds) the model whole in fp32 before the strategy splits it: that must fit the host
     with pytest.raises(
-        SlideAppError, match=r"building the model needs [\d.]+ MiB of host memory .* more than the 64.00 KiB"
+        SlideAppError, match=r"building the model in fp32 needs [\d.]+ MiB of host memory .* more than the 64.00 KiB"
     ):
         train(compose_cfg(*FAST, "strategy.tuning.host_memory=64KiB", output_dir=tmp_path))
-    with pytest.raises(SlideAppError, match=r"loading '.*' needs .* strategy.tuning.host_memory"):
+    with pytest.raises(SlideAppError, match=r"loading '.*' as stored needs .* strategy.tuning.host_memory"):
         train(
             compose_cfg(
                 *FAST,
@@ -149,3 +149,26 @@ def test_a_model_too_large_to_load_is_refused_before_it_is_built(tiny_model_dir,
             )
         )
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
+
+
+def test_a_bf16_checkpoint_loads_as_stored_and_trains_as_from_fp32(tiny_model_dir, tmp_path, monkeypatch):
+    # slideformer makes fp32 masters of the bf16 weights as stored: half the host memory at setup, the same run
+    from lightning_slide.app import module as app_module
+
+    run = [*FAST, "model=causal_lm", f"model.path={tiny_model_dir}", "trainer.max_steps=3", "export.enabled=false"]
+    real, dtypes = app_module.load_causal_lm, []
+
+    def load(*args, force_fp32=False, **kwargs):
+        model = real(*args, **{**kwargs, "as_stored": kwargs["as_stored"] and not force_fp32})
+        dtypes.append(model.lm_head.weight.dtype)
+        return model
+
+    monkeypatch.setattr(app_module, "load_causal_lm", load)
+    as_stored = train(compose_cfg(*run, output_dir=tmp_path / "stored"))
+    monkeypatch.setattr(app_module, "load_causal_lm", lambda *a, **k: load(*a, force_fp32=True, **k))
+    fp32 = train(compose_cfg(*run, output_dir=tmp_path / "fp32"))
+    assert dtypes == [torch.bfloat16, torch.float32]  # as loaded
+    trained, reference = as_stored["module"].model.state_dict(), fp32["module"].model.state_dict()
+    assert as_stored["trainer"].global_step == 3 and trained.keys() == reference.keys()
+    for name, tensor in trained.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, reference[name]), name
