@@ -34,7 +34,8 @@ class CausalLMModule(L.LightningModule):
 
     Batches are dicts of ``input_ids``, ``attention_mask`` (0 on padding) and ``labels`` (``-100`` where no loss is
     taken: prompts and padding), as :class:`~lightning_slide.app.data.JSONLDataModule` makes them. The model is built in
-    ``configure_model`` (fp32 on the host, loaded shard by shard), so the Trainer's strategy decides where it runs.
+    ``configure_model`` (on the host, loaded shard by shard: as stored under slideformer, which makes its own fp32
+    masters, else in fp32; refused first if the host cannot hold it), so the Trainer's strategy decides where it runs.
 
     Args:
         path: local model directory (``config.json``, safetensors weights, tokenizer). Either ``path`` or ``config``.
