@@ -113,7 +113,7 @@ def load_causal_lm(
     copies: int = 1,
     as_stored: bool = False,
 ) -> torch.nn.Module:
-    """The model of a local Hugging Face directory with fp32 weights on the CPU, loaded shard by shard.
+    """The model of a local Hugging Face directory on the CPU (fp32 weights, or as stored), loaded shard by shard.
 
     Args:
         path: directory with ``config.json``, ``model.safetensors`` or an index and its shards, and a tokenizer.

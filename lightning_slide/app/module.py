@@ -135,7 +135,7 @@ class CausalLMModule(L.LightningModule):
         if self.model is not None:
             return
         trust = self.hparams.trust_remote_code
-        # Every process of this host loads its own fp32 copy; slideformer's tuning.host_memory, where given, is the room
+        # Every process of this host loads its own copy; slideformer's tuning.host_memory, where given, is the room
         trainer = self._trainer
         tuning = getattr(getattr(trainer.strategy, "options", None), "tuning", None) if trainer else None
         room = dict(copies=trainer.num_devices if trainer else 1, host_memory=getattr(tuning, "host_memory", None))
