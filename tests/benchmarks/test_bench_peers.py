@@ -53,3 +53,19 @@ def test_bench_peers_dry_run():
         assert {"topk_ratio", "update_interval", "overlap_step"} <= set(zero["zenflow"])
     assert overlapped["zero_optimization"]["zenflow"]["overlap_step"]
     assert not sequential["zero_optimization"]["zenflow"]["overlap_step"]
+
+
+def test_a_child_is_run_to_its_end_and_killed_with_its_helpers(monkeypatch):
+    # Each system runs in a child of its own; one the OS kills, or one whose helper process outlives it, must still
+    # give a row (its exit status, how far host memory rose), and one over its time is killed with its helpers.
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from bench_peers import run_child
+
+    python = [sys.executable, "-c"]
+    code, out, _, rise = run_child([*python, "import numpy; a = numpy.ones(2**25); print('RESULT {}')"], 60, {})
+    assert code == 0 and out == "RESULT {}\n" and rise >= 0
+    helper = "import os, subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+    code, _, _, _ = run_child([*python, helper + " os.kill(os.getpid(), 9)"], 60, {})
+    assert code == -9  # at once, though the helper still held the pipes
+    code, out, _, _ = run_child([*python, helper + " print('partial', flush=True); import time; time.sleep(60)"], 2, {})
+    assert code is None and out == "partial\n"
