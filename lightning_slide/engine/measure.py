@@ -1,5 +1,6 @@
 """Measured rates of this machine for the planner: host AdamW and gradient sums, and with a GPU the copy bandwidths
-and matmul FLOP/s, and with a directory the disk's read and write bandwidths. Each takes a fraction of a second."""
+and matmul FLOP/s, and with a directory the disk's read and write bandwidths (written with fsync, read back past the
+page cache). Each takes a fraction of a second."""
 
 from __future__ import annotations
 
@@ -77,8 +78,16 @@ def measure_rates(
                     os.fsync(out.fileno())
 
             rates["disk_write_bytes_per_s"] = _rate(write, data.nbytes, seconds)
-            # Reads may come from the page cache: an upper bound for a file written just before.
-            rates["disk_read_bytes_per_s"] = _rate(lambda: Path(name).read_bytes(), data.nbytes, seconds)
+
+            landing = bytearray(data.nbytes)
+
+            def read():  # from the disk: the file's pages (clean after the fsync) leave the page cache first
+                with open(name, "rb") as f:
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                    f.readinto(landing)
+
+            rates["disk_read_bytes_per_s"] = _rate(read, data.nbytes, seconds)
         finally:
             os.unlink(name)
     return rates

@@ -522,3 +522,10 @@ def test_the_machine_measures_its_host_rates():
     measured = Machine().measure(seconds=0.02)
     assert measured.host_adamw_params_per_s > 0 and measured.host_add_params_per_s > 0
     assert measured.add_rate == measured.host_add_params_per_s
+
+
+def test_the_machine_measures_its_disk_under_offload_dir(tmp_path):
+    """The disk's rates: written with fsync, read back past the page cache; the file is removed."""
+    measured = Machine().measure(offload_dir=str(tmp_path / "offload"), seconds=0.02)
+    assert measured.disk_write_bytes_per_s > 0 and measured.disk_read_bytes_per_s > 0
+    assert list((tmp_path / "offload").iterdir()) == []
