@@ -3,8 +3,8 @@
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
 #   qwen14b (needs datasets, dill and multiprocess in .whl; not pyarrow: see below), zenflow3b, peers8b (~540 s),
-#   peers8b16, peers8b_rest, then suite (~300 s, after engine changes), headline (~380 s), bytes8b (~280 s),
-#   defaults3b (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s), peers3b, clipped3b, before_after,
+#   peers8b16, peers8b_rest, convergence32, then suite (~300 s, after engine changes), headline (~380 s), bytes8b
+#   (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s), peers3b, clipped3b, before_after,
 #   levers3b, gil, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
 #                SUITE_PATHS=... SUITE_TIMEOUT=... run a part of it beside another stage
@@ -40,6 +40,7 @@
 #                also says how long a thread waits for the GIL (GilProbe)
 #   lora         the LoRA r=16 benchmark at the 8B shape against the full fine-tune
 #   convergence  benchmarks/convergence.py (115M model, 200 steps; plain, slideformer, +bf16moments)
+#   convergence32 the same in fp32 (32-true both): is bf16's steady gap to plain (session 8) precision's alone?
 #   qwen14b      a Qwen3-14B-shape model (random weights, the shipped tokenizer and data) trained for a few steps
 #                under the 24 GiB cap with the options slide-plan picks for this machine (masters on disk, bf16
 #                moments, clipping by value): slide-plan's prediction first (rates measured here), then the run's
@@ -53,7 +54,7 @@
 # the DeepSpeed rows; the machine has peft, accelerate, psutil, pyarrow and matplotlib). Logs and tables go to
 # $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 # hydra-core and datasets for the app (qwen14b), DeepSpeed for its rows. Not pyarrow: datasets hashes its tables with
@@ -123,6 +124,9 @@ case $stage in
       --systems slideformer,slideformer+lora16 > "$out/lora.log" 2>&1 ;;
   convergence)
     timeout 580 python3 benchmarks/convergence.py --out "$out/convergence" > "$out/convergence.log" 2>&1 ;;
+  convergence32)
+    timeout 580 python3 benchmarks/convergence.py --runs plain32,slideformer32 --out "$out/convergence32" \
+      > "$out/convergence32.log" 2>&1 ;;
   qwen14b)
     shape="model.tokenizer=\${slide.asset:tokenizer} +model.config.model_type=qwen3 +model.config.hidden_size=5120"
     shape="$shape +model.config.num_hidden_layers=40 +model.config.intermediate_size=17408"
