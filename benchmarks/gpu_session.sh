@@ -4,8 +4,8 @@
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
 #   qwen14b (needs datasets, dill and multiprocess in .whl; not pyarrow: see below), zenflow3b, peers8b (~540 s),
 #   peers8b16, peers8b_rest, convergence32, then suite (~300 s, after engine changes), headline (~380 s), bytes8b
-#   (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s), peers3b, clipped3b, before_after,
-#   levers3b, gil, lora, hostadamw.
+#   (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s), peers3b,
+#   clipped3b, before_after, levers3b, gil, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
 #                SUITE_PATHS=... SUITE_TIMEOUT=... run a part of it beside another stage
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
