@@ -15,13 +15,20 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def peak_memory(output_dir: str | Path | None = None) -> dict[str, int | None]:
+def peak_memory(output_dir: str | Path | None = None, offload_dir: str | Path | None = None) -> dict[str, int | None]:
     """Peak bytes per tier: ``gpu`` (allocated by torch, ``None`` without CUDA), ``host`` (peak resident set of this
-    process) and ``disk`` (what the run wrote under ``output_dir``)."""
+    process), ``disk`` (what the run wrote under ``output_dir``) and ``offload`` (the disk tier's files under
+    ``offload_dir``, which keep their size while the run goes)."""
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    disk = sum(f.stat().st_size for f in Path(output_dir).rglob("*") if f.is_file()) if output_dir else None
-    return {"gpu": gpu, "host": host, "disk": disk}
+    return {"gpu": gpu, "host": host, "disk": _size(output_dir), "offload": _size(offload_dir)}
+
+
+def _size(directory: str | Path | None) -> int | None:
+    """Bytes of the files under ``directory`` (``None`` when there is none)."""
+    if directory is None or not Path(directory).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
 
 
 def batch_tokens(batch: Any) -> int | None:
@@ -90,9 +97,15 @@ class RunSummary(L.Callback):
         return (self.tokens - self.first_tokens) / seconds if self.steps > 1 and seconds > 0 else None
 
     def report(
-        self, before: float | None, after: float | None, output_dir: str | Path | None, metric: str = "val/loss"
+        self,
+        before: float | None,
+        after: float | None,
+        output_dir: str | Path | None,
+        metric: str = "val/loss",
+        offload_dir: str | Path | None = None,
     ) -> list[str]:
-        """Lines for the end of a run; ``before`` and ``after`` are the values of ``metric`` around training."""
+        """Lines for the end of a run; ``before`` and ``after`` are the values of ``metric`` around training;
+        ``offload_dir``: the strategy's disk tier, if any."""
         lines = []
         if self.losses:
             last = self.losses[-_LAST:]
@@ -116,9 +129,10 @@ class RunSummary(L.Callback):
                 f"throughput: {self.steps / max(self.seconds, 1e-9):.2f} batches/s{ranks} ({self.steps} "
                 f"batches in {self.seconds:.1f} s of training steps; their tokens are not counted)"
             )
-        peak = peak_memory(output_dir)
+        peak = peak_memory(output_dir, offload_dir)
         gpu = "no CUDA" if peak["gpu"] is None else _gib(peak["gpu"])
         disk = "" if peak["disk"] is None else f", disk {_gib(peak['disk'])} (run outputs)"
+        disk += "" if peak["offload"] is None else f", {_gib(peak['offload'])} in offload_dir (disk tier)"
         per_rank = " of rank 0" if self.ranks > 1 else ""
         lines.append(f"peak memory{per_rank}: GPU {gpu}, host {_gib(peak['host'])} (peak RSS){disk}")
         return lines

@@ -232,7 +232,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lines = [
         "",
         "=" * 30 + " slide-train summary " + "=" * 30,
-        *summary.report(before, after, output_dir, metric=cfg.monitor),
+        *summary.report(before, after, output_dir, metric=cfg.monitor, offload_dir=cfg.strategy.get("offload_dir")),
     ]
     samples = hf_model is not None and tokenizer is not None and hasattr(datamodule, "sample_prompt")
     n_params = sum(p.numel() for p in module.parameters())

@@ -172,3 +172,13 @@ def test_a_bf16_checkpoint_loads_as_stored_and_trains_as_from_fp32(tiny_model_di
     assert as_stored["trainer"].global_step == 3 and trained.keys() == reference.keys()
     for name, tensor in trained.items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, reference[name]), name
+
+
+def test_the_summary_tells_the_disk_tier(tmp_path, caplog):
+    offload = tmp_path / "offload"
+    run = [*FAST, "trainer.max_steps=2", f"strategy.offload_dir={offload}", "strategy.offload=both"]
+    with caplog.at_level("INFO", logger="lightning_slide.app.train"):
+        result = train(compose_cfg(*run, "export.enabled=false", output_dir=tmp_path / "run"))
+    files = sum(f.stat().st_size for f in offload.rglob("*") if f.is_file())
+    assert result["trainer"].global_step == 2 and files > 0
+    assert f"{files / 2**30:.2f} GiB in offload_dir (disk tier)" in caplog.text
