@@ -45,7 +45,8 @@ strategy.window=..., strategy.gpu_memory_limit=..., kernels=all, trainer.accumul
   plan.host_memory              host memory to plan for (default: MemAvailable of this machine)
   plan.disk_free                disk space to plan for under offload_dir (default: free space there, if set)
   plan.measure=true             measure host AdamW, H2D/D2H, GPU FLOP/s and the disk here instead of the defaults
-  plan.h2d, plan.d2h, plan.disk_read, plan.disk_write (bytes/s), plan.adamw (params/s), plan.tflops (TFLOP/s)
+  plan.h2d, plan.d2h, plan.disk_read, plan.disk_write, plan.disk_mixed (read + written at once) (bytes/s),
+  plan.adamw (params/s), plan.tflops (TFLOP/s)
   plan.json=FILE                also write the plan as JSON
 Only the model's config.json is read (model.path may hold nothing else); a shape config plans without any
 directory (slide-plan model=llama3_8b). Without a GPU here (and no plan.gpu_memory) it plans the CPU run, as
@@ -56,6 +57,7 @@ _RATES = {
     "d2h": "d2h_bytes_per_s",
     "disk_read": "disk_read_bytes_per_s",
     "disk_write": "disk_write_bytes_per_s",
+    "disk_mixed": "disk_mixed_bytes_per_s",
     "adamw": "host_adamw_params_per_s",
 }
 

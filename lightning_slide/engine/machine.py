@@ -48,6 +48,8 @@ class Machine:
     d2h_bytes_per_s: float = 20e9
     disk_read_bytes_per_s: float = 2e9
     disk_write_bytes_per_s: float = 1e9
+    # Read and written bytes per second with both at once, as the disk tier runs them; None: not measured (each alone)
+    disk_mixed_bytes_per_s: float | None = None
     host_adamw_params_per_s: float = 1e9
     # With bf16 moments (lightning_slide.optim.AdamW); None: taken as the fp32 rate
     host_adamw_bf16_params_per_s: float | None = None
@@ -97,7 +99,8 @@ class Machine:
         self, offload_dir: str | None = None, seconds: float = 0.2, moments: torch.dtype = torch.float32
     ) -> Machine:
         """Measure the rates this machine can: host AdamW always; H2D, D2H and matmul FLOP/s with a GPU; disk read
-        and write under ``offload_dir`` (one 256 MiB file, removed). Returns a copy with the measured figures."""
+        and write under ``offload_dir``, alone and at once (256 MiB files, removed). Returns a copy with the measured
+        figures."""
         from lightning_slide.engine.measure import measure_rates  # only when asked: it allocates and times
 
         return dataclasses.replace(self, **measure_rates(offload_dir, seconds, moments))
@@ -121,7 +124,7 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     the two host terms follow each other. Disk: the Adam moments read and written once per step.
     With several ranks on one host (``s.ranks``): each GPU moves its shard of the weights and gradients over its
     own link (the all-gathers and reduce-scatters between GPUs are not counted), while the host's AdamW and its disk
-    serve every rank.
+    serve every rank. Where the disk was measured reading and writing at once, a term for both through it.
     """
     a = s.accumulate
     tokens = (s.batch or 0) * (s.seq or 0)
@@ -170,6 +173,8 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
         )
         times[f"disk read ({what})"] = files / m.disk_read_bytes_per_s
         times[f"disk write ({what})"] = files / m.disk_write_bytes_per_s
+        if m.disk_mixed_bytes_per_s:  # one device serves both: the reads and writes of a step share it
+            times[f"disk read + write at once ({what})"] = 2 * files / m.disk_mixed_bytes_per_s
     if not tokens:
         del times["GPU compute (8·N·tokens)"]
     return times

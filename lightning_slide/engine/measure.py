@@ -1,12 +1,13 @@
 """Measured rates of this machine for the planner: host AdamW and gradient sums, and with a GPU the copy bandwidths
-and matmul FLOP/s, and with a directory the disk's read and write bandwidths (written with fsync, read back past the
-page cache). Each takes a fraction of a second."""
+and matmul FLOP/s, and with a directory the disk's read and write bandwidths, alone and at once. Each takes a fraction
+of a second."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -65,29 +66,41 @@ def measure_rates(
         b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
         rates["gpu_flops"] = _rate(lambda: a @ b, 2 * n**3, seconds, sync)
     if directory is not None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        data = torch.zeros(2**26, dtype=torch.float32).numpy()
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=".bench", delete=False) as f:
-            name = f.name
-        try:
-
-            def write():
-                with open(name, "wb") as out:
-                    data.tofile(out)
-                    out.flush()
-                    os.fsync(out.fileno())
-
-            rates["disk_write_bytes_per_s"] = _rate(write, data.nbytes, seconds)
-
-            landing = bytearray(data.nbytes)
-
-            def read():  # from the disk: the file's pages (clean after the fsync) leave the page cache first
-                with open(name, "rb") as f:
-                    if hasattr(os, "posix_fadvise"):
-                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                    f.readinto(landing)
-
-            rates["disk_read_bytes_per_s"] = _rate(read, data.nbytes, seconds)
-        finally:
-            os.unlink(name)
+        rates.update(disk_rates(directory, seconds))
     return rates
+
+
+def disk_rates(directory: str, seconds: float = 0.2) -> dict[str, float]:
+    """Bytes per second under ``directory``: writing (with fsync), reading back past the page cache, and both at once
+    (another file written while one is read: what the disk tier does through a step). Two 256 MiB files, removed."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    data = torch.zeros(2**26, dtype=torch.float32).numpy()
+    landing = bytearray(data.nbytes)
+    names = []
+    for _ in range(2):
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".bench", delete=False) as f:
+            names.append(f.name)
+
+    def write(name: str) -> None:
+        with open(name, "wb") as out:
+            data.tofile(out)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def read(name: str) -> None:  # from the disk: the file's pages (clean after the fsync) leave the page cache first
+        with open(name, "rb") as f:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            f.readinto(landing)
+
+    try:
+        rates = {"disk_write_bytes_per_s": _rate(lambda: write(names[0]), data.nbytes, seconds)}
+        rates["disk_read_bytes_per_s"] = _rate(lambda: read(names[0]), data.nbytes, seconds)
+        with ThreadPoolExecutor(1, thread_name_prefix="slide-measure") as writer:
+            writing = writer.submit(lambda: _rate(lambda: write(names[1]), data.nbytes, seconds))
+            reading = _rate(lambda: read(names[0]), data.nbytes, seconds)
+            rates["disk_mixed_bytes_per_s"] = reading + writing.result()
+        return rates
+    finally:
+        for name in names:
+            os.unlink(name)

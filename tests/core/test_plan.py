@@ -341,6 +341,17 @@ def test_plan_numbers_of_a_known_shape():
     assert both.time["disk read (Adam moments + masters)"] == pytest.approx(
         both.disk_total / both.machine.disk_read_bytes_per_s
     )
+    # Measured reading and writing at once, the disk's one device serves both: their sum goes through it.
+    shared = make_plan(
+        shape,
+        both.settings,
+        Machine(
+            disk_free=2**40, disk_read_bytes_per_s=2.7e9, disk_write_bytes_per_s=1.7e9, disk_mixed_bytes_per_s=2.4e9
+        ),
+    )
+    together = "disk read + write at once (Adam moments + masters)"
+    assert shared.time[together] == pytest.approx(2 * both.disk_total / 2.4e9) and shared.binding == together
+    assert together not in both.time  # not measured: each alone
     # A compute copy on the host halves the layers' upload bytes and costs 2 B/param of host memory.
     copy = make_plan(shape, dataclasses.replace(plan.settings, host_weights="compute"))
     assert _item(copy.host, "layer compute copies") == 2 * 32 * shape.layer_params
@@ -528,4 +539,5 @@ def test_the_machine_measures_its_disk_under_offload_dir(tmp_path):
     """The disk's rates: written with fsync, read back past the page cache; the file is removed."""
     measured = Machine().measure(offload_dir=str(tmp_path / "offload"), seconds=0.02)
     assert measured.disk_write_bytes_per_s > 0 and measured.disk_read_bytes_per_s > 0
+    assert measured.disk_mixed_bytes_per_s > 0
     assert list((tmp_path / "offload").iterdir()) == []
