@@ -98,8 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup = max(1, args.steps // 10)
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in args.runs if r not in RUNS]
-    if unknown:
-        p.error(f"unknown run(s) {unknown}; known: {', '.join(RUNS)}")
+    if unknown or not args.runs:
+        p.error(f"unknown or no run(s) {unknown}; known: {', '.join(RUNS)}")
     return args
 
 

@@ -7,6 +7,7 @@ one shard, never two copies of the model, and nothing touches the GPU. That peak
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -68,10 +69,7 @@ def stored_bytes(shards: list[Path]) -> int:
         with safe_open(shard, framework="pt", device="cpu") as f:
             for key in f.keys():
                 piece = f.get_slice(key)
-                numel = 1
-                for n in piece.get_shape():
-                    numel *= n
-                total += numel * _ELEMENT_BYTES.get(piece.get_dtype(), 4)
+                total += math.prod(piece.get_shape()) * _ELEMENT_BYTES.get(piece.get_dtype(), 4)
     return total
 
 

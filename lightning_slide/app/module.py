@@ -17,6 +17,7 @@ from lightning_slide.app.data import IGNORE_INDEX
 from lightning_slide.app.errors import ModelDirError
 from lightning_slide.app.loading import build_causal_lm, load_causal_lm, load_config
 from lightning_slide.app.packing import model_inputs
+from lightning_slide.strategy import SlideFormerStrategy
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> float:
@@ -140,8 +141,6 @@ class CausalLMModule(L.LightningModule):
         tuning = getattr(getattr(trainer.strategy, "options", None), "tuning", None) if trainer else None
         room = dict(copies=trainer.num_devices if trainer else 1, host_memory=getattr(tuning, "host_memory", None))
         if self.path:  # slideformer makes fp32 masters of the weights as stored: the same values in less memory
-            from lightning_slide.strategy import SlideFormerStrategy
-
             as_stored = trainer is not None and isinstance(trainer.strategy, SlideFormerStrategy)
             self.model = load_causal_lm(self.path, trust, **room, as_stored=as_stored)
         else:
