@@ -14,6 +14,9 @@ from tests.core.tiny import TinyLM, batches, initial_state, relative_error, trai
 peft = pytest.importorskip("peft")
 
 TOLERANCE = 1e-5  # fp32, as tests/core/test_parity.py
+# The adapters' weights: Adam at lr=1e-2 turns rounding in their small gradients into whole update steps, which the
+# CPU's kernels order differently from machine to machine (up to 1.4e-5 seen on an AMD EPYC host)
+ADAPTER_TOLERANCE = 3e-5
 # bf16-true: plain Lightning keeps the adapters and Adam's moments in bf16, slideformer in fp32 (the masters), so
 # the adapters drift apart by the rounding of each update (an Adam step of lr=1e-2 is a few bf16 ulps of a weight
 # near 0.1); the losses stay close. Both sides run bf16 matmuls (on the CPU in tests: torch's CPU bf16 kernels).
@@ -94,7 +97,7 @@ def test_lora_equals_plain_training_in_fp32(family, window, device_layers):
     theirs = dict(reference.named_parameters())
     for name, param in ours.named_parameters():
         assert param.dtype == torch.float32
-        assert relative_error(param.detach(), theirs[name].detach()) <= TOLERANCE, name
+        assert relative_error(param.detach(), theirs[name].detach()) <= ADAPTER_TOLERANCE, name
     assert_frozen_unchanged(ours, torch.float32)
 
 
