@@ -44,9 +44,9 @@ strategy.window=..., strategy.gpu_memory_limit=..., kernels=all, trainer.accumul
   plan.gpu_memory               GPU memory to plan for, e.g. 24GiB (default: strategy.gpu_memory_limit, else this GPU)
   plan.host_memory              host memory to plan for (default: MemAvailable of this machine)
   plan.disk_free                disk space to plan for under offload_dir (default: free space there, if set)
-  plan.measure=true             measure host AdamW, H2D/D2H, GPU FLOP/s and the disk here instead of the defaults
+  plan.measure=true             measure host AdamW, H2D/D2H, GPU (or CPU) FLOP/s and the disk here, not the defaults
   plan.h2d, plan.d2h, plan.disk_read, plan.disk_write, plan.disk_mixed (read + written at once) (bytes/s),
-  plan.adamw (params/s), plan.tflops (TFLOP/s)
+  plan.adamw (params/s), plan.tflops (TFLOP/s of the GPU, or of the CPU for a CPU run)
   plan.json=FILE                also write the plan as JSON
 Only the model's config.json is read (model.path may hold nothing else); a shape config plans without any
 directory (slide-plan model=llama3_8b). Without a GPU here (and no plan.gpu_memory) it plans the CPU run, as
@@ -164,8 +164,8 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     for key, field in _RATES.items():
         if options.get(key) is not None:
             setattr(machine, field, float(options[key]))
-    if options.get("tflops") is not None:
-        machine.gpu_flops = float(options.tflops) * 1e12
+    if options.get("tflops") is not None:  # the compute device's
+        setattr(machine, "gpu_flops" if device == "cuda" else "cpu_flops", float(options.tflops) * 1e12)
 
     names = cfg.kernels.names  # the app's kernels (applied by the module) and the strategy's
     try:

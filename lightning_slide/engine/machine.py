@@ -59,6 +59,7 @@ class Machine:
     # memory-bound, draws alone (ADAMW_BYTES x its rate)
     host_memory_bytes_per_s: float | None = None
     gpu_flops: float = 150e12  # sustained bf16 matmul FLOP/s
+    cpu_flops: float = 1e12  # the host's sustained fp32 matmul FLOP/s (a plan for a run on the CPU)
 
     @classmethod
     def detect(cls, *, gpu_memory_limit: int | None = None, offload_dir: str | None = None, **rates) -> Machine:
@@ -98,9 +99,9 @@ class Machine:
     def measure(
         self, offload_dir: str | None = None, seconds: float = 0.2, moments: torch.dtype = torch.float32
     ) -> Machine:
-        """Measure the rates this machine can: host AdamW always; H2D, D2H and matmul FLOP/s with a GPU; disk read
-        and write under ``offload_dir``, alone and at once (256 MiB files, removed). Returns a copy with the measured
-        figures."""
+        """Measure the rates this machine can: host AdamW and the host's matmul FLOP/s always; H2D, D2H and matmul
+        FLOP/s with a GPU; disk read and write under ``offload_dir``, alone and at once (256 MiB files, removed).
+        Returns a copy with the measured figures."""
         from lightning_slide.engine.measure import measure_rates  # only when asked: it allocates and times
 
         return dataclasses.replace(self, **measure_rates(offload_dir, seconds, moments))
@@ -110,18 +111,18 @@ class Machine:
 def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     """Seconds per optimizer step of each resource, alone: the step takes at least the largest.
 
-    GPU compute: 8·N·tokens FLOPs per micro-batch (forward 2, backward 4, recompute 2; N = the layers' and the
-    head's parameters). H2D: every layer's weights twice per micro-batch (forward and recompute; the fp32 masters,
-    4 B/param, or with ``host_weights="compute"`` the compute copy, 2 B/param in bf16; frozen parameters kept in
-    the compute dtype, 2 B/param),
-    the resident parts once per step when updated on the host, offloaded layer inputs coming back. D2H: gradients
-    per micro-batch, fp32 (4 B/param, cast on the device) or, for AdamW's own host kernel with one micro-batch per
-    step, as computed (2 B/param), offloaded layer inputs going out. Host AdamW: every host-updated parameter once
-    per step, and with accumulation each later micro-batch's gradients added into the host accumulators (the same
-    thread). Host memory: the bytes of those updates and sums and of every copy to and from the GPU (each crosses
-    the host's memory once), which share its bus (its calibration against measured steps: BENCHMARKS.md, "Plans").
-    With clipping by norm the updates start only once the last backward has ended: that backward and the larger of
-    the two host terms follow each other. Disk: the Adam moments read and written once per step.
+    GPU compute (CPU compute for a run on the CPU): 8·N·tokens FLOPs per micro-batch (forward 2, backward 4,
+    recompute 2; N = the layers' and the head's parameters). H2D: every layer's weights twice per micro-batch
+    (forward and recompute; the fp32 masters, 4 B/param, or with ``host_weights="compute"`` the compute copy, 2
+    B/param in bf16; frozen parameters kept in the compute dtype, 2 B/param), the resident parts once per step when
+    updated on the host, offloaded layer inputs coming back. D2H: gradients per micro-batch, fp32 (4 B/param, cast
+    on the device) or, for AdamW's own host kernel with one micro-batch per step, as computed (2 B/param), offloaded
+    layer inputs going out. Host AdamW: every host-updated parameter once per step, and with accumulation each later
+    micro-batch's gradients added into the host accumulators (the same thread). Host memory: the bytes of those
+    updates and sums and of every copy to and from the GPU (each crosses the host's memory once), which share its
+    bus (its calibration against measured steps: BENCHMARKS.md, "Plans"). With clipping by norm the updates start
+    only once the last backward has ended: that backward and the larger of the two host terms follow each other.
+    Disk: the Adam moments read and written once per step.
     With several ranks on one host (``s.ranks``): each GPU moves its shard of the weights and gradients over its
     own link (the all-gathers and reduce-scatters between GPUs are not counted), while the host's AdamW and its disk
     serve every rank. Where the disk was measured reading and writing at once, a term for both through it.
@@ -145,8 +146,10 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     layer_upload = upload * (layer_params - frozen) + s.element * frozen
     h2d = a * (2 * layer_upload / s.ranks + offloaded) + resident_host * resident_up / s.ranks  # bytes, per rank
     d2h = a * ((layer_down + resident_down) / s.ranks + offloaded)
+    flops, compute = (m.gpu_flops, "GPU compute") if s.device == "cuda" else (m.cpu_flops, "CPU compute")
+    compute = f"{compute} (8·N·tokens)"
     times = {
-        "GPU compute (8·N·tokens)": a * 8 * (shape.layers * shape.layer_params + head) * tokens / m.gpu_flops,
+        compute: a * 8 * (shape.layers * shape.layer_params + head) * tokens / flops,
         "H2D weights (forward + recompute)": h2d / m.h2d_bytes_per_s,
         "D2H gradients": d2h / m.d2h_bytes_per_s,
     }
@@ -164,7 +167,7 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
     traffic = update + updated * (a - 1) * 12 + s.ranks * (h2d + d2h)
     memory = times["host memory (update + copies)"] = traffic / m.memory_rate
     if s.clipping and updated and tokens:  # the updates wait for the global norm: the host idles through the backward
-        backward = 6 * (shape.layers * shape.layer_params + head) * tokens / m.gpu_flops  # recompute 2, backward 4
+        backward = 6 * (shape.layers * shape.layer_params + head) * tokens / flops  # recompute 2, backward 4
         times["last backward, then host AdamW (clipping by norm)"] = backward + max(adamw, memory)
     files = sum(disk_bytes(shape, s).values()) * s.ranks  # every rank's, each read and written once per step
     if files:
@@ -176,5 +179,5 @@ def step_times(shape: ModelShape, s: Settings, m: Machine) -> dict[str, float]:
         if m.disk_mixed_bytes_per_s:  # one device serves both: the reads and writes of a step share it
             times[f"disk read + write at once ({what})"] = 2 * files / m.disk_mixed_bytes_per_s
     if not tokens:
-        del times["GPU compute (8·N·tokens)"]
+        del times[compute]
     return times

@@ -1,6 +1,6 @@
-"""Measured rates of this machine for the planner: host AdamW and gradient sums, and with a GPU the copy bandwidths
-and matmul FLOP/s, and with a directory the disk's read and write bandwidths, alone and at once. Each takes a fraction
-of a second."""
+"""Measured rates of this machine for the planner: host AdamW, gradient sums and matmul FLOP/s, with a GPU the copy
+bandwidths and its matmul FLOP/s, and with a directory the disk's read and write bandwidths, alone and at once. Each
+takes a fraction of a second."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ def measure_rates(
     """The rate fields of :class:`~lightning_slide.engine.machine.Machine` this machine can measure (the host AdamW
     with bf16 moments too when ``moments`` is bf16: its kernel is built first)."""
     rates = {"host_adamw_params_per_s": host_adamw_rate(seconds), "host_add_params_per_s": host_add_rate(seconds)}
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    rates["cpu_flops"] = _rate(lambda: a @ b, 2 * n**3, seconds)
     if moments != torch.float32:
         rates["host_adamw_bf16_params_per_s"] = host_adamw_rate(seconds, moments=moments)
     if torch.cuda.is_available():

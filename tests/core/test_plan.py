@@ -529,10 +529,24 @@ def test_several_ranks_plan_per_rank():
 
 
 def test_the_machine_measures_its_host_rates():
-    """``Machine.measure`` (``slide-plan plan.measure=true``) times the host's AdamW and gradient sums here."""
+    """``Machine.measure`` (``slide-plan plan.measure=true``) times the host's AdamW, gradient sums and matmuls
+    here."""
     measured = Machine().measure(seconds=0.02)
     assert measured.host_adamw_params_per_s > 0 and measured.host_add_params_per_s > 0
     assert measured.add_rate == measured.host_add_params_per_s
+    assert measured.cpu_flops > 0 and measured.cpu_flops != Machine().cpu_flops
+
+
+def test_a_run_on_the_cpu_computes_at_the_cpus_rate():
+    """On the CPU the compute term is the host's matmul rate (not a GPU's), named so."""
+    shape, settings = _llama8b_shape(), Settings(window=2, batch=1, seq=64, clipping=False)
+    m = Machine(cpu_flops=2e11, gpu_flops=4e14)
+    on_cpu = make_plan(shape, dataclasses.replace(settings, device="cpu"), m, suggest=False)
+    on_gpu = make_plan(shape, settings, m, suggest=False)
+    flops = 8 * (32 * shape.layer_params + 128256 * 4096) * 64
+    assert on_cpu.time["CPU compute (8·N·tokens)"] == pytest.approx(flops / 2e11)
+    assert on_gpu.time["GPU compute (8·N·tokens)"] == pytest.approx(flops / 4e14)
+    assert "GPU compute (8·N·tokens)" not in on_cpu.time
 
 
 def test_the_machine_measures_its_disk_under_offload_dir(tmp_path):
