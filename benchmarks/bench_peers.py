@@ -10,7 +10,10 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                          slideformer+bf16moments = lightning_slide.optim.AdamW with
                                          state_dtype=torch.bfloat16 (bf16 Adam moments); combine with +;
                                          any system+lora16 = LoRA of rank 16 on every linear layer but the head,
-                                         through peft: the base weights frozen)
+                                         through peft: the base weights frozen; any system+gradnorm = the
+                                         gradient norm logged by lightning_slide.GradNormMonitor at every step,
+                                         +normhook = by a hook, as Lightning's docs show: grad_norm(self) in
+                                         on_before_optimizer_step)
                                         [--cap 24GiB] [--steps 3] [--window 2] [--devices 1]
                                         [--clip 1.0] [--clip-by value] [--dry-run]
 
@@ -268,6 +271,13 @@ def setup(system: str, args) -> dict:
     return {**done, "strategy": strategy, "precision": "bf16-true", "optimizer": optimizer, "optimizer_name": name}
 
 
+def lightning_slide_callback(name: str):
+    """A callback of lightning_slide, imported only where a row asks (an engine from before it may run the others)."""
+    import lightning_slide
+
+    return getattr(lightning_slide, name)()
+
+
 def child(system: str, shape: str, batch: int, args) -> dict:
     """Train one system for warm-up + timed steps; returns its measurements."""
     base, options, lora = options_of(system)
@@ -343,6 +353,14 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             def on_before_optimizer_step(self, optimizer):  # FSDP's own norm over its offloaded gradients
                 self.trainer.strategy.model.clip_grad_norm_(args.clip)
 
+    if "normhook" in options:  # what Lightning's docs show for logging the gradient norm (it observes the step)
+
+        class LM(LM):
+            def on_before_optimizer_step(self, optimizer):
+                from lightning.pytorch.utilities import grad_norm
+
+                self.log_dict(grad_norm(self, norm_type=2))
+
     torch.manual_seed(0)
     module = LM()
     params = sum(p.numel() for p in module.parameters())
@@ -365,6 +383,8 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         gradient_clip_val=None if own_clipping else args.clip,
         gradient_clip_algorithm=None if own_clipping else args.clip_by,
         logger=False,
+        log_every_n_steps=1,  # (the norm rows: every step's norm is taken, as with logging at every step)
+        callbacks=[lightning_slide_callback("GradNormMonitor")] if "gradnorm" in options else None,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -373,7 +393,7 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         from lightning_slide.hooks import step_observers
 
         observers = step_observers(trainer, module)
-        if observers:
+        if observers and "normhook" not in options:
             return {"error": f"{', '.join(observers)} would serialize the step: not what this row measures"}
     probe = GilProbe() if base == "slideformer" else None  # the peers run without the extra thread
     try:

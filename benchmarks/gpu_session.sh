@@ -2,9 +2,10 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   qwen14b (needs datasets, dill and multiprocess in .whl; not pyarrow: see below), zenflow3b, peers8b (~540 s),
-#   peers8b16, peers8b_rest, convergence32, then suite (~300 s, after engine changes), headline (~380 s), bytes8b
-#   (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s), peers3b,
+#   qwen14b (needs datasets, dill and multiprocess in .whl; not pyarrow: see below), suite (~300 s: session 9
+#   changed the engine: gradient norms), peers3b (the README's table with DeepSpeed and all-on-GPU in one run),
+#   peers8b16, gradnorm3b, zenflow3b, peers8b (~540 s), peers8b_rest, convergence32, then headline (~380 s),
+#   bytes8b (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s),
 #   clipped3b, before_after, levers3b, gil, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
 #                SUITE_PATHS=... SUITE_TIMEOUT=... run a part of it beside another stage
@@ -31,6 +32,8 @@
 #   peers8b_rest 8B batch 4, the other rows: DeepSpeed, ZenFlow (+sequential), all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
+#   gradnorm3b   3B batch 8, slideformer's defaults: without the gradient norm, with GradNormMonitor logging it at
+#                every step, with Lightning's documented hook (grad_norm(self) in on_before_optimizer_step) (~200 s)
 #   bytes8b      8B batch 4 with bf16 moments, uploads from the fp32 masters against the bf16 compute copy the
 #                kernel now writes in its pass (host_weights="compute": 4 bytes per parameter fewer copied)
 #   clipped3b    3B batch 8 clipped by norm at 1.0 (as most fine-tunes run): slideformer (defaults, bf16 moments)
@@ -54,7 +57,7 @@
 # the DeepSpeed rows; the machine has peft, accelerate, psutil, pyarrow and matplotlib). Logs and tables go to
 # $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, gradnorm3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 # hydra-core and datasets for the app (qwen14b), DeepSpeed for its rows. Not pyarrow: datasets hashes its tables with
@@ -109,6 +112,9 @@ case $stage in
   zenflow3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 250 \
       --systems zenflow+sequential,zenflow,fsdp_offload > "$out/zenflow3b.log" 2>&1 ;;
+  gradnorm3b)
+    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
+      --systems slideformer,slideformer+gradnorm,slideformer+normhook > "$out/gradnorm3b.log" 2>&1 ;;
   bytes8b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 250 \
       --systems slideformer+bf16moments,slideformer+bf16moments+bf16 > "$out/bytes8b.log" 2>&1 ;;

@@ -4,7 +4,8 @@ Updates stream out of the backward only where nothing can tell: a hook that runs
 optimizer step (``on_after_backward``, ``on_before_optimizer_step``, an overridden ``optimizer_step`` or
 ``configure_gradient_clipping``) may read the
 gradients or change the learning rate, so such steps wait for the backward and show the gradients to it
-(``SlidingEngine.show_grads``), as plain Lightning does.
+(``SlidingEngine.show_grads``), as plain Lightning does. ``GradNormMonitor`` observes nothing: it logs the norms the
+engine takes on the way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_slide.grad_norm import GradNormMonitor
 
 _MODULE_HOOKS = ("on_after_backward", "on_before_optimizer_step", "optimizer_step", "configure_gradient_clipping")
 _CALLBACK_HOOKS = ("on_after_backward", "on_before_optimizer_step")
@@ -23,6 +26,8 @@ def step_observers(trainer: Trainer, module: LightningModule) -> list[str]:
         f"{type(module).__name__}.{hook}" for hook in _MODULE_HOOKS if is_overridden(hook, module, LightningModule)
     ]
     for callback in trainer.callbacks:
+        if isinstance(callback, GradNormMonitor):  # reads the norms the engine takes, not the gradients
+            continue
         found += [
             f"{type(callback).__name__}.{hook}" for hook in _CALLBACK_HOOKS if is_overridden(hook, callback, Callback)
         ]

@@ -30,6 +30,7 @@ from lightning_slide.engine.optimizer import HostOptimizer, check_optimizer
 from lightning_slide.engine.options import SlideOptions, Tuning
 from lightning_slide.engine.plan import Plan, human
 from lightning_slide.engine.streams import memory_fraction
+from lightning_slide.grad_norm import GradNormMonitor
 from lightning_slide.hooks import refuse_weight_averaging, step_observers
 from lightning_slide.kernels import apply_kernels, running_kernels
 from lightning_slide.monitor import SlideMonitor
@@ -299,6 +300,11 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 "update, so each step's updates wait for its backward (they stream out of it otherwise) and no "
                 "gradient parks on the GPU"
             )
+        if fitting and any(isinstance(c, GradNormMonitor) for c in trainer.callbacks):
+            if self.data_parallel:
+                rank_zero_warn("slideformer: GradNormMonitor logs nothing with several devices yet (each has a shard)")
+            else:
+                self.engine.track_grad_norms()
         if fitting and options.monitor and not any(isinstance(c, SlideMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(SlideMonitor())
         if fitting:
@@ -338,6 +344,10 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
         several devices, on every rank); it costs the overlap of those updates with the next forward."""
         if self.engine is not None:
             self.engine.finish_updates()
+
+    def grad_norm(self, step: int) -> float | None:
+        """Global step ``step``'s gradient norm, for ``GradNormMonitor`` (``SlidingEngine.grad_norm``)."""
+        return None if self.engine is None else self.engine.grad_norm(step)
 
     def on_exception(self, exception: BaseException) -> None:
         """An exception or Ctrl+C stopped the run (Lightning calls this after the callbacks' ``on_exception``, then

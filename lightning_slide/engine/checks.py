@@ -5,6 +5,10 @@ Flags and norms are made on the device as each unit's gradients leave it and cop
 host reads one number per unit and never syncs the device for them. A step whose updates need every unit's gradients
 (clipping by norm, ``nonfinite="skip"``) queues a task on the update thread ahead of its updates; the task fills in
 a ``Verdict`` that those updates read.
+
+Each unit's norm is kept per step (two rows: this step's and the last one's). With ``track`` on, every unit's is
+taken, as its update starts where not on the device already, so the step's global norm is known without holding its
+updates back (``SlidingEngine.grad_norm``).
 """
 
 from __future__ import annotations
@@ -49,15 +53,27 @@ def decide(verdict: Verdict, task) -> None:
 
 
 class GradientChecks:
-    """Per unit (``index_of``): whether its gradients of the current optimizer step are all finite, and their norm
-    when the step clips by norm, made on the device and read on the host."""
+    """Per unit (``index_of``): whether its gradients of the current optimizer step are all finite, and their norms
+    by step (``norms``: row ``step % 2``; ``known``: the units whose norm of that row's step is there or on its way;
+    ``track``: take every unit's norm), made on the device where they can be and read on the host."""
 
     def __init__(self, layers: int, device: torch.device, pin: bool) -> None:
         self.finite = torch.ones(layers + 1, dtype=torch.bool, device=device)
         self.finite_host = torch.ones(layers + 1, dtype=torch.bool, pin_memory=pin)
-        self.norms_host = torch.zeros(layers + 1, dtype=MASTER_DTYPE, pin_memory=pin)
-        # unit i's norm of this step is in norms_host (its only micro-batch's, taken on the device)
-        self.norm_down = [False] * (layers + 1)
+        self.norms = torch.zeros(2, layers + 1, dtype=MASTER_DTYPE, pin_memory=pin)
+        self.row_step = [-1, -1]
+        self.known: list[set[int]] = [set(), set()]
+        self.expected: list[set[int]] = [set(), set()]  # the units whose updates the step queued
+        self.copies: list[list] = [[], []]  # events after which a row's norms copied from the device are there
+        self.step = 0
+        self.track = False
+
+    def open_step(self, step: int) -> None:
+        """A backward of global step ``step`` begins: its row starts empty unless it is already this step's."""
+        self.step, row = step, step % 2
+        if self.row_step[row] != step:
+            self.row_step[row] = step
+            self.known[row], self.expected[row], self.copies[row] = set(), set(), []
 
     def fold_finite(self, index: int, device_grads: torch.Tensor, first: bool, streams, shards):
         """Fold whether one micro-batch's ``device_grads`` are all finite into unit ``index``'s flag (``first``: the
@@ -77,17 +93,44 @@ class GradientChecks:
             self.finite_host[index].copy_(self.finite[index], non_blocking=True)
             return streams.record()
 
-    def take_norm(self, index: int, device_grads: torch.Tensor) -> None:
-        """On the stream that copies ``device_grads`` down: send their norm down too (a step's only micro-batch)."""
-        self.norm_down[index] = True
-        self.norms_host[index].copy_(torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE), non_blocking=True)
+    def expect(self, index: int, step: int) -> None:
+        """Step ``step`` queued unit ``index``'s update: its global norm counts the unit's."""
+        self.expected[step % 2].add(index)
+
+    def put_norm(self, index: int, norm: torch.Tensor, streams, step: int | None = None) -> None:
+        """Unit ``index``'s gradient norm of ``step`` (default: the current one) is ``norm``, a scalar on the host or,
+        copied behind the current stream's work, on the device."""
+        row = (self.step if step is None else step) % 2
+        self.norms[row, index].copy_(norm, non_blocking=True)
+        self.known[row].add(index)
+        if norm.device.type != "cpu":
+            self.copies[row].append(streams.record())
+
+    def norm(self, index: int, step: int) -> torch.Tensor | None:
+        """Unit ``index``'s norm of ``step`` if known (taken on the device, it may still be on its way: see
+        ``await_device``)."""
+        row = step % 2
+        return self.norms[row, index] if self.row_step[row] == step and index in self.known[row] else None
 
     def forget_norm(self, index: int) -> None:
         """Unit ``index``'s gradients are (or may become) more than what its norm was taken of."""
-        self.norm_down[index] = False
+        self.known[self.step % 2].discard(index)
 
     def forget_norms(self) -> None:
-        self.norm_down = [False] * len(self.norm_down)
+        self.known[self.step % 2].clear()
+
+    def total(self, step: int, await_device) -> torch.Tensor | None:
+        """The global norm of ``step``'s gradients from every unit's (its updates all run), or ``None`` when the step
+        queued no update or is older than the last one."""
+        row = step % 2
+        if self.row_step[row] != step or not self.expected[row]:
+            return None
+        for event in self.copies[row]:
+            await_device(event)
+        missing = self.expected[row] - self.known[row]
+        if missing:
+            raise RuntimeError(f"the gradient norms of units {sorted(missing)} of step {step} were not taken")
+        return torch.linalg.vector_norm(self.norms[row, sorted(self.expected[row])])
 
 
 def raise_if_nonfinite(engine: SlidingEngine, key) -> None:
@@ -113,19 +156,29 @@ def finite_task(engine: SlidingEngine, keys: list, verdict: Verdict) -> None:
         engine.skipped_steps += 1
 
 
-def clip_task(engine: SlidingEngine, max_norm: float, units: list[HostUnit], device_norms, verdict: Verdict) -> None:
+def unit_norm(engine: SlidingEngine, key, step: int) -> torch.Tensor:
+    """Unit ``key``'s gradient norm of ``step`` over the parameters its optimizer steps: taken on the device (as its
+    gradients went down, where they are all it steps), else here, from its host accumulator (kept for the step's
+    global norm)."""
+    checks, optimizer = engine.gradient_checks, engine.updates.optimizers[key]
+    known = checks.norm(index_of(key), step)
+    if known is None:
+        known = optimizer.grad_norm()
+        checks.put_norm(index_of(key), known, engine.streams, step)
+    return known
+
+
+def clip_task(
+    engine: SlidingEngine, max_norm: float, step: int, units: list[HostUnit], device_norms, verdict: Verdict
+) -> None:
     """Worker task: the clipping coefficient of ``clip_grad_norm_`` over every optimized gradient of ``units`` and
     the per-parameter norms ``device_norms`` (a list of ``(host tensor, event)``) of gradients kept on the device."""
-    checks, shards = engine.gradient_checks, engine.shards
+    shards = engine.shards
     norms = []
     for unit in units:
         engine.worker.await_device(unit.grad_event)
         key = engine.key_of(unit)
-        optimizer = engine.updates.optimizers[key]
-        if checks.norm_down[index_of(key)] and optimizer.steps_whole_gradient:
-            norms.append(checks.norms_host[index_of(key)].clone())  # taken on the device
-        else:
-            norms.extend(torch.linalg.vector_norm(g) for g in optimizer.bind().values())
+        norms.append(unit_norm(engine, key, step).clone())
     for host, event in device_norms if shards.rank == 0 else ():  # replicated on every rank: counted once
         engine.worker.await_device(event)
         norms.extend(host.unbind())

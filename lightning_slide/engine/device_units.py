@@ -166,31 +166,36 @@ class DeviceUnit:
         host.copy_(norms, non_blocking=True)
         return host, self.engine.streams.record()
 
-    def update(self, hyper, coefficient, clip_value) -> None:
-        """Update the unit on the device and refresh its compute copy there."""
-        if self.engine.nonfinite == "error":
+    def update(self, hyper, coefficient, clip_value, step: int) -> None:
+        """Update the unit on the device (global step ``step``) and refresh its compute copy there."""
+        engine, checks = self.engine, self.engine.gradient_checks
+        if engine.nonfinite == "error":
             # Waits for the flag, i.e. for the unit's gradients on the device.
-            raise_if_nonfinite(self.engine, self.key)
+            raise_if_nonfinite(engine, self.key)
         if coefficient is not None:
-            coefficient = coefficient.to(self.engine.device)
-        self.engine.updates.optimizers[self.key].step(hyper, coefficient, clip_value)
+            coefficient = coefficient.to(engine.device)
+        optimizer = engine.updates.optimizers[self.key]
+        if checks.track:
+            checks.expect(index_of(self.key), step)
+            checks.put_norm(index_of(self.key), optimizer.grad_norm(), engine.streams, step)
+        optimizer.step(hyper, coefficient, clip_value)
         self.unit.grad_empty = True
         self.weights.copy_(self.master)
 
-    def defer(self, hyper, verdict: Verdict, clip_value) -> None:
+    def defer(self, hyper, verdict: Verdict, clip_value, step: int) -> None:
         """The update waits for the step's verdict: done before the next forward (``apply_deferred``)."""
-        self.deferred = (hyper, verdict, clip_value)
+        self.deferred = (hyper, verdict, clip_value, step)
 
     def apply_deferred(self) -> None:
         if self.deferred is None:
             return
-        (hyper, verdict, clip_value), self.deferred = self.deferred, None
+        (hyper, verdict, clip_value, step), self.deferred = self.deferred, None
         self.engine.worker.wait("norm")
         verdict.raise_error()
         if verdict.skip:
             self.unit.grad_empty = True
             return
-        self.update(hyper, verdict.coefficient, clip_value)
+        self.update(hyper, verdict.coefficient, clip_value, step)
 
     # ---------------------------------------------------------------- state and lifetime
     def to_host(self) -> None:

@@ -2,9 +2,9 @@
 
 The first micro-batch of a step lands directly in the accumulator (a buffer lent by ``loans``, or parked on the
 device by ``parking`` when none is free); later ones land in a page-locked staging buffer that the update thread
-adds in. The gradients' finiteness flag goes down ahead of them and, when the step clips by norm, their norm behind
-them (``checks``). With several ranks a reduce-scatter on the download stream first leaves this rank's shard averaged
-over ranks, and only that shard crosses to the host.
+adds in. The gradients' finiteness flag goes down ahead of them and, when the step clips by norm or norms are
+tracked, their norm behind them (``checks``). With several ranks a reduce-scatter on the download stream first leaves
+this rank's shard averaged over ranks, and only that shard crosses to the host.
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ class GradientDownloads:
             device_grads = device_grads[unit.grad_start : unit.grad_stop]
             if unit.grad_empty:
                 checks.forget_norm(index)
-                if mode.clipping:  # (made on this stream: the gradients' memory is reused only after the copy)
-                    checks.take_norm(index, device_grads)
+                optimizer = engine.updates.optimizers.get(key)
+                whole = optimizer is not None and optimizer.steps_whole_gradient  # (the norm is of what it steps)
+                if (mode.clipping or checks.track) and whole:
+                    # made on this stream: the gradients' memory is reused only after the copy
+                    checks.put_norm(index, torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE), streams)
                 if engine.parking.wants(unit, key):
                     # Rather than wait for the host, or take a buffer ahead of gradients parked earlier. With every
                     # parking buffer taken: wait for a host buffer, send a parked layer that has landed down into

@@ -253,6 +253,25 @@ class SlidingEngine:
         """Clamp every gradient element to ``[-clip_value, clip_value]`` at the next step."""
         self._clip_value = float(clip_value)
 
+    def track_grad_norms(self) -> None:
+        """Take every unit's gradient norm from now on, for ``grad_norm`` (one pass over a unit's gradients, on the
+        device where they are one micro-batch's, else on the host as its update starts)."""
+        if self.shards.active:
+            raise ValueError("the gradient norm of each step is not tracked with several devices yet; use one device")
+        self.gradient_checks.track = True
+
+    def grad_norm(self, step: int) -> float | None:
+        """The 2-norm of global step ``step``'s gradients over every parameter the optimizer steps, before clipping
+        (``track_grad_norms``); ``None`` untracked, for a step that queued no update, or one before the last two.
+        Read once the next step's backward has begun, it waits for nothing (that step's forward waited for every
+        update of this one); earlier, it finishes this step's updates first."""
+        if not self.gradient_checks.track:
+            return None
+        if step >= self.mode.step:
+            self._finish_queued()
+        total = self.gradient_checks.total(step, lambda event: event is None or event.synchronize())
+        return None if total is None else total.item()
+
     # ---------------------------------------------------------------- forward
     def prepare_forward(self) -> None:
         """Make the resident parts' compute copy current; call before every forward."""
@@ -324,6 +343,7 @@ class SlidingEngine:
         )
         mode = self.mode
         mode.backward, mode.step, mode.clipping = True, step, clipping
+        self.gradient_checks.open_step(step)
         mode.streaming = hyperparameters(param_groups) if stream else None
         mode.clip_value = None if clip_value is None else float(clip_value)
         # The step's updates wait for the end of backward: its layers' gradients may park (parked_grads).
@@ -354,7 +374,7 @@ class SlidingEngine:
             # device update below, which may wait for the end of backward on the device (its NaN/Inf check).
             self.updates.prefer_forward_order()
             for device in self.on_device():
-                device.update(self.mode.streaming, None, self.mode.clip_value)
+                device.update(self.mode.streaming, None, self.mode.clip_value, self.mode.step)
         self.mode.streamed = self.mode.streaming is not None
         self.streamed_steps += self.mode.streamed
         self.mode.streaming = None
@@ -451,17 +471,19 @@ class SlidingEngine:
             self.worker.submit(
                 "norm",
                 functools.partial(
-                    decide, verdict, functools.partial(checks.clip_task, self, clip_norm, units, device_norms, verdict)
+                    decide,
+                    verdict,
+                    functools.partial(checks.clip_task, self, clip_norm, self.mode.step, units, device_norms, verdict),
                 ),
             )
         for device in on_device:
             if clip_norm is None and not check:
-                device.update(hyper, None, clip_value)
+                device.update(hyper, None, clip_value, self.mode.step)
             else:  # needs the step's verdict: done before the next forward
-                device.defer(hyper, verdict, clip_value)
+                device.defer(hyper, verdict, clip_value, self.mode.step)
         for key in keys:
             if key in self.parking:  # queued when it goes down, first layer first as host buffers free
-                self.parking.give_update(key, (hyper, verdict, clip_value))
+                self.parking.give_update(key, (hyper, verdict, clip_value, self.mode.step))
             else:
                 self.updates.submit(key, hyper, verdict, clip_value)
         self.mode.open = bool(self.parking)
@@ -525,10 +547,7 @@ class SlidingEngine:
     def _sync_masters(self, gather: bool = True) -> None:
         """Finish queued updates and bring device-updated masters back to the host; with several ranks, fetch the
         other ranks' shards of every master (a collective: every rank calls this at the same point)."""
-        for device in self.on_device():
-            device.apply_deferred()
-        self.parking.unpark_all()
-        self.worker.wait_all()
+        self._finish_queued()
         if self.state_store is not None:
             self.state_store.flush()
         for device in self.on_device():
@@ -536,6 +555,13 @@ class SlidingEngine:
         if gather and not self.masters_current:
             state.gather_masters(self)
             self.masters_current = True
+
+    def _finish_queued(self) -> None:
+        """Run every update queued, deferred or parked."""
+        for device in self.on_device():
+            device.apply_deferred()
+        self.parking.unpark_all()
+        self.worker.wait_all()
 
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         """The root's state dict, every parameter given by its fp32 master (see ``state.state_dict``)."""

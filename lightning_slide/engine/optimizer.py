@@ -220,6 +220,14 @@ class UnitOptimizer:
                 master.grad = grad
         return grads
 
+    def grad_norm(self, flat: torch.Tensor | None = None, base: int = 0) -> torch.Tensor:
+        """The fp32 2-norm of the gradients it steps: their views in ``flat`` (a unit-ordered array that starts at
+        unit offset ``base``, e.g. on the device), else in its accumulator."""
+        if flat is None:
+            flat, base = (self.unit.grad if self._grad is None else self._grad), self.unit.grad_start
+        norms = [torch.linalg.vector_norm(span.view(flat, base), dtype=MASTER_DTYPE) for span in self._spans]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=flat.device)
+
     def takes(self, dtype: torch.dtype) -> bool:
         """Whether its update reads gradients in ``dtype`` as they are (no pass over them first): fp32, or bf16 for
         AdamW's own kernel, which widens them as it reads (torch's fused kernels take their parameters' dtype

@@ -103,7 +103,7 @@ class Parking:
         engine.streams.wait(free)  # its previous contents went down
         buffer[: device_grads.numel()].copy_(device_grads)
         landed = engine.streams.record()
-        update = None if mode.streaming is None else (mode.streaming, None, mode.clip_value)
+        update = None if mode.streaming is None else (mode.streaming, None, mode.clip_value, mode.step)
         self.parked[index] = (buffer, landed, update)
         engine.layers[index].grad_event = landed  # its flags (and norm) went down before it
         self.total += 1

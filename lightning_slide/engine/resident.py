@@ -128,6 +128,8 @@ class ResidentParts:
             with streams.on(streams.download):
                 streams.wait(produced)
                 shards.reduce_scatter(self.grads, unit.numel)
+                if checks.track:  # the update reads them here, chunk by chunk: their norm is taken here too
+                    checks.put_norm(-1, engine.updates.optimizers[RESIDENT].grad_norm(self.grads), streams)
                 self.in_chunks, self.chunks_ready = True, streams.record()
         else:
             engine.downloads.send(unit, self.grads, RESIDENT)

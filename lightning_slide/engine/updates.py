@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
 
-from lightning_slide.engine.checks import Verdict, raise_if_nonfinite
+from lightning_slide.engine.checks import Verdict, index_of, raise_if_nonfinite, unit_norm
 from lightning_slide.engine.disk import MASTER, place_optimizer_state
 from lightning_slide.engine.host import RESIDENT
 from lightning_slide.engine.optimizer import UnitOptimizer, check_optimizer, state_dtype, state_names
@@ -58,13 +58,18 @@ class HostUpdates:
             else:
                 self.optimizers[key] = UnitOptimizer(unit, optimizer, group_of, state_in_memory=key not in on_disk)
 
-    def submit(self, key, hyper: list[dict], verdict: Verdict | None = None, clip_value=None, ready=None) -> None:
-        """Queue unit ``key``'s update. ``ready``: the event its gradients wait for, given for a streamed step's
-        updates, which the host may then run in the order their gradients arrive (``UpdateWorker.submit``)."""
+    def submit(
+        self, key, hyper: list[dict], verdict: Verdict | None = None, clip_value=None, step=None, ready=None
+    ) -> None:
+        """Queue unit ``key``'s update of global step ``step`` (default: the current one). ``ready``: the event its
+        gradients wait for, given for a streamed step's updates, which the host may then run in the order their
+        gradients arrive (``UpdateWorker.submit``)."""
         optimizer = self.optimizers.get(key)
         if optimizer is None:
             return
         engine = self.engine
+        step = engine.mode.step if step is None else step
+        engine.gradient_checks.expect(index_of(key), step)
         engine.mode.open = True
         engine.masters_current = not engine.shards.active
         verdict = Verdict() if verdict is None else verdict  # filled in by the checks' task queued before, if any
@@ -75,7 +80,7 @@ class HostUpdates:
             # The disk tier reads ahead in queue order, a bounded number of units: an update run out of that order
             # could wait for a read that waits for the updates passed over. Keep the order.
             ready = None
-        engine.worker.submit(key, functools.partial(self.run, key, hyper, verdict, clip_value, reading), ready)
+        engine.worker.submit(key, functools.partial(self.run, key, hyper, verdict, clip_value, step, reading), ready)
 
     def prefer_forward_order(self) -> None:
         """Run the queued updates (and the disk tier's reads) in the order the next forward needs them."""
@@ -92,7 +97,7 @@ class HostUpdates:
         engine.flush_disk_caches()  # a checkpoint's changes first; the update then reads the files
         return engine.state_store.read(key)
 
-    def run(self, key, hyper, verdict: Verdict, clip_value, reading=None) -> None:
+    def run(self, key, hyper, verdict: Verdict, clip_value, step: int, reading=None) -> None:
         """Worker task: unit ``key``'s update from its accumulated gradients, which it then marks consumed.
         ``reading``: the disk tier's read of the unit's optimizer state (written back after the update)."""
         engine, optimizer = self.engine, self.optimizers[key]
@@ -101,9 +106,12 @@ class HostUpdates:
         try:
             verdict.raise_error()
             engine.worker.await_device(unit.grad_event)
+            in_chunks = key == RESIDENT and engine.resident_parts.in_chunks  # (its norm was taken on the device)
+            if engine.gradient_checks.track and not in_chunks:
+                unit_norm(engine, key, step)
             if not verdict.skip:
                 raise_if_nonfinite(engine, key)
-                if key == RESIDENT and engine.resident_parts.in_chunks:
+                if in_chunks:
                     engine.resident_parts.step_in_chunks(optimizer, hyper, clip_value, state)
                     refreshed = False
                 else:  # (AdamW's host loop may bring the compute copy up to date in its own pass)

@@ -28,9 +28,9 @@ def _train(strategy, accumulate):
 
 @pytest.fixture
 def host_norm_passes(monkeypatch):
-    """Counts the gradients the norm task reads on the host."""
+    """Counts the units whose gradients the norm task reads on the host."""
     read, inside = [], []
-    norm_task, bind = checks.clip_task, UnitOptimizer.bind
+    norm_task, grad_norm = checks.clip_task, UnitOptimizer.grad_norm
 
     @functools.wraps(norm_task)
     def counting_task(engine, *args, **kwargs):
@@ -41,15 +41,14 @@ def host_norm_passes(monkeypatch):
         finally:
             inside.pop()
 
-    @functools.wraps(bind)
-    def counting_bind(self, *args, **kwargs):
-        grads = bind(self, *args, **kwargs)
+    @functools.wraps(grad_norm)
+    def counting_grad_norm(self, *args, **kwargs):
         if inside:
-            read[-1] += len(grads)
-        return grads
+            read[-1] += 1
+        return grad_norm(self, *args, **kwargs)
 
     monkeypatch.setattr(checks, "clip_task", counting_task)
-    monkeypatch.setattr(UnitOptimizer, "bind", counting_bind)
+    monkeypatch.setattr(UnitOptimizer, "grad_norm", counting_grad_norm)
     return read
 
 
