@@ -1,7 +1,8 @@
 """Host AdamW rate (G params/s) of torch's fused CPU kernel, from the main thread and from a worker thread, and of
 ``lightning_slide.optim.AdamW``'s C++ host loop (the engine's for AdamW: fp32 or bf16 moments) from a worker thread.
 Then clipping by norm on the worker: the gradients scaled in a pass of their own before the kernel, against the
-scale folded into the kernel's pass (its ``grad_scale``, as the engine does), with fp32 and with bf16 moments.
+scale folded into the kernel's pass (its ``grad_scale``, as the engine does), with fp32 and with bf16 moments. Then
+accumulation's last gradient sum with its norm: in two passes, or in the host loop's one.
 On a GPU machine, last: the same kernels while page-locked copies to and from the GPU run back to back (a step's
 weight uploads and gradient downloads load the host memory meanwhile), and bf16 gradients read by the host loop
 (and the bf16 compute copy written by it), which say whether the host's memory bus, not its cores, binds the
@@ -21,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lightning_slide.optim import AdamW
+from lightning_slide.optim import AdamW, add_with_norm
 
 
 def rate(
@@ -126,6 +127,23 @@ def under_copies(pool: ThreadPoolExecutor, numel: int, threads: int) -> None:
     print(f"| {threads} | " + " | ".join(cells) + f" | {copies} |", flush=True)
 
 
+def sum_rate(numel: int, how: str, repeats: int = 5) -> float:
+    """G params/s of adding a micro-batch's fp32 gradients (page-locked staging, as they come down) into the fp32
+    accumulator: ``"add"`` alone, ``"two passes"`` with the sum's norm after it, ``"one pass"`` both at once."""
+    pinned = torch.cuda.is_available()
+    total, part = torch.zeros(numel), torch.randn(numel).pin_memory() if pinned else torch.randn(numel)
+    work = {
+        "add": lambda: total.add_(part),
+        "two passes": lambda: (total.add_(part), torch.linalg.vector_norm(total)),
+        "one pass": lambda: add_with_norm(total, part),
+    }[how]
+    work()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    return numel * repeats / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--numel", type=float, default=110e6)
@@ -182,6 +200,19 @@ def main() -> None:
             f"| {threads} | {own:.2f} | {folded:.2f} | {folded / own:.2f} | {own16:.2f} | {folded16:.2f} | "
             f"{folded16 / own16:.2f} | {clamp16:.2f} | {clamped16:.2f} | {clamped16 / clamp16:.2f} |"
         )
+    print(
+        "\naccumulation's last sum with its norm (what clipping by norm and GradNormMonitor read), worker, pinned, "
+        "G params/s: torch's add_ then vector_norm, against the C++ host loop's one pass (add_with_norm)"
+    )
+    print("| threads | add_ alone | add_ + vector_norm | one pass | one pass / two |")
+    print("|---|---|---|---|---|")
+    with ThreadPoolExecutor(1) as pool:
+        for threads in map(int, args.threads.split(",")):
+            add, two, one = (
+                pool.submit(lambda t=threads, w=w: (torch.set_num_threads(t), sum_rate(numel, w))[1]).result()
+                for w in ("add", "two passes", "one pass")
+            )
+            print(f"| {threads} | {add:.2f} | {two:.2f} | {one:.2f} | {one / two:.2f} |", flush=True)
     print(
         "\nthe update as a step runs it (worker, pinned; G params/s alone, then while page-locked copies to and from "
         "the GPU run: a GPU machine only)"

@@ -14,7 +14,7 @@ usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,l
                                          gradient norm logged by lightning_slide.GradNormMonitor at every step,
                                          +normhook = by a hook, as Lightning's docs show: grad_norm(self) in
                                          on_before_optimizer_step)
-                                        [--cap 24GiB] [--steps 3] [--window 2] [--devices 1]
+                                        [--cap 24GiB] [--steps 3] [--accumulate 1] [--window 2] [--devices 1]
                                         [--clip 1.0] [--clip-by value] [--dry-run]
 
 The systems, as a user tuning each would run it (AdamW, lr 1e-5, weight decay 0.01 everywhere; fp32 masters):
@@ -325,12 +325,16 @@ def child(system: str, shape: str, batch: int, args) -> dict:
         def on_train_batch_start(self, batch, batch_idx):
             if base == "gpu_compute":  # Lightning's mock optimizer leaves the gradients: drop them
                 self.zero_grad(set_to_none=True)
+            if batch_idx % args.accumulate:  # timed per optimizer step: from its first micro-batch to its last
+                return
             torch.cuda.synchronize()
             self._start = time.perf_counter()
-            if batch_idx == run["warmup"]:
+            if batch_idx == run["warmup"] * args.accumulate:
                 self.timed_from = self._start
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
+            if (batch_idx + 1) % args.accumulate:
+                return
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._start)
             engine = getattr(self.trainer.strategy, "engine", None)
@@ -373,13 +377,14 @@ def child(system: str, shape: str, batch: int, args) -> dict:
                 cap / torch.cuda.get_device_properties(device).total_memory, device
             )
     steps = run["warmup"] + run["timed"]
-    ids = torch.randint(0, config.vocab_size, (batch * devices * steps, args.seq))
+    ids = torch.randint(0, config.vocab_size, (batch * devices * steps * args.accumulate, args.seq))
     trainer = L.Trainer(
         strategy=run["strategy"],
         accelerator="gpu",
         devices=devices,
         precision=run["precision"],
         max_steps=steps,
+        accumulate_grad_batches=args.accumulate,
         gradient_clip_val=None if own_clipping else args.clip,
         gradient_clip_algorithm=None if own_clipping else args.clip_by,
         logger=False,
@@ -528,6 +533,7 @@ def main() -> None:
     parser.add_argument("--systems", default="all_on_gpu,fsdp_offload,deepspeed_offload,zenflow,slideformer")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (every system)")
     parser.add_argument("--window", type=int, default=2)
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val for every system")
     parser.add_argument("--clip-by", choices=("norm", "value"), default="norm", help="gradient_clip_algorithm")
@@ -588,6 +594,8 @@ def main() -> None:
                 str(args.seq),
                 "--steps",
                 str(args.steps),
+                "--accumulate",
+                str(args.accumulate),
                 "--window",
                 str(args.window),
                 "--cap",
@@ -618,7 +626,7 @@ def main() -> None:
             if "error" in result:
                 print(f"{row} {result['error']} | | | | | | |", flush=True)
                 continue
-            tokens = int(batch) * args.seq * args.devices
+            tokens = int(batch) * args.seq * args.devices * args.accumulate
             step, n = result["step_s"], result["params"]
             t = result.get("trainable", n)  # all of them but with LoRA
             if base == "all_on_gpu":

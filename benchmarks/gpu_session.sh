@@ -4,7 +4,7 @@
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
 #   qwen14b (needs datasets, dill and multiprocess in .whl; not pyarrow: see below), suite (~300 s: session 9
 #   changed the engine: gradient norms), peers3b (the README's table with DeepSpeed and all-on-GPU in one run),
-#   peers8b16, gradnorm3b, zenflow3b, peers8b (~540 s), peers8b_rest, convergence32, then headline (~380 s),
+#   peers8b16, accum3b, gradnorm3b, zenflow3b, peers8b (~540 s), peers8b_rest, convergence32, then headline (~380 s),
 #   bytes8b (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): convergence (~350 s), plan (~90 s),
 #   clipped3b, before_after, levers3b, gil, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
@@ -32,6 +32,9 @@
 #   peers8b_rest 8B batch 4, the other rows: DeepSpeed, ZenFlow (+sequential), all-on-GPU
 #   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
 #                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
+#   accum3b      3B, 4 micro-batches of 2 per step clipped by norm at 1.0 (the README's example): the norm from the
+#                host's last sum (now) against the engine before it (a pass of its own after the backward: before/ =
+#                git archive 58eb7b7 lightning_slide | tar -x -C before; carry "before"), and tuned FSDP offload
 #   gradnorm3b   3B batch 8, slideformer's defaults: without the gradient norm, with GradNormMonitor logging it at
 #                every step, with Lightning's documented hook (grad_norm(self) in on_before_optimizer_step) (~200 s)
 #   bytes8b      8B batch 4 with bf16 moments, uploads from the fp32 masters against the bf16 compute copy the
@@ -57,7 +60,7 @@
 # the DeepSpeed rows; the machine has peft, accelerate, psutil, pyarrow and matplotlib). Logs and tables go to
 # $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, gradnorm3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, accum3b, gradnorm3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 # hydra-core and datasets for the app (qwen14b), DeepSpeed for its rows. Not pyarrow: datasets hashes its tables with
@@ -112,6 +115,17 @@ case $stage in
   zenflow3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 250 \
       --systems zenflow+sequential,zenflow,fsdp_offload > "$out/zenflow3b.log" 2>&1 ;;
+  accum3b)
+    # the README's example step: 4 micro-batches per step, clipped by norm at 1.0
+    for code in before now; do
+      path=$PWD; [ "$code" = before ] && path=$PWD/before
+      PYTHONPATH="$PWD/.site:$path" timeout 200 python3 benchmarks/bench_peers.py --timeout 180 \
+        --shapes llama3_2_3b:2 --accumulate 4 --clip 1.0 --steps 3 --cap 24GiB --systems slideformer \
+        >> "$out/accum3b.log" 2>&1
+      echo "^^^ $code" >> "$out/accum3b.log"
+    done
+    timeout 200 python3 benchmarks/bench_peers.py --timeout 180 --shapes llama3_2_3b:2 --accumulate 4 --clip 1.0 \
+      --steps 3 --cap 24GiB --systems fsdp_offload >> "$out/accum3b.log" 2>&1 ;;
   gradnorm3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 150 \
       --systems slideformer,slideformer+gradnorm,slideformer+normhook > "$out/gradnorm3b.log" 2>&1 ;;

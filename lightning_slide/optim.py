@@ -100,6 +100,17 @@ class _Kernel:
         return self.host
 
 
+def add_with_norm(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """``total += part`` (flat fp32 CPU tensors) and the fp32 2-norm of the new ``total``: in one pass over memory
+    with the C++ host loop, else in two."""
+    try:
+        squares = _kernel._host().add_square_sum_(total, part)
+    except Exception:  # noqa: BLE001 - no host loop here: torch's ops give the same sum and norm
+        total.add_(part)
+        return torch.linalg.vector_norm(total)
+    return torch.tensor(math.sqrt(squares), dtype=torch.float32)
+
+
 def host_loop_ready() -> bool:
     """Whether the C++ host loop is built (building it on the first call): where it cannot be, slideformer's host
     steps fp32 moments with torch's fused kernel instead, with fp32 gradients."""

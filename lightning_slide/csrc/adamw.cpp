@@ -1,7 +1,8 @@
 // The host's AdamW step: one pass over memory per parameter, in the operation order of
 // lightning_slide.optim._adamw_update. The moments fp32 or bf16 (read into fp32, rounded back to the nearest bf16,
 // ties to even), the gradients fp32 or bf16 (as the GPU computed them: widened as they are read); optionally the
-// updated parameter's bf16 copy written in the same pass (the compute copy uploads read).
+// updated parameter's bf16 copy written in the same pass (the compute copy uploads read). Also accumulation's
+// gradient sum with the sum's norm in the same pass (add_square_sum_).
 // Built on first use by lightning_slide/optim.py (torch.utils.cpp_extension); the compiler vectorizes the loop.
 #include <torch/extension.h>
 
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 
 namespace {
 
@@ -136,7 +138,48 @@ void adamw_(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torc
   }
 }
 
+// Accumulation's gradient sum, total += part (flat contiguous fp32 CPU tensors), returning the sum of the new
+// total's squares: the summed gradient's norm comes from the pass that makes it, not from one more read of it.
+double add_square_sum_(torch::Tensor total, torch::Tensor part) {
+  TORCH_CHECK(total.device().is_cpu() && part.device().is_cpu() && total.is_contiguous() && part.is_contiguous() &&
+                  total.scalar_type() == torch::kFloat32 && part.scalar_type() == torch::kFloat32 &&
+                  total.numel() == part.numel(),
+              "add_square_sum_: two contiguous fp32 CPU tensors of one size");
+  float* __restrict t = total.data_ptr<float>();
+  const float* __restrict p = part.data_ptr<float>();
+  // Squares summed in 16 fp32 lanes (one vector) over blocks of 1024 elements, each block's in double: the lanes
+  // carry no dependency from one element to the next, so the loop vectorizes as the AdamW loop does.
+  constexpr int64_t kLanes = 16, kBlock = 1024;
+  return at::parallel_reduce(
+      0, total.numel(), 1 << 14, 0.0,
+      [=](int64_t begin, int64_t end, double sum) {
+        for (int64_t i = begin; i < end; i += kBlock) {
+          const int64_t stop = std::min(end, i + kBlock);
+          float lanes[kLanes] = {};
+          int64_t j = i;
+          for (; j + kLanes <= stop; j += kLanes) {
+            for (int64_t k = 0; k < kLanes; ++k) {
+              const float v = t[j + k] + p[j + k];
+              t[j + k] = v;
+              lanes[k] += v * v;
+            }
+          }
+          double block = 0.0;
+          for (; j < stop; ++j) {
+            const float v = t[j] + p[j];
+            t[j] = v;
+            block += double(v) * double(v);
+          }
+          for (int64_t k = 0; k < kLanes; ++k) block += lanes[k];
+          sum += block;
+        }
+        return sum;
+      },
+      std::plus<double>());
+}
+
 // The GIL is released for the update: the training thread goes on launching the device's work meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adamw_", &adamw_, py::call_guard<py::gil_scoped_release>());
+  module.def("add_square_sum_", &add_square_sum_, py::call_guard<py::gil_scoped_release>());
 }

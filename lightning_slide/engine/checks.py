@@ -6,9 +6,10 @@ host reads one number per unit and never syncs the device for them. A step whose
 (clipping by norm, ``nonfinite="skip"``) queues a task on the update thread ahead of its updates; the task fills in
 a ``Verdict`` that those updates read.
 
-Each unit's norm is kept per step (two rows: this step's and the last one's). With ``track`` on, every unit's is
-taken, as its update starts where not on the device already, so the step's global norm is known without holding its
-updates back (``SlidingEngine.grad_norm``).
+Each unit's norm is kept per step (two rows: this step's and the last one's), taken on the device for a step's only
+micro-batch, else in the host's pass that adds the last micro-batch in (``downloads.py``); what neither gave (a
+unit whose optimizer steps part of its gradient) the host reads from the accumulator. With ``track`` on, every unit's
+is taken, so the step's global norm is known without holding its updates back (``SlidingEngine.grad_norm``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 The first micro-batch of a step lands directly in the accumulator (a buffer lent by ``loans``, or parked on the
 device by ``parking`` when none is free); later ones land in a page-locked staging buffer that the update thread
 adds in. The gradients' finiteness flag goes down ahead of them and, when the step clips by norm or norms are
-tracked, their norm behind them (``checks``). With several ranks a reduce-scatter on the download stream first leaves
-this rank's shard averaged over ranks, and only that shard crosses to the host.
+tracked, their norm behind them (``checks``); with several micro-batches the last one's sum gives it instead. With
+several ranks a reduce-scatter on the download stream first leaves this rank's shard averaged over ranks, and only
+that shard crosses to the host.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lightning_slide.engine.checks import index_of
 from lightning_slide.engine.host import MASTER_DTYPE, HostUnit
 from lightning_slide.engine.pinned import host_empty
 from lightning_slide.engine.streams import copy_cast
+from lightning_slide.optim import add_with_norm
 
 if TYPE_CHECKING:
     from lightning_slide.engine.engine import SlidingEngine
@@ -37,6 +39,10 @@ class GradientDownloads:
         streams, checks, mode = engine.streams, engine.gradient_checks, engine.mode
         key = engine.key_of(unit)
         index = index_of(key)
+        optimizer = engine.updates.optimizers.get(key)
+        whole = optimizer is not None and optimizer.steps_whole_gradient  # (a norm is of what the optimizer steps)
+        # the step's norm of the unit, made where its last micro-batch's gradients meet its sum
+        norm_wanted = (mode.clipping or checks.track) and whole and mode.last_micro_batch
         checks.fold_finite(index, device_grads[: unit.trainable_numel], unit.grad_empty, streams, engine.shards)
         produced = streams.record()
         with streams.on(streams.download):
@@ -45,9 +51,7 @@ class GradientDownloads:
             device_grads = device_grads[unit.grad_start : unit.grad_stop]
             if unit.grad_empty:
                 checks.forget_norm(index)
-                optimizer = engine.updates.optimizers.get(key)
-                whole = optimizer is not None and optimizer.steps_whole_gradient  # (the norm is of what it steps)
-                if (mode.clipping or checks.track) and whole:
+                if norm_wanted:
                     # made on this stream: the gradients' memory is reused only after the copy
                     checks.put_norm(index, torch.linalg.vector_norm(device_grads, dtype=MASTER_DTYPE), streams)
                 if engine.parking.wants(unit, key):
@@ -68,12 +72,13 @@ class GradientDownloads:
                 unit.grad_empty = False
                 unit.grad_event = streams.record()
                 return unit.grad_event
-            checks.forget_norm(index)  # a sum of micro-batches: its norm is taken on the host
+            checks.forget_norm(index)  # a sum of micro-batches: its norm is taken on the host, by the last sum
             engine.worker.wait(("add", staging_key))  # the staging buffer's previous contents were added
             staging = self._staging(staging_key, device_grads.numel())
             copy_cast(staging, device_grads, engine.download_staging)
             copied = streams.record()
-        engine.worker.submit(("add", staging_key), functools.partial(self._add, unit, staging, copied))
+        norm_of = (index, mode.step) if norm_wanted else None
+        engine.worker.submit(("add", staging_key), functools.partial(self._add, unit, staging, copied, norm_of))
         return copied
 
     def wait_added(self) -> None:
@@ -91,6 +96,13 @@ class GradientDownloads:
             buffer = self.staging[key] = host_empty(numel, MASTER_DTYPE, pin=self.engine.pin)
         return buffer[:numel]
 
-    def _add(self, unit: HostUnit, staging: torch.Tensor, copied) -> None:
-        self.engine.worker.await_device(copied)
-        unit.grad.add_(staging)
+    def _add(self, unit: HostUnit, staging: torch.Tensor, copied, norm_of: tuple[int, int] | None) -> None:
+        """Worker task: add a later micro-batch's gradients in; ``norm_of=(index, step)``: the step's last, whose sum
+        also gives unit ``index``'s norm of ``step`` (in the same pass with the C++ host loop)."""
+        engine = self.engine
+        engine.worker.await_device(copied)
+        if norm_of is None:
+            unit.grad.add_(staging)
+        else:
+            index, step = norm_of
+            engine.gradient_checks.put_norm(index, add_with_norm(unit.grad, staging), engine.streams, step)

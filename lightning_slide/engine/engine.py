@@ -69,6 +69,7 @@ class StepMode:
 
     step: int = 0  # the global step of the current backward, for messages
     backward: bool = False  # autograd is running a backward: a layer's forward now is its recompute
+    last_micro_batch: bool = False  # this backward completes the step's gradients
     clipping: bool = False  # the step clips by the global norm, or in a way not known before its end
     streaming: list[dict] | None = None  # the hyperparameters while updates stream out of this backward
     clip_value: float | None = None  # the value streamed updates clamp gradients to (clipping by value)
@@ -254,8 +255,8 @@ class SlidingEngine:
         self._clip_value = float(clip_value)
 
     def track_grad_norms(self) -> None:
-        """Take every unit's gradient norm from now on, for ``grad_norm`` (one pass over a unit's gradients, on the
-        device where they are one micro-batch's, else on the host as its update starts)."""
+        """Take every unit's gradient norm from now on, for ``grad_norm``: on the device where a step has one
+        micro-batch, else in the host's sum of the last one (``checks.py``)."""
         if self.shards.active:
             raise ValueError("the gradient norm of each step is not tracked with several devices yet; use one device")
         self.gradient_checks.track = True
@@ -342,7 +343,7 @@ class SlidingEngine:
             and bool(self.updates)
         )
         mode = self.mode
-        mode.backward, mode.step, mode.clipping = True, step, clipping
+        mode.backward, mode.step, mode.clipping, mode.last_micro_batch = True, step, clipping, last_micro_batch
         self.gradient_checks.open_step(step)
         mode.streaming = hyperparameters(param_groups) if stream else None
         mode.clip_value = None if clip_value is None else float(clip_value)
