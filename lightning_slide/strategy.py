@@ -301,10 +301,7 @@ class SlideFormerStrategy(CheckpointHooks, ParallelStrategy):
                 "gradient parks on the GPU"
             )
         if fitting and any(isinstance(c, GradNormMonitor) for c in trainer.callbacks):
-            if self.data_parallel:
-                rank_zero_warn("slideformer: GradNormMonitor logs nothing with several devices yet (each has a shard)")
-            else:
-                self.engine.track_grad_norms()
+            self.engine.track_grad_norms()
         if fitting and options.monitor and not any(isinstance(c, SlideMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(SlideMonitor())
         if fitting:

@@ -176,8 +176,11 @@ class DeviceUnit:
             coefficient = coefficient.to(engine.device)
         optimizer = engine.updates.optimizers[self.key]
         if checks.track:
+            norm = optimizer.grad_norm()
+            if engine.shards.rank:  # replicated on every rank: counted on the first
+                norm = torch.zeros_like(norm)
             checks.expect(index_of(self.key), step)
-            checks.put_norm(index_of(self.key), optimizer.grad_norm(), engine.streams, step)
+            checks.put_norm(index_of(self.key), norm, engine.streams, step)
         optimizer.step(hyper, coefficient, clip_value)
         self.unit.grad_empty = True
         self.weights.copy_(self.master)

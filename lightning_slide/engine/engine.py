@@ -257,20 +257,23 @@ class SlidingEngine:
     def track_grad_norms(self) -> None:
         """Take every unit's gradient norm from now on, for ``grad_norm``: on the device where a step has one
         micro-batch, else in the host's sum of the last one (``checks.py``)."""
-        if self.shards.active:
-            raise ValueError("the gradient norm of each step is not tracked with several devices yet; use one device")
         self.gradient_checks.track = True
 
     def grad_norm(self, step: int) -> float | None:
         """The 2-norm of global step ``step``'s gradients over every parameter the optimizer steps, before clipping
         (``track_grad_norms``); ``None`` untracked, for a step that queued no update, or one before the last two.
         Read once the next step's backward has begun, it waits for nothing (that step's forward waited for every
-        update of this one); earlier, it finishes this step's updates first."""
+        update of this one); earlier, it finishes this step's updates first. With several ranks a collective (every
+        rank calls it at the same point)."""
         if not self.gradient_checks.track:
             return None
         if step >= self.mode.step:
             self._finish_queued()
         total = self.gradient_checks.total(step, lambda event: event is None or event.synchronize())
+        if self.shards.active:  # this rank's shards: their squares summed over ranks
+            squares = torch.zeros((), device=self.device) if total is None else total.square().to(self.device)
+            self.shards.sum(squares)
+            total = None if total is None else squares.sqrt()
         return None if total is None else total.item()
 
     # ---------------------------------------------------------------- forward

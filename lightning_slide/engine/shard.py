@@ -102,6 +102,11 @@ class Shards:
         if self.active:
             dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
 
+    def sum(self, tensor: torch.Tensor) -> None:
+        """All-reduce ``tensor`` in place to its sum over ranks."""
+        if self.active:
+            dist.all_reduce(tensor)
+
     def all_true(self, flags: torch.Tensor) -> None:
         """All-reduce boolean ``flags`` in place to their logical AND over ranks."""
         if self.active:

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_slide
@@ -101,9 +102,31 @@ def test_clipping_by_value_with_two_ranks():
     options = dict(gradient_clip_val=0.002, gradient_clip_algorithm="value")
     reference = train("auto", devices=1, **options)
     strategy = lightning_slide.SlideFormerStrategy(window=2, tuning=HOST, start_method="spawn")
-    # GradNormMonitor (slide-train's default) logs nothing with several ranks yet; it must not stop them
-    callbacks = [lightning_slide.GradNormMonitor()]
-    assert_same_weights(train(strategy, devices=2, callbacks=callbacks, **options), reference)
+    assert_same_weights(train(strategy, devices=2, **options), reference)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_gradient_norm_with_two_ranks(tmp_path, accumulate):
+    """GradNormMonitor logs the norm of the global batch's gradients: each rank's shards' squares summed over ranks
+    (the resident parts, replicated and updated on the device, counted once)."""
+    norms = []
+    for devices, strategy in [
+        (1, "auto"),
+        (2, lightning_slide.SlideFormerStrategy(window=2, tuning=HOST, start_method="spawn")),
+        (2, lightning_slide.SlideFormerStrategy(window=2, tuning=dict(resident_optimizer="device"), start_method="spawn")),
+    ]:
+        logger = CSVLogger(tmp_path, name=f"run{len(norms)}", version=0)
+        options = dict(logger=logger, log_every_n_steps=1, accumulate_grad_batches=accumulate, gradient_clip_val=None)
+        train(strategy, devices=devices, callbacks=[lightning_slide.GradNormMonitor()], **options)
+        rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        values = [dict(zip(header, row.split(","))) for row in rows[1:]]
+        norms.append({int(v["step"]): float(v["grad_norm"]) for v in values if v.get("grad_norm")})
+    assert len(norms[0]) == STEPS
+    for ours in norms[1:]:
+        assert ours.keys() == norms[0].keys()
+        for step, norm in norms[0].items():
+            assert ours[step] == pytest.approx(norm, rel=TOLERANCE), step
 
 
 @pytest.mark.parametrize("clip", [0.5, None], ids=["clip-norm", "streamed"])
