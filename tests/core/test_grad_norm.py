@@ -135,3 +135,13 @@ def test_the_norm_leaves_out_parameters_the_optimizer_does_not_step(clip):
     assert norms[1].keys() == norms[0].keys()
     for step, norm in norms[0].items():
         assert norms[1][step] == pytest.approx(norm, rel=1e-5), step
+
+
+def test_strategies_that_shard_the_gradients_are_refused():
+    """FSDP (which needs a GPU to build a Trainer: its strategy object stands in here) shards each .grad."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match="GradNormMonitor reads each parameter's whole .grad, which FSDPStrategy"):
+        GradNormMonitor().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
