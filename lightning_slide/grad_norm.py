@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 
 
 class GradNormMonitor(L.Callback):
-    """Logs ``grad_norm``: the 2-norm over every gradient the optimizer steps, before clipping (what
+    """Logs, as ``name``, the 2-norm over every gradient the optimizer steps, before clipping (what
     ``torch.nn.utils.clip_grad_norm_`` returns), at the optimizer steps Lightning logs (``log_every_n_steps``),
     through the Trainer's loggers as ``LearningRateMonitor`` does.
 

@@ -39,6 +39,10 @@ def test_demo_trains_and_exports(tmp_path):
     assert result["metric"] < result["metric_before"]  # val/loss
     assert result["summary"].tokens > 0
     assert (tmp_path / "checkpoints" / "last.ckpt" / "index.json").is_file()  # a directory checkpoint
+    header, *rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    logged = [dict(zip(header.split(","), row.split(","))) for row in rows]
+    norms = {int(r["step"]) for r in logged if r.get("train/grad_norm")}  # the default callbacks' GradNormMonitor
+    assert norms == set(range(6))
     _exported_equals_trained(result)
     model = AutoModelForCausalLM.from_pretrained(result["hf_dir"])
     ids = module.tokenizer("Where is", return_tensors="pt")["input_ids"]
