@@ -104,11 +104,11 @@ def add_with_norm(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """``total += part`` (flat fp32 CPU tensors) and the fp32 2-norm of the new ``total``: in one pass over memory
     with the C++ host loop, else in two."""
     try:
-        squares = _kernel._host().add_square_sum_(total, part)
+        host = _kernel._host()
     except Exception:  # noqa: BLE001 - no host loop here: torch's ops give the same sum and norm
         total.add_(part)
         return torch.linalg.vector_norm(total)
-    return torch.tensor(math.sqrt(squares), dtype=torch.float32)
+    return torch.tensor(math.sqrt(host.add_square_sum_(total, part)), dtype=torch.float32)
 
 
 def host_loop_ready() -> bool:

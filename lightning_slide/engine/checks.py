@@ -95,8 +95,9 @@ class GradientChecks:
             return streams.record()
 
     def expect(self, index: int, step: int) -> None:
-        """Step ``step`` queued unit ``index``'s update: its global norm counts the unit's."""
-        self.expected[step % 2].add(index)
+        """Step ``step`` queued unit ``index``'s update: its global norm counts the unit's (tracked norms only)."""
+        if self.track:
+            self.expected[step % 2].add(index)
 
     def put_norm(self, index: int, norm: torch.Tensor, streams, step: int | None = None) -> None:
         """Unit ``index``'s gradient norm of ``step`` (default: the current one) is ``norm``, a scalar on the host or,
@@ -104,7 +105,7 @@ class GradientChecks:
         row = (self.step if step is None else step) % 2
         self.norms[row, index].copy_(norm, non_blocking=True)
         self.known[row].add(index)
-        if norm.device.type != "cpu":
+        if self.track and norm.device.type != "cpu":  # (clipping reads it after the gradients' own event)
             self.copies[row].append(streams.record())
 
     def norm(self, index: int, step: int) -> torch.Tensor | None:
@@ -120,14 +121,14 @@ class GradientChecks:
     def forget_norms(self) -> None:
         self.known[self.step % 2].clear()
 
-    def total(self, step: int, await_device) -> torch.Tensor | None:
+    def total(self, step: int) -> torch.Tensor | None:
         """The global norm of ``step``'s gradients from every unit's (its updates all run), or ``None`` when the step
         queued no update or is older than the last one."""
         row = step % 2
         if self.row_step[row] != step or not self.expected[row]:
             return None
         for event in self.copies[row]:
-            await_device(event)
+            event.synchronize()
         missing = self.expected[row] - self.known[row]
         if missing:
             raise RuntimeError(f"the gradient norms of units {sorted(missing)} of step {step} were not taken")

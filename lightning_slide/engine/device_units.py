@@ -176,9 +176,8 @@ class DeviceUnit:
             coefficient = coefficient.to(engine.device)
         optimizer = engine.updates.optimizers[self.key]
         if checks.track:
-            norm = optimizer.grad_norm()
-            if engine.shards.rank:  # replicated on every rank: counted on the first
-                norm = torch.zeros_like(norm)
+            # replicated on every rank: counted on the first
+            norm = torch.zeros((), device=engine.device) if engine.shards.rank else optimizer.grad_norm()
             checks.expect(index_of(self.key), step)
             checks.put_norm(index_of(self.key), norm, engine.streams, step)
         optimizer.step(hyper, coefficient, clip_value)

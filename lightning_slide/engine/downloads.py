@@ -39,10 +39,11 @@ class GradientDownloads:
         streams, checks, mode = engine.streams, engine.gradient_checks, engine.mode
         key = engine.key_of(unit)
         index = index_of(key)
+        # the step's norm of the unit, made where its last micro-batch's gradients meet its sum; only of a gradient
+        # the optimizer steps whole (the norm is of what it steps)
         optimizer = engine.updates.optimizers.get(key)
-        whole = optimizer is not None and optimizer.steps_whole_gradient  # (a norm is of what the optimizer steps)
-        # the step's norm of the unit, made where its last micro-batch's gradients meet its sum
-        norm_wanted = (mode.clipping or checks.track) and whole and mode.last_micro_batch
+        norm_wanted = (mode.clipping or checks.track) and mode.last_micro_batch
+        norm_wanted = norm_wanted and optimizer is not None and optimizer.steps_whole_gradient
         checks.fold_finite(index, device_grads[: unit.trainable_numel], unit.grad_empty, streams, engine.shards)
         produced = streams.record()
         with streams.on(streams.download):
