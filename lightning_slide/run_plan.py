@@ -97,7 +97,8 @@ class RunPlan:
         host_memory = self.options.tuning.host_memory
         shape = ModelShape.of(module, self.options.blocks)
         limit = strategy.device_memory_limit()
-        machine = Machine.detect(gpu_memory_limit=limit, offload_dir=self.options.offload_dir)
+        tier = (shape.layers, self.options.on_disk)
+        machine = Machine.detect(gpu_memory_limit=limit, offload_dir=self.options.offload_dir, tier=tier)
         if strategy.root_device.type != "cuda":
             machine.gpu_memory = limit
         if host_memory is not None:

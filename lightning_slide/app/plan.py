@@ -151,7 +151,9 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     limit = options.get("gpu_memory") or strategy.gpu_memory_limit
     device = planned_device(cfg.trainer, gpu_memory_given=limit is not None)
     machine = Machine.detect(
-        gpu_memory_limit=None if limit is None else parse_bytes(limit), offload_dir=strategy.offload_dir
+        gpu_memory_limit=None if limit is None else parse_bytes(limit),
+        offload_dir=strategy.offload_dir,
+        tier=(shape.layers, strategy.on_disk),
     )
     host_memory = options.get("host_memory") or strategy.tuning.host_memory
     if host_memory is not None:

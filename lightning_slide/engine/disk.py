@@ -93,6 +93,26 @@ def existing_bytes(paths: Iterable[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
 
+def unit_file(key: Hashable, name: str) -> str:
+    """The name of unit ``key``'s array ``name``'s file (``layer00003.master.bin``, ``resident.exp_avg.bin``)."""
+    return f"{'resident' if key == 'resident' else f'layer{key:05d}'}.{name}.bin"
+
+
+def reusable_bytes(directory: str | Path, layers: int, on_disk: Iterable[str]) -> int:
+    """Bytes the files of a run with ``layers`` decoder layers and ``on_disk`` (``OFFLOAD_KINDS``) already hold in
+    ``directory`` (this run's, written so far, or an earlier run's): the run rewrites them in place, so they count as
+    room for it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+
+    def rewritten(path: Path) -> bool:
+        return ("masters" if path.name.endswith(f".{MASTER}.bin") else "optimizer") in on_disk
+
+    paths = (p for key in ["resident", *range(layers)] for p in directory.glob(unit_file(key, "*")))
+    return existing_bytes(p for p in paths if rewritten(p))
+
+
 def nocache_default() -> bool:
     return os.environ.get(NOCACHE_ENV, "") not in ("", "0")
 
@@ -288,7 +308,7 @@ class StateStore:
         return bool(self.layout.get(key))
 
     def path(self, key: Hashable, name: str) -> Path:
-        return self.directory / f"{'resident' if key == 'resident' else f'layer{key:05d}'}.{name}.bin"
+        return self.directory / unit_file(key, name)
 
     def paths(self) -> list[Path]:
         return [self.path(key, name) for key, arrays in self.layout.items() for name in arrays]
@@ -454,15 +474,17 @@ def check_tier_space(store: StateStore, parts, offload: frozenset[str]) -> None:
     at 4 bytes per trainable parameter of the model split into ``parts`` at least (Adam's two moments in bf16, the
     least a supported optimizer keeps: the optimizer is not known yet; its exact needs, 8 bytes with fp32 moments,
     are checked when it is attached, before any of its files is written)."""
+    held = reusable_bytes(store.directory, len(parts.blocks), offload)  # an earlier run's, rewritten in place
     needed, what = 0, []
     if "masters" in offload:
         masters = sum(store.layout[i][MASTER].nbytes for i in range(len(parts.blocks)))
-        needed += masters - existing_bytes(store.paths())
+        held_masters = existing_bytes(store.paths())
+        needed, held = masters - held_masters, held - held_masters
         what.append(f"fp32 masters {human(masters)}")
     if "optimizer" in offload:
         params = [*parts.resident, *(np for i in range(len(parts.blocks)) for np in parts.block_parameters(i))]
         moments = 2 * torch.bfloat16.itemsize * sum(p.numel() for _, p in params if p.requires_grad)
-        needed += moments
+        needed += max(0, moments - held)
         what.append(f"optimizer state at least {human(moments)}")
     check_disk_space(store.directory, needed, what=" + ".join(what))
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lightning_slide.engine.disk import reusable_bytes
 from lightning_slide.engine.sizes import ModelShape, Settings, disk_bytes, host_updated_trainable
 
 
@@ -62,10 +64,17 @@ class Machine:
     cpu_flops: float = 1e12  # the host's sustained fp32 matmul FLOP/s (a plan for a run on the CPU)
 
     @classmethod
-    def detect(cls, *, gpu_memory_limit: int | None = None, offload_dir: str | None = None, **rates) -> Machine:
+    def detect(
+        cls,
+        *,
+        gpu_memory_limit: int | None = None,
+        offload_dir: str | None = None,
+        tier: tuple[int, Iterable[str]] = (0, ()),
+        **rates,
+    ) -> Machine:
         """Memory sizes of this machine: ``gpu_memory_limit`` or the current GPU's memory (``None`` without a GPU),
-        ``MemAvailable``, free space under ``offload_dir`` (or its nearest existing parent). ``rates``: any rate
-        field to set."""
+        ``MemAvailable``, free space under ``offload_dir`` (or its nearest existing parent) with what the files of a
+        disk tier of ``tier`` (decoder layers, what is on disk) already hold there. ``rates``: any rate field."""
         gpu = gpu_memory_limit
         if gpu is None and torch.cuda.is_available():
             gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -74,7 +83,7 @@ class Machine:
             path = Path(offload_dir).absolute()
             while not path.exists():
                 path = path.parent
-            disk = shutil.disk_usage(path).free
+            disk = shutil.disk_usage(path).free + reusable_bytes(offload_dir, *tier)
         return cls(gpu_memory=gpu, host_memory=host_available(), disk_free=disk, **rates)
 
     def adamw_rate(self, moments: torch.dtype) -> float:

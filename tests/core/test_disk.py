@@ -209,6 +209,43 @@ def test_masters_on_disk_refused_up_front_when_the_disk_is_too_small(tmp_path, m
     assert not list(tmp_path.glob("*.bin"))
 
 
+def test_the_plan_counts_the_tiers_own_files_as_its_space(tmp_path, monkeypatch):
+    """A disk just large enough for the run's files: the plan made after the tier wrote them (the first batch's)
+    counts them as the run's, not as space taken; a later run's check, which rewrites them in place, too."""
+    import gc
+    import shutil
+
+    from lightning_slide.engine import disk
+    from lightning_slide.engine.machine import Machine
+
+    def fit(directory):
+        strategy = lightning_slide.SlideFormerStrategy(window=1, offload_dir=str(directory), offload="both")
+        _fit(strategy, clip=None, accumulate=1, steps=2)
+
+    fit(tmp_path / "probe")
+    files = sum(p.stat().st_size for p in (tmp_path / "probe").glob("*.bin"))
+    real, run = disk.shutil.disk_usage, tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_bytes(b"x" * 1000)  # not the tier's: taken space
+    room = files + 1000 + 4096  # the lock file and a little more
+
+    def small_disk(path):  # free space that shrinks as files are written under ``run``
+        held = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+        return shutil._ntuple_diskusage(room, held, room - held) if str(path).startswith(str(run)) else real(path)
+
+    monkeypatch.setattr(disk.shutil, "disk_usage", small_disk)
+    fit(run)
+    assert sum(p.stat().st_size for p in run.glob("*.bin")) == files
+    free = small_disk(run).free
+    masters = sum(p.stat().st_size for p in run.glob("*.master.bin"))
+    both = Machine.detect(offload_dir=str(run), tier=(4, {"optimizer", "masters"})).disk_free
+    assert both == free + files
+    # a run with its masters in memory leaves an earlier run's master files as they are: space taken
+    assert Machine.detect(offload_dir=str(run), tier=(4, {"optimizer"})).disk_free == free + files - masters
+    gc.collect()  # the first run's module, which maps the master files, is dropped
+    fit(run)  # a later run in the same directory
+
+
 def test_offload_options_are_validated(tmp_path):
     with pytest.raises(ValueError, match="offload.*'optimizer', 'masters', 'both'"):
         lightning_slide.SlideFormerStrategy(offload_dir=str(tmp_path), offload="weights")
