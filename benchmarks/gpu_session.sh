@@ -154,7 +154,8 @@ case $stage in
     shape="$shape +model.config.vocab_size=151936 +model.config.tie_word_embeddings=false"
     run="model=causal_lm model.path=null $shape model.moments=bf16 kernels=all data.batch_size=8 data.max_length=1024"
     run="$run strategy.gpu_memory_limit=24GiB strategy.offload_dir=/tmp/slide-14b strategy.offload=masters"
-    run="$run trainer.gradient_clip_algorithm=value trainer.max_steps=4 trainer.limit_val_batches=0 export.enabled=false"
+    run="$run trainer.gradient_clip_algorithm=value trainer.max_steps=${QWEN14B_STEPS:-4} trainer.limit_val_batches=0"
+    run="$run export.enabled=false"
     # no checkpoint (fp32 weights and moments would not fit beside the masters on this disk); every step logged
     # the run directory (its per-step CSV log) under $out, so what a run cut by the timeout logged still comes back
     run="$run callbacks=none +trainer.enable_checkpointing=false trainer.log_every_n_steps=1 hydra.run.dir=$out/run-14b"
