@@ -478,7 +478,7 @@ def check_tier_space(store: StateStore, parts, offload: frozenset[str]) -> None:
     needed, what = 0, []
     if "masters" in offload:
         masters = sum(store.layout[i][MASTER].nbytes for i in range(len(parts.blocks)))
-        held_masters = existing_bytes(store.paths())
+        held_masters = existing_bytes(store.path(i, MASTER) for i in range(len(parts.blocks)))
         needed, held = masters - held_masters, held - held_masters
         what.append(f"fp32 masters {human(masters)}")
     if "optimizer" in offload:
