@@ -109,8 +109,8 @@ class Machine:
         self, offload_dir: str | None = None, seconds: float = 0.2, moments: torch.dtype = torch.float32
     ) -> Machine:
         """Measure the rates this machine can: host AdamW and the host's matmul FLOP/s always; H2D, D2H and matmul
-        FLOP/s with a GPU; disk read and write under ``offload_dir``, alone and at once (256 MiB files, removed).
-        Returns a copy with the measured figures."""
+        FLOP/s with a GPU; disk read and write under ``offload_dir``, alone and at once (256 MiB files, removed; timed
+        ten times as long). Returns a copy with the measured figures."""
         from lightning_slide.engine.measure import measure_rates  # only when asked: it allocates and times
 
         return dataclasses.replace(self, **measure_rates(offload_dir, seconds, moments))

@@ -1,6 +1,6 @@
 """Measured rates of this machine for the planner: host AdamW, gradient sums and matmul FLOP/s, with a GPU the copy
 bandwidths and its matmul FLOP/s, and with a directory the disk's read and write bandwidths, alone and at once. Each
-takes a fraction of a second."""
+takes a fraction of a second, the disk's ten times as long: its rate swings with its queue and the page cache."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+DISK_TIMING = 10  # the disk's rates are timed this many times longer than the others
 
 
 def _rate(work, amount: float, seconds: float, sync=lambda: None) -> float:
@@ -69,11 +71,11 @@ def measure_rates(
         b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
         rates["gpu_flops"] = _rate(lambda: a @ b, 2 * n**3, seconds, sync)
     if directory is not None:
-        rates.update(disk_rates(directory, seconds))
+        rates.update(disk_rates(directory, DISK_TIMING * seconds))
     return rates
 
 
-def disk_rates(directory: str, seconds: float = 0.2) -> dict[str, float]:
+def disk_rates(directory: str, seconds: float = 2.0) -> dict[str, float]:
     """Bytes per second under ``directory``: writing (with fsync), reading back past the page cache, and both at once
     (another file written while one is read: what the disk tier does through a step). Two 256 MiB files, removed."""
     Path(directory).mkdir(parents=True, exist_ok=True)
