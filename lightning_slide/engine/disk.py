@@ -16,10 +16,7 @@ place is also queued after it here (same order), or every outstanding read fits 
 it so for updates streamed out of a backward, the one case whose updates are reordered). The buffers are reused (a pool
 per array size and dtype shared by two or more units), so a step does not page-fault fresh memory for every layer.
 
-One run at a time: a store holds an exclusive ``flock`` on ``lightning_slide.lock`` in its directory from creation
-to ``close``, so a second run (or a second fit in the same process) given the same directory is refused instead of
-overwriting the first one's files. The OS drops the lock when the process ends, a crash or ``kill -9`` included:
-a stale lock file never blocks a later run.
+One run at a time: a store locks its directory from creation to ``close`` (see ``disk_lock``).
 
 Set ``LIGHTNING_SLIDE_DISK_NOCACHE=1`` to make every write reach the device (``fdatasync``) and drop the files from
 the page cache after each read and write (``posix_fadvise(DONTNEED)``): what a machine whose RAM cannot cache the
@@ -28,15 +25,11 @@ files sees. The benchmarks use it to measure the disk, not the page cache.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import heapq
 import itertools
 import os
 import shutil
-import socket
 import threading
-import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,13 +37,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lightning_slide.engine.disk_lock import keep_lock, take_lock
 from lightning_slide.engine.sizes import human
 
 #: What may live on disk: the optimizer state, the decoder layers' fp32 masters.
 OFFLOAD_KINDS = ("optimizer", "masters")
 MASTER = "master"  # name of the master array of a unit in the store
 NOCACHE_ENV = "LIGHTNING_SLIDE_DISK_NOCACHE"
-LOCK_FILE = "lightning_slide.lock"
 
 
 def parse_offload(offload, offload_dir) -> frozenset[str]:
@@ -164,93 +157,6 @@ def read_array(path: Path, out: torch.Tensor, nocache: bool | None = None) -> to
     return out
 
 
-class DirectoryLock:
-    """An exclusive, non-blocking ``flock`` on ``directory/lightning_slide.lock``, held until ``release``.
-
-    ``flock`` locks belong to an open file: a second lock in the same process conflicts too, and the OS releases
-    the lock when the process dies, so a crashed run leaves no stale lock. The file records who holds it (host and
-    process id), for the refusal's message; it is left in place (deleting it could let two runs lock two files).
-
-    Raises:
-        RuntimeError: another run holds the directory, naming it, the holder and what to change.
-    """
-
-    _fd: int | None = None  # the locked file (None: not held)
-
-    def __init__(self, directory: str | Path) -> None:
-        self.path = Path(directory) / LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = self._holder()
-            os.close(self._fd)
-            self._fd = None
-            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise RuntimeError(
-                f"offload_dir {str(directory)!r} is in use by another run ({holder}): two runs sharing the disk "
-                "tier's files would overwrite each other's optimizer state and masters. Give this run its own "
-                "offload_dir (e.g. a subdirectory per run), or wait for the other run to finish"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"host {socket.gethostname()}, process {os.getpid()}\n".encode(), 0)
-
-    def _holder(self) -> str:
-        try:
-            return os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "holder unknown"
-        except OSError:
-            return "holder unknown"
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        """Let the directory go (closing the file drops the lock); only the first call does anything."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __del__(self) -> None:  # a store dropped without close (e.g. a failed construction) still lets go
-        self.release()
-
-
-# Directories whose master files the parameters of a live module still map (masters on disk, after its run closed):
-# each keeps its lock until that module is collected, so that no other run rewrites what the module reads; the
-# module's own next run (another fit, validate) takes the lock over.
-_MAPPED_BY: dict[str, tuple[DirectoryLock, weakref.ref]] = {}
-
-
-def _take_lock(directory: Path, owner: object | None) -> DirectoryLock:
-    key = str(directory.resolve())
-    held = _MAPPED_BY.pop(key, None)
-    if held is not None:
-        lock, module = held[0], held[1]()
-        if module is not None and module is owner:
-            return lock
-        if module is not None:
-            _MAPPED_BY[key] = held
-            raise RuntimeError(
-                f"offload_dir {str(directory)!r} holds the fp32 master files that the parameters of a "
-                f"{type(module).__name__} trained before in this process still map: another run would overwrite "
-                "its weights. Give this run its own offload_dir, or drop that module first (del it)"
-            )
-        lock.release()
-    return DirectoryLock(directory)
-
-
-def _keep_lock(directory: Path, lock: DirectoryLock, owner: object) -> None:
-    key = str(directory.resolve())
-
-    def release(_ref, key=key, lock=lock) -> None:
-        if _MAPPED_BY.get(key, (None,))[0] is lock:
-            del _MAPPED_BY[key]
-        lock.release()
-
-    _MAPPED_BY[key] = (lock, weakref.ref(owner, release))
-
-
 class Array(NamedTuple):
     """The shape of one array in a ``StateStore``: flat, ``numel`` elements of ``dtype``."""
 
@@ -283,7 +189,7 @@ class StateStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         # first: nothing below touches the files of another run
-        self.lock = _take_lock(self.directory, owner)
+        self.lock = take_lock(self.directory, owner)
         self.mapped_by: object | None = None  # the module whose parameters map the master files (open_tier)
         self.layout: dict[Hashable, dict[str, Array]] = {}
         self.nocache = nocache_default()
@@ -422,7 +328,7 @@ class StateStore:
             if self.mapped_by is None:
                 self.lock.release()
             else:
-                _keep_lock(self.directory, self.lock, self.mapped_by)
+                keep_lock(self.directory, self.lock, self.mapped_by)
 
     # ------------------------------------------------------------ internals
     def _wait_write(self, key: Hashable) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lightning_slide
-from lightning_slide.engine.disk import LOCK_FILE
+from lightning_slide.engine.disk_lock import LOCK_FILE
 from tests.core.tiny import TinyLM, batches, initial_state, trainer
 
 ROOT = Path(__file__).resolve().parents[2]
