@@ -45,7 +45,7 @@ from lightning_slide.engine.downloads import GradientDownloads
 from lightning_slide.engine.host import MASTER_DTYPE, RESIDENT, HostUnit, build_units
 from lightning_slide.engine.loans import GradientLoans
 from lightning_slide.engine.model_hooks import ModelHooks
-from lightning_slide.engine.optimizer import UpdateWorker, hyperparameters
+from lightning_slide.engine.optimizer import hyperparameters
 from lightning_slide.engine.options import SlideOptions, check_count
 from lightning_slide.engine.parking import Parking
 from lightning_slide.engine.plan import (
@@ -59,6 +59,7 @@ from lightning_slide.engine.plan import (
 from lightning_slide.engine.resident import ResidentParts
 from lightning_slide.engine.shard import Shards
 from lightning_slide.engine.streams import MemoryCap, Streams
+from lightning_slide.engine.update_worker import UpdateWorker
 from lightning_slide.engine.updates import HostUpdates
 from lightning_slide.engine.window import Window
 

@@ -14,7 +14,7 @@ import torch
 from lightning_slide.engine.host import MASTER_DTYPE, GradientPool, HostUnit
 
 if TYPE_CHECKING:
-    from lightning_slide.engine.optimizer import UpdateWorker
+    from lightning_slide.engine.update_worker import UpdateWorker
 
 POLL_SECONDS = 1e-3  # how often a wait for room looks again (the caller may have other work between looks)
 

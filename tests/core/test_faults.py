@@ -243,7 +243,7 @@ def test_a_failing_disk_read_surfaces_with_its_traceback(tmp_path, monkeypatch, 
 
 
 def test_ctrl_c_while_waiting_for_an_update_leaves_it_to_be_finished():
-    from lightning_slide.engine.optimizer import UpdateWorker
+    from lightning_slide.engine.update_worker import UpdateWorker
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     worker, gate, ran = UpdateWorker(), threading.Event(), []

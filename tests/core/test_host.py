@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_slide.engine.host import GradientPool, HostUnit
 from lightning_slide.engine.loans import GradientLoans
-from lightning_slide.engine.optimizer import UpdateWorker
+from lightning_slide.engine.update_worker import UpdateWorker
 
 
 def block(frozen: tuple[str, ...] = ()) -> nn.Module:

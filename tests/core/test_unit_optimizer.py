@@ -11,7 +11,8 @@ from torch import nn
 
 from lightning_slide import optim
 from lightning_slide.engine.host import HostUnit
-from lightning_slide.engine.optimizer import UnitOptimizer, UpdateWorker, check_optimizer, hyperparameters
+from lightning_slide.engine.optimizer import UnitOptimizer, check_optimizer, hyperparameters
+from lightning_slide.engine.update_worker import UpdateWorker
 
 STEPS = 5
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from lightning_slide.engine.optimizer import UpdateWorker
+from lightning_slide.engine.update_worker import UpdateWorker
 
 
 def test_prefer_runs_queued_updates_in_the_given_order_after_earlier_tasks():
