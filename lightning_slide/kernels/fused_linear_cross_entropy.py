@@ -210,7 +210,8 @@ def fused_linear_cross_entropy(
 
     Args:
         hidden: final hidden states ``[..., H]`` (bf16, fp16 or fp32).
-        weight: head weight ``[V, H]``, same dtype as ``hidden``.
+        weight: head weight ``[V, H]``, same dtype as ``hidden``. Under autocast both are cast to its dtype first,
+            as the head's ``nn.Linear`` would be (fp32 masters under ``bf16-mixed``: bf16 GEMMs).
         labels: class indices with ``hidden``'s leading shape (already shifted for causal LMs); entries equal to
             ``ignore_index`` count neither in the loss nor in the mean.
         ignore_index: label to skip (default -100).
@@ -226,6 +227,13 @@ def fused_linear_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # as the head's nn.Linear would: its GEMMs in autocast's dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden.to(dtype), weight.to(dtype), labels, ignore_index, reduction, softcap, chunk_size
+            )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     if hidden.shape[:-1] != labels.shape:

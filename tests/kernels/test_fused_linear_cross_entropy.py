@@ -45,6 +45,21 @@ def test_flce_matches_reference(dtype, N, H, V, chunk, softcap, reduction, asser
     assert_close(weight.grad, wr.grad, dtype)
 
 
+def test_flce_follows_autocast():
+    """Under autocast (``bf16-mixed``: fp32 parameters) the GEMMs run in its dtype, as the stock head's
+    ``nn.Linear`` does; the gradients reach the fp32 inputs in fp32."""
+    hidden, weight, labels = make(37, 48, 300, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=16)
+    loss.backward()
+    in_bf16 = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight)]
+    expected = fused_linear_cross_entropy(*in_bf16, labels, chunk_size=16)
+    expected.backward()
+    assert torch.equal(loss, expected)
+    for given, cast in zip((hidden, weight), in_bf16, strict=True):
+        assert given.grad.dtype == torch.float32 and torch.equal(given.grad, cast.grad.float())
+
+
 def test_flce_batched_labels_and_custom_ignore_index(assert_close):
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     weight = torch.randn(70, 16, requires_grad=True)
