@@ -2,9 +2,9 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   peers3b (the README's table with DeepSpeed and all-on-GPU in one run), peers8b16, accum3b (its before/after
-#   pair), zenflow3b, peers8b (~540 s), peers8b_rest, convergence32, then headline (~380 s), bytes8b (~280 s),
-#   defaults3b (~450 s); measured already (BENCHMARKS.md): qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
+#   accum3b (its before/after pair), peers8b (~540 s), peers8b_rest, convergence32, then headline (~380 s), bytes8b
+#   (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): peers3b (~350 s), peers8b16 (~130 s for two
+#   rows), zenflow3b's sequential row (~75 s), qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
 #   dill and multiprocess in .whl, not pyarrow: see below), suite (~230 s), gradnorm3b (~120 s), convergence
 #   (~350 s), plan (~90 s), clipped3b, before_after, levers3b, gil, lora, hostadamw.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
