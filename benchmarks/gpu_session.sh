@@ -2,7 +2,7 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   accum3b (its before/after pair), peers8b (~540 s), peers8b_rest, convergence32, then headline (~380 s), bytes8b
+#   accum3b (its before/after pair), peers8b (~400 s), convergence32, then headline (~380 s), bytes8b
 #   (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): peers3b (~350 s), peers8b16 (~130 s for two
 #   rows), zenflow3b's sequential row (~75 s), qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
 #   dill and multiprocess in .whl, not pyarrow: see below), suite (~230 s), gradnorm3b (~120 s), convergence
@@ -27,11 +27,10 @@
 #                8B batch 4 defaults and bf16 moments + compute copy
 #   plan         the planner's bound (now with the host memory term) against the measured step, GPU and host peaks:
 #                bench_plan at 3B batch 8 and 8B batch 4 under the cap, default options
-#   peers8b      8B batch 4: slideformer (defaults, also with device_layers=0; bf16 moments with the compute copy the
-#                loop writes) against tuned FSDP offload
-#   peers8b_rest 8B batch 4, the other rows: DeepSpeed, ZenFlow (+sequential), all-on-GPU
-#   peers8b16    8B batch 16, where the GPU binds: slideformer (defaults, bf16 moments) against all-on-GPU uncapped
-#                and, as the bound's GPU term if that does not fit, forward and backward alone (gpu_compute)
+#   peers8b      8B batch 4 in one run: slideformer (defaults; bf16 moments with the compute copy the loop writes)
+#                against tuned FSDP offload and DeepSpeed, and all-on-GPU on a card that holds it (~140 GB)
+#   peers8b16    8B batch 16, where the GPU's share grows: slideformer (defaults; bf16 moments with the compute copy)
+#                against forward and backward alone (gpu_compute, the bound's GPU term), and all-on-GPU where it fits
 #   accum3b      3B, 4 micro-batches of 2 per step clipped by norm at 1.0 (the README's example): the norm from the
 #                host's last sum (now) against the engine before it (a pass of its own after the backward: before/ =
 #                git archive 58eb7b7 lightning_slide | tar -x -C before; carry "before"), and tuned FSDP offload
@@ -60,7 +59,7 @@
 # the DeepSpeed rows; the machine has peft, accelerate, psutil, pyarrow and matplotlib). Logs and tables go to
 # $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, accum3b, gradnorm3b, peers8b, bytes8b, peers8b_rest, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, accum3b, gradnorm3b, peers8b, bytes8b, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 # hydra-core and datasets for the app (qwen14b), DeepSpeed for its rows. Not pyarrow: datasets hashes its tables with
@@ -103,15 +102,14 @@ case $stage in
       --systems slideformer,slideformer+dev0,slideformer+bf16moments+bf16,fsdp_offload > "$out/$stage.log" 2>&1
     timeout 270 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 150 \
       --systems slideformer,slideformer+bf16moments+bf16 >> "$out/$stage.log" 2>&1 ;;
-  peers8b|peers8b_rest)
-    systems=slideformer,slideformer+dev0,slideformer+bf16moments+bf16,fsdp_offload
-    # ZenFlow overlapped holds two copies of the moments in a process of its own: no fit at 8B on 125 GiB
-    [ "$stage" = peers8b_rest ] && systems=all_on_gpu,deepspeed_offload,zenflow+sequential
-    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 200 \
+  peers8b|peers8b16)
+    # all on the GPU at 8B holds 16 bytes per parameter (128 GB) beside its activations: only a card of ~140 GB;
+    # ZenFlow holds ~25 GiB of host memory per billion parameters (3B, session 11): no fit at 8B on 125 GiB
+    ceiling=; [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 120000 ] && ceiling=all_on_gpu,
+    if [ "$stage" = peers8b ]; then shape=llama3_1_8b:4 systems=${ceiling}slideformer,slideformer+bf16moments+bf16,fsdp_offload,deepspeed_offload
+    else shape=llama3_1_8b:16 systems=gpu_compute,${ceiling}slideformer,slideformer+bf16moments+bf16; fi
+    timeout 580 python3 benchmarks/bench_peers.py --shapes $shape --steps 3 --cap 24GiB --timeout 200 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
-  peers8b16)
-    timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:16 --steps 3 --cap 24GiB \
-      --systems gpu_compute,all_on_gpu,slideformer,slideformer+bf16moments > "$out/peers8b16.log" 2>&1 ;;
   zenflow3b)
     timeout 580 python3 benchmarks/bench_peers.py --shapes llama3_2_3b:8 --steps 3 --cap 24GiB --timeout 250 \
       --systems zenflow+sequential,zenflow,fsdp_offload > "$out/zenflow3b.log" 2>&1 ;;
