@@ -50,7 +50,7 @@ GPU compute is the ``gpu_compute`` step time of the same run when it ran, else t
 (``+loraK``) N counts every parameter and the bound's terms count what moves: the frozen weights go up in bf16 (2
 bytes), only the adapters' T parameters come down and are updated: max(GPU compute, (2(N - T) + 4T) / H2D, 2T / D2H,
 T / host AdamW); the GPU-compute term and the ratio come from the last such row before (list ``all_on_gpu+lora16``
-first for them).
+first for them). Below each shape's rows, when FSDP offload ran: each system's tokens/s over FSDP offload's.
 Same model, batch, sequence length, kernels ("all") and per-layer activation checkpointing for every system; the
 offloading systems run under the GPU memory cap, all-on-GPU uncapped.
 
@@ -584,6 +584,7 @@ def main() -> None:
     for item in args.shapes.split(","):
         shape, batch = item.split(":")
         ceiling = compute = None  # the all-on-GPU and gpu_compute step times of this shape
+        steps: dict[str, float] = {}  # each system's step time, for the ratios to FSDP offload below the table
         for system in args.systems.split(","):
             command = [
                 sys.executable,
@@ -651,6 +652,12 @@ def main() -> None:
                 f"{result['peak_gpu_gib']:.2f} | {result['peak_host_gib']:.1f} | {ratio} | {of_bound} |",
                 flush=True,
             )
+            if base != "gpu_compute":  # no optimizer step: not a system to compare
+                steps[system] = step
+        fsdp = steps.get("fsdp_offload")
+        if fsdp:
+            ratios = ", ".join(f"{system} {fsdp / step:.2f}" for system, step in steps.items())
+            print(f"{shape} batch {batch}, × FSDP offload (same run): {ratios}", flush=True)
 
 
 if __name__ == "__main__":
