@@ -117,6 +117,28 @@ def test_bf16_model_is_about_as_accurate_as_stock():
         assert err(grads[name], g) <= 3 * err(ref_grads[name], g), name
 
 
+def test_under_autocast_the_kernels_are_about_as_accurate_as_stock():
+    """Plain Lightning's ``bf16-mixed``: fp32 parameters under autocast. Every kernel still runs (RoPE on bf16 q, k
+    with fp32 cos, sin; the loss's GEMMs in bf16, as the stock head's) and lands as near the fp32 model as stock."""
+    stock = tiny("llama")
+    patched, exact = copy.deepcopy(stock), copy.deepcopy(stock)
+    apply_kernels(patched)
+    ids, labels = batch()
+    truth, true_grads = loss_and_grads(exact, ids, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_grads = loss_and_grads(stock, ids, labels)
+        out, grads = loss_and_grads(patched, ids, labels)
+    assert set(BACKWARD_OF.values()) <= backward_nodes(out.loss)
+
+    def err(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert err(out.loss, truth.loss) <= max(3 * err(ref.loss, truth.loss), 1e-3)
+    for name, g in true_grads.items():
+        assert grads[name].dtype == torch.float32
+        assert err(grads[name], g) <= 3 * err(ref_grads[name], g), name
+
+
 def test_subset_applies_only_those():
     model = tiny("qwen3")
     assert apply_kernels(model, ["rmsnorm", "swiglu"]) == ["rmsnorm", "swiglu"]
