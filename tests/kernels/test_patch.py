@@ -138,6 +138,12 @@ def test_under_autocast_the_kernels_are_about_as_accurate_as_stock():
         assert grads[name].dtype == torch.float32
         assert err(grads[name], g) <= 3 * err(ref_grads[name], g), name
 
+    head_only = copy.deepcopy(stock)  # the fused loss alone: bf16 GEMMs give the stock head's bf16 logits' loss
+    apply_kernels(head_only, ["fused_linear_cross_entropy"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = loss_and_grads(head_only, ids, labels)
+    torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-6, atol=0)  # fp32 GEMMs: ~1e-5 off
+
 
 def test_subset_applies_only_those():
     model = tiny("qwen3")
