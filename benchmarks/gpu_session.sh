@@ -2,11 +2,12 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   accum3b (its before/after pair), peers8b (~400 s), convergence32, then headline (~380 s), bytes8b
-#   (~280 s), defaults3b (~450 s); measured already (BENCHMARKS.md): peers3b (~350 s), peers8b16 (~130 s for two
-#   rows), zenflow3b's sequential row (~75 s), qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
-#   dill and multiprocess in .whl, not pyarrow: see below), suite (~230 s), gradnorm3b (~120 s), convergence
-#   (~350 s), plan (~90 s), clipped3b, before_after, levers3b, gil, lora, hostadamw.
+#   accum3b (its before/after pair), convergence32, then headline (~380 s), bytes8b (~280 s), defaults3b
+#   (~450 s); measured already (BENCHMARKS.md): peers8b (~540 s on an H200 machine), peers3b (~350 s), peers8b16
+#   (~130 s for two rows), zenflow3b's sequential row (~75 s), qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
+#   dill and multiprocess in .whl, not pyarrow: see below), suite (~230-360 s), gradnorm3b (~120 s), convergence
+#   (~350 s), plan (~90 s), clipped3b, before_after, levers3b, gil, lora, hostadamw. Rows ran ~1.7x as long on
+#   session 12's H200 machine as on the H100 ones: give a stage's timeouts room.
 #   suite        the GPU suite (SLIDE_TEST_ACCELERATOR=gpu) of tests/core, each test under a timeout (a call of its own);
 #                SUITE_PATHS=... SUITE_TIMEOUT=... run a part of it beside another stage
 #   hostadamw    the host optimizer (bench_host_adamw: fused fp32 against bf16 moments on this host; bf16 gradients
