@@ -1,7 +1,8 @@
 """slideformer against the offloading peers a user would pick, each tuned as its user would, in one invocation.
 
 usage: python benchmarks/bench_peers.py [--shapes llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4] [--seq 1024]
-                                        [--systems all_on_gpu,fsdp_offload,deepspeed_offload,zenflow,slideformer]
+                                        [--systems all_on_gpu,fsdp_offload,fsdp2_offload,deepspeed_offload,zenflow,
+                                                   slideformer]
                                         (slideformer options: slideformer+bf16 = host_weights="compute",
                                          slideformer+acts = offload_activations=True,
                                          slideformer+buffers8 = grad_buffers=8,
@@ -23,6 +24,12 @@ The systems, as a user tuning each would run it (AdamW, lr 1e-5, weight decay 0.
   on the GPU, uncapped, forward and backward only (no optimizer: Lightning's mock one; gradients dropped each step).
 - ``fsdp_offload``: ``FSDPStrategy(cpu_offload=True)`` wrapping each decoder layer, ``"bf16-mixed"`` (fp32 flat
   parameters on the host), ``torch.optim.AdamW(fused=True)`` stepping them there (torch's fused host kernel).
+- ``fsdp2_offload``: FSDP2 (``fully_shard`` on each decoder layer and the root, through Lightning's
+  ``ModelParallelStrategy``) with ``CPUOffloadPolicy``: fp32 shards on the host (pinned), bf16 compute and fp32
+  gradient reduction (``MixedPrecisionPolicy``), ``torch.optim.AdamW(fused=True)`` stepping them there. FSDP1's
+  ``FSDPStrategy`` in one process runs ``NO_SHARD``, which holds the whole fp32 model on the GPU while it computes;
+  FSDP2 moves one layer at a time (Lightning's strategy moves the whole module to the GPU, which FSDP2's offload
+  refuses: the row's strategy moves only the buffers).
 - ``deepspeed_offload``: ZeRO-3 with optimizer and parameter offload to pinned host memory, ``"bf16-mixed"`` (DeepSpeed
   bf16, fp32 masters on the host), ``DeepSpeedCPUAdam``; where its C++ op cannot build, torch's fused AdamW on the
   host, and the row names the optimizer that ran.
@@ -120,6 +127,39 @@ def zenflow_config(overlap: bool = True) -> dict:
     }
 
 
+def fsdp2_offload_strategy(devices: int):
+    """Lightning's FSDP2 strategy for the ``fsdp2_offload`` row (the module shards itself: ``shard_fsdp2``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class HostShards(ModelParallelStrategy):
+        def model_to_device(self) -> None:
+            # FSDP2's CPU offload keeps the shards on the host and refuses them anywhere else: the buffers alone go
+            for module in self.model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    setattr(module, name, buffer.to(self.root_device))
+
+    return HostShards(data_parallel_size=devices, tensor_parallel_size=1)
+
+
+def shard_fsdp2(model, mesh) -> None:
+    """``fully_shard`` on each decoder layer, then the root: fp32 shards offloaded to pinned host memory, bf16
+    compute, fp32 gradient reduction (as torchtitan runs FSDP2 with CPU offload)."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    if isinstance(model, FSDPModule):
+        return
+    policy = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        "offload_policy": CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu"),
+    }
+    for layer in [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]:
+        fully_shard(layer, **policy)
+    fully_shard(model, **policy)
+
+
 def options_of(system: str) -> tuple[str, list[str], int | None]:
     """The base system, its + options and the LoRA rank (None without ``+loraK``)."""
     base, *options = system.split("+")
@@ -135,7 +175,7 @@ def setup(system: str, args) -> dict:
 
     base, options, lora = options_of(system)
     done = {
-        "capped": base in ("fsdp_offload", "deepspeed_offload", "zenflow"),
+        "capped": base in ("fsdp_offload", "fsdp2_offload", "deepspeed_offload", "zenflow"),
         "warmup": WARMUP_STEPS,
         "timed": args.steps,
         "mean": False,
@@ -164,6 +204,14 @@ def setup(system: str, args) -> dict:
         return {
             **done,
             "strategy": strategy,
+            "precision": "bf16-mixed",
+            "optimizer": fused_adamw,
+            "optimizer_name": "AdamW fused, host",
+        }
+    if base == "fsdp2_offload":
+        return {
+            **done,
+            "strategy": fsdp2_offload_strategy(args.devices),
             "precision": "bf16-mixed",
             "optimizer": fused_adamw,
             "optimizer_name": "AdamW fused, host",
@@ -340,6 +388,10 @@ def child(system: str, shape: str, batch: int, args) -> dict:
             engine = getattr(self.trainer.strategy, "engine", None)
             if engine is not None:  # slideformer: cumulative host-busy / compute-blocked seconds
                 self.engine_stats.append(engine.stats())
+
+        def configure_model(self):
+            if base == "fsdp2_offload":
+                shard_fsdp2(self.model, self.device_mesh["data_parallel"])
 
         def configure_optimizers(self):  # not called where DeepSpeed builds the optimizer from its config (zenflow)
             if base == "gpu_compute":  # forward and backward only
@@ -530,7 +582,9 @@ def run_child(command: list[str], timeout: float, env: dict) -> tuple[int | None
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="llama3_2_3b:8,llama3_2_3b:32,llama3_1_8b:4")
-    parser.add_argument("--systems", default="all_on_gpu,fsdp_offload,deepspeed_offload,zenflow,slideformer")
+    parser.add_argument(
+        "--systems", default="all_on_gpu,fsdp_offload,fsdp2_offload,deepspeed_offload,zenflow,slideformer"
+    )
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (every system)")

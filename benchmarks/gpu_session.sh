@@ -2,7 +2,7 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   accum3b (its before/after pair), convergence32, then headline (~380 s), bytes8b (~280 s), defaults3b
+#   fsdp2 (~470 s), accum3b (its before/after pair), convergence32, then headline (~380 s), bytes8b (~280 s), defaults3b
 #   (~450 s); measured already (BENCHMARKS.md): peers8b (~540 s on an H200 machine), peers3b (~350 s), peers8b16
 #   (~130 s for two rows), zenflow3b's sequential row (~75 s), qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
 #   dill and multiprocess in .whl, not pyarrow: see below), suite (~230-360 s), gradnorm3b (~120 s), convergence
@@ -30,6 +30,9 @@
 #                bench_plan at 3B batch 8 and 8B batch 4 under the cap, default options
 #   peers8b      8B batch 4 in one run: slideformer (defaults; bf16 moments with the compute copy the loop writes)
 #                against tuned FSDP offload and DeepSpeed, and all-on-GPU on a card that holds it (~140 GB)
+#   fsdp2        FSDP2 with CPUOffloadPolicy (the row fsdp2_offload) against FSDP1's (fsdp_offload) and slideformer's
+#                defaults at 3B batch 8, and against slideformer with bf16 moments at 8B batch 4, where FSDP1 runs out
+#                of GPU memory under the cap (~470 s on an H200 machine)
 #   peers8b16    8B batch 16, where the GPU's share grows: slideformer (defaults; bf16 moments with the compute copy)
 #                against forward and backward alone (gpu_compute, the bound's GPU term), and all-on-GPU where it fits
 #   accum3b      3B, 4 micro-batches of 2 per step clipped by norm at 1.0 (the README's example): the norm from the
@@ -60,7 +63,7 @@
 # the DeepSpeed rows; the machine has peft, accelerate, psutil, pyarrow and matplotlib). Logs and tables go to
 # $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, accum3b, gradnorm3b, peers8b, bytes8b, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, fsdp2, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, accum3b, gradnorm3b, peers8b, bytes8b, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 # hydra-core and datasets for the app (qwen14b), DeepSpeed for its rows. Not pyarrow: datasets hashes its tables with
@@ -103,6 +106,11 @@ case $stage in
       --systems slideformer,slideformer+dev0,slideformer+bf16moments+bf16,fsdp_offload > "$out/$stage.log" 2>&1
     timeout 270 python3 benchmarks/bench_peers.py --shapes llama3_1_8b:4 --steps 3 --cap 24GiB --timeout 150 \
       --systems slideformer,slideformer+bf16moments+bf16 >> "$out/$stage.log" 2>&1 ;;
+  fsdp2)
+    for item in llama3_2_3b:8:slideformer,fsdp_offload,fsdp2_offload llama3_1_8b:4:slideformer+bf16moments+bf16,fsdp2_offload; do
+      timeout 290 python3 benchmarks/bench_peers.py --shapes "${item%:*}" --steps 3 --cap 24GiB --timeout 200 \
+        --systems "${item##*:}" >> "$out/fsdp2.log" 2>&1
+    done ;;
   peers8b|peers8b16)
     # all on the GPU at 8B holds 16 bytes per parameter (128 GB) beside its activations: only a card of ~140 GB;
     # ZenFlow holds ~25 GiB of host memory per billion parameters (3B, session 11): no fit at 8B on 125 GiB

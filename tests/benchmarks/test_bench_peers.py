@@ -2,6 +2,7 @@
 optimizer (one host step of it) and prints them; DeepSpeed's rows build where it is installed, else say so."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_peers.py"
 @pytest.mark.timeout(300)
 def test_bench_peers_dry_run():
     systems = (
-        "all_on_gpu,gpu_compute,fsdp_offload,fsdp_offload+lora16,deepspeed_offload,zenflow,zenflow+sequential,slideformer,"
-        "slideformer+bf16moments"
+        "all_on_gpu,gpu_compute,fsdp_offload,fsdp_offload+lora16,fsdp2_offload,deepspeed_offload,zenflow,"
+        "zenflow+sequential,slideformer,slideformer+bf16moments"
     )
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--dry-run", "--systems", systems],
@@ -37,6 +38,9 @@ def test_bench_peers_dry_run():
     for name in ("fsdp_offload", "fsdp_offload+lora16"):
         assert rows[name]["strategy"] == "FSDPStrategy" and rows[name]["precision"] == "bf16-mixed", name
         assert rows[name]["optimizer_name"] == "AdamW fused, host" and rows[name]["capped"], name
+    fsdp2 = rows["fsdp2_offload"]
+    assert fsdp2["strategy"] == "HostShards" and fsdp2["precision"] == "bf16-mixed" and fsdp2["capped"]
+    assert fsdp2["optimizer_name"] == "AdamW fused, host"
     assert rows["slideformer"]["precision"] == "bf16-true" and rows["slideformer"]["strategy"] == "SlideFormerStrategy"
     moments = rows["slideformer+bf16moments"]
     assert moments == "lightning_slide.optim.AdamW not available" or "bf16 moments" in moments["optimizer_name"]
@@ -69,3 +73,72 @@ def test_a_child_is_run_to_its_end_and_killed_with_its_helpers(monkeypatch):
     assert code == -9  # at once, though the helper still held the pipes
     code, out, _, _ = run_child([*python, helper + " print('partial', flush=True); import time; time.sleep(60)"], 2, {})
     assert code is None and out == "partial\n"
+
+
+@pytest.mark.timeout(300)
+def test_the_fsdp2_row_trains_with_its_fp32_shards_on_the_host(monkeypatch):
+    # The row's wiring in a real Trainer, on the CPU (gloo; the same strategy and sharding): the fused host AdamW steps
+    # fp32 host shards. That only buffers go to the device (FSDP2's offload refuses shards there) shows on a GPU.
+    import lightning as L
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from bench_peers import fsdp2_offload_strategy, shard_fsdp2
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
+
+    class LM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = AutoModelForCausalLM.from_config(config)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.losses = []
+
+        def configure_model(self):
+            shard_fsdp2(self.model, self.device_mesh["data_parallel"])
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(input_ids=batch[0], labels=batch[0], use_cache=False).loss
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=True)
+
+    torch.manual_seed(0)
+    module = LM()
+    before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    ids = torch.randint(0, config.vocab_size, (2, 16)).repeat(6, 1)  # one batch, six times: the loss must fall
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=fsdp2_offload_strategy(1),
+        precision="bf16-mixed",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    environment = dict(os.environ)
+    try:
+        trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=2))
+    finally:  # the process group and the variables Lightning set for it would outlive the test
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+    assert module.losses[-1] < module.losses[0] - 0.5, module.losses
+    for name, param in module.model.named_parameters():
+        assert isinstance(param, DTensor) and param.device.type == "cpu" and param.dtype == torch.float32, name
+        assert not torch.equal(param.full_tensor(), before[name]), name
