@@ -2,9 +2,10 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   fsdp2 (~470 s), accum3b (its before/after pair), convergence32, then headline (~380 s), bytes8b (~280 s), defaults3b
-#   (~450 s); measured already (BENCHMARKS.md): peers8b (~540 s on an H200 machine), peers3b (~350 s), peers8b16
-#   (~130 s for two rows), zenflow3b's sequential row (~75 s), qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
+#   fsdp2 (~470 s), peers8b16 (~550 s: its row without the compute copy is new), accum3b (its before/after
+#   pair), order8b16 (~500 s), convergence32, then headline (~380 s), bytes8b (~280 s), defaults3b
+#   (~450 s); measured already (BENCHMARKS.md): peers8b (~540 s on an H200 machine), peers3b (~350 s),
+#   zenflow3b's sequential row (~75 s), qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
 #   dill and multiprocess in .whl, not pyarrow: see below), suite (~230-360 s), gradnorm3b (~120 s), convergence
 #   (~350 s), plan (~90 s), clipped3b, before_after, levers3b, gil, lora, hostadamw. Rows ran ~1.7x as long on
 #   session 12's H200 machine as on the H100 ones: give a stage's timeouts room.
@@ -33,8 +34,10 @@
 #   fsdp2        FSDP2 with CPUOffloadPolicy (the row fsdp2_offload) against FSDP1's (fsdp_offload) and slideformer's
 #                defaults at 3B batch 8, and against slideformer with bf16 moments at 8B batch 4, where FSDP1 runs out
 #                of GPU memory under the cap (~470 s on an H200 machine)
-#   peers8b16    8B batch 16, where the GPU's share grows: slideformer (defaults; bf16 moments with the compute copy)
-#                against forward and backward alone (gpu_compute, the bound's GPU term), and all-on-GPU where it fits
+#   peers8b16    8B batch 16, where the GPU's share grows: slideformer (defaults; bf16 moments with the compute copy,
+#                and without it: 2 bytes per parameter fewer in the host's pass for uploads twice as large, which
+#                batch 16 leaves time for) against forward and backward alone (gpu_compute, the bound's GPU term), and
+#                all-on-GPU where it fits (~550 s on an H200 machine)
 #   accum3b      3B, 4 micro-batches of 2 per step clipped by norm at 1.0 (the README's example): the norm from the
 #                host's last sum (now) against the engine before it (a pass of its own after the backward: before/ =
 #                git archive 58eb7b7 lightning_slide | tar -x -C before; carry "before"), and tuned FSDP offload
@@ -54,6 +57,10 @@
 #                under the 24 GiB cap with the options slide-plan picks for this machine (masters on disk, bf16
 #                moments, clipping by value): slide-plan's prediction first (rates measured here), then the run's
 #                tokens/s, peak host RSS and disk use
+#   order8b16    8B batch 16, bf16 moments with the compute copy, 12 gradient buffers: the host's updates in the
+#                order their gradients land (now) against the landed one the next forward needs first
+#                (benchmarks/patches/updates-needed-first.patch; session 12's pair was not conclusive), alternating,
+#                5 timed steps a row (~500 s on an H200 machine)
 #   before_after the engine before its split (commit 4c29062, unpacked into before/ here:
 #                git archive 4c29062 lightning_slide | tar -x -C before) against now, at $BEFORE_AFTER_SHAPES
 #                (default 8B batch 4: the 3B batch-8 pair is in BENCHMARKS.md), both without parking (the
@@ -63,7 +70,7 @@
 # the DeepSpeed rows; the machine has peft, accelerate, psutil, pyarrow and matplotlib). Logs and tables go to
 # $OUT/<stage>.log; record them in BENCHMARKS.md with the commit.
 set -u
-[ $# -gt 0 ] || { echo "stages: suite, fsdp2, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, accum3b, gradnorm3b, peers8b, bytes8b, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: suite, fsdp2, gil, hostadamw, headline, defaults3b, plan, peers3b, zenflow3b, accum3b, gradnorm3b, peers8b, order8b16, bytes8b, peers8b16, clipped3b, levers3b, lora, convergence, convergence32, qwen14b, before_after" >&2; exit 2; }
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 # hydra-core and datasets for the app (qwen14b), DeepSpeed for its rows. Not pyarrow: datasets hashes its tables with
@@ -116,7 +123,7 @@ case $stage in
     # ZenFlow holds ~25 GiB of host memory per billion parameters (3B, session 11): no fit at 8B on 125 GiB
     ceiling=; [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 120000 ] && ceiling=all_on_gpu,
     if [ "$stage" = peers8b ]; then shape=llama3_1_8b:4 systems=${ceiling}slideformer,slideformer+bf16moments+bf16,fsdp_offload,deepspeed_offload
-    else shape=llama3_1_8b:16 systems=gpu_compute,${ceiling}slideformer,slideformer+bf16moments+bf16; fi
+    else shape=llama3_1_8b:16 systems=gpu_compute,${ceiling}slideformer,slideformer+bf16moments+bf16,slideformer+bf16moments; fi
     timeout 580 python3 benchmarks/bench_peers.py --shapes $shape --steps 3 --cap 24GiB --timeout 200 \
       --systems $systems > "$out/$stage.log" 2>&1 ;;
   zenflow3b)
@@ -178,6 +185,17 @@ case $stage in
       kill $sampler; echo "disk tier peak: $(cat "$out/qwen14b-disk-peak.txt" 2>/dev/null) bytes"
       # per step (the first builds the host loop and warms up): tokens/s, host peak
       cat "$out/run-14b/csv/version_0/metrics.csv"; } > "$out/qwen14b.log" 2>&1 ;;
+  order8b16)
+    # the engine as it is against it with benchmarks/patches/updates-needed-first.patch (of the landed updates, the
+    # one the next forward needs first runs first), alternating, 12 gradient buffers (the patch needs room to help)
+    rm -rf .variant && mkdir .variant && cp -r lightning_slide .variant/ && patch -s -p1 -d .variant \
+      < benchmarks/patches/updates-needed-first.patch || exit 1
+    for code in now variant now variant; do
+      path=$PWD; [ "$code" = variant ] && path=$PWD/.variant
+      PYTHONPATH="$PWD/.site:$path" timeout 160 python3 benchmarks/bench_peers.py --timeout 150 --shapes llama3_1_8b:16 \
+        --steps 5 --cap 24GiB --systems slideformer+bf16moments+bf16+buffers12 >> "$out/order8b16.log" 2>&1
+      echo "^^^ $code" >> "$out/order8b16.log"
+    done ;;
   before_after)
     for code in before now; do
       path=$PWD system=slideformer+park0+dev0; [ "$code" = before ] && path=$PWD/before system=slideformer+park0
