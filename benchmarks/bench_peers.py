@@ -26,10 +26,9 @@ The systems, as a user tuning each would run it (AdamW, lr 1e-5, weight decay 0.
   parameters on the host), ``torch.optim.AdamW(fused=True)`` stepping them there (torch's fused host kernel).
 - ``fsdp2_offload``: FSDP2 (``fully_shard`` on each decoder layer and the root, through Lightning's
   ``ModelParallelStrategy``) with ``CPUOffloadPolicy``: fp32 shards on the host (pinned), bf16 compute and fp32
-  gradient reduction (``MixedPrecisionPolicy``), ``torch.optim.AdamW(fused=True)`` stepping them there. FSDP1's
-  ``FSDPStrategy`` in one process runs ``NO_SHARD``, which holds the whole fp32 model on the GPU while it computes;
-  FSDP2 moves one layer at a time (Lightning's strategy moves the whole module to the GPU, which FSDP2's offload
-  refuses: the row's strategy moves only the buffers).
+  gradient reduction (``MixedPrecisionPolicy``), ``torch.optim.AdamW(fused=True)`` stepping them there: what a user
+  tuning FSDP for one GPU tries where ``fsdp_offload`` runs out of GPU memory (8B under the 24 GiB cap). Lightning's
+  strategy would move the whole module to the GPU, which FSDP2's offload refuses: the row's moves only the buffers.
 - ``deepspeed_offload``: ZeRO-3 with optimizer and parameter offload to pinned host memory, ``"bf16-mixed"`` (DeepSpeed
   bf16, fp32 masters on the host), ``DeepSpeedCPUAdam``; where its C++ op cannot build, torch's fused AdamW on the
   host, and the row names the optimizer that ran.

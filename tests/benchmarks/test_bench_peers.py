@@ -88,6 +88,8 @@ def test_the_fsdp2_row_trains_with_its_fp32_shards_on_the_host(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     from bench_peers import fsdp2_offload_strategy, shard_fsdp2
 
+    from lightning_slide.kernels import apply_kernels
+
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -101,6 +103,7 @@ def test_the_fsdp2_row_trains_with_its_fp32_shards_on_the_host(monkeypatch):
         def __init__(self):
             super().__init__()
             self.model = AutoModelForCausalLM.from_config(config)
+            apply_kernels(self.model, "all")  # as the row runs: the fused loss reads the root's head weight
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.losses = []
 
