@@ -2,8 +2,8 @@
 # What a session with the GPU machine checks and measures, stages run in the order given. A call of the device tool
 # has 10 minutes and a session 30 (a cold start takes 2-3 of them); one bench_peers child takes ~60 s at 3B and
 # ~130 s at 8B, so each stage below fits one call (with its neighbour where said). In order of need:
-#   accum3b (its before/after pair), order8b16 (~500 s), convergence32, bytes8b (~280 s), defaults3b
-#   (~450 s); measured already (BENCHMARKS.md): fsdp2 (~460 s on an H100 machine), peers8b16 (~350 s),
+#   order8b16 (~500 s), convergence32, bytes8b (~280 s), defaults3b (~450 s); measured already
+#   (BENCHMARKS.md): accum3b (~320 s), fsdp2 (~460 s on an H100 machine), peers8b16 (~350 s),
 #   headline (~390 s), peers8b (~540 s on an H200 machine), peers3b (~350 s),
 #   zenflow3b's sequential row (~75 s), qwen14b (~400 s with QWEN14B_STEPS=3; needs datasets,
 #   dill and multiprocess in .whl, not pyarrow: see below), suite (~230-360 s), gradnorm3b (~120 s), convergence
