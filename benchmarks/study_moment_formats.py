@@ -149,8 +149,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(convergence.tokenizer_dir())
     ids, _ = convergence.text_blocks(tokenizer, args.seq, args.steps * args.batch + VAL_BLOCKS, 0)
     train, val = ids[:-VAL_BLOCKS], ids[-VAL_BLOCKS:]
-    shape = argparse.Namespace(hidden=args.hidden, intermediate=4 * args.hidden, layers=args.layers, heads=4)
-    config = convergence.model_config(argparse.Namespace(**vars(shape), seq=args.seq), tokenizer)
+    shape = argparse.Namespace(
+        hidden=args.hidden, intermediate=4 * args.hidden, layers=args.layers, heads=4, seq=args.seq
+    )
+    config = convergence.model_config(shape, tokenizer)
     torch.manual_seed(0)
     initial = AutoModelForCausalLM.from_config(config).state_dict()
     out = Path(args.out)
